@@ -1,0 +1,31 @@
+"""Differentiable siamese augmentation (DSA) for dataset distillation."""
+
+from dd_jax.augment.dsa import (
+  DEFAULT_STRATEGY,
+  OPS,
+  VALID_OPS,
+  apply_op,
+  augment,
+  make_augment,
+  parse_strategy,
+  sample_params,
+)
+from dd_jax.augment.ops import (
+  brightness,
+  color,
+  contrast,
+  cutout,
+  cutout_side,
+  flip,
+  max_shift,
+  rotate,
+  saturation,
+  scale,
+  translate,
+)
+
+__all__ = [
+  'DEFAULT_STRATEGY', 'OPS', 'VALID_OPS', 'apply_op', 'augment', 'make_augment',
+  'parse_strategy', 'sample_params', 'brightness', 'color', 'contrast', 'cutout',
+  'cutout_side', 'flip', 'max_shift', 'rotate', 'saturation', 'scale', 'translate',
+]

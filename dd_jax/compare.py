@@ -1,0 +1,135 @@
+"""A run and its baselines, summarised in one table (the main job's output).
+
+    table = run_with_baselines(config, workdir)
+
+Runs the configured distillation in `workdir`, each variant of `config.compare.variants` in
+`workdir/compare/<variant>` (e.g. plain DM next to DM + IID), the random-real-subset baseline
+and, if asked, networks trained on the full training set; every part is resumable and skipped
+when already finished. Prints a markdown table and writes it to `workdir/table.md`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from dd_jax import config as config_lib
+from dd_jax import evaluate as evaluate_lib
+from dd_jax import workdir as workdir_lib
+from dd_jax.distill import loop
+
+# Variant name -> (constraints.cc.weight factor, constraints.cm.weight factor): each variant
+# keeps the configured weight of the terms it uses and zeroes the others.
+VARIANTS = {'dm': (0, 0), 'dm_cc': (1, 0), 'dm_cm': (0, 1), 'dm_iid': (1, 1)}
+
+
+def method_label(config: ml_collections.ConfigDict) -> str:
+  """'DM', 'DM + CC', 'DM + CM' or 'DM + IID' from the constraint weights."""
+  cc, cm = config.constraints.cc.weight > 0, config.constraints.cm.weight > 0
+  return {(False, False): 'DM', (True, False): 'DM + CC', (False, True): 'DM + CM',
+          (True, True): 'DM + IID'}[(cc, cm)]
+
+
+def variant_config(config: ml_collections.ConfigDict, variant: str,
+                   reference: ml_collections.ConfigDict | None = None
+                   ) -> ml_collections.ConfigDict:
+  """`config` with the constraint weights of `variant` (nonzero weights taken from `reference`).
+
+  Args:
+    config: the base config.
+    variant: a key of VARIANTS.
+    reference: where nonzero weights come from; default the library defaults (SPEC 4.4), so a
+      'dm_iid' variant of a plain-DM config uses the reference weights.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f'config.compare.variants: unknown variant {variant!r}; choose from '
+                     f'{sorted(VARIANTS)}.')
+  reference = reference or config_lib.default_config()
+  cc_on, cm_on = VARIANTS[variant]
+  derived = config.copy_and_resolve_references()
+  with derived.unlocked():
+    cc = config.constraints.cc.weight or reference.constraints.cc.weight
+    cm = config.constraints.cm.weight or reference.constraints.cm.weight
+    derived.constraints.cc.weight = cc if cc_on else 0.0
+    derived.constraints.cm.weight = cm if cm_on else 0.0
+    derived.compare.variants = ''
+    derived.compare.random_real = False
+    derived.compare.full_train_epochs = 0
+  return derived
+
+
+def _cached(path: str, compute) -> dict[str, Any]:
+  if os.path.exists(path):
+    return workdir_lib.read_json(path)
+  result = compute()
+  workdir_lib.write_json(path, result)
+  return result
+
+
+def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Runs the config, its comparison variants and baselines; returns the markdown table."""
+  config_lib.validate_config(config)
+  for variant in filter(None, config.compare.variants.split(',')):
+    if variant not in VARIANTS:
+      raise ValueError(f'config.compare.variants: unknown variant {variant!r}; choose from '
+                       f'{sorted(VARIANTS)}.')
+  data = loop.prepare_data(config)
+  dataset = data.dataset
+  rows = []  # (label, evaluation)
+  compare_dir = os.path.join(workdir, 'compare')
+
+  if config.compare.random_real:
+    def random_real():
+      keys = loop.RunKeys.from_seed(config.seed)
+      indices = evaluate_lib.random_real_subset(keys.init, dataset.train_labels, config.ipc)
+      print(f'Evaluating a random real subset ({config.ipc} per class).', flush=True)
+      return loop.evaluate_images(config, data, dataset.normalize(dataset.train_images[indices]),
+                                  dataset.train_labels[indices], keys.evaluate)
+    rows.append((f'random real (ipc {config.ipc})',
+                 _cached(os.path.join(compare_dir, 'random_real.json'), random_real)))
+
+  for variant in filter(None, config.compare.variants.split(',')):
+    derived = variant_config(config, variant)
+    print(f'--- variant {variant}: {method_label(derived)} ---', flush=True)
+    results = loop.run(derived, os.path.join(compare_dir, variant), data)
+    rows.append((method_label(derived), results['eval']))
+
+  print(f'--- {method_label(config)} ---', flush=True)
+  rows.append((method_label(config), loop.run(config, workdir, data)['eval']))
+
+  if config.compare.full_train_epochs:
+    def full_train():
+      full = config.copy_and_resolve_references()
+      with full.unlocked():
+        full.eval.epochs = config.compare.full_train_epochs
+        full.eval.num_eval = config.compare.full_train_num_eval
+      print(f'Training on the full training set ({len(dataset.train_labels)} images, '
+            f'{full.eval.epochs} epochs).', flush=True)
+      return loop.evaluate_images(full, data, dataset.normalize(dataset.train_images),
+                                  dataset.train_labels, loop.RunKeys.from_seed(config.seed).evaluate)
+    rows.append((f'full training set ({len(dataset.train_labels)} images, '
+                 f'{config.compare.full_train_epochs} epochs, '
+                 f'{config.compare.full_train_num_eval} networks)',
+                 _cached(os.path.join(compare_dir, 'full_train.json'), full_train)))
+
+  table = format_table(rows, dataset.name, config)
+  print(table, flush=True)
+  with workdir_lib.atomic_write(os.path.join(workdir, 'table.md'), 'w') as f:
+    f.write(table + '\n')
+  return table
+
+
+def format_table(rows: list[tuple[str, dict[str, Any]]], dataset_name: str,
+                 config: ml_collections.ConfigDict) -> str:
+  """Markdown table of mean +- std test accuracy per row."""
+  lines = [f'{dataset_name}, ipc {config.ipc}, {config.distill.iterations} iterations; '
+           f'{config.eval.model} trained {config.eval.epochs} epochs, mean +- std over '
+           f'{config.eval.num_eval} networks:', '',
+           '| method | test accuracy (%) |', '|---|---|']
+  for label, evaluation in rows:
+    accuracies = np.asarray(evaluation['accuracies'])
+    lines.append(f'| {label} | {accuracies.mean():.2f} +- {accuracies.std():.2f} |')
+  return '\n'.join(lines)

@@ -1,0 +1,155 @@
+"""One DM (+ IID) distillation step as a pure, jitted function (SPEC sections 4 and 5).
+
+    state = init_state(images, labels, optimizer, seed_key)
+    step = make_dm_step(net, settings, optimizer, cc_extractor)
+    state, metrics = step(state, sampler)        # jitted; traces once
+
+Inside the step: a brand-new randomly initialised backbone (or `num_nets` of them, vmapped) is
+built from the step's key; every class draws `batch_real` real images on device; each class gets
+one siamese DSA draw applied to its real and synthetic images; the real images of all classes go
+through the network as one batch (identical per class for instance norm, and the all-classes
+batch-norm path of SPEC section 5 for batch norm), and so do the synthetic ones; the losses are
+vmapped over classes and summed; one optimizer step updates all synthetic images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Protocol
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dd_jax import augment as augment_lib
+from dd_jax import data as data_lib
+from dd_jax import losses
+from dd_jax import models
+
+
+@flax.struct.dataclass
+class DistillState:
+  """Everything a distillation run carries from step to step (and checkpoints).
+
+  Attributes:
+    step: number of optimizer steps taken.
+    images: [K * ipc, H, W, C] synthetic images in normalised space, class-blocked.
+    labels: [K * ipc] fixed labels (0, ..., 0, 1, ..., K - 1).
+    opt_state: the optax state of `images`.
+    key: raw PRNG key data of the run; the key of step t is fold_in(key, t), so a resumed run
+      draws exactly what an uninterrupted one would.
+  """
+  step: jax.Array
+  images: jax.Array
+  labels: jax.Array
+  opt_state: optax.OptState
+  key: jax.Array
+
+
+def init_state(images: jax.Array, labels: jax.Array, optimizer: optax.GradientTransformation,
+               key: jax.Array) -> DistillState:
+  """The state before the first step. `key` is a typed PRNG key."""
+  images = jnp.asarray(images, jnp.float32)
+  return DistillState(step=jnp.zeros((), jnp.int32), images=images,
+                      labels=jnp.asarray(labels, jnp.int32), opt_state=optimizer.init(images),
+                      key=jax.random.key_data(key))
+
+
+class CentralizationExtractor(Protocol):
+  """Gives the features class centralization acts on.
+
+  Called inside the jitted step with the step's key (e.g. to draw a pretrained pool member),
+  the augmented synthetic images [K * ipc, H, W, C] and the matching network's features of
+  them [K * ipc, D]; returns [K * ipc, D'].
+  """
+
+  def __call__(self, key: jax.Array, syn_images: jax.Array,
+               matching_features: jax.Array) -> jax.Array:
+    ...
+
+
+def matching_net_extractor(key: jax.Array, syn_images: jax.Array,
+                           matching_features: jax.Array) -> jax.Array:
+  """CC on the random matching network's own features (no extra forward pass)."""
+  del key, syn_images
+  return matching_features
+
+
+@dataclasses.dataclass(frozen=True)
+class DMSettings:
+  """Static settings of the DM step.
+
+  Attributes:
+    num_classes: K.
+    ipc: synthetic images per class.
+    batch_real: real images per class and step.
+    num_nets: random networks matched per step (losses averaged over them).
+    strategy: the DSA strategy string ('' or 'none' disables augmentation).
+    weights: loss weights and options.
+    mean: per-channel normalisation mean (pixel units).
+    std: per-channel normalisation std.
+  """
+  num_classes: int
+  ipc: int
+  batch_real: int
+  num_nets: int
+  strategy: str
+  weights: losses.ObjectiveWeights
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+def make_dm_step(net: models.Network, settings: DMSettings,
+                 optimizer: optax.GradientTransformation,
+                 cc_extractor: CentralizationExtractor = matching_net_extractor
+                 ) -> Callable[[DistillState, data_lib.ClassSampler],
+                               tuple[DistillState, dict[str, jax.Array]]]:
+  """Builds the jitted step `(state, sampler) -> (state, metrics)`; it traces once per run.
+
+  Metrics: 'loss' (weighted total), the unweighted terms 'dm', 'cc', 'cm' (summed over classes,
+  averaged over networks) and 'grad_norm'.
+  """
+  num_classes, ipc, batch_real = settings.num_classes, settings.ipc, settings.batch_real
+
+  def loss_fn(images, key, sampler):
+    net_key, real_key, augment_key, cc_key = jax.random.split(key, 4)
+    image_shape = images.shape[1:]
+    real = data_lib.sample_all_classes(sampler, real_key, batch_real)
+    real = data_lib.normalize(real, settings.mean, settings.std)
+    syn = images.reshape(num_classes, ipc, *image_shape)
+    # Siamese DSA: one draw per class, shared by that class's real and synthetic images.
+    class_keys = jax.random.split(augment_key, num_classes)
+    augment = lambda k, x: augment_lib.augment(k, x, settings.strategy, siamese=True)
+    real = jax.lax.stop_gradient(jax.vmap(augment)(class_keys, real))
+    syn = jax.vmap(augment)(class_keys, syn)
+    real_flat = real.reshape(num_classes * batch_real, *image_shape)
+    syn_flat = syn.reshape(num_classes * ipc, *image_shape)
+
+    def terms_for_network(network_key):
+      variables = net.init(network_key, (1, *image_shape))
+      real_features, real_map = net.embed(variables, real_flat, train=True)
+      syn_features, syn_map = net.embed(variables, syn_flat, train=True)
+      cc_features = cc_extractor(cc_key, syn_flat, syn_features)
+      per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])
+      return losses.classwise_objective(
+          per_class(real_features, batch_real), per_class(real_map, batch_real),
+          per_class(syn_features, ipc), per_class(syn_map, ipc), per_class(cc_features, ipc),
+          settings.weights)
+
+    network_keys = jax.random.split(net_key, settings.num_nets)
+    terms = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0),
+                                   jax.vmap(terms_for_network)(network_keys))
+    return terms.total, terms
+
+  @jax.jit
+  def step(state: DistillState, sampler: data_lib.ClassSampler):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    grads, terms = jax.grad(loss_fn, has_aux=True)(state.images, key, sampler)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.images)
+    images = optax.apply_updates(state.images, updates)
+    metrics = {'loss': terms.total, 'dm': terms.dm, 'cc': terms.cc, 'cm': terms.cm,
+               'grad_norm': optax.tree_utils.tree_norm(grads)}
+    return state.replace(step=state.step + 1, images=images, opt_state=opt_state), metrics
+
+  return step

@@ -1,0 +1,214 @@
+"""A resumable distillation run: the loop around the jitted step, evaluation, checkpoints, export.
+
+    results = run(config, workdir)
+
+Rerunning the same config on the same workdir resumes from the last checkpoint and ends with the
+same synthetic set as an uninterrupted run: every random draw comes from keys derived from
+`config.seed` (the key of step t is fold_in(distill_key, t)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dd_jax import checkpoint as checkpoint_lib
+from dd_jax import config as config_lib
+from dd_jax import data as data_lib
+from dd_jax import evaluate as evaluate_lib
+from dd_jax import losses
+from dd_jax import models
+from dd_jax import workdir as workdir_lib
+from dd_jax.distill import dm
+
+
+@dataclasses.dataclass(frozen=True)
+class RunKeys:
+  """Independent PRNG streams of a run, all derived from config.seed."""
+  init: jax.Array
+  distill: jax.Array
+  evaluate: jax.Array
+
+  @classmethod
+  def from_seed(cls, seed: int) -> 'RunKeys':
+    root = jax.random.key(seed)
+    return cls(*(jax.random.fold_in(root, i) for i in range(3)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+  """The opened dataset and what every run needs from it."""
+  dataset: data_lib.Dataset
+  sampler: data_lib.ClassSampler
+  test_images: jax.Array  # normalised float32 [M, H, W, C]
+
+
+def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
+  """Opens the dataset and checks the data-dependent fields (ipc, batch_real) before any work."""
+  dataset = data_lib.load_dataset(config.dataset.name, data_dir=config.dataset.data_dir or None,
+                                  cache_dir=config.dataset.cache_dir or None,
+                                  normalization=config.dataset.normalization)
+  data_lib.check_ipc(dataset, config.ipc)
+  smallest = int(np.min(dataset.train_class_counts()))
+  if config.distill.batch_real > smallest:
+    raise ValueError(f'config.distill.batch_real={config.distill.batch_real} is larger than the '
+                     f'smallest class of {dataset.name} ({smallest} training images); real images '
+                     f'are drawn without replacement, so set --config.distill.batch_real<='
+                     f'{smallest}.')
+  return PreparedData(dataset=dataset, sampler=data_lib.ClassSampler.from_dataset(dataset),
+                      test_images=dataset.normalize(dataset.test_images))
+
+
+def objective_weights(config: ml_collections.ConfigDict) -> losses.ObjectiveWeights:
+  cc, cm = config.constraints.cc, config.constraints.cm
+  return losses.ObjectiveWeights(cc=float(cc.weight), cm=float(cm.weight), cc_form=cc.form,
+                                 cc_alpha=float(cc.alpha), cc_beta=float(cc.beta),
+                                 cm_grouping=cm.grouping)
+
+
+def initial_images(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
+                   key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+  """Class-blocked initial synthetic images (normalised) and their labels."""
+  labels = np.repeat(np.arange(dataset.num_classes), config.ipc)
+  if config.distill.init == 'real':
+    indices = evaluate_lib.random_real_subset(key, dataset.train_labels, config.ipc)
+    images = np.asarray(dataset.normalize(dataset.train_images[indices]))
+  else:
+    images = np.asarray(jax.random.normal(key, (len(labels), *dataset.image_shape)))
+  return images, labels
+
+
+def _evaluation_steps(config: ml_collections.ConfigDict) -> list[int]:
+  every, last = config.distill.eval_every, config.distill.iterations
+  return sorted(set(range(every, last + 1, every)) | {last})
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else \
+      f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def evaluate_images(config: ml_collections.ConfigDict, data: PreparedData, images: Any,
+                    labels: Any, key: jax.Array) -> dict[str, Any]:
+  """Evaluation protocol on a normalised image set; accuracies in percent."""
+  settings = evaluate_lib.EvalSettings.from_config(config.eval)
+  accuracies = evaluate_lib.evaluate_set(key, images, labels, data.test_images,
+                                         data.dataset.test_labels, data.dataset.num_classes,
+                                         settings)
+  return {'accuracies': [float(a) for a in accuracies], 'mean': float(np.mean(accuracies)),
+          'std': float(np.std(accuracies)), 'model': settings.model}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        data: PreparedData | None = None) -> dict[str, Any]:
+  """Distils a synthetic set as `config` says, resumably, in `workdir`.
+
+  Args:
+    config: a validated-or-not config (validated here before any work).
+    workdir: run directory (created); see dd_jax.workdir for its files.
+    data: the opened dataset, to share it between runs of the same data.
+
+  Returns:
+    The final results (also written to <workdir>/results.json).
+  """
+  config_lib.validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise ValueError(f'--workdir={workdir} is not writable; choose another directory.')
+  data = data or prepare_data(config)
+  workdir_lib.snapshot_config(workdir, config)
+  dataset = data.dataset
+  results_path = os.path.join(workdir, 'results.json')
+
+  keys = RunKeys.from_seed(config.seed)
+  net = models.get_network(config.model.name, dataset.num_classes)
+  optimizer = optax.sgd(config.distill.lr, momentum=config.distill.momentum)
+  settings = dm.DMSettings(num_classes=dataset.num_classes, ipc=config.ipc,
+                           batch_real=config.distill.batch_real, num_nets=config.distill.num_nets,
+                           strategy=config.augment.strategy, weights=objective_weights(config),
+                           mean=dataset.mean, std=dataset.std)
+  step_fn = dm.make_dm_step(net, settings, optimizer)
+
+  images, labels = initial_images(config, dataset, keys.init)
+  state = dm.init_state(images, labels, optimizer, keys.distill)
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    state = restored
+    print(f'Resuming {workdir} from step {int(state.step)}.', flush=True)
+    # Drop metrics logged after the checkpoint: they are about to be recomputed identically.
+    kept = [m for m in workdir_lib.read_metrics(metrics_path) if m['step'] <= int(state.step)]
+    workdir_lib.write_metrics(metrics_path, kept)
+
+  total = config.distill.iterations
+  evaluation_steps = _evaluation_steps(config)
+  window_sums, window_start, window_steps = None, time.perf_counter(), 0
+  start_step = int(state.step)
+  if start_step < total:
+    print(f'Distilling {dataset.name}: {dataset.num_classes} classes x ipc {config.ipc}, '
+          f'{config.model.name}, {total} iterations (weights cc={settings.weights.cc}, '
+          f'cm={settings.weights.cm}).', flush=True)
+  last_evaluation = None
+  for step in range(start_step + 1, total + 1):
+    state, metrics = step_fn(state, data.sampler)
+    window_sums = metrics if window_sums is None else jax.tree_util.tree_map(
+        jnp.add, window_sums, metrics)
+    window_steps += 1
+    if step % config.distill.log_every == 0 or step == total:
+      means = {k: float(v) / window_steps for k, v in jax.device_get(window_sums).items()}
+      if not all(np.isfinite(v) for v in means.values()):
+        bad = [k for k, v in means.items() if not np.isfinite(v)]
+        raise FloatingPointError(f'Non-finite loss term(s) {bad} at step {step}; the last '
+                                 f'checkpoint in {workdir}/checkpoints is intact.')
+      elapsed = time.perf_counter() - window_start
+      rate = window_steps / elapsed
+      print(f'step {step}/{total} | {rate:.2f} it/s | loss {means["loss"]:.4g} dm '
+            f'{means["dm"]:.4g} cc {means["cc"]:.4g} cm {means["cm"]:.4g} | ETA '
+            f'{_format_duration((total - step) / rate)}', flush=True)
+      workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
+      window_sums, window_start, window_steps = None, time.perf_counter(), 0
+    if step in evaluation_steps:
+      last_evaluation = _evaluate_and_record(config, data, state, step, keys, workdir)
+    if step % config.distill.checkpoint_every == 0 or step in evaluation_steps:
+      checkpointer.save(step, state)
+  checkpointer.close()
+
+  if last_evaluation is None and os.path.exists(results_path):
+    return workdir_lib.read_json(results_path)  # already finished
+  if last_evaluation is None:  # resumed exactly at the end without a results file
+    last_evaluation = _evaluate_and_record(config, data, state, total, keys, workdir)
+  pixels = np.asarray(dataset.denormalize(state.images, clip=True))
+  workdir_lib.export_synthetic(os.path.join(workdir, 'synthetic.npz'), pixels,
+                               np.asarray(state.labels), dataset.class_names, dataset.mean,
+                               dataset.std)
+  results = {'dataset': dataset.name, 'ipc': config.ipc, 'iterations': total,
+             'weights': settings.weights._asdict(), 'eval': last_evaluation}
+  workdir_lib.write_json(results_path, results)
+  return results
+
+
+def _evaluate_and_record(config, data, state, step, keys, workdir) -> dict[str, Any]:
+  start = time.perf_counter()
+  evaluation = evaluate_images(config, data, state.images, state.labels,
+                               jax.random.fold_in(keys.evaluate, step))
+  seconds = time.perf_counter() - start
+  print(f'step {step}: {evaluation["model"]} test accuracy {evaluation["mean"]:.2f} +- '
+        f'{evaluation["std"]:.2f} over {len(evaluation["accuracies"])} networks '
+        f'({seconds:.0f}s)', flush=True)
+  workdir_lib.append_metrics(os.path.join(workdir, 'metrics.jsonl'),
+                             {'step': step, 'eval': evaluation, 'eval_seconds': seconds})
+  dataset = data.dataset
+  pixels = np.asarray(dataset.denormalize(state.images, clip=True))
+  workdir_lib.write_png(os.path.join(workdir, 'images', f'step_{step:06d}.png'),
+                        workdir_lib.image_grid(pixels, rows=dataset.num_classes))
+  return evaluation

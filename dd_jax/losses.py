@@ -1,0 +1,168 @@
+"""Distribution-matching losses: DM mean matching and the IID constraints (SPEC section 4).
+
+Pure functions of arrays, safe under `jax.jit`, `jax.vmap` and `jax.grad`. Every loss is a *sum*
+(over feature dimensions, matrix entries and samples), never a mean, so the reference learning
+rates apply unchanged. Real-side inputs are wrapped in `stop_gradient`: the real images are
+data, only the synthetic images are optimised.
+
+Per-class functions take one class's arrays; `classwise_objective` vmaps the combined objective
+over a leading class axis and sums the classes.
+
+Shapes: N real or synthetic samples of one class, D flattened feature size, NHWC feature maps
+[N, H, W, C] (C channels at P = H * W spatial positions).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+GROUPINGS = ('channel', 'channel_row')
+CC_FORMS = ('squared', 'exp')
+
+
+def mean_matching(real_features: jax.Array, syn_features: jax.Array) -> jax.Array:
+  """DM loss of one class: || mean_n f(real_n) - mean_m f(syn_m) ||^2, summed over features.
+
+  Args:
+    real_features: [N_real, D]; no gradient flows into it.
+    syn_features: [N_syn, D].
+
+  Returns:
+    A scalar.
+  """
+  real_mean = jnp.mean(jax.lax.stop_gradient(real_features), axis=0)
+  return jnp.sum(jnp.square(real_mean - jnp.mean(syn_features, axis=0)))
+
+
+def local_covariance(feature_map: jax.Array, grouping: str = 'channel') -> jax.Array:
+  """The local feature covariance of one class's feature maps (SPEC section 4.2).
+
+  Each sample's map is a matrix whose columns are local feature vectors; every entry is centred
+  over the batch, then Sigma = (1/N) sum_n G_n G_n^T. With the default grouping this equals the
+  sum over spatial positions of the per-position biased covariance (no 1/P, no N-1).
+
+  Args:
+    feature_map: [N, H, W, C].
+    grouping: 'channel' (default): C-dimensional vectors at the H * W positions, C x C result.
+      'channel_row' (the reference code's commented-out variant for 64x64 data): (C * H)-dim
+      vectors at the W column positions, a (C * H) x (C * H) result with rows ordered (c, h).
+
+  Returns:
+    [C, C] for 'channel', [C * H, C * H] for 'channel_row'.
+  """
+  n, h, w, c = feature_map.shape
+  centred = feature_map - jnp.mean(feature_map, axis=0, keepdims=True)
+  if grouping == 'channel':
+    local_vectors = centred.reshape(n, h * w, c)
+  elif grouping == 'channel_row':
+    local_vectors = jnp.transpose(centred, (0, 2, 3, 1)).reshape(n, w, c * h)
+  else:
+    raise ValueError(f'Unknown covariance grouping {grouping!r}; choose one of {GROUPINGS}.')
+  return jnp.einsum('npi,npj->ij', local_vectors, local_vectors) / n
+
+
+def covariance_matching(real_map: jax.Array, syn_map: jax.Array,
+                        grouping: str = 'channel') -> jax.Array:
+  """CM loss of one class: || Sigma(real) - Sigma(syn) ||_F^2.
+
+  With one synthetic sample (IPC 1, no expansion) Sigma(syn) is identically 0, so the loss is a
+  constant with zero gradient: DM + CM equals DM there (SPEC section 4.2).
+
+  Args:
+    real_map: [N_real, H, W, C]; no gradient flows into it.
+    syn_map: [N_syn, H, W, C].
+    grouping: see `local_covariance`.
+
+  Returns:
+    A scalar.
+  """
+  real_cov = local_covariance(jax.lax.stop_gradient(real_map), grouping)
+  return jnp.sum(jnp.square(real_cov - local_covariance(syn_map, grouping)))
+
+
+def class_centralization(features: jax.Array, form: str = 'squared', alpha: float = 0.02,
+                         beta: float = 0.0) -> jax.Array:
+  """CC loss of one class: pulls synthetic features towards their class mean (SPEC 4.3).
+
+  'squared' (reference code, default): sum_i || g_i - mu ||^2.
+  'exp' (paper): sum_i max(0, exp(alpha * || g_i - mu ||^2) - beta).
+  The mean mu is not stop-gradient (it moves with the samples, as in the reference).
+
+  Args:
+    features: [N_syn, D] features of the augmented synthetic images of one class.
+    form: 'squared' or 'exp'.
+    alpha: temperature of the 'exp' form.
+    beta: threshold of the 'exp' form.
+
+  Returns:
+    A scalar.
+  """
+  squared_distances = jnp.sum(jnp.square(features - jnp.mean(features, axis=0)), axis=-1)
+  if form == 'squared':
+    return jnp.sum(squared_distances)
+  if form == 'exp':
+    return jnp.sum(jnp.maximum(0.0, jnp.exp(alpha * squared_distances) - beta))
+  raise ValueError(f'Unknown class-centralization form {form!r}; choose one of {CC_FORMS}.')
+
+
+class ObjectiveWeights(NamedTuple):
+  """Weights and options of the combined objective L = DM + cc * CC + cm * CM (SPEC 4.4)."""
+  cc: float = 0.05
+  cm: float = 0.01
+  cc_form: str = 'squared'
+  cc_alpha: float = 0.02
+  cc_beta: float = 0.0
+  cm_grouping: str = 'channel'
+
+
+class LossTerms(NamedTuple):
+  """Unweighted loss terms and the weighted total (all scalars)."""
+  total: jax.Array
+  dm: jax.Array
+  cc: jax.Array
+  cm: jax.Array
+
+
+def class_objective(real_features: jax.Array, real_map: jax.Array, syn_features: jax.Array,
+                    syn_map: jax.Array, cc_features: jax.Array,
+                    weights: ObjectiveWeights = ObjectiveWeights()) -> LossTerms:
+  """The DM + IID objective of one class.
+
+  Args:
+    real_features: [N_real, D] matching-network features of the augmented real batch.
+    real_map: [N_real, H, W, C] the matching network's final feature map of the same batch.
+    syn_features: [N_syn, D] matching-network features of the augmented synthetic images.
+    syn_map: [N_syn, H, W, C] their final feature map.
+    cc_features: [N_syn, D'] the features class centralization acts on (the matching network's
+      own features, or a pretrained extractor's).
+    weights: term weights and options (Python values, static under jit). A zero weight skips
+      that term's computation and reports it as 0.
+
+  Returns:
+    LossTerms with total = dm + weights.cc * cc + weights.cm * cm.
+  """
+  dm = mean_matching(real_features, syn_features)
+  zero = jnp.zeros((), dm.dtype)
+  cm = (covariance_matching(real_map, syn_map, weights.cm_grouping) if weights.cm else zero)
+  cc = (class_centralization(cc_features, weights.cc_form, weights.cc_alpha, weights.cc_beta)
+        if weights.cc else zero)
+  return LossTerms(total=dm + weights.cc * cc + weights.cm * cm, dm=dm, cc=cc, cm=cm)
+
+
+def classwise_objective(real_features: jax.Array, real_map: jax.Array, syn_features: jax.Array,
+                        syn_map: jax.Array, cc_features: jax.Array,
+                        weights: ObjectiveWeights = ObjectiveWeights()) -> LossTerms:
+  """`class_objective` for all classes at once (vmap over a leading class axis), summed.
+
+  Args: as `class_objective`, each with a leading class axis K, e.g. real_features [K, N, D].
+
+  Returns:
+    LossTerms, each term summed over the K classes.
+  """
+  per_class = jax.vmap(functools.partial(class_objective, weights=weights))(
+      real_features, real_map, syn_features, syn_map, cc_features)
+  return jax.tree_util.tree_map(jnp.sum, per_class)

@@ -1,0 +1,37 @@
+"""Command-line entry point: distil (and compare) as a config file says.
+
+  python -m dd_jax.main --config=configs/digits.py --workdir=/tmp/dd_digits
+  python -m dd_jax.main --config=configs/cifar10.py:ipc=10,method=dm_iid --workdir=... \
+      --config.dataset.name=folder:/data/cifar10 --config.constraints.cm.weight=0
+
+The config is locked: a misspelled `--config.x=y` is an error. Rerunning a command resumes its
+workdir.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from dd_jax import compare
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; rerun to resume).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not any(arg.startswith(('--verbosity', '-v')) for arg in sys.argv[1:]):
+    # Orbax logs every checkpoint step at INFO (and its import raises absl's verbosity);
+    # progress lines are printed separately. Pass --verbosity=0 to see them.
+    logging.set_verbosity(logging.WARNING)
+  compare.run_with_baselines(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,153 @@
+"""Files of a run's workdir, each written atomically (temporary file + rename).
+
+    <workdir>/config.json       the resolved config; a rerun with a different config is refused
+    <workdir>/checkpoints/      Orbax (see dd_jax.checkpoint)
+    <workdir>/metrics.jsonl     one JSON object per logged step / evaluation
+    <workdir>/images/step_NNNNNN.png
+    <workdir>/synthetic.npz     final export: pixel-space images, labels, class names, mean/std
+    <workdir>/results.json      final evaluation summary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
+  """Opens a temporary file beside `path`; renames it over `path` only if the block succeeds."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, temporary = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+  try:
+    with os.fdopen(handle, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temporary)
+    raise
+
+
+def write_json(path: str, value: Any) -> None:
+  with atomic_write(path, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write('\n')
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_metrics(path: str, records: list[dict[str, Any]]) -> None:
+  """Writes JSON lines atomically."""
+  with atomic_write(path, 'w') as f:
+    f.writelines(json.dumps(record, sort_keys=True) + '\n' for record in records)
+
+
+def append_metrics(path: str, record: dict[str, Any]) -> None:
+  """Appends one JSON line (rewriting the file atomically, so a crash never leaves half a line)."""
+  write_metrics(path, read_metrics(path) + [record])
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _flatten(config: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Human-readable 'field: old -> new' lines for two config dicts."""
+  old_flat, new_flat = _flatten(old), _flatten(new)
+  missing = object()
+  return [f'{key}: {old_flat.get(key, missing)!r} -> {new_flat.get(key, missing)!r}'.replace(
+      repr(missing), '<absent>')
+          for key in sorted(set(old_flat) | set(new_flat))
+          if old_flat.get(key, missing) != new_flat.get(key, missing)]
+
+
+def snapshot_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json, or checks that an existing one is the same run.
+
+  Raises:
+    ValueError: the workdir holds a run of a different config (listing the differing fields).
+  """
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    differences = config_differences(previous, current)
+    if differences:
+      raise ValueError(
+          f'--workdir={workdir} holds a run of a different config:\n  ' +
+          '\n  '.join(differences) +
+          '\nUse a new --workdir, or delete this one to start over.')
+    return
+  write_json(path, current)
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+  """Tiles [N, H, W, C] pixel-space images in [0, 1] into one uint8 image, `rows` rows."""
+  n, h, w, c = images.shape
+  columns = math.ceil(n / rows)
+  pad = 1
+  grid = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad, c), np.float32)
+  for index in range(n):
+    row, column = divmod(index, columns)
+    top, left = pad + row * (h + pad), pad + column * (w + pad)
+    grid[top:top + h, left:left + w] = images[index]
+  grid = np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)
+  return grid[..., 0] if c == 1 else grid
+
+
+def write_png(path: str, grid: np.ndarray, min_side: int = 256) -> None:
+  """Writes a uint8 image, upscaled by an integer factor (nearest) so small images are visible."""
+  factor = max(1, math.ceil(min_side / max(grid.shape[:2])))
+  image = Image.fromarray(grid).resize((grid.shape[1] * factor, grid.shape[0] * factor),
+                                       Image.NEAREST)
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  with atomic_write(path) as f:
+    f.write(buffer.getvalue())
+
+
+def export_synthetic(path: str, images: np.ndarray, labels: np.ndarray,
+                     class_names: tuple[str, ...], mean: tuple[float, ...],
+                     std: tuple[float, ...]) -> None:
+  """Writes synthetic.npz, loadable without dd_jax (numpy only).
+
+  Keys: 'images' float32 [N, H, W, C] in [0, 1] (de-normalised, clipped); 'labels' int64 [N];
+  'class_names'; 'mean', 'std' float32 [C]. PyTorch: `torch.from_numpy(d['images']).permute(0,
+  3, 1, 2)` then normalise with mean/std.
+  """
+  buffer = io.BytesIO()
+  np.savez(buffer, images=np.asarray(images, np.float32), labels=np.asarray(labels, np.int64),
+           class_names=np.asarray(class_names), mean=np.asarray(mean, np.float32),
+           std=np.asarray(std, np.float32))
+  with atomic_write(path) as f:
+    f.write(buffer.getvalue())

@@ -1,0 +1,95 @@
+"""Config files, config strings, validation and the locked command line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dd_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_config_string():
+  defaults = {'ipc': 10, 'method': 'dm_iid', 'flag': False}
+  assert config_lib.parse_config_string(None, defaults) == defaults
+  assert config_lib.parse_config_string('ipc=50,method=dm,flag=true', defaults) == {
+      'ipc': 50, 'method': 'dm', 'flag': True}
+  with pytest.raises(ValueError, match="'ipcc=3'.*key=value with key in"):
+    config_lib.parse_config_string('ipcc=3', defaults)
+  with pytest.raises(ValueError, match='ipc=.ten.: expected a int'):
+    config_lib.parse_config_string('ipc=ten', defaults)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('ipc', 0, r'config.ipc=0 must be > 0'),
+    ('method', 'gm', r"config.method='gm' is not valid"),
+    ('model.name', 'ConvNett', r"config.model.name='ConvNett' is not valid"),
+    ('eval.model', 'ResNet50', r"config.eval.model='ResNet50' is not valid"),
+    ('augment.strategy', 'color_blur', r"config.augment.strategy: .*unknown DSA op 'blur'"),
+    ('distill.batch_real', -1, r'config.distill.batch_real=-1 must be > 0'),
+    ('distill.init', 'zeros', r"config.distill.init='zeros' is not valid"),
+    ('constraints.cc.form', 'cubic', r"config.constraints.cc.form='cubic' is not valid"),
+    ('constraints.cm.grouping', 'rows', r"config.constraints.cm.grouping='rows' is not valid"),
+    ('constraints.cm.weight', -0.1, r'config.constraints.cm.weight=-0.1 must be >= 0'),
+])
+def test_validate_config_names_the_field(field, value, message):
+  config = config_lib.default_config()
+  config_lib.validate_config(config)  # the default is valid
+  section, _, name = field.rpartition('.')
+  target = config
+  for part in filter(None, section.split('.')):
+    target = target[part]
+  target[name] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate_config(config)
+
+
+def _load_config_file(path, arg=None):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('config_file', os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.mark.parametrize('path, arg', [('configs/default.py', None), ('configs/digits.py', ''),
+                                       ('configs/digits.py', 'ipc=10,method=dm'),
+                                       ('configs/cifar10.py', 'ipc=1,method=dm'),
+                                       ('configs/cifar10.py', 'ipc=50,method=dm_iid')])
+def test_config_files_are_valid(path, arg):
+  config = _load_config_file(path, arg)
+  config_lib.validate_config(config)
+  if 'method=dm,' in f'{arg},' or (arg and arg.endswith('method=dm')):
+    assert config.constraints.cc.weight == 0 and config.constraints.cm.weight == 0
+
+
+def test_cifar10_presets_follow_the_paper():
+  config = _load_config_file('configs/cifar10.py', 'ipc=10')
+  assert config.dataset.name == 'tfds:cifar10'
+  assert (config.constraints.cc.weight, config.constraints.cm.weight) == (0.05, 0.01)
+  assert (config.distill.lr, config.distill.momentum, config.distill.batch_real) == (1.0, 0.5, 256)
+  assert config.distill.iterations == 20_000 and config.eval.epochs == 1000
+  with pytest.raises(ValueError, match='method='):
+    _load_config_file('configs/cifar10.py', 'method=idm')
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, '-m', 'dd_jax.main', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_misspelled_override(tmp_path):
+  result = _main('--config=configs/digits.py', f'--workdir={tmp_path}/run', '--config.ipcc=3')
+  assert result.returncode != 0
+  assert 'ipcc' in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_cli_rejects_bad_value_before_work(tmp_path):
+  result = _main('--config=configs/digits.py', f'--workdir={tmp_path}/run',
+                 '--config.model.name=ConvNett')
+  assert result.returncode != 0
+  assert "config.model.name='ConvNett' is not valid" in result.stderr
+  assert not os.path.exists(tmp_path / 'run')

@@ -1,0 +1,205 @@
+"""The DM step, the resumable run loop and the baselines table, on tiny digits configs."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dd_jax import compare
+from dd_jax import config as config_lib
+from dd_jax import data as data_lib
+from dd_jax import losses
+from dd_jax import models
+from dd_jax.distill import dm
+from dd_jax.distill import loop
+
+
+def tiny_config(**overrides):
+  config = config_lib.default_config()
+  config.ipc = 2
+  config.model.name = 'ConvNetW32'
+  config.augment.strategy = 'color_crop_cutout_scale_rotate'
+  config.distill.iterations = 6
+  config.distill.batch_real = 8
+  config.distill.eval_every = 6
+  config.distill.checkpoint_every = 2
+  config.distill.log_every = 3
+  config.eval.model = 'ConvNetW32'
+  config.eval.num_eval = 2
+  config.eval.epochs = 2
+  config.eval.augment_strategy = 'color_crop_cutout_scale_rotate'
+  for key, value in overrides.items():
+    section, _, name = key.rpartition('.')
+    (config[section] if section else config)[name] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def digits():
+  return data_lib.load_dataset('digits')
+
+
+def _step_setup(digits, weights=losses.ObjectiveWeights(), num_nets=1, extractor=None):
+  ipc = 2
+  net = models.get_network('ConvNetW32', digits.num_classes)
+  settings = dm.DMSettings(num_classes=digits.num_classes, ipc=ipc, batch_real=8,
+                           num_nets=num_nets, strategy='color_crop_cutout_scale_rotate',
+                           weights=weights, mean=digits.mean, std=digits.std)
+  optimizer = optax.sgd(1.0, momentum=0.5)
+  step = dm.make_dm_step(net, settings, optimizer, extractor or dm.matching_net_extractor)
+  labels = np.repeat(np.arange(digits.num_classes), ipc)
+  images = jax.random.normal(jax.random.key(0), (len(labels), 8, 8, 1))
+  state = dm.init_state(images, labels, optimizer, jax.random.key(1))
+  return step, state, data_lib.ClassSampler.from_dataset(digits)
+
+
+def test_step_traces_once_and_updates_images(digits):
+  traces = []
+
+  def counting_extractor(key, syn_images, matching_features):
+    traces.append(1)  # runs only while tracing
+    return matching_features
+
+  step, state, sampler = _step_setup(digits, extractor=counting_extractor)
+  initial = state.images
+  for _ in range(5):
+    state, metrics = step(state, sampler)
+  assert len(traces) == 1
+  assert int(state.step) == 5
+  assert not np.allclose(state.images, initial)
+  for name in ('loss', 'dm', 'cc', 'cm', 'grad_norm'):
+    assert np.isfinite(float(metrics[name])), name
+  np.testing.assert_allclose(metrics['loss'],
+                             metrics['dm'] + 0.05 * metrics['cc'] + 0.01 * metrics['cm'],
+                             rtol=1e-5)
+
+
+def test_cc_uses_the_pluggable_extractor(digits):
+  outputs = {}
+  for name, extractor in [('matching', dm.matching_net_extractor),
+                          ('doubled', lambda k, x, f: 2.0 * f),
+                          ('constant', lambda k, x, f: jnp.zeros_like(f))]:
+    step, state, sampler = _step_setup(digits, extractor=extractor)
+    outputs[name] = step(state, sampler)[1]
+  np.testing.assert_allclose(outputs['doubled']['cc'], 4.0 * outputs['matching']['cc'], rtol=1e-4)
+  assert float(outputs['constant']['cc']) == 0.0
+  np.testing.assert_allclose(outputs['constant']['dm'], outputs['matching']['dm'], rtol=1e-6)
+
+
+def test_num_nets_averages_over_independent_networks(digits):
+  step_one, state, sampler = _step_setup(digits, num_nets=1)
+  step_three, _, _ = _step_setup(digits, num_nets=3)
+  one = step_one(state, sampler)[1]
+  three = step_three(state, sampler)[1]
+  assert np.isfinite(float(three['loss']))
+  assert not np.isclose(float(one['dm']), float(three['dm']))
+
+
+def test_batchnorm_backbone_runs_all_classes_together(digits):
+  net = models.get_network('ConvNetBN', digits.num_classes)
+  assert net.has_batch_stats
+  settings = dm.DMSettings(num_classes=digits.num_classes, ipc=2, batch_real=4, num_nets=1,
+                           strategy='none', weights=losses.ObjectiveWeights(cc=0.0, cm=0.0),
+                           mean=digits.mean, std=digits.std)
+  optimizer = optax.sgd(1.0)
+  step = dm.make_dm_step(net, settings, optimizer)
+  images = jax.random.normal(jax.random.key(0), (20, 8, 8, 1))
+  state = dm.init_state(images, np.repeat(np.arange(10), 2), optimizer, jax.random.key(1))
+  _, metrics = step(state, data_lib.ClassSampler.from_dataset(digits))
+  assert np.isfinite(float(metrics['dm'])) and float(metrics['dm']) > 0
+
+
+def test_ipc1_constraints_vanish(digits):
+  """SPEC 4.2: at IPC 1 the synthetic covariance is 0 and CC is 0, so DM + IID == DM."""
+  net = models.get_network('ConvNetW32', digits.num_classes)
+  results = []
+  for weights in (losses.ObjectiveWeights(), losses.ObjectiveWeights(cc=0.0, cm=0.0)):
+    settings = dm.DMSettings(num_classes=10, ipc=1, batch_real=8, num_nets=1, strategy='none',
+                             weights=weights, mean=digits.mean, std=digits.std)
+    optimizer = optax.sgd(1.0, momentum=0.5)
+    step = dm.make_dm_step(net, settings, optimizer)
+    state = dm.init_state(jax.random.normal(jax.random.key(0), (10, 8, 8, 1)), np.arange(10),
+                          optimizer, jax.random.key(1))
+    results.append(step(state, data_lib.ClassSampler.from_dataset(digits)))
+  (with_iid, metrics), (plain, _) = results
+  assert float(metrics['cc']) == 0.0
+  np.testing.assert_allclose(with_iid.images, plain.images, rtol=1e-6, atol=1e-6)
+
+
+def test_run_writes_workdir_and_resumes_to_the_same_synthetic_set(tmp_path, monkeypatch):
+  config = tiny_config()
+  reference = loop.run(config, str(tmp_path / 'uninterrupted'))
+  assert set(reference['eval']) >= {'accuracies', 'mean', 'std'}
+  workdir = tmp_path / 'uninterrupted'
+  for name in ('config.json', 'metrics.jsonl', 'synthetic.npz', 'results.json',
+               'images/step_000006.png'):
+    assert (workdir / name).exists(), name
+  exported = np.load(workdir / 'synthetic.npz')
+  assert exported['images'].shape == (20, 8, 8, 1)
+  assert 0.0 <= exported['images'].min() and exported['images'].max() <= 1.0
+  np.testing.assert_array_equal(exported['labels'], np.repeat(np.arange(10), 2))
+  assert list(exported['class_names']) == [str(i) for i in range(10)]
+
+  # Crash after the checkpoint of step 4 (at step 5), then rerun the same command.
+  real_make_step = dm.make_dm_step
+
+  def crashing_make_step(*args, **kwargs):
+    step = real_make_step(*args, **kwargs)
+
+    def wrapped(state, sampler):
+      if int(state.step) == 4:
+        raise KeyboardInterrupt('simulated kill')
+      return step(state, sampler)
+    return wrapped
+
+  monkeypatch.setattr(dm, 'make_dm_step', crashing_make_step)
+  with pytest.raises(KeyboardInterrupt):
+    loop.run(config, str(tmp_path / 'resumed'))
+  assert not (tmp_path / 'resumed' / 'synthetic.npz').exists()
+  monkeypatch.setattr(dm, 'make_dm_step', real_make_step)
+  resumed = loop.run(config, str(tmp_path / 'resumed'))
+  np.testing.assert_array_equal(np.load(tmp_path / 'resumed' / 'synthetic.npz')['images'],
+                                exported['images'])
+  assert resumed['eval']['accuracies'] == reference['eval']['accuracies']
+  steps = [m['step'] for m in loop.workdir_lib.read_metrics(
+      str(tmp_path / 'resumed' / 'metrics.jsonl')) if 'loss' in m]
+  assert steps == [3, 6]  # no duplicated lines after the resume
+
+  # A finished run is not recomputed; a different config is refused.
+  assert loop.run(config, str(workdir)) == reference
+  with pytest.raises(ValueError, match=r'different config[\s\S]*ipc: 2 -> 3'):
+    loop.run(tiny_config(ipc=3), str(workdir))
+
+
+def test_bad_batch_real_is_refused_before_work(tmp_path):
+  with pytest.raises(ValueError, match=r'distill.batch_real=500.*smallest class'):
+    loop.run(tiny_config(**{'distill.batch_real': 500}), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'config.json').exists()
+
+
+def test_variants_and_labels():
+  config = tiny_config()
+  assert compare.method_label(config) == 'DM + IID'
+  dm_only = compare.variant_config(config, 'dm')
+  assert compare.method_label(dm_only) == 'DM'
+  cm_only = compare.variant_config(config, 'dm_cm')
+  assert (cm_only.constraints.cc.weight, cm_only.constraints.cm.weight) == (0.0, 0.01)
+  # A variant of a plain-DM config takes the reference weights.
+  iid = compare.variant_config(dm_only, 'dm_iid')
+  assert (iid.constraints.cc.weight, iid.constraints.cm.weight) == (0.05, 0.01)
+  with pytest.raises(ValueError, match='unknown variant'):
+    compare.variant_config(config, 'idm')
+
+
+def test_run_with_baselines_prints_table(tmp_path, capsys):
+  config = tiny_config(**{'compare.variants': 'dm', 'compare.random_real': True,
+                          'compare.full_train_epochs': 1, 'compare.full_train_num_eval': 1})
+  table = compare.run_with_baselines(config, str(tmp_path))
+  for label in ('random real (ipc 2)', '| DM |', '| DM + IID |', 'full training set'):
+    assert label in table
+  assert table in capsys.readouterr().out
+  assert (tmp_path / 'table.md').exists()
+  assert os.path.exists(tmp_path / 'compare' / 'dm' / 'synthetic.npz')

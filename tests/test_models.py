@@ -1,0 +1,222 @@
+"""Tests for dd_jax.models: published parameter counts, PyTorch init, norm semantics, the boundary."""
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dd_jax import models
+from dd_jax.models import layers
+
+
+def _abstract_param_count(net, input_shape):
+  shapes = jax.eval_shape(lambda key: net.init(key, (1, *input_shape)), jax.random.key(0))
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes['params']))
+
+
+# Counts of the PyTorch reference networks (DC benchmark code), SPEC section 2 / issue 2.
+@pytest.mark.parametrize('name, input_shape, num_classes, expected', [
+    ('ConvNet', (32, 32, 3), 10, 320_010),
+    ('ConvNet', (28, 28, 1), 10, 317_706),
+    ('ConvNet', (32, 32, 3), 100, 504_420),
+    ('ConvNetD4', (64, 64, 3), 200, 857_160),
+    ('ConvNet', (64, 64, 3), 200, 1_938_120),
+    ('AlexNet', (32, 32, 3), 10, 1_872_202),
+    ('VGG11', (32, 32, 3), 10, 9_231_114),
+    ('ResNet18', (32, 32, 3), 10, 11_173_962),
+    ('LeNet', (32, 32, 3), 10, 62_006),
+    ('MLP', (32, 32, 3), 10, 411_146),
+])
+def test_parameter_counts_match_pytorch_reference(name, input_shape, num_classes, expected):
+  net = models.get_network(name, num_classes)
+  assert _abstract_param_count(net, input_shape) == expected
+
+
+@pytest.mark.parametrize('name', models.network_names())
+@pytest.mark.parametrize('input_shape', [(32, 32, 3), (64, 64, 3), (28, 28, 1)])
+def test_every_network_builds_at_every_input_size(name, input_shape):
+  net = models.get_network(name, 7)
+  variables = jax.eval_shape(lambda key: net.init(key, (2, *input_shape)), jax.random.key(0))
+  x = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
+  logits = jax.eval_shape(lambda v, x: net.apply(v, x), variables, x)
+  features, feature_map = jax.eval_shape(lambda v, x: net.embed(v, x), variables, x)
+  assert logits.shape == (2, 7)
+  assert features.shape[0] == 2 and feature_map.shape[0] == 2
+  if name not in ('MLP', 'LeNet'):  # their embedding is the penultimate dense layer
+    assert features.shape[1] == math.prod(feature_map.shape[1:])
+
+
+def test_convnet_maps_follow_spec():
+  net = models.get_network('ConvNet', 10)
+  for shape, map_shape in [((32, 32, 3), (4, 4, 128)), ((28, 28, 1), (4, 4, 128)),
+                           ((64, 64, 3), (8, 8, 128))]:
+    variables = jax.eval_shape(lambda key: net.init(key, (1, *shape)), jax.random.key(0))
+    _, feature_map = jax.eval_shape(lambda v: net.embed(v, jnp.zeros((1, *shape))), variables)
+    assert feature_map.shape[1:] == map_shape
+  # The 28x28 one-channel rule pads the first conv by 3 (a 32x32 map); others by 1.
+  variables = jax.eval_shape(lambda key: net.init(key, (1, 28, 28, 1)), jax.random.key(0))
+  assert variables['params']['conv0']['kernel'].shape == (3, 3, 1, 128)
+
+
+def test_init_is_pytorch_uniform_for_weights_and_biases():
+  net = models.get_network('ConvNet', 10)
+  params = net.init(jax.random.key(1), (1, 32, 32, 3))['params']
+  for name, fan_in in [('conv0', 27), ('conv1', 1152), ('classifier', 2048)]:
+    bound = 1 / math.sqrt(fan_in)
+    for leaf_name in ('kernel', 'bias'):
+      values = np.asarray(params[name][leaf_name])
+      assert np.abs(values).max() <= bound
+      if values.size > 1000:
+        # A U(-b, b) sample of this size spans the interval and has std b / sqrt(3).
+        assert np.abs(values).max() > 0.99 * bound
+        np.testing.assert_allclose(values.std(), bound / math.sqrt(3), rtol=0.05)
+    # Biases are not zero (Flax's default) but uniform like PyTorch.
+    assert np.abs(np.asarray(params[name]['bias'])).max() > 0.5 * bound
+  np.testing.assert_array_equal(params['norm0']['scale'], np.ones(128))
+  np.testing.assert_array_equal(params['norm0']['bias'], np.zeros(128))
+
+
+def test_every_norm_uses_eps_1e5():
+  for kind in ('instancenorm', 'groupnorm', 'layernorm', 'batchnorm'):
+    assert layers.norm_layer(kind, 8, train=False).epsilon == 1e-5
+
+
+def test_instance_norm_equals_its_formula():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6)) * 3.0 + 1.5
+  norm = layers.norm_layer('instancenorm', 6, train=False)
+  variables = norm.init(jax.random.key(1), x)
+  scale = jax.random.normal(jax.random.key(2), (6,))
+  bias = jax.random.normal(jax.random.key(3), (6,))
+  y = norm.apply({'params': {'scale': scale, 'bias': bias}}, x)
+  x64 = np.asarray(x, np.float64)
+  mean = x64.mean(axis=(1, 2), keepdims=True)
+  var = x64.var(axis=(1, 2), keepdims=True)  # biased, per sample and channel
+  expected = (x64 - mean) / np.sqrt(var + 1e-5) * np.asarray(scale) + np.asarray(bias)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  assert variables['params']['scale'].shape == (6,)
+
+
+def test_eps_matters_for_small_variance():
+  # With variance ~1e-5 the result depends visibly on eps: distinguishes 1e-5 from 1e-6.
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 2)) * 3e-3
+  norm = layers.norm_layer('instancenorm', 2, train=False)
+  y = norm.apply(norm.init(jax.random.key(0), x), x)
+  x64 = np.asarray(x, np.float64)
+  centred = x64 - x64.mean(axis=(1, 2), keepdims=True)
+  var = x64.var(axis=(1, 2), keepdims=True)
+  np.testing.assert_allclose(y, centred / np.sqrt(var + 1e-5), rtol=1e-4)
+  assert not np.allclose(y, centred / np.sqrt(var + 1e-6), rtol=1e-2)
+
+
+def test_batchnorm_train_and_eval_modes():
+  net = models.get_network('ConvNetBN', 4)
+  assert net.has_batch_stats
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3)) * 2 + 1
+  variables = net.init(jax.random.key(1), x.shape)
+  logits, updated = net.apply_train(variables, x)
+  # Running mean moves by (1 - momentum) = 0.1 of the batch mean (PyTorch momentum 0.1).
+  old = variables['batch_stats']['norm0']['mean']
+  new = updated['batch_stats']['norm0']['mean']
+  assert not np.allclose(old, new)
+  np.testing.assert_array_equal(logits, net.apply(variables, x, train=True))
+  assert not np.allclose(net.apply(variables, x), logits)
+  # Embedding in train mode uses batch statistics, in eval mode the (initial) running ones.
+  features, _ = net.embed(variables, x, train=True)
+  assert features.shape == (8, 128)
+  assert not np.allclose(features, net.embed(variables, x)[0])
+
+
+def test_functional_boundary_under_jit_and_vmap_over_keys():
+  net = models.get_network('ConvNetW32', 10)
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(jax.random.key(1), (5, 16, 16, 3))
+
+  @jax.jit
+  def embed_with_fresh_networks(keys, x):
+    def one(key):
+      return net.embed(net.init(key, x.shape), x)[0]
+    return jax.vmap(one)(keys)
+
+  features = embed_with_fresh_networks(keys, x)
+  chex.assert_shape(features, (3, 5, 32 * 2 * 2))
+  chex.assert_tree_all_finite(features)
+  # Different keys give different random networks; the same key gives the same one.
+  assert not np.allclose(features[0], features[1])
+  again = embed_with_fresh_networks(keys, x)
+  np.testing.assert_array_equal(features, again)
+  one = jax.jit(lambda key: net.embed(net.init(key, x.shape), x)[0])(keys[2])
+  np.testing.assert_allclose(features[2], one, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_is_consistent_with_logits():
+  net = models.get_network('ConvNetD2', 3)
+  x = jax.random.normal(jax.random.key(0), (4, 12, 12, 3))
+  variables = net.init(jax.random.key(1), x.shape)
+  features, feature_map = net.embed(variables, x)
+  classifier = variables['params']['classifier']
+  expected = features @ classifier['kernel'] + classifier['bias']
+  np.testing.assert_allclose(net.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(features, feature_map.reshape(4, -1))
+
+
+def test_convnet_variants():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  outputs = {}
+  for name in ('ConvNetAS', 'ConvNetAL', 'ConvNetASwish', 'ConvNetNN', 'ConvNetLN',
+               'ConvNetGN', 'ConvNetMP', 'ConvNetNP', 'ConvNetW32', 'ConvNetD1'):
+    net = models.get_network(name, 10)
+    variables = jax.eval_shape(lambda key: net.init(key, x.shape), jax.random.key(0))
+    outputs[name] = jax.eval_shape(lambda v: net.embed(v, x), variables)[1].shape
+  assert outputs['ConvNetNP'] == (2, 16, 16, 128)
+  assert outputs['ConvNetD1'] == (2, 8, 8, 128)
+  assert outputs['ConvNetW32'] == (2, 2, 2, 32)
+  sigmoid_net = models.get_network('ConvNetAS', 10)
+  _, sigmoid_map = jax.jit(lambda key: sigmoid_net.embed(sigmoid_net.init(key, x.shape), x))(
+      jax.random.key(0))
+  assert float(sigmoid_map.min()) >= 0.0 and float(sigmoid_map.max()) <= 1.0
+
+
+def test_registry_errors_and_overrides():
+  with pytest.raises(ValueError, match='Unknown network .ConvNett.*ConvNet'):
+    models.get_network('ConvNett', 10)
+  with pytest.raises(ValueError, match='only apply to ConvNet'):
+    models.get_network('ResNet18', 10, depth=4)
+  net = models.get_network('ConvNet', 200, depth=4)
+  assert _abstract_param_count(net, (64, 64, 3)) == 857_160
+  assert isinstance(net.module, nn.Module)
+  hash(net)  # usable as a static jit argument
+
+
+@pytest.mark.parametrize('kernel_size, stride, padding', [(3, 1, 1), (3, 1, 3), (5, 1, 2), (3, 2, 1),
+                                                          (1, 2, 0), (5, 1, 0)])
+def test_im2col_convolution_equals_xla(kernel_size, stride, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 4))
+
+  def xla(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def im2col(x, kernel):
+    return layers.conv2d_im2col(x, kernel, stride, padding)
+
+  np.testing.assert_allclose(im2col(x, kernel), xla(x, kernel), rtol=1e-5, atol=1e-5)
+  for argnum in (0, 1):
+    grad = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=argnum)(x, kernel)
+    np.testing.assert_allclose(grad(im2col), grad(xla), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impls_give_the_same_network():
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  outputs = []
+  for conv_impl in ('xla', 'im2col'):
+    net = models.get_network('ResNet18', 10, conv_impl=conv_impl)
+    variables = jax.jit(lambda key: net.init(key, x.shape))(jax.random.key(1))
+    outputs.append(jax.jit(lambda v: net.apply(v, x))(variables))
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='conv_impl'):
+    models.get_network('ConvNet', 10, conv_impl='winograd')
