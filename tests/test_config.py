@@ -57,7 +57,8 @@ def _load_config_file(path, arg=None):
 @pytest.mark.parametrize('path, arg', [('configs/default.py', None), ('configs/digits.py', ''),
                                        ('configs/digits.py', 'ipc=10,method=dm'),
                                        ('configs/cifar10.py', 'ipc=1,method=dm'),
-                                       ('configs/cifar10.py', 'ipc=50,method=dm_iid')])
+                                       ('configs/cifar10.py', 'ipc=50,method=dm_iid'),
+                                       ('configs/cifar10.py', 'ipc=10,budget=cpu')])
 def test_config_files_are_valid(path, arg):
   config = _load_config_file(path, arg)
   config_lib.validate_config(config)

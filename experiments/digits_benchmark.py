@@ -1,0 +1,112 @@
+"""Digits benchmark: random real / DM / DM + CC / DM + CM / DM + IID over IPCs and seeds.
+
+  python experiments/digits_benchmark.py --workdir=/tmp/digits_benchmark
+
+Every (ipc, seed, method) is a resumable run in its own sub-workdir (finished ones are skipped);
+each finished run appends one line to <workdir>/results.jsonl, and the script prints a markdown
+table of mean +- std over (seeds x evaluation networks), also written to <workdir>/table.md.
+Settings are those of configs/digits.py (override with --config.*-style flags below). At IPC 1
+the constraints vanish by construction (SPEC 4.2), so DM and DM + IID must agree there.
+"""
+
+import importlib.util
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from dd_jax import compare
+from dd_jax import workdir as workdir_lib
+from dd_jax.distill import loop
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Benchmark directory.', required=True)
+_IPCS = flags.DEFINE_list('ipcs', ['1', '3', '10'], 'Images per class.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Distillation seeds.')
+_METHODS = flags.DEFINE_list('methods', ['random_real', 'dm', 'dm_cc', 'dm_cm', 'dm_iid'],
+                             'random_real and/or variants of dd_jax.compare.VARIANTS.')
+_ITERATIONS = flags.DEFINE_integer('iterations', None, 'Override distill.iterations.')
+_BATCH_REAL = flags.DEFINE_integer('batch_real', None, 'Override distill.batch_real.')
+_EVAL_EPOCHS = flags.DEFINE_integer('eval_epochs', None, 'Override eval.epochs.')
+_NUM_EVAL = flags.DEFINE_integer('num_eval', None, 'Override eval.num_eval.')
+
+LABELS = {'random_real': 'random real', 'dm': 'DM', 'dm_cc': 'DM + CC', 'dm_cm': 'DM + CM',
+          'dm_iid': 'DM + IID'}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def digits_config(ipc: int, seed: int):
+  spec = importlib.util.spec_from_file_location('digits_config',
+                                                os.path.join(REPO, 'configs', 'digits.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(f'ipc={ipc}')
+  config.seed = seed
+  config.compare.variants, config.compare.random_real = '', False
+  config.compare.full_train_epochs = 0
+  for value, section, field in ((_ITERATIONS.value, 'distill', 'iterations'),
+                                (_BATCH_REAL.value, 'distill', 'batch_real'),
+                                (_EVAL_EPOCHS.value, 'eval', 'epochs'),
+                                (_NUM_EVAL.value, 'eval', 'num_eval')):
+    if value is not None:
+      config[section][field] = value
+  config.distill.eval_every = config.distill.iterations
+  return config
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  results_path = os.path.join(_WORKDIR.value, 'results.jsonl')
+  done = {(r['ipc'], r['seed'], r['method']): r for r in workdir_lib.read_metrics(results_path)}
+  data = None
+  for ipc in map(int, _IPCS.value):
+    for seed in map(int, _SEEDS.value):
+      for method in _METHODS.value:
+        if (ipc, seed, method) in done:
+          continue
+        config = digits_config(ipc, seed)
+        data = data or loop.prepare_data(config)
+        start = time.perf_counter()
+        print(f'=== ipc {ipc} seed {seed} {LABELS[method]} ===', flush=True)
+        if method == 'random_real':
+          evaluation = compare.evaluate_random_real(config, data)
+        else:
+          run_dir = os.path.join(_WORKDIR.value, f'ipc{ipc}', f'seed{seed}', method)
+          evaluation = loop.run(compare.variant_config(config, method), run_dir, data)['eval']
+        record = {'ipc': ipc, 'seed': seed, 'method': method,
+                  'accuracies': evaluation['accuracies'],
+                  'seconds': time.perf_counter() - start,
+                  'iterations': config.distill.iterations,
+                  'batch_real': config.distill.batch_real, 'eval_epochs': config.eval.epochs}
+        workdir_lib.append_metrics(results_path, record)
+        done[(ipc, seed, method)] = record
+  table = format_table(list(done.values()))
+  print(table)
+  with workdir_lib.atomic_write(os.path.join(_WORKDIR.value, 'table.md'), 'w') as f:
+    f.write(table + '\n')
+
+
+def format_table(records) -> str:
+  ipcs = sorted({r['ipc'] for r in records})
+  methods = [m for m in LABELS if any(r['method'] == m for r in records)]
+  lines = ['| method | ' + ' | '.join(f'IPC {ipc}' for ipc in ipcs) + ' |',
+           '|---|' + '---|' * len(ipcs)]
+  for method in methods:
+    cells = []
+    for ipc in ipcs:
+      accuracies = [a for r in records if r['ipc'] == ipc and r['method'] == method
+                    for a in r['accuracies']]
+      seeds = len({r['seed'] for r in records if r['ipc'] == ipc and r['method'] == method})
+      cells.append(f'{np.mean(accuracies):.2f} +- {np.std(accuracies):.2f} ({seeds}x'
+                   f'{len(accuracies) // max(seeds, 1)})' if accuracies else '-')
+    lines.append(f'| {LABELS[method]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  app.run(main)
