@@ -19,6 +19,7 @@ from dd_jax.distill import loop
 
 def tiny_config(**overrides):
   config = config_lib.default_config()
+  config.dataset.name = 'digits'
   config.ipc = 2
   config.model.name = 'ConvNetW32'
   config.augment.strategy = 'color_crop_cutout_scale_rotate'

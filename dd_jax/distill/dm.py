@@ -7,9 +7,9 @@
 Inside the step: a brand-new randomly initialised backbone (or `num_nets` of them, vmapped) is
 built from the step's key; every class draws `batch_real` real images on device; each class gets
 one siamese DSA draw applied to its real and synthetic images; the real images of all classes go
-through the network as one batch (identical per class for instance norm, and the all-classes
-batch-norm path of SPEC section 5 for batch norm), and so do the synthetic ones; the losses are
-vmapped over classes and summed; one optimizer step updates all synthetic images.
+through the network class by class (batch norm: all classes as one batch, the path of SPEC
+section 5), the synthetic images of all classes as one batch; the losses are vmapped over classes
+and summed; one optimizer step updates all synthetic images.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class DistillState:
     images: [K * ipc, H, W, C] synthetic images in normalised space, class-blocked.
     labels: [K * ipc] fixed labels (0, ..., 0, 1, ..., K - 1).
     opt_state: the optax state of `images`.
-    key: raw PRNG key data of the run; the key of step t is fold_in(key, t), so a resumed run
-      draws exactly what an uninterrupted one would.
+    key: raw PRNG key data of the run; the step taken from a state with `step == t` uses
+      fold_in(key, t), so a resumed run draws exactly what an uninterrupted one would.
   """
   step: jax.Array
   images: jax.Array
@@ -123,23 +123,32 @@ def make_dm_step(net: models.Network, settings: DMSettings,
     augment = lambda k, x: augment_lib.augment(k, x, settings.strategy, siamese=True)
     real = jax.lax.stop_gradient(jax.vmap(augment)(class_keys, real))
     syn = jax.vmap(augment)(class_keys, syn)
-    real_flat = real.reshape(num_classes * batch_real, *image_shape)
     syn_flat = syn.reshape(num_classes * ipc, *image_shape)
 
-    def terms_for_network(network_key):
+    def terms_for_network(network_key, network_cc_key):
       variables = net.init(network_key, (1, *image_shape))
-      real_features, real_map = net.embed(variables, real_flat, train=True)
-      syn_features, syn_map = net.embed(variables, syn_flat, train=True)
-      cc_features = cc_extractor(cc_key, syn_flat, syn_features)
-      per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])
-      return losses.classwise_objective(
-          per_class(real_features, batch_real), per_class(real_map, batch_real),
-          per_class(syn_features, ipc), per_class(syn_map, ipc), per_class(cc_features, ipc),
-          settings.weights)
+      embed = lambda x: net.embed(variables, x, train=True)
+      if net.has_batch_stats:
+        # SPEC 5: batch statistics pool all classes' real images (and all synthetic ones).
+        real_features, real_map = embed(real.reshape(num_classes * batch_real, *image_shape))
+        per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])
+        real_features, real_map = per_class(real_features, batch_real), per_class(real_map,
+                                                                                  batch_real)
+      else:
+        # Per-sample norms: one class at a time gives the same numbers with memory bounded by
+        # one class's batch (K * batch_real images at once would not fit for 200 classes).
+        real_features, real_map = jax.lax.map(embed, real)
+      syn_features, syn_map = embed(syn_flat)
+      cc_features = cc_extractor(network_cc_key, syn_flat, syn_features)
+      per_class = lambda x: x.reshape(num_classes, ipc, *x.shape[1:])
+      return losses.classwise_objective(real_features, real_map, per_class(syn_features),
+                                        per_class(syn_map), per_class(cc_features),
+                                        settings.weights)
 
     network_keys = jax.random.split(net_key, settings.num_nets)
+    network_cc_keys = jax.random.split(cc_key, settings.num_nets)
     terms = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0),
-                                   jax.vmap(terms_for_network)(network_keys))
+                                   jax.vmap(terms_for_network)(network_keys, network_cc_keys))
     return terms.total, terms
 
   @jax.jit

@@ -4,12 +4,13 @@
 
 Rerunning the same config on the same workdir resumes from the last checkpoint and ends with the
 same synthetic set as an uninterrupted run: every random draw comes from keys derived from
-`config.seed` (the key of step t is fold_in(distill_key, t)).
+`config.seed` (the step from state t uses fold_in(distill_key, t)).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any
@@ -136,6 +137,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                            batch_real=config.distill.batch_real, num_nets=config.distill.num_nets,
                            strategy=config.augment.strategy, weights=objective_weights(config),
                            mean=dataset.mean, std=dataset.std)
+  if net.has_batch_stats and (settings.weights.cc or settings.weights.cm):
+    logging.warning('%s has batch norm: the reference code applies neither CC nor CM in its '
+                    'batch-norm branch (SPEC 4.4); dd_jax applies them as configured.',
+                    config.model.name)
   step_fn = dm.make_dm_step(net, settings, optimizer)
 
   images, labels = initial_images(config, dataset, keys.init)
