@@ -25,7 +25,7 @@ def get_config(arg=None):
   config.eval.epochs = 300
   config.compare.variants = 'dm'
   config.compare.random_real = True
-  config.compare.full_train_epochs = 10
+  config.compare.full_train_epochs = 20
   if args['method'] == 'dm':
     config.constraints.cc.weight = 0.0
     config.constraints.cm.weight = 0.0
