@@ -160,6 +160,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 'log_every', 'lr'):
     _check_positive(config.distill[field], f'distill.{field}')
   _check_positive(config.distill.momentum, 'distill.momentum', allow_zero=True)
+  # A resumed run re-logs from its checkpoint; aligned windows make those lines identical.
+  for field in ('checkpoint_every', 'eval_every'):
+    if config.distill[field] % config.distill.log_every:
+      raise ValueError(f'config.distill.{field}={config.distill[field]} must be a multiple of '
+                       f'config.distill.log_every={config.distill.log_every}.')
   _check_choice(config.distill.init, SYNTHETIC_INITS, 'distill.init')
   _check_choice(config.constraints.cc.form, CC_FORMS, 'constraints.cc.form')
   _check_choice(config.constraints.cc.extractor, CC_EXTRACTORS, 'constraints.cc.extractor')

@@ -90,8 +90,14 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
           if old_flat.get(key, missing) != new_flat.get(key, missing)]
 
 
+# Fields that do not change what a run computes: the baselines tabulated around it.
+IGNORED_ON_RESUME = ('compare.',)
+
+
 def snapshot_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json, or checks that an existing one is the same run.
+
+  Differences in IGNORED_ON_RESUME fields are accepted (the snapshot keeps the first values).
 
   Raises:
     ValueError: the workdir holds a run of a different config (listing the differing fields).
@@ -101,7 +107,8 @@ def snapshot_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    differences = config_differences(previous, current)
+    differences = [line for line in config_differences(previous, current)
+                   if not line.startswith(IGNORED_ON_RESUME)]
     if differences:
       raise ValueError(
           f'--workdir={workdir} holds a run of a different config:\n  ' +

@@ -10,7 +10,7 @@ the constraints vanish by construction (SPEC 4.2), so DM and DM + IID must agree
 """
 
 import importlib.util
-import json
+import math
 import os
 import time
 
@@ -54,6 +54,8 @@ def digits_config(ipc: int, seed: int):
     if value is not None:
       config[section][field] = value
   config.distill.eval_every = config.distill.iterations
+  config.distill.log_every = math.gcd(config.distill.log_every, config.distill.iterations)
+  config.distill.checkpoint_every = config.distill.eval_every
   return config
 
 

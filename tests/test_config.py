@@ -33,6 +33,7 @@ def test_parse_config_string():
     ('constraints.cc.form', 'cubic', r"config.constraints.cc.form='cubic' is not valid"),
     ('constraints.cm.grouping', 'rows', r"config.constraints.cm.grouping='rows' is not valid"),
     ('constraints.cm.weight', -0.1, r'config.constraints.cm.weight=-0.1 must be >= 0'),
+    ('distill.checkpoint_every', 150, r'checkpoint_every=150 must be a multiple of'),
 ])
 def test_validate_config_names_the_field(field, value, message):
   config = config_lib.default_config()

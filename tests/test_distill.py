@@ -27,7 +27,7 @@ def tiny_config(**overrides):
   config.distill.batch_real = 8
   config.distill.eval_every = 6
   config.distill.checkpoint_every = 2
-  config.distill.log_every = 3
+  config.distill.log_every = 2
   config.eval.model = 'ConvNetW32'
   config.eval.num_eval = 2
   config.eval.epochs = 2
@@ -167,10 +167,12 @@ def test_run_writes_workdir_and_resumes_to_the_same_synthetic_set(tmp_path, monk
   assert resumed['eval']['accuracies'] == reference['eval']['accuracies']
   steps = [m['step'] for m in loop.workdir_lib.read_metrics(
       str(tmp_path / 'resumed' / 'metrics.jsonl')) if 'loss' in m]
-  assert steps == [3, 6]  # no duplicated lines after the resume
+  assert steps == [2, 4, 6]  # no duplicated lines after the resume
 
-  # A finished run is not recomputed; a different config is refused.
+  # A finished run is not recomputed (also when only the tabulated baselines change); a
+  # different config is refused.
   assert loop.run(config, str(workdir)) == reference
+  assert loop.run(tiny_config(**{'compare.full_train_epochs': 3}), str(workdir)) == reference
   with pytest.raises(ValueError, match=r'different config[\s\S]*ipc: 2 -> 3'):
     loop.run(tiny_config(ipc=3), str(workdir))
 

@@ -220,3 +220,9 @@ def test_conv_impls_give_the_same_network():
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match='conv_impl'):
     models.get_network('ConvNet', 10, conv_impl='winograd')
+
+
+def test_too_small_input_is_a_clear_error():
+  net = models.get_network('VGG11', 10)
+  with pytest.raises(ValueError, match='too small for this network'):
+    jax.eval_shape(lambda key: net.init(key, (1, 8, 8, 1)), jax.random.key(0))

@@ -117,6 +117,10 @@ class Conv(nn.Module):
 
 def dense(features: int, in_features: int, *, name: str | None = None) -> nn.Dense:
   """A dense layer with PyTorch-default init."""
+  if in_features == 0:
+    raise ValueError('The input image is too small for this network: its feature map shrinks to '
+                     'nothing before the classifier (e.g. ResNet18, VGG11, LeNet on 8x8 digits). '
+                     'Use a network whose pooling fits the image size, such as ConvNet.')
   init = torch_uniform_init(in_features)
   return nn.Dense(features, kernel_init=init, bias_init=init, name=name)
 
