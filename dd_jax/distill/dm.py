@@ -124,25 +124,24 @@ def make_dm_step(net: models.Network, settings: DMSettings,
     real = jax.lax.stop_gradient(jax.vmap(augment)(class_keys, real))
     syn = jax.vmap(augment)(class_keys, syn)
     syn_flat = syn.reshape(num_classes * ipc, *image_shape)
+    per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])  # [K * n, ...] -> [K, n, ...]
 
     def terms_for_network(network_key, network_cc_key):
       variables = net.init(network_key, (1, *image_shape))
       embed = lambda x: net.embed(variables, x, train=True)
       if net.has_batch_stats:
         # SPEC 5: batch statistics pool all classes' real images (and all synthetic ones).
-        real_features, real_map = embed(real.reshape(num_classes * batch_real, *image_shape))
-        per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])
-        real_features, real_map = per_class(real_features, batch_real), per_class(real_map,
-                                                                                  batch_real)
+        real_features, real_map = jax.tree_util.tree_map(
+            lambda x: per_class(x, batch_real),
+            embed(real.reshape(num_classes * batch_real, *image_shape)))
       else:
         # Per-sample norms: one class at a time gives the same numbers with memory bounded by
         # one class's batch (K * batch_real images at once would not fit for 200 classes).
         real_features, real_map = jax.lax.map(embed, real)
       syn_features, syn_map = embed(syn_flat)
       cc_features = cc_extractor(network_cc_key, syn_flat, syn_features)
-      per_class = lambda x: x.reshape(num_classes, ipc, *x.shape[1:])
-      return losses.classwise_objective(real_features, real_map, per_class(syn_features),
-                                        per_class(syn_map), per_class(cc_features),
+      return losses.classwise_objective(real_features, real_map, per_class(syn_features, ipc),
+                                        per_class(syn_map, ipc), per_class(cc_features, ipc),
                                         settings.weights)
 
     network_keys = jax.random.split(net_key, settings.num_nets)
