@@ -21,38 +21,50 @@ from dd_jax import evaluate as evaluate_lib
 from dd_jax import workdir as workdir_lib
 from dd_jax.distill import loop
 
-# Variant name -> (constraints.cc.weight factor, constraints.cm.weight factor): each variant
-# keeps the configured weight of the terms it uses and zeroes the others.
-VARIANTS = {'dm': (0, 0), 'dm_cc': (1, 0), 'dm_cm': (0, 1), 'dm_iid': (1, 1)}
+# Constraint variant -> (constraints.cc.weight on, constraints.cm.weight on). A variant name is
+# the config's method plus a suffix: 'dm', 'dm_cc', 'dm_cm', 'dm_iid' for a DM config, 'idm',
+# 'idm_cc', ... for an IDM config. Each keeps the configured weight of the terms it uses (or the
+# method's reference weight, SPEC 4.4, if the config has it at 0) and zeroes the others.
+_SUFFIXES = {'': (0, 0), '_cc': (1, 0), '_cm': (0, 1), '_iid': (1, 1)}
+VARIANTS = {method + suffix: flags for method in config_lib.METHODS
+            for suffix, flags in _SUFFIXES.items()}
+
+
+def check_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+  """Raises ValueError unless `variant` is a constraint variant of `config.method`."""
+  valid = [config.method + suffix for suffix in _SUFFIXES]
+  if variant not in valid:
+    raise ValueError(f'config.compare.variants: {variant!r} is not a variant of a '
+                     f'method={config.method!r} config; choose from {valid}.')
 
 
 def method_label(config: ml_collections.ConfigDict) -> str:
-  """'DM', 'DM + CC', 'DM + CM' or 'DM + IID' from the constraint weights."""
+  """E.g. 'DM', 'DM + CM', 'IDM + IID', 'DM + IID (CC on pool)' from the method and weights."""
   cc, cm = config.constraints.cc.weight > 0, config.constraints.cm.weight > 0
-  return {(False, False): 'DM', (True, False): 'DM + CC', (False, True): 'DM + CM',
-          (True, True): 'DM + IID'}[(cc, cm)]
+  label = config.method.upper() + {(False, False): '', (True, False): ' + CC',
+                                   (False, True): ' + CM', (True, True): ' + IID'}[(cc, cm)]
+  if cc and config.constraints.cc.extractor == 'pool':
+    label += f' (CC on pool: {config.pool.size} {config.pool.model} x {config.pool.epochs} ep)'
+  return label
 
 
-def variant_config(config: ml_collections.ConfigDict, variant: str,
-                   reference: ml_collections.ConfigDict | None = None
-                   ) -> ml_collections.ConfigDict:
-  """`config` with the constraint weights of `variant` (nonzero weights taken from `reference`).
+def variant_config(config: ml_collections.ConfigDict,
+                   variant: str) -> ml_collections.ConfigDict:
+  """`config` with the constraint weights of `variant`.
 
   Args:
     config: the base config.
-    variant: a key of VARIANTS.
-    reference: where nonzero weights come from; default the library defaults (SPEC 4.4), so a
-      'dm_iid' variant of a plain-DM config uses the reference weights.
+    variant: config.method plus '', '_cc', '_cm' or '_iid'. A term the variant uses keeps the
+      config's weight, or the method's reference weight (SPEC 4.4) if the config has it at 0,
+      so 'dm_iid' of a plain-DM config uses 0.05 / 0.01 and 'idm_iid' of plain IDM 0.01 / 0.03.
   """
-  if variant not in VARIANTS:
-    raise ValueError(f'config.compare.variants: unknown variant {variant!r}; choose from '
-                     f'{sorted(VARIANTS)}.')
-  reference = reference or config_lib.default_config()
+  check_variant(config, variant)
   cc_on, cm_on = VARIANTS[variant]
+  reference_cc, reference_cm = config_lib.IID_WEIGHTS[config.method]
   derived = config.copy_and_resolve_references()
   with derived.unlocked():
-    cc = config.constraints.cc.weight or reference.constraints.cc.weight
-    cm = config.constraints.cm.weight or reference.constraints.cm.weight
+    cc = config.constraints.cc.weight or reference_cc
+    cm = config.constraints.cm.weight or reference_cm
     derived.constraints.cc.weight = cc if cc_on else 0.0
     derived.constraints.cm.weight = cm if cm_on else 0.0
     derived.compare.variants = ''
@@ -88,9 +100,7 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs the config, its comparison variants and baselines; returns the markdown table."""
   config_lib.validate_config(config)
   for variant in filter(None, config.compare.variants.split(',')):
-    if variant not in VARIANTS:
-      raise ValueError(f'config.compare.variants: unknown variant {variant!r}; choose from '
-                       f'{sorted(VARIANTS)}.')
+    check_variant(config, variant)
   data = loop.prepare_data(config)
   dataset = data.dataset
   rows = []  # (label, evaluation)

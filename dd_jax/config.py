@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ml_collections
 
-METHODS = ('dm',)
+METHODS = ('dm', 'idm')
+# The reference (lambda_CC, lambda_CM) of each method's IID variant (SPEC 4.4).
+IID_WEIGHTS = {'dm': (0.05, 0.01), 'idm': (0.01, 0.03)}
 SYNTHETIC_INITS = ('real', 'noise')
 CC_FORMS = ('squared', 'exp')
-CC_EXTRACTORS = ('matching_net',)
+CC_EXTRACTORS = ('matching_net', 'pool')
 CM_GROUPINGS = ('channel', 'channel_row')
 
 
@@ -23,7 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.method = 'dm'
+  config.method = 'dm'  # dm (SPEC 5) | idm (SPEC 6; presets in configs/idm.py)
   config.ipc = 10
 
   config.dataset = ml_collections.ConfigDict()
@@ -62,12 +64,48 @@ def default_config() -> ml_collections.ConfigDict:
   config.constraints.cc.form = 'squared'
   config.constraints.cc.alpha = 0.02
   config.constraints.cc.beta = 0.0
-  # The reference weight 0.05 belongs to pretrained ResNet18 features (SPEC 4.3); on the random
-  # matching network's features CC dominates DM at this weight.
+  # Whose features CC acts on: 'matching_net' (the random matching network itself, no extra
+  # cost) or 'pool' (one member of a pretrained pool per iteration, the reference; see
+  # config.pool). The reference weight 0.05 belongs to pretrained ResNet18 features (SPEC 4.3);
+  # on the random matching network's features CC dominates DM at this weight.
   config.constraints.cc.extractor = 'matching_net'
   config.constraints.cm = ml_collections.ConfigDict()
   config.constraints.cm.weight = 0.01
   config.constraints.cm.grouping = 'channel'  # channel | channel_row
+
+  # The pretrained pool of class-centralization extractors (used when cc.extractor='pool').
+  # Reference (SPEC 4.3): 1000 ResNet18 (instance norm) x 40 epochs, SGD lr 0.01 momentum 0.9
+  # wd 5e-4, batch 256, no augmentation. Built once and reused while its metadata matches.
+  config.pool = ml_collections.ConfigDict()
+  config.pool.model = 'ResNet18'
+  config.pool.size = 1000
+  config.pool.epochs = 40
+  config.pool.batch_size = 256
+  config.pool.lr = 0.01
+  config.pool.momentum = 0.9
+  config.pool.weight_decay = 5e-4
+  config.pool.parallel = 8  # members trained together (vmap); lower it if memory runs out
+  config.pool.seed = 0  # independent of config.seed, so runs of every seed share one pool
+  # '' = <cache>/pools/<dataset>_<model>_<size>x<epochs>_seed<seed>, where <cache> is
+  # dataset.cache_dir, $DD_JAX_CACHE or ~/.cache/dd_jax.
+  config.pool.dir = ''
+
+  # IDM (SPEC 6), used when method='idm'. Defaults: CIFAR-10 IPC 10 of the reference commands.
+  config.idm = ml_collections.ConfigDict()
+  config.idm.queue_init = 3  # random networks in the queue at the start
+  config.idm.queue_capacity = 100  # net_num: the oldest network leaves when a push overflows
+  config.idm.push_every = 30  # net_generate_interval: a new random network every N steps
+  config.idm.train_nets = 2  # fetch_net_num: queue networks trained after each step
+  config.idm.train_steps = 10  # model_train_steps: SGD steps per trained network
+  config.idm.train_batch = 256  # real images (uniform over the training set) per SGD step
+  config.idm.train_lr = 0.01
+  config.idm.train_momentum = 0.9
+  config.idm.train_weight_decay = 5e-4
+  # Class-aware regulariser: ce_weight x (matching network's running training accuracy in
+  # percent) x CE(syn). The accuracies restart every `accuracy_window` steps (the reference
+  # resets them at its evaluation points, every 100 iterations).
+  config.idm.ce_weight = 0.5
+  config.idm.accuracy_window = 100
 
   config.eval = ml_collections.ConfigDict()
   config.eval.model = 'ConvNet'
@@ -81,11 +119,46 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Baselines run and tabulated next to the configured method (see dd_jax.compare).
   config.compare = ml_collections.ConfigDict()
-  config.compare.variants = ''  # comma-separated: dm, dm_cc, dm_cm, dm_iid
+  # Comma-separated constraint variants of config.method: dm, dm_cc, dm_cm, dm_iid (or idm,
+  # idm_cc, idm_cm, idm_iid), each run in <workdir>/compare/<variant>.
+  config.compare.variants = ''
   config.compare.random_real = False  # the random-real-subset baseline (ipc images per class)
   config.compare.full_train_epochs = 0  # > 0: also train on the full training set this long
   config.compare.full_train_num_eval = 2  # networks trained on the full set
   return config
+
+
+PRESET_METHODS = ('dm', 'dm_iid', 'idm', 'idm_iid')
+
+
+def set_method(config: ml_collections.ConfigDict, method: str) -> None:
+  """Sets the method fields of a preset: 'dm', 'dm_iid', 'idm' or 'idm_iid'.
+
+  DM keeps its image lr (1.0); IDM uses SGD lr 0.2 (SPEC 6). The IID variants take the method's
+  reference weights (SPEC 4.4: DM 0.05 / 0.01, IDM 0.01 / 0.03); the others zero both.
+  """
+  if method not in PRESET_METHODS:
+    raise ValueError(f'method={method!r} in the config string; choose one of {PRESET_METHODS}.')
+  base, _, constraints = method.partition('_')
+  config.method = base
+  if base == 'idm':
+    config.distill.lr = 0.2
+  cc, cm = IID_WEIGHTS[base] if constraints == 'iid' else (0.0, 0.0)
+  config.constraints.cc.weight, config.constraints.cm.weight = cc, cm
+
+
+def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
+  """The reduced budget for 2-core CPUs (SPEC 4.3's prototype): 400 iterations, real batch 64
+  per class (IDM queue networks also train on batches of 64), 300-epoch evaluation of 3
+  networks. Same for every method, so CPU numbers compare across methods."""
+  config.distill.iterations = 400
+  config.distill.batch_real = 64
+  config.distill.eval_every = 400
+  config.distill.log_every = 20
+  config.distill.checkpoint_every = 100
+  config.idm.train_batch = 64
+  config.eval.epochs = 300
+  config.eval.num_eval = 3
 
 
 def parse_config_string(arg: str | None, defaults: dict[str, object]) -> dict[str, object]:
@@ -175,5 +248,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_positive(config.eval[field], f'eval.{field}')
   for field in ('momentum', 'weight_decay'):
     _check_positive(config.eval[field], f'eval.{field}', allow_zero=True)
+  _check_choice(config.pool.model, models.network_names(), 'pool.model')
+  for field in ('size', 'epochs', 'batch_size', 'lr', 'parallel'):
+    _check_positive(config.pool[field], f'pool.{field}')
+  for field in ('momentum', 'weight_decay'):
+    _check_positive(config.pool[field], f'pool.{field}', allow_zero=True)
+  for field in ('queue_init', 'queue_capacity', 'push_every', 'train_nets', 'train_batch',
+                'train_lr', 'accuracy_window'):
+    _check_positive(config.idm[field], f'idm.{field}')
+  for field in ('train_steps', 'train_momentum', 'train_weight_decay', 'ce_weight'):
+    _check_positive(config.idm[field], f'idm.{field}', allow_zero=True)
+  if config.idm.queue_init > config.idm.queue_capacity:
+    raise ValueError(f'config.idm.queue_init={config.idm.queue_init} exceeds '
+                     f'config.idm.queue_capacity={config.idm.queue_capacity}.')
+  if config.method == 'idm':
+    if config.distill.num_nets != 1:
+      raise ValueError(f'config.distill.num_nets={config.distill.num_nets}: IDM matches one '
+                       'queue network per step; set --config.distill.num_nets=1.')
+    if config.model.name.endswith('BN'):
+      raise ValueError(f'config.model.name={config.model.name!r}: IDM takes one optimizer step '
+                       'per class, which batch statistics over all classes cannot serve (the '
+                       'reference raises too); choose a network without batch norm.')
   _check_positive(config.compare.full_train_epochs, 'compare.full_train_epochs', allow_zero=True)
   _check_positive(config.compare.full_train_num_eval, 'compare.full_train_num_eval')

@@ -145,16 +145,19 @@ def write_png(path: str, grid: np.ndarray, min_side: int = 256) -> None:
 
 def export_synthetic(path: str, images: np.ndarray, labels: np.ndarray,
                      class_names: tuple[str, ...], mean: tuple[float, ...],
-                     std: tuple[float, ...]) -> None:
+                     std: tuple[float, ...], stored_images: np.ndarray | None = None) -> None:
   """Writes synthetic.npz, loadable without dd_jax (numpy only).
 
-  Keys: 'images' float32 [N, H, W, C] in [0, 1] (de-normalised, clipped); 'labels' int64 [N];
-  'class_names'; 'mean', 'std' float32 [C]. PyTorch: `torch.from_numpy(d['images']).permute(0,
-  3, 1, 2)` then normalise with mean/std.
+  Keys: 'images' float32 [N, H, W, C] in [0, 1] (de-normalised, clipped), the set to train on;
+  'labels' int64 [N]; 'class_names'; 'mean', 'std' float32 [C]; for IDM also 'stored_images'
+  (the partitioned images that 'images' expands from). PyTorch:
+  `torch.from_numpy(d['images']).permute(0, 3, 1, 2)` then normalise with mean/std.
   """
   buffer = io.BytesIO()
+  extra = {} if stored_images is None else {
+      'stored_images': np.asarray(stored_images, np.float32)}
   np.savez(buffer, images=np.asarray(images, np.float32), labels=np.asarray(labels, np.int64),
            class_names=np.asarray(class_names), mean=np.asarray(mean, np.float32),
-           std=np.asarray(std, np.float32))
+           std=np.asarray(std, np.float32), **extra)
   with atomic_write(path) as f:
     f.write(buffer.getvalue())

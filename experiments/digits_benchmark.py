@@ -1,6 +1,8 @@
-"""Digits benchmark: random real / DM / DM + CC / DM + CM / DM + IID over IPCs and seeds.
+"""Digits benchmark: random real, DM (+ CC / CM / IID), IDM (+ IID) over IPCs and seeds.
 
   python experiments/digits_benchmark.py --workdir=/tmp/digits_benchmark
+  python experiments/digits_benchmark.py --workdir=/tmp/digits_pool_idm --ipcs=1,10 \
+      --methods=dm_iid,dm_iid_pool,idm,idm_iid --iterations=100
 
 Every (ipc, seed, method) is a resumable run in its own sub-workdir (finished ones are skipped);
 each finished run appends one line to <workdir>/results.jsonl, and the script prints a markdown
@@ -27,23 +29,36 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Benchmark directory.', required
 _IPCS = flags.DEFINE_list('ipcs', ['1', '3', '10'], 'Images per class.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Distillation seeds.')
 _METHODS = flags.DEFINE_list('methods', ['random_real', 'dm', 'dm_cc', 'dm_cm', 'dm_iid'],
-                             'random_real and/or variants of dd_jax.compare.VARIANTS.')
+                             'random_real and/or keys of RUNS.')
 _ITERATIONS = flags.DEFINE_integer('iterations', None, 'Override distill.iterations.')
 _BATCH_REAL = flags.DEFINE_integer('batch_real', None, 'Override distill.batch_real.')
 _EVAL_EPOCHS = flags.DEFINE_integer('eval_epochs', None, 'Override eval.epochs.')
 _NUM_EVAL = flags.DEFINE_integer('num_eval', None, 'Override eval.num_eval.')
 
+# Benchmark method -> (configs/digits.py method, dd_jax.compare variant, constraints.cc.extractor).
+RUNS = {
+    'dm': ('dm', 'dm', 'matching_net'),
+    'dm_cc': ('dm_iid', 'dm_cc', 'matching_net'),
+    'dm_cm': ('dm_iid', 'dm_cm', 'matching_net'),
+    'dm_iid': ('dm_iid', 'dm_iid', 'matching_net'),
+    'dm_iid_pool': ('dm_iid', 'dm_iid', 'pool'),
+    'idm': ('idm', 'idm', 'matching_net'),
+    'idm_iid': ('idm_iid', 'idm_iid', 'pool'),
+}
 LABELS = {'random_real': 'random real', 'dm': 'DM', 'dm_cc': 'DM + CC', 'dm_cm': 'DM + CM',
-          'dm_iid': 'DM + IID'}
+          'dm_iid': 'DM + IID (CC on matching net)', 'dm_iid_pool': 'DM + IID (CC on pool)',
+          'idm': 'IDM', 'idm_iid': 'IDM + IID (CC on pool)'}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def digits_config(ipc: int, seed: int):
+def digits_config(ipc: int, seed: int, method: str = 'dm'):
   spec = importlib.util.spec_from_file_location('digits_config',
                                                 os.path.join(REPO, 'configs', 'digits.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(f'ipc={ipc}')
+  preset, variant, extractor = RUNS.get(method, RUNS['dm'])
+  config = compare.variant_config(
+      module.get_config(f'ipc={ipc},method={preset},cc={extractor}'), variant)
   config.seed = seed
   config.compare.variants, config.compare.random_real = '', False
   config.compare.full_train_epochs = 0
@@ -71,7 +86,9 @@ def main(argv):
       for method in _METHODS.value:
         if (ipc, seed, method) in done:
           continue
-        config = digits_config(ipc, seed)
+        if method not in LABELS:
+          raise ValueError(f'--methods: unknown {method!r}; choose from {list(LABELS)}.')
+        config = digits_config(ipc, seed, method)
         data = data or loop.prepare_data(config)
         start = time.perf_counter()
         print(f'=== ipc {ipc} seed {seed} {LABELS[method]} ===', flush=True)
@@ -79,7 +96,7 @@ def main(argv):
           evaluation = compare.evaluate_random_real(config, data)
         else:
           run_dir = os.path.join(_WORKDIR.value, f'ipc{ipc}', f'seed{seed}', method)
-          evaluation = loop.run(compare.variant_config(config, method), run_dir, data)['eval']
+          evaluation = loop.run(config, run_dir, data)['eval']
         record = {'ipc': ipc, 'seed': seed, 'method': method,
                   'accuracies': evaluation['accuracies'],
                   'seconds': time.perf_counter() - start,
@@ -88,6 +105,12 @@ def main(argv):
         workdir_lib.append_metrics(results_path, record)
         done[(ipc, seed, method)] = record
   table = format_table(list(done.values()))
+  if data is not None:
+    for directory, pool in data.pools.items():
+      metadata = pool.metadata
+      table += (f'\n\nCC pool: {pool.size} {pool.net.name} x {metadata["epochs"]} epochs '
+                f'(members\' mean test accuracy {metadata["mean_test_accuracy"]:.2f}%), trained '
+                f'in {metadata["train_seconds"]:.1f} s ({directory}).')
   print(table)
   with workdir_lib.atomic_write(os.path.join(_WORKDIR.value, 'table.md'), 'w') as f:
     f.write(table + '\n')

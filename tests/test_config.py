@@ -34,6 +34,11 @@ def test_parse_config_string():
     ('constraints.cm.grouping', 'rows', r"config.constraints.cm.grouping='rows' is not valid"),
     ('constraints.cm.weight', -0.1, r'config.constraints.cm.weight=-0.1 must be >= 0'),
     ('distill.checkpoint_every', 150, r'checkpoint_every=150 must be a multiple of'),
+    ('constraints.cc.extractor', 'resnet', r"config.constraints.cc.extractor='resnet' is not"),
+    ('pool.model', 'ResNet50', r"config.pool.model='ResNet50' is not valid"),
+    ('pool.size', 0, r'config.pool.size=0 must be > 0'),
+    ('idm.queue_init', 101, r'config.idm.queue_init=101 exceeds config.idm.queue_capacity=100'),
+    ('idm.ce_weight', -1.0, r'config.idm.ce_weight=-1.0 must be >= 0'),
 ])
 def test_validate_config_names_the_field(field, value, message):
   config = config_lib.default_config()
@@ -59,7 +64,12 @@ def _load_config_file(path, arg=None):
                                        ('configs/digits.py', 'ipc=10,method=dm'),
                                        ('configs/cifar10.py', 'ipc=1,method=dm'),
                                        ('configs/cifar10.py', 'ipc=50,method=dm_iid'),
-                                       ('configs/cifar10.py', 'ipc=10,budget=cpu')])
+                                       ('configs/cifar10.py', 'ipc=10,budget=cpu'),
+                                       ('configs/digits.py', 'method=idm_iid,cc=pool'),
+                                       ('configs/idm.py', ''),
+                                       ('configs/idm.py', 'dataset=cifar100,ipc=50,method=idm'),
+                                       ('configs/idm.py', 'dataset=tinyimagenet,ipc=1'),
+                                       ('configs/idm.py', 'ipc=10,budget=cpu')])
 def test_config_files_are_valid(path, arg):
   config = _load_config_file(path, arg)
   config_lib.validate_config(config)
@@ -75,6 +85,21 @@ def test_cifar10_presets_follow_the_paper():
   assert config.distill.iterations == 20_000 and config.eval.epochs == 1000
   with pytest.raises(ValueError, match='method='):
     _load_config_file('configs/cifar10.py', 'method=idm')
+
+
+def test_idm_presets_follow_the_paper():
+  config = _load_config_file('configs/idm.py', 'dataset=cifar10,ipc=1,method=idm_iid')
+  assert config.method == 'idm' and config.distill.lr == 0.2 and config.distill.momentum == 0.5
+  assert (config.idm.ce_weight, config.distill.batch_real, config.idm.push_every,
+          config.idm.train_steps) == (0.5, 5000, 5, 10)
+  assert (config.constraints.cc.weight, config.constraints.cm.weight) == (0.01, 0.03)
+  assert config.constraints.cc.extractor == 'pool' and config.pool.model == 'ResNet18'
+  assert (config.pool.size, config.pool.epochs) == (1000, 40)
+  tiny = _load_config_file('configs/idm.py', 'dataset=tinyimagenet,ipc=50,method=idm')
+  assert (tiny.idm.ce_weight, tiny.idm.train_steps, tiny.model.name) == (0.8, 50, 'ConvNetD4')
+  assert tiny.constraints.cc.weight == 0 and tiny.constraints.cm.weight == 0
+  with pytest.raises(ValueError, match='no paper setting for dataset=cifar10, ipc=3'):
+    _load_config_file('configs/idm.py', 'ipc=3')
 
 
 def _main(*args):

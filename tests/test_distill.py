@@ -1,5 +1,6 @@
 """The DM step, the resumable run loop and the baselines table, on tiny digits configs."""
 
+import dataclasses
 import os
 
 import jax
@@ -60,11 +61,12 @@ def _step_setup(digits, weights=losses.ObjectiveWeights(), num_nets=1, extractor
 def test_step_traces_once_and_updates_images(digits):
   traces = []
 
-  def counting_extractor(key, syn_images, matching_features):
+  def counting_features(params, key, syn_images, matching_features):
     traces.append(1)  # runs only while tracing
     return matching_features
 
-  step, state, sampler = _step_setup(digits, extractor=counting_extractor)
+  step, state, sampler = _step_setup(
+      digits, extractor=dm.CentralizationExtractor('counting', counting_features))
   initial = state.images
   for _ in range(5):
     state, metrics = step(state, sampler)
@@ -80,12 +82,16 @@ def test_step_traces_once_and_updates_images(digits):
 
 def test_cc_uses_the_pluggable_extractor(digits):
   outputs = {}
-  for name, extractor in [('matching', dm.matching_net_extractor),
-                          ('doubled', lambda k, x, f: 2.0 * f),
-                          ('constant', lambda k, x, f: jnp.zeros_like(f))]:
+  # The params travel into the jitted step as an argument: 'scaled' reads its factor there.
+  for name, extractor in [
+      ('matching', dm.matching_net_extractor),
+      ('scaled', dm.CentralizationExtractor('scaled', lambda p, k, x, f: p * f,
+                                            jnp.asarray(2.0))),
+      ('constant', dm.CentralizationExtractor('constant',
+                                              lambda p, k, x, f: jnp.zeros_like(f)))]:
     step, state, sampler = _step_setup(digits, extractor=extractor)
     outputs[name] = step(state, sampler)[1]
-  np.testing.assert_allclose(outputs['doubled']['cc'], 4.0 * outputs['matching']['cc'], rtol=1e-4)
+  np.testing.assert_allclose(outputs['scaled']['cc'], 4.0 * outputs['matching']['cc'], rtol=1e-4)
   assert float(outputs['constant']['cc']) == 0.0
   np.testing.assert_allclose(outputs['constant']['dm'], outputs['matching']['dm'], rtol=1e-6)
 
@@ -193,8 +199,16 @@ def test_variants_and_labels():
   # A variant of a plain-DM config takes the reference weights.
   iid = compare.variant_config(dm_only, 'dm_iid')
   assert (iid.constraints.cc.weight, iid.constraints.cm.weight) == (0.05, 0.01)
-  with pytest.raises(ValueError, match='unknown variant'):
+  with pytest.raises(ValueError, match=r"'idm' is not a variant of a method='dm' config"):
     compare.variant_config(config, 'idm')
+  idm_config = tiny_config(method='idm', **{'constraints.cc.weight': 0.0,
+                                            'constraints.cm.weight': 0.0})
+  assert compare.method_label(idm_config) == 'IDM'
+  idm_iid = compare.variant_config(idm_config, 'idm_iid')
+  assert (idm_iid.constraints.cc.weight, idm_iid.constraints.cm.weight) == (0.01, 0.03)
+  assert compare.method_label(idm_iid) == 'IDM + IID'
+  pooled = tiny_config(**{'constraints.cc.extractor': 'pool'})
+  assert compare.method_label(pooled).startswith('DM + IID (CC on pool: 1000 ResNet18')
 
 
 def test_run_with_baselines_prints_table(tmp_path, capsys):
@@ -206,3 +220,33 @@ def test_run_with_baselines_prints_table(tmp_path, capsys):
   assert table in capsys.readouterr().out
   assert (tmp_path / 'table.md').exists()
   assert os.path.exists(tmp_path / 'compare' / 'dm' / 'synthetic.npz')
+
+
+def test_pool_extractor_is_what_cc_sees(tmp_path):
+  """cc.extractor='pool' must route CC through the pool: a pool of all-zero networks has
+  constant features and hence CC exactly 0, while the matching network's CC is positive."""
+  config = tiny_config(**{'constraints.cc.extractor': 'pool', 'pool.model': 'ConvNetD1',
+                          'pool.size': 2, 'pool.epochs': 1, 'pool.parallel': 2,
+                          'pool.dir': str(tmp_path / 'pool')})
+  data = loop.prepare_data(config)
+  keys = loop.RunKeys.from_seed(0)
+  trained = loop.build_method(config, data, keys)  # trains and saves the tiny pool
+  assert (tmp_path / 'pool' / 'metadata.json').exists()
+  pool = data.pools[str(tmp_path / 'pool')]
+  data.pools[str(tmp_path / 'pool')] = dataclasses.replace(
+      pool, variables=jax.tree_util.tree_map(jnp.zeros_like, pool.variables))
+  zeroed = loop.build_method(config, data, keys)
+  matching = loop.build_method(tiny_config(), data, keys)
+  metrics = {name: method.step(method.state, data.sampler)[1]
+             for name, method in [('trained', trained), ('zeroed', zeroed),
+                                  ('matching', matching)]}
+  assert float(metrics['zeroed']['cc']) == 0.0
+  assert float(metrics['matching']['cc']) > 0.0
+  assert float(metrics['trained']['cc']) > 0.0
+  assert not np.isclose(float(metrics['trained']['cc']), float(metrics['matching']['cc']))
+  # DM and CM still come from the random matching network.
+  for name in ('dm', 'cm'):
+    np.testing.assert_allclose(metrics['zeroed'][name], metrics['matching'][name], rtol=1e-6)
+  # A run through the loop reuses the saved pool (no retraining; refuses another dataset).
+  results = loop.run(config, str(tmp_path / 'run'))
+  assert results['cc_extractor'] == 'pool'

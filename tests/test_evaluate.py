@@ -6,6 +6,7 @@ import numpy as np
 
 from dd_jax import evaluate
 from dd_jax import models
+from dd_jax import train as train_lib
 
 
 def _separable_data(num_per_class=6):
@@ -24,8 +25,9 @@ def test_networks_trained_together_equal_one_at_a_time():
                                    augment_strategy='color_crop')
   keys = jax.random.split(jax.random.key(0), 2)
   op_key = jax.random.key(1)
-  train = jax.jit(lambda keys: evaluate._train_networks(
-      keys, op_key, jnp.asarray(images), jnp.asarray(labels, jnp.int32), net, settings))
+  train = jax.jit(lambda keys: train_lib.train_networks(
+      keys, op_key, jnp.asarray(images), jnp.asarray(labels, jnp.int32), net,
+      settings.train_settings()))
   together = train(keys)
   for i in range(2):
     alone = train(keys[i:i + 1])

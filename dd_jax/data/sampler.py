@@ -3,6 +3,7 @@
     sampler = ClassSampler.from_dataset(dataset)            # device-resident uint8 images
     batch = sample_class(sampler, key, class_id, n)          # uint8 [n, H, W, C]
     batches = sample_all_classes(sampler, key, n)            # uint8 [K, n, H, W, C]
+    images, labels = sample_uniform(sampler, key, n)         # n images from the whole set
 
 Both functions are jitted with `n` static and can be called inside other jitted / vmapped code
 (`class_id` and `key` may be traced).
@@ -21,7 +22,7 @@ from dd_jax.data.dataset import DataError, Dataset
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=['images', 'class_indices', 'class_counts'],
+                   data_fields=['images', 'labels', 'class_indices', 'class_counts'],
                    meta_fields=['smallest_class', 'smallest_count'])
 @dataclasses.dataclass(frozen=True)
 class ClassSampler:
@@ -29,6 +30,7 @@ class ClassSampler:
 
   Attributes:
     images: uint8 [N, H, W, C], all training images.
+    labels: int32 [N], their labels.
     class_indices: int32 [K, max_count]; row k lists the indices (into `images`) of class k's
       images in its first class_counts[k] slots; the remaining slots are padding.
     class_counts: int32 [K], number of images per class.
@@ -36,6 +38,7 @@ class ClassSampler:
     smallest_count: (static) its count: the largest `n` that can be drawn from every class.
   """
   images: jax.Array
+  labels: jax.Array
   class_indices: jax.Array
   class_counts: jax.Array
   smallest_class: int
@@ -70,6 +73,7 @@ class ClassSampler:
     for k in range(num_classes):
       class_indices[k, :counts[k]] = order[starts[k]:starts[k] + counts[k]]
     return cls(images=jax.device_put(np.asarray(images)),
+               labels=jax.device_put(labels.astype(np.int32)),
                class_indices=jax.device_put(class_indices),
                class_counts=jax.device_put(counts.astype(np.int32)),
                smallest_class=smallest, smallest_count=int(counts[smallest]))
@@ -137,3 +141,24 @@ def sample_all_classes(sampler: ClassSampler, key: jax.Array, n: int) -> jax.Arr
   keys = jax.random.split(key, sampler.num_classes)
   class_ids = jnp.arange(sampler.num_classes)
   return jax.vmap(lambda k, c: sample_class(sampler, k, c, n))(keys, class_ids)
+
+
+@functools.partial(jax.jit, static_argnames='n')
+def sample_uniform(sampler: ClassSampler, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """n distinct training images drawn uniformly from the whole set, with their labels.
+
+  Args:
+    sampler: the `ClassSampler`.
+    key: PRNG key.
+    n: static; 1 <= n <= the number of training images.
+
+  Returns:
+    (uint8 [n, H, W, C] images, int32 [n] labels).
+  """
+  num_images = sampler.images.shape[0]
+  if not isinstance(n, int) or not 0 < n <= num_images:
+    raise DataError(f'n must be an integer in [1, {num_images}] (the training set size), '
+                    f'got {n!r}')
+  # The n smallest of N uniform scores: a uniformly random n-subset (cheaper than a permutation).
+  _, indices = jax.lax.top_k(-jax.random.uniform(key, (num_images,)), n)
+  return sampler.images[indices], sampler.labels[indices]

@@ -15,7 +15,7 @@ and summed; one optimizer step updates all synthetic images.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from typing import Any, Callable
 
 import flax
 import jax
@@ -56,24 +56,31 @@ def init_state(images: jax.Array, labels: jax.Array, optimizer: optax.GradientTr
                       key=jax.random.key_data(key))
 
 
-class CentralizationExtractor(Protocol):
-  """Gives the features class centralization acts on.
+@dataclasses.dataclass(frozen=True)
+class CentralizationExtractor:
+  """Gives the features class centralization acts on (SPEC 4.3).
 
-  Called inside the jitted step with the step's key (e.g. to draw a pretrained pool member),
-  the augmented synthetic images [K * ipc, H, W, C] and the matching network's features of
-  them [K * ipc, D]; returns [K * ipc, D'].
+  Attributes:
+    name: 'matching_net' or 'pool' (for messages).
+    features: `(params, key, syn_images, matching_features) -> [K * ipc, D']`, called inside the
+      jitted step with the step's key (e.g. to draw a pool member), the augmented synthetic
+      images [K * ipc, H, W, C] and the matching network's features of them [K * ipc, D].
+    params: a pytree (e.g. a pool's stacked variables) handed to the jitted step as an argument,
+      so it is never baked into the compiled program as a constant; None if unused.
   """
+  name: str
+  features: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+  params: Any = None
 
-  def __call__(self, key: jax.Array, syn_images: jax.Array,
-               matching_features: jax.Array) -> jax.Array:
-    ...
 
-
-def matching_net_extractor(key: jax.Array, syn_images: jax.Array,
-                           matching_features: jax.Array) -> jax.Array:
-  """CC on the random matching network's own features (no extra forward pass)."""
-  del key, syn_images
+def _matching_features(params, key, syn_images, matching_features):
+  del params, key, syn_images
   return matching_features
+
+
+# CC on the random matching network's own features (no extra forward pass).
+matching_net_extractor = CentralizationExtractor(name='matching_net',
+                                                 features=_matching_features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,14 +112,14 @@ def make_dm_step(net: models.Network, settings: DMSettings,
                  cc_extractor: CentralizationExtractor = matching_net_extractor
                  ) -> Callable[[DistillState, data_lib.ClassSampler],
                                tuple[DistillState, dict[str, jax.Array]]]:
-  """Builds the jitted step `(state, sampler) -> (state, metrics)`; it traces once per run.
+  """Builds the step `(state, sampler) -> (state, metrics)`; its jitted core traces once.
 
   Metrics: 'loss' (weighted total), the unweighted terms 'dm', 'cc', 'cm' (summed over classes,
   averaged over networks) and 'grad_norm'.
   """
   num_classes, ipc, batch_real = settings.num_classes, settings.ipc, settings.batch_real
 
-  def loss_fn(images, key, sampler):
+  def loss_fn(images, key, sampler, extractor_params):
     net_key, real_key, augment_key, cc_key = jax.random.split(key, 4)
     image_shape = images.shape[1:]
     real = data_lib.sample_all_classes(sampler, real_key, batch_real)
@@ -139,7 +146,8 @@ def make_dm_step(net: models.Network, settings: DMSettings,
         # one class's batch (K * batch_real images at once would not fit for 200 classes).
         real_features, real_map = jax.lax.map(embed, real)
       syn_features, syn_map = embed(syn_flat)
-      cc_features = cc_extractor(network_cc_key, syn_flat, syn_features)
+      cc_features = cc_extractor.features(extractor_params, network_cc_key, syn_flat,
+                                          syn_features)
       return losses.classwise_objective(real_features, real_map, per_class(syn_features, ipc),
                                         per_class(syn_map, ipc), per_class(cc_features, ipc),
                                         settings.weights)
@@ -151,13 +159,18 @@ def make_dm_step(net: models.Network, settings: DMSettings,
     return terms.total, terms
 
   @jax.jit
-  def step(state: DistillState, sampler: data_lib.ClassSampler):
+  def jitted_step(state: DistillState, sampler: data_lib.ClassSampler, extractor_params: Any):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    grads, terms = jax.grad(loss_fn, has_aux=True)(state.images, key, sampler)
+    grads, terms = jax.grad(loss_fn, has_aux=True)(state.images, key, sampler, extractor_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.images)
     images = optax.apply_updates(state.images, updates)
     metrics = {'loss': terms.total, 'dm': terms.dm, 'cc': terms.cc, 'cm': terms.cm,
                'grad_norm': optax.tree_utils.tree_norm(grads)}
     return state.replace(step=state.step + 1, images=images, opt_state=opt_state), metrics
 
+  def step(state: DistillState, sampler: data_lib.ClassSampler):
+    # The extractor's parameters (e.g. a pool) are an argument, never compile-time constants.
+    return jitted_step(state, sampler, cc_extractor.params)
+
+  step.jitted = jitted_step  # for tests (trace counting)
   return step

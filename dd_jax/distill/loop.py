@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,10 @@ from dd_jax import data as data_lib
 from dd_jax import evaluate as evaluate_lib
 from dd_jax import losses
 from dd_jax import models
+from dd_jax import pool as pool_lib
 from dd_jax import workdir as workdir_lib
 from dd_jax.distill import dm
+from dd_jax.distill import idm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +39,12 @@ class RunKeys:
   init: jax.Array
   distill: jax.Array
   evaluate: jax.Array
+  queue: jax.Array  # IDM's initial model queue
 
   @classmethod
   def from_seed(cls, seed: int) -> 'RunKeys':
     root = jax.random.key(seed)
-    return cls(*(jax.random.fold_in(root, i) for i in range(3)))
+    return cls(*(jax.random.fold_in(root, i) for i in range(4)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,8 @@ class PreparedData:
   dataset: data_lib.Dataset
   sampler: data_lib.ClassSampler
   test_images: jax.Array  # normalised float32 [M, H, W, C]
+  # Pretrained pools loaded for this dataset, by directory: runs sharing the data share them.
+  pools: dict[str, pool_lib.Pool] = dataclasses.field(default_factory=dict)
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
@@ -58,6 +63,8 @@ def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
                                   cache_dir=config.dataset.cache_dir or None,
                                   normalization=config.dataset.normalization)
   data_lib.check_ipc(dataset, config.ipc)
+  if config.method == 'idm':
+    _check_idm_data(config, dataset)
   smallest = int(np.min(dataset.train_class_counts()))
   if config.distill.batch_real > smallest:
     raise ValueError(f'config.distill.batch_real={config.distill.batch_real} is larger than the '
@@ -66,6 +73,22 @@ def prepare_data(config: ml_collections.ConfigDict) -> PreparedData:
                      f'{smallest}.')
   return PreparedData(dataset=dataset, sampler=data_lib.ClassSampler.from_dataset(dataset),
                       test_images=dataset.normalize(dataset.test_images))
+
+
+def _check_idm_data(config: ml_collections.ConfigDict, dataset: data_lib.Dataset) -> None:
+  height, width = dataset.image_shape[:2]
+  if height % 2 or width % 2:
+    raise ValueError(f'method=idm splits images into 2x2 quadrants; {dataset.name} images are '
+                     f'{height}x{width} (odd). Use --config.method=dm.')
+  smallest = int(np.min(dataset.train_class_counts()))
+  if config.distill.init == 'real' and 4 * config.ipc > smallest:
+    raise ValueError(f'method=idm with distill.init=real fills each stored image with 4 real '
+                     f'images: config.ipc={config.ipc} needs {4 * config.ipc} per class, but the '
+                     f'smallest class of {dataset.name} has {smallest}; lower --config.ipc or '
+                     'use --config.distill.init=noise.')
+  if config.idm.train_batch > len(dataset.train_labels):
+    raise ValueError(f'config.idm.train_batch={config.idm.train_batch} exceeds the '
+                     f'{len(dataset.train_labels)} training images of {dataset.name}.')
 
 
 def objective_weights(config: ml_collections.ConfigDict) -> losses.ObjectiveWeights:
@@ -77,9 +100,16 @@ def objective_weights(config: ml_collections.ConfigDict) -> losses.ObjectiveWeig
 
 def initial_images(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
                    key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-  """Class-blocked initial synthetic images (normalised) and their labels."""
+  """Class-blocked initial synthetic (stored) images, normalised, and their labels."""
   labels = np.repeat(np.arange(dataset.num_classes), config.ipc)
-  if config.distill.init == 'real':
+  if config.distill.init == 'real' and config.method == 'idm':
+    # Each stored image: 4 distinct real images of its class, 2x2 average-pooled (SPEC 6).
+    indices = evaluate_lib.random_real_subset(key, dataset.train_labels, 4 * config.ipc)
+    real = dataset.normalize(dataset.train_images[indices])
+    real = real.reshape(dataset.num_classes, 4, config.ipc, *dataset.image_shape)
+    images = np.asarray(jax.vmap(idm.partitioned_init)(real)).reshape(
+        len(labels), *dataset.image_shape)
+  elif config.distill.init == 'real':
     indices = evaluate_lib.random_real_subset(key, dataset.train_labels, config.ipc)
     images = np.asarray(dataset.normalize(dataset.train_images[indices]))
   else:
@@ -109,6 +139,71 @@ def evaluate_images(config: ml_collections.ConfigDict, data: PreparedData, image
           'std': float(np.std(accuracies)), 'model': settings.model}
 
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A distillation method ready to run.
+
+  Attributes:
+    state: the initial state (DM: `dm.DistillState`; IDM: `idm.IDMState`).
+    step: the step `(state, sampler) -> (state, metrics)`.
+    training_set: `state -> (images, labels)`, what evaluation trains on and synthetic.npz
+      holds (IDM: the expanded images).
+    weights: the loss weights in use.
+  """
+  state: Any
+  step: Callable[[Any, data_lib.ClassSampler], tuple[Any, dict[str, jax.Array]]]
+  training_set: Callable[[Any], tuple[jax.Array, jax.Array]]
+  weights: losses.ObjectiveWeights
+
+
+def centralization_extractor(config: ml_collections.ConfigDict,
+                             data: PreparedData) -> dm.CentralizationExtractor:
+  """The CC extractor the config asks for; a pool is loaded (or trained) once per data."""
+  if config.constraints.cc.extractor != 'pool' or not config.constraints.cc.weight:
+    return dm.matching_net_extractor
+  directory = config.pool.dir or pool_lib.default_pool_dir(config)
+  if directory not in data.pools:
+    data.pools[directory] = pool_lib.get_or_train_pool(config, data.dataset,
+                                                       test_images=data.test_images)
+  return pool_lib.pool_extractor(data.pools[directory])
+
+
+def build_method(config: ml_collections.ConfigDict, data: PreparedData,
+                 keys: RunKeys) -> Method:
+  """The initial state and the step of `config.method` on `data`."""
+  dataset = data.dataset
+  net = models.get_network(config.model.name, dataset.num_classes)
+  optimizer = optax.sgd(config.distill.lr, momentum=config.distill.momentum)
+  weights = objective_weights(config)
+  if net.has_batch_stats and (weights.cc or weights.cm):
+    logging.warning('%s has batch norm: the reference code applies neither CC nor CM in its '
+                    'batch-norm branch (SPEC 4.4); dd_jax applies them as configured.',
+                    config.model.name)
+  extractor = centralization_extractor(config, data)
+  images, labels = initial_images(config, dataset, keys.init)
+  if config.method == 'dm':
+    settings = dm.DMSettings(num_classes=dataset.num_classes, ipc=config.ipc,
+                             batch_real=config.distill.batch_real,
+                             num_nets=config.distill.num_nets, strategy=config.augment.strategy,
+                             weights=weights, mean=dataset.mean, std=dataset.std)
+    return Method(state=dm.init_state(images, labels, optimizer, keys.distill),
+                  step=dm.make_dm_step(net, settings, optimizer, extractor),
+                  training_set=lambda state: (state.images, state.labels), weights=weights)
+  settings = idm.IDMSettings(
+      num_classes=dataset.num_classes, ipc=config.ipc, batch_real=config.distill.batch_real,
+      strategy=config.augment.strategy, weights=weights, mean=dataset.mean, std=dataset.std,
+      ce_weight=config.idm.ce_weight, accuracy_window=config.idm.accuracy_window,
+      queue_init=config.idm.queue_init, queue_capacity=config.idm.queue_capacity,
+      push_every=config.idm.push_every, train_nets=config.idm.train_nets,
+      train_steps=config.idm.train_steps, train_batch=config.idm.train_batch,
+      train_lr=config.idm.train_lr, train_momentum=config.idm.train_momentum,
+      train_weight_decay=config.idm.train_weight_decay)
+  state = idm.init_idm_state(images, labels, optimizer, net, settings, keys.distill, keys.queue)
+  return Method(state=state, step=idm.make_idm_step(net, settings, optimizer, extractor),
+                training_set=lambda s: idm.expanded_set(s.images, s.labels, dataset.num_classes),
+                weights=weights)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         data: PreparedData | None = None) -> dict[str, Any]:
   """Distils a synthetic set as `config` says, resumably, in `workdir`.
@@ -131,20 +226,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   results_path = os.path.join(workdir, 'results.json')
 
   keys = RunKeys.from_seed(config.seed)
-  net = models.get_network(config.model.name, dataset.num_classes)
-  optimizer = optax.sgd(config.distill.lr, momentum=config.distill.momentum)
-  settings = dm.DMSettings(num_classes=dataset.num_classes, ipc=config.ipc,
-                           batch_real=config.distill.batch_real, num_nets=config.distill.num_nets,
-                           strategy=config.augment.strategy, weights=objective_weights(config),
-                           mean=dataset.mean, std=dataset.std)
-  if net.has_batch_stats and (settings.weights.cc or settings.weights.cm):
-    logging.warning('%s has batch norm: the reference code applies neither CC nor CM in its '
-                    'batch-norm branch (SPEC 4.4); dd_jax applies them as configured.',
-                    config.model.name)
-  step_fn = dm.make_dm_step(net, settings, optimizer)
-
-  images, labels = initial_images(config, dataset, keys.init)
-  state = dm.init_state(images, labels, optimizer, keys.distill)
+  method = build_method(config, data, keys)
+  state = method.state
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   restored = checkpointer.restore_latest(state)
@@ -160,12 +243,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   window_sums, window_start, window_steps = None, time.perf_counter(), 0
   start_step = int(state.step)
   if start_step < total:
-    print(f'Distilling {dataset.name}: {dataset.num_classes} classes x ipc {config.ipc}, '
-          f'{config.model.name}, {total} iterations (weights cc={settings.weights.cc}, '
-          f'cm={settings.weights.cm}).', flush=True)
+    weights = method.weights
+    print(f'Distilling {dataset.name} with {config.method.upper()}: {dataset.num_classes} '
+          f'classes x ipc {config.ipc}, {config.model.name}, {total} iterations (weights '
+          f'cc={weights.cc} on {config.constraints.cc.extractor}, cm={weights.cm}).', flush=True)
   last_evaluation = None
   for step in range(start_step + 1, total + 1):
-    state, metrics = step_fn(state, data.sampler)
+    state, metrics = method.step(state, data.sampler)
     window_sums = metrics if window_sums is None else jax.tree_util.tree_map(
         jnp.add, window_sums, metrics)
     window_steps += 1
@@ -177,13 +261,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                  f'checkpoint in {workdir}/checkpoints is intact.')
       elapsed = time.perf_counter() - window_start
       rate = window_steps / elapsed
-      print(f'step {step}/{total} | {rate:.2f} it/s | loss {means["loss"]:.4g} dm '
-            f'{means["dm"]:.4g} cc {means["cc"]:.4g} cm {means["cm"]:.4g} | ETA '
+      terms = ' '.join(f'{k} {v:.4g}' for k, v in means.items() if k != 'grad_norm')
+      print(f'step {step}/{total} | {rate:.2f} it/s | {terms} | ETA '
             f'{_format_duration((total - step) / rate)}', flush=True)
       workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
       window_sums, window_start, window_steps = None, time.perf_counter(), 0
     if step in evaluation_steps:
-      last_evaluation = _evaluate_and_record(config, data, state, step, keys, workdir)
+      last_evaluation = _evaluate_and_record(config, data, method, state, step, keys, workdir)
     if step % config.distill.checkpoint_every == 0 or step in evaluation_steps:
       checkpointer.save(step, state)
   checkpointer.close()
@@ -191,20 +275,23 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if last_evaluation is None and os.path.exists(results_path):
     return workdir_lib.read_json(results_path)  # already finished
   if last_evaluation is None:  # resumed exactly at the end without a results file
-    last_evaluation = _evaluate_and_record(config, data, state, total, keys, workdir)
-  pixels = np.asarray(dataset.denormalize(state.images, clip=True))
-  workdir_lib.export_synthetic(os.path.join(workdir, 'synthetic.npz'), pixels,
-                               np.asarray(state.labels), dataset.class_names, dataset.mean,
-                               dataset.std)
-  results = {'dataset': dataset.name, 'ipc': config.ipc, 'iterations': total,
-             'weights': settings.weights._asdict(), 'eval': last_evaluation}
+    last_evaluation = _evaluate_and_record(config, data, method, state, total, keys, workdir)
+  images, labels = method.training_set(state)
+  pixels = lambda x: np.asarray(dataset.denormalize(x, clip=True))
+  workdir_lib.export_synthetic(
+      os.path.join(workdir, 'synthetic.npz'), pixels(images), np.asarray(labels),
+      dataset.class_names, dataset.mean, dataset.std,
+      stored_images=pixels(state.images) if config.method == 'idm' else None)
+  results = {'dataset': dataset.name, 'method': config.method, 'ipc': config.ipc,
+             'iterations': total, 'weights': method.weights._asdict(),
+             'cc_extractor': config.constraints.cc.extractor, 'eval': last_evaluation}
   workdir_lib.write_json(results_path, results)
   return results
 
 
-def _evaluate_and_record(config, data, state, step, keys, workdir) -> dict[str, Any]:
+def _evaluate_and_record(config, data, method, state, step, keys, workdir) -> dict[str, Any]:
   start = time.perf_counter()
-  evaluation = evaluate_images(config, data, state.images, state.labels,
+  evaluation = evaluate_images(config, data, *method.training_set(state),
                                jax.random.fold_in(keys.evaluate, step))
   seconds = time.perf_counter() - start
   print(f'step {step}: {evaluation["model"]} test accuracy {evaluation["mean"]:.2f} +- '

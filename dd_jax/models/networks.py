@@ -1,8 +1,9 @@
 """Network definitions (Flax Linen, NHWC) matching the PyTorch reference networks of SPEC section 2.
 
 Every module's `__call__(x, train=False, embed_only=False)` returns logits, or with
-`embed_only=True` the pair `(features, feature_map)`: the flattened embedding the losses use and
-the final NHWC map it was flattened from. Flatten sizes follow the actual input size. Use the
+`embed_only=True` the triple `(features, feature_map, logits)`: the flattened embedding the losses
+use, the final NHWC map it was flattened from, and the classifier's output on `features` (XLA
+drops the classifier when a caller ignores it). Flatten sizes follow the actual input size. Use the
 functional wrapper in `dd_jax.models.registry` rather than these modules directly.
 """
 
@@ -12,7 +13,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from dd_jax.models import layers
 
@@ -59,9 +59,8 @@ class ConvNet(nn.Module):
       x = activation(x)
       x = layers.pool(self.pooling, x)
     features = _flatten(x)
-    if embed_only:
-      return features, x
-    return layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
+    logits = layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
+    return (features, x, logits) if embed_only else logits
 
 
 class AlexNet(nn.Module):
@@ -82,9 +81,8 @@ class AlexNet(nn.Module):
       if pool_after:
         x = layers.pool('maxpooling', x)
     features = _flatten(x)
-    if embed_only:
-      return features, x
-    return layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
+    logits = layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
+    return (features, x, logits) if embed_only else logits
 
 
 VGG11_LAYOUT = (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M')
@@ -110,9 +108,8 @@ class VGG(nn.Module):
       x = nn.relu(x)
       conv_index += 1
     features = _flatten(x)
-    if embed_only:
-      return features, x
-    return layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
+    logits = layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
+    return (features, x, logits) if embed_only else logits
 
 
 class BasicBlock(nn.Module):
@@ -154,9 +151,8 @@ class ResNet(nn.Module):
         x = BasicBlock(features, stride, self.norm, self.conv_impl, name=f'stage{stage}_block{block}')(x, train)
     x = nn.avg_pool(x, (4, 4), strides=(4, 4))
     features = _flatten(x)
-    if embed_only:
-      return features, x
-    return layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
+    logits = layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
+    return (features, x, logits) if embed_only else logits
 
 
 class MLP(nn.Module):
@@ -171,9 +167,8 @@ class MLP(nn.Module):
     h = _flatten(x)
     h = nn.relu(layers.dense(128, h.shape[-1], name='fc0')(h))
     h = nn.relu(layers.dense(128, 128, name='fc1')(h))
-    if embed_only:
-      return h, feature_map
-    return layers.dense(self.num_classes, 128, name='classifier')(h)
+    logits = layers.dense(self.num_classes, 128, name='classifier')(h)
+    return (h, feature_map, logits) if embed_only else logits
 
 
 class LeNet(nn.Module):
@@ -193,6 +188,5 @@ class LeNet(nn.Module):
     h = _flatten(feature_map)
     h = nn.relu(layers.dense(120, h.shape[-1], name='fc0')(h))
     h = nn.relu(layers.dense(84, 120, name='fc1')(h))
-    if embed_only:
-      return h, feature_map
-    return layers.dense(self.num_classes, 84, name='classifier')(h)
+    logits = layers.dense(self.num_classes, 84, name='classifier')(h)
+    return (h, feature_map, logits) if embed_only else logits

@@ -5,6 +5,7 @@ A `Network` is a bundle of pure functions over a variables pytree:
     variables = net.init(key, input_shape)              # {'params': ..., ['batch_stats': ...]}
     logits = net.apply(variables, x)                    # [N, K]
     features, feature_map = net.embed(variables, x)     # [N, D], [N, h, w, C] (NHWC)
+    features, feature_map, logits = net.embed_with_logits(variables, x)
     logits, variables = net.apply_train(variables, x)   # batch-norm statistics updated
 
 All of them are jit-able and vmap-able over keys / variables, e.g. several random networks:
@@ -76,10 +77,15 @@ class Network:
       features: [N, D], the flattened final feature map (penultimate layer for MLP / LeNet).
       feature_map: [N, h, w, C], the final map before flattening (NHWC).
     """
+    return self.embed_with_logits(variables, x, train=train)[:2]
+
+  def embed_with_logits(self, variables: Variables, x: jax.Array, *,
+                        train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`embed` plus the logits [N, K] computed from the same forward pass."""
     if train and self.has_batch_stats:
-      (features, feature_map), _ = self.module.apply(
-          variables, x, train=True, embed_only=True, mutable=['batch_stats'])
-      return features, feature_map
+      outputs, _ = self.module.apply(variables, x, train=True, embed_only=True,
+                                     mutable=['batch_stats'])
+      return outputs
     return self.module.apply(variables, x, train=train, embed_only=True)
 
 

@@ -1,0 +1,501 @@
+"""The pretrained feature pool of class centralization (SPEC 4.3): build once, reuse, draw members.
+
+    pool = get_or_train_pool(config, dataset)        # loads <pool dir> or trains and saves it
+    extractor = pool_extractor(pool)                 # dm.CentralizationExtractor(name='pool')
+
+The reference pretrains 1000 ResNet18 (instance norm) on the real training set for 40 epochs each
+(SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, constant lr, no augmentation) and draws
+one member at random every distillation iteration; class centralization acts on its pooled
+features (`embed`).
+
+Member i is trained from its own key fold_in(key(seed), i) alone, so the members do not depend
+on how many are trained together (`parallel`, a vmap) beyond float rounding.
+
+Layout of a pool directory:
+
+    <dir>/members/<start>-<end>/       Orbax checkpoint of the stacked variables of members
+                                       [start, end) (one training chunk)
+    <dir>/members/<start>-<end>.json   that chunk's record, written after its checkpoint: the
+                                       pool's identity, the members' test accuracies, seconds
+    <dir>/metadata.json                written last and atomically: marks the pool complete
+
+A build that is interrupted resumes from its completed chunks (same settings, same `parallel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import re
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dd_jax import data as data_lib
+from dd_jax import models
+from dd_jax import train as train_lib
+from dd_jax import workdir as workdir_lib
+
+# Version of the on-disk layout and of the training recipe; a change makes old pools mismatch.
+FORMAT_VERSION = 1
+
+# The metadata fields that identify a pool (what `pool_metadata` returns); a stored pool is
+# reused only when all of them match. Other metadata fields (accuracies, timing, chunks) inform.
+IDENTITY_FIELDS = ('format_version', 'dataset', 'num_classes', 'image_shape', 'num_train_images',
+                   'mean', 'std', 'model', 'size', 'epochs', 'batch_size', 'lr', 'momentum',
+                   'weight_decay', 'seed')
+
+_METADATA_FILE = 'metadata.json'
+_MEMBERS_DIR = 'members'
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSettings:
+  """How the pool is trained (config section `pool`, less `dir`).
+
+  Attributes:
+    model: registry name of the members' architecture (e.g. 'ResNet18').
+    size: number of members.
+    epochs: training epochs of every member.
+    batch_size: minibatch size (the last partial batch is kept).
+    lr: constant learning rate.
+    momentum: SGD momentum (PyTorch semantics).
+    weight_decay: coupled L2, as PyTorch's SGD.
+    parallel: members trained together (vmap); does not change the members.
+    seed: member i is trained from fold_in(key(seed), i).
+  """
+  model: str = 'ResNet18'
+  size: int = 1000
+  epochs: int = 40
+  batch_size: int = 256
+  lr: float = 0.01
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  parallel: int = 8
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, pool_config: ml_collections.ConfigDict) -> PoolSettings:
+    """The settings of config section `pool` (its `dir` field is not a training setting)."""
+    c = pool_config
+    return cls(model=str(c.model), size=int(c.size), epochs=int(c.epochs),
+               batch_size=int(c.batch_size), lr=float(c.lr), momentum=float(c.momentum),
+               weight_decay=float(c.weight_decay), parallel=int(c.parallel), seed=int(c.seed))
+
+  def train_settings(self) -> train_lib.TrainSettings:
+    """Per-member SGD settings: constant lr, no augmentation."""
+    return train_lib.TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                                   momentum=self.momentum, weight_decay=self.weight_decay,
+                                   augment_strategy='', lr_drop=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pool:
+  """A trained pool.
+
+  Attributes:
+    net: the members' architecture.
+    variables: the members' variables stacked on a leading axis of length `size` (device arrays).
+    metadata: `pool_metadata(...)` plus 'test_accuracies' (percent, one per member),
+      'mean_test_accuracy', 'train_seconds', 'parallel', 'chunks' ([start, end) pairs) and
+      'chunk_seconds'.
+  """
+  net: models.Network
+  variables: Any
+  metadata: dict[str, Any]
+
+  @property
+  def size(self) -> int:
+    """Number of members."""
+    return int(jax.tree_util.tree_leaves(self.variables)[0].shape[0])
+
+
+def pool_metadata(dataset: data_lib.Dataset, settings: PoolSettings) -> dict[str, Any]:
+  """What identifies a pool: the data it was trained on and how (JSON-serialisable).
+
+  Args:
+    dataset: the real dataset the members are trained on.
+    settings: the training settings (`parallel` is left out: it does not change the members).
+
+  Returns:
+    A dict with exactly the keys of `IDENTITY_FIELDS`.
+  """
+  return {
+      'format_version': FORMAT_VERSION,
+      'dataset': dataset.name,
+      'num_classes': int(dataset.num_classes),
+      'image_shape': [int(d) for d in dataset.image_shape],
+      'num_train_images': int(len(dataset.train_images)),
+      'mean': [float(m) for m in dataset.mean],
+      'std': [float(s) for s in dataset.std],
+      'model': settings.model,
+      'size': int(settings.size),
+      'epochs': int(settings.epochs),
+      'batch_size': int(settings.batch_size),
+      'lr': float(settings.lr),
+      'momentum': float(settings.momentum),
+      'weight_decay': float(settings.weight_decay),
+      'seed': int(settings.seed),
+  }
+
+
+def _chunks(size: int, parallel: int) -> list[tuple[int, int]]:
+  """[start, end) member ranges trained together; the last one may be shorter."""
+  return [(start, min(start + parallel, size)) for start in range(0, size, parallel)]
+
+
+def _member_keys(seed: int, start: int, end: int) -> jax.Array:
+  """[end - start] typed PRNG keys of members start..end-1: fold_in(key(seed), i)."""
+  root = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(start, end))
+
+
+@functools.partial(jax.jit, static_argnames=('net', 'input_shape', 'settings'))
+def _init_chunk(keys: jax.Array, net: models.Network, input_shape: tuple[int, ...],
+                settings: train_lib.TrainSettings) -> train_lib.TrainCarry:
+  optimizer = train_lib.torch_sgd(settings.momentum, settings.weight_decay)
+  return train_lib.init_networks(keys, net, input_shape, optimizer)
+
+
+# The images are arguments, not closed-over constants: a training set must not be baked into the
+# compiled program. The carry is donated (the previous epoch's state is never needed again).
+@functools.partial(jax.jit, static_argnames=('net', 'settings'), donate_argnums=(0,))
+def _train_epoch(carry: train_lib.TrainCarry, epoch_index: jax.Array, images: jax.Array,
+                 labels: jax.Array, net: models.Network,
+                 settings: train_lib.TrainSettings) -> train_lib.TrainCarry:
+  epoch = jax.vmap(train_lib.make_epoch_fn(net, images, labels, settings), in_axes=(0, None, None))
+  return epoch(carry, epoch_index, jax.random.key(0))  # op key unused: no augmentation
+
+
+@functools.partial(jax.jit, static_argnames=('net',))
+def _test_accuracies(variables: Any, test_images: jax.Array, test_labels: jax.Array,
+                     net: models.Network) -> jax.Array:
+  return train_lib.accuracies(variables, net, test_images, test_labels)
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def _abstract_chunk(net: models.Network, image_shape: tuple[int, ...], num_members: int) -> Any:
+  """Shapes and dtypes (on the default device) of `num_members` stacked variables."""
+  keys = jax.random.split(jax.random.key(0), num_members)
+  shapes = jax.eval_shape(jax.vmap(lambda k: net.init(k, (1, *image_shape))), keys)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def _chunk_path(directory: str, start: int, end: int) -> str:
+  return os.path.join(directory, _MEMBERS_DIR, f'{start:06d}-{end:06d}')
+
+
+def _save_chunk(directory: str, start: int, end: int, variables: Any,
+                record: dict[str, Any]) -> None:
+  """Writes members [start, end) (stacked variables) and then their record (marks completion)."""
+  path = _chunk_path(directory, start, end)
+  if os.path.exists(path + '.json'):
+    os.remove(path + '.json')
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, variables)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  workdir_lib.write_json(path + '.json', {**record, 'start': start, 'end': end})
+
+
+def _restore_chunk(directory: str, start: int, end: int, net: models.Network,
+                   image_shape: tuple[int, ...]) -> Any:
+  """The stacked variables of members [start, end), as host numpy arrays."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    restored = checkpointer.restore(_chunk_path(directory, start, end),
+                                    _abstract_chunk(net, image_shape, end - start))
+  finally:
+    checkpointer.close()
+  return jax.device_get(restored)
+
+
+def _read_chunk_record(directory: str, start: int, end: int) -> dict[str, Any] | None:
+  path = _chunk_path(directory, start, end) + '.json'
+  return workdir_lib.read_json(path) if os.path.isfile(path) else None
+
+
+def _check_identity(found: dict[str, Any], expected: dict[str, Any], directory: str,
+                    what: str) -> None:
+  """Raises ValueError listing every identifying field where `found` differs from `expected`."""
+  missing = '<absent>'
+  differences = [
+      f'  {field}: built for {found.get(field, missing)!r}, wanted {expected.get(field, missing)!r}'
+      for field in IDENTITY_FIELDS if found.get(field, missing) != expected.get(field, missing)]
+  if differences:
+    raise ValueError(
+        f'{directory} holds {what} built for different data or settings:\n' +
+        '\n'.join(differences) +
+        f'\nChoose another directory with --config.pool.dir=<dir>, or delete {directory} to '
+        'rebuild the pool there.')
+
+
+def _stack_on_host(chunks: list[Any]) -> Any:
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *chunks)
+
+
+def train_pool(dataset: data_lib.Dataset, settings: PoolSettings, *,
+               test_images: jax.Array | None = None, log: Callable[[str], Any] = print,
+               directory: str | None = None) -> Pool:
+  """Trains the pool's `size` members on the full training set, `parallel` at a time.
+
+  Args:
+    dataset: the real dataset; all its training images (normalised) are the training set.
+    settings: the pool settings.
+    test_images: [M, H, W, C] normalised test images (default: dataset.normalize(test_images));
+      each member's test accuracy is recorded in the metadata.
+    log: called with each progress line (members, epoch, seconds per epoch, ETA).
+    directory: if given, every completed chunk of members is saved there as it finishes, and
+      chunks already completed there (by an interrupted build of the same pool) are restored
+      instead of retrained. metadata.json is not written (see `save_pool` / `get_or_train_pool`).
+
+  Returns:
+    The pool; its variables are stacked on a leading axis of length `settings.size`.
+
+  Raises:
+    ValueError: `directory` holds chunks of a pool with different identifying metadata.
+  """
+  net = models.get_network(settings.model, dataset.num_classes)
+  identity = pool_metadata(dataset, settings)
+  train_settings = settings.train_settings()
+  image_shape = tuple(dataset.image_shape)
+  images = dataset.normalize(dataset.train_images)
+  labels = jnp.asarray(dataset.train_labels, jnp.int32)
+  if test_images is None:
+    test_images = dataset.normalize(dataset.test_images)
+  test_images = jnp.asarray(test_images, jnp.float32)
+  test_labels = jnp.asarray(dataset.test_labels, jnp.int32)
+
+  chunks = _chunks(settings.size, settings.parallel)
+  member_variables, accuracies, chunk_seconds = [], [], []
+  steady_epoch_seconds = None  # an epoch's duration without compilation, for the ETA
+  for chunk_index, (start, end) in enumerate(chunks):
+    record = _read_chunk_record(directory, start, end) if directory else None
+    if record is not None:
+      _check_identity(record, identity, directory, 'a partial pool build')
+      member_variables.append(_restore_chunk(directory, start, end, net, image_shape))
+      accuracies.extend(record['test_accuracies'])
+      chunk_seconds.append(record['seconds'])
+      log(f'pool: members {start + 1}-{end} of {settings.size} restored from '
+          f'{_chunk_path(directory, start, end)}')
+      continue
+    chunk_start_time = time.perf_counter()
+    carry = _init_chunk(_member_keys(settings.seed, start, end), net, image_shape, train_settings)
+    for epoch in range(settings.epochs):
+      epoch_start_time = time.perf_counter()
+      carry = _train_epoch(carry, jnp.asarray(epoch, jnp.int32), images, labels, net,
+                           train_settings)
+      jax.block_until_ready(carry)
+      epoch_seconds = time.perf_counter() - epoch_start_time
+      if epoch > 0 or steady_epoch_seconds is None:
+        steady_epoch_seconds = epoch_seconds
+      # Remaining work in epochs of this chunk's size (a shorter last chunk counts less).
+      remaining = (settings.epochs - epoch - 1) + sum(
+          settings.epochs * (e - s) / (end - start) for s, e in chunks[chunk_index + 1:])
+      log(f'pool: members {start + 1}-{end} of {settings.size}, epoch {epoch + 1}/'
+          f'{settings.epochs}, {epoch_seconds:.1f} s/epoch, ETA '
+          f'{_format_duration(remaining * steady_epoch_seconds)}')
+    variables = carry[0]
+    if test_images.shape[0]:
+      chunk_accuracies = [round(100.0 * float(a), 4) for a in
+                          _test_accuracies(variables, test_images, test_labels, net)]
+    else:
+      chunk_accuracies = [None] * (end - start)
+    variables = jax.device_get(variables)  # finished members wait on the host
+    seconds = time.perf_counter() - chunk_start_time
+    if directory:
+      _save_chunk(directory, start, end, variables,
+                  {**identity, 'test_accuracies': chunk_accuracies, 'seconds': seconds})
+    member_variables.append(variables)
+    accuracies.extend(chunk_accuracies)
+    chunk_seconds.append(seconds)
+
+  known = [a for a in accuracies if a is not None]
+  metadata = {**identity, 'test_accuracies': accuracies,
+              'mean_test_accuracy': float(np.mean(known)) if known else None,
+              'train_seconds': float(sum(chunk_seconds)), 'parallel': int(settings.parallel),
+              'chunks': [list(c) for c in chunks], 'chunk_seconds': chunk_seconds}
+  return Pool(net=net, variables=jax.device_put(_stack_on_host(member_variables)),
+              metadata=metadata)
+
+
+def _mark_complete(directory: str, metadata: dict[str, Any]) -> None:
+  """Writes metadata.json (atomically, last) and removes chunk files it does not list."""
+  workdir_lib.write_json(os.path.join(directory, _METADATA_FILE), metadata)
+  listed = {os.path.basename(_chunk_path(directory, s, e)) for s, e in metadata['chunks']}
+  members_dir = os.path.join(directory, _MEMBERS_DIR)
+  for name in os.listdir(members_dir):
+    if name.removesuffix('.json') not in listed:  # left by a build with another `parallel`
+      path = os.path.join(members_dir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+
+
+def save_pool(directory: str, pool: Pool) -> None:
+  """Saves a pool under `directory` (created); metadata.json is written last.
+
+  An existing pool there is replaced; it stops being complete (metadata.json removed) before any
+  of its files change.
+
+  Args:
+    directory: the pool directory.
+    pool: the pool; `pool.metadata` must hold the identifying fields of `pool_metadata`.
+  """
+  directory = os.path.abspath(directory)
+  metadata_path = os.path.join(directory, _METADATA_FILE)
+  if os.path.exists(metadata_path):
+    os.remove(metadata_path)
+  metadata = dict(pool.metadata)
+  chunks = [tuple(c) for c in metadata.get('chunks') or [(0, pool.size)]]
+  accuracies = metadata.get('test_accuracies') or [None] * pool.size
+  chunk_seconds = metadata.get('chunk_seconds') or [None] * len(chunks)
+  identity = {field: metadata[field] for field in IDENTITY_FIELDS}
+  for (start, end), seconds in zip(chunks, chunk_seconds):
+    variables = jax.tree_util.tree_map(lambda x, s=start, e=end: x[s:e], pool.variables)
+    _save_chunk(directory, start, end, variables,
+                {**identity, 'test_accuracies': accuracies[start:end], 'seconds': seconds})
+  metadata['chunks'] = [list(c) for c in chunks]
+  _mark_complete(directory, metadata)
+
+
+def load_pool(directory: str, expected_metadata: dict[str, Any]) -> Pool | None:
+  """The complete pool saved under `directory`, or None if there is none.
+
+  Args:
+    directory: the pool directory.
+    expected_metadata: `pool_metadata(dataset, settings)` of the pool wanted.
+
+  Returns:
+    The pool (variables on the default device), or None when `directory` holds no complete
+    pool (missing, empty, or an unfinished build without metadata.json).
+
+  Raises:
+    ValueError: the complete pool there was built for other data or settings; the message lists
+      each differing field and the fix.
+  """
+  directory = os.path.abspath(directory)
+  metadata_path = os.path.join(directory, _METADATA_FILE)
+  if not os.path.isfile(metadata_path):
+    return None
+  metadata = workdir_lib.read_json(metadata_path)
+  _check_identity(metadata, expected_metadata, directory, 'a pool')
+  net = models.get_network(metadata['model'], metadata['num_classes'])
+  image_shape = tuple(metadata['image_shape'])
+  chunks = [_restore_chunk(directory, start, end, net, image_shape)
+            for start, end in metadata['chunks']]
+  return Pool(net=net, variables=jax.device_put(_stack_on_host(chunks)), metadata=metadata)
+
+
+def _dataset_slug(spec: str) -> str:
+  """A readable, filesystem-safe and unique name of a dataset spec (config.dataset.name).
+
+  E.g. 'folder:/a/b/cifar10' -> 'cifar10-<hash>', 'tfds:cifar10' -> 'cifar10-<hash>', where the
+  8-hex-digit hash is of the full spec (paths made absolute, so relative spellings agree).
+  """
+  source, sep, arg = spec.partition(':')
+  if sep and source in ('folder', 'npz'):
+    arg = os.path.abspath(os.path.expanduser(arg))
+    full, readable = f'{source}:{arg}', os.path.basename(arg.rstrip(os.sep)) or source
+  elif sep:
+    full, readable = spec, arg
+  else:
+    full, readable = spec, spec
+  readable = re.sub(r'[^A-Za-z0-9._-]+', '-', readable).strip('-.') or 'dataset'
+  return f'{readable}-{hashlib.sha256(full.encode()).hexdigest()[:8]}'
+
+
+def default_pool_dir(config: ml_collections.ConfigDict) -> str:
+  """<cache>/pools/<dataset-slug>_<model>_<size>x<epochs>_seed<seed>.
+
+  <cache> is config.dataset.cache_dir, else $DD_JAX_CACHE, else ~/.cache/dd_jax. Settings not in
+  the name (lr, batch size, ...) are checked against the stored metadata when loading.
+  """
+  cache = config.dataset.cache_dir or data_lib.default_cache_dir()
+  pool = config.pool
+  name = (f'{_dataset_slug(config.dataset.name)}_{pool.model}_{pool.size}x{pool.epochs}'
+          f'_seed{pool.seed}')
+  return os.path.join(cache, 'pools', name)
+
+
+def get_or_train_pool(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
+                      log: Callable[[str], Any] = print, *,
+                      test_images: jax.Array | None = None) -> Pool:
+  """The pool of `config.pool` for `dataset`: loaded if saved, else trained (resumably) and saved.
+
+  Args:
+    config: the experiment config (sections `pool` and `dataset`).
+    dataset: the real dataset.
+    log: called with progress and summary lines.
+    test_images: normalised test images, if already at hand (else normalised here).
+
+  Returns:
+    The pool.
+
+  Raises:
+    ValueError: the pool directory holds a pool built for other data or settings.
+  """
+  settings = PoolSettings.from_config(config.pool)
+  directory = os.path.abspath(config.pool.dir or default_pool_dir(config))
+  expected = pool_metadata(dataset, settings)
+  pool = load_pool(directory, expected)
+  if pool is not None:
+    log(f'pool: loaded {pool.size} {pool.net.name} members from {directory} '
+        f'({_accuracy_summary(pool.metadata)})')
+    return pool
+  log(f'pool: no complete pool at {directory}; training {settings.size} {settings.model} x '
+      f'{settings.epochs} epochs on {dataset.name}, {settings.parallel} at a time')
+  pool = train_pool(dataset, settings, test_images=test_images, log=log, directory=directory)
+  _mark_complete(directory, pool.metadata)
+  log(f'pool: saved {pool.size} members to {directory} ({_accuracy_summary(pool.metadata)}, '
+      f'trained in {_format_duration(pool.metadata["train_seconds"])})')
+  return pool
+
+
+def _accuracy_summary(metadata: dict[str, Any]) -> str:
+  mean = metadata.get('mean_test_accuracy')
+  return 'no test accuracy' if mean is None else f'members\' mean test accuracy {mean:.2f}%'
+
+
+def pool_extractor(pool: Pool) -> Any:
+  """The class-centralization extractor drawing one pool member per call.
+
+  Returns:
+    `dm.CentralizationExtractor(name='pool', params=pool.variables, features=...)`, where
+    `features(params, key, syn_images, matching_features)` draws a member index uniformly from
+    `key`, selects that member from the stacked `params` (traced: jit-safe) and returns its
+    pooled features `embed(member, syn_images, train=True)[0]`, [N, D']. train=True follows the
+    reference, which keeps the pool network in train mode (only batch-norm members differ).
+  """
+  # Imported here: dd_jax.distill imports the loop, which may import this module.
+  from dd_jax.distill import dm  # pylint: disable=g-import-not-at-top
+
+  net, size = pool.net, pool.size
+
+  def features(params, key, syn_images, matching_features):
+    del matching_features
+    index = jax.random.randint(key, (), 0, size)
+    member = jax.tree_util.tree_map(lambda x: x[index], params)
+    return net.embed(member, syn_images, train=True)[0]
+
+  return dm.CentralizationExtractor(name='pool', features=features, params=pool.variables)

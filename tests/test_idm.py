@@ -1,0 +1,221 @@
+"""IDM: partition and expansion, the model queue, per-class steps, the class-aware CE, the run."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dd_jax import data as data_lib
+from dd_jax import losses
+from dd_jax import models
+from dd_jax import train as train_lib
+from dd_jax.distill import idm
+from dd_jax.distill import loop
+
+from test_distill import tiny_config  # tests/ is on sys.path (pytest rootdir-less tests)
+
+
+@pytest.fixture(scope='module')
+def digits():
+  return data_lib.load_dataset('digits')
+
+
+def _quadrant_image():
+  """A 4x4 one-channel image whose 2x2 quadrants are constant: TL 1, BL 2, TR 3, BR 4."""
+  image = np.zeros((1, 4, 4, 1), np.float32)
+  image[0, :2, :2], image[0, 2:, :2], image[0, :2, 2:], image[0, 2:, 2:] = 1, 2, 3, 4
+  return image
+
+
+def test_quadrant_order_and_expansion_of_a_hand_built_image():
+  image = _quadrant_image()
+  quadrants = idm.split_quadrants(image)
+  assert quadrants.shape == (4, 1, 2, 2, 1)
+  np.testing.assert_array_equal(quadrants[:, 0, 0, 0, 0], [1, 2, 3, 4])
+  np.testing.assert_array_equal(idm.assemble_quadrants(quadrants), image)
+  expanded = idm.expand(image)
+  assert expanded.shape == (4, 4, 4, 1)
+  for q, value in enumerate([1, 2, 3, 4]):  # constant quadrants stay constant
+    np.testing.assert_allclose(expanded[q], value)
+  # Quadrant-major order over several images: all top-left quadrants first.
+  two = np.concatenate([image, 10 * image])
+  np.testing.assert_allclose(idm.expand(two)[:, 0, 0, 0], [1, 10, 2, 20, 3, 30, 4, 40])
+  np.testing.assert_array_equal(idm.expand_labels(jnp.array([5, 6])), [5, 6, 5, 6, 5, 6, 5, 6])
+
+
+def test_bilinear_upsampling_matches_half_pixel_centres():
+  # A 2x2 top-left quadrant [[a, b], [c, d]] upsampled x2 with align_corners=False: each output
+  # row/column mixes its two nearest inputs 3:1, the border repeats the edge pixel.
+  a, b, c, d = 1.0, 5.0, 3.0, 11.0
+  image = np.zeros((1, 4, 4, 1), np.float32)
+  image[0, :2, :2, 0] = [[a, b], [c, d]]
+  weights = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+  expected = weights @ np.array([[a, b], [c, d]]) @ weights.T
+  np.testing.assert_allclose(idm.expand(image)[0, :, :, 0], expected, rtol=1e-6)
+
+
+def test_downscale_is_2x2_average_pooling_and_init_fills_quadrants():
+  images = jax.random.normal(jax.random.key(0), (3, 6, 8, 2))
+  expected = np.asarray(images).reshape(3, 3, 2, 4, 2, 2).mean(axis=(2, 4))
+  np.testing.assert_allclose(idm.downscale(images), expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(idm.downscale(np.arange(4.0).reshape(1, 2, 2, 1)), [[[[1.5]]]])
+  real = jax.random.normal(jax.random.key(1), (4, 3, 8, 8, 1))
+  stored = idm.partitioned_init(real)
+  assert stored.shape == (3, 8, 8, 1)
+  for q in range(4):
+    np.testing.assert_allclose(idm.split_quadrants(stored)[q], idm.downscale(real[q]),
+                               rtol=1e-6)
+
+
+def test_expanded_set_stays_class_blocked():
+  images = jnp.arange(3 * 2, dtype=jnp.float32).reshape(6, 1, 1, 1) * jnp.ones((6, 4, 4, 1))
+  labels = jnp.repeat(jnp.arange(3), 2)
+  expanded, expanded_labels = idm.expanded_set(images, labels, 3)
+  assert expanded.shape == (24, 4, 4, 1)
+  np.testing.assert_array_equal(expanded_labels, np.repeat(np.arange(3), 8))
+  np.testing.assert_allclose(expanded[:8, 0, 0, 0], [0, 1] * 4)
+  np.testing.assert_allclose(expanded[16:, 0, 0, 0], [4, 5] * 4)
+
+
+def _queue(capacity=3, initial=2):
+  net = models.get_network('ConvNetD1', 2, width=8)
+  optimizer = train_lib.torch_sgd(0.9, 5e-4)
+  return net, optimizer, idm.init_queue(jax.random.key(0), net, (8, 8, 1), capacity, initial,
+                                        optimizer)
+
+
+def test_queue_push_pop_and_capacity():
+  net, optimizer, queue = _queue(capacity=3, initial=2)
+  np.testing.assert_array_equal(queue.valid, [True, True, False])
+  assert int(queue.size()) == 2 and int(queue.next_slot) == 2
+  first = idm.member(queue, 0)
+  queue = idm.push(queue, jax.random.key(1), net, (8, 8, 1), optimizer)
+  assert int(queue.size()) == 3 and int(queue.next_slot) == 0
+  third = idm.member(queue, 2)
+  # Full: the next push replaces the oldest network (slot 0), the others stay.
+  queue = idm.push(queue, jax.random.key(2), net, (8, 8, 1), optimizer)
+  assert int(queue.size()) == 3 and int(queue.next_slot) == 1
+  leaves = lambda tree: jax.tree_util.tree_leaves(tree)
+  assert not np.allclose(leaves(idm.member(queue, 0))[0], leaves(first)[0])
+  np.testing.assert_array_equal(leaves(idm.member(queue, 2))[0], leaves(third)[0])
+  # Sampling only ever draws valid slots, and all of them.
+  _, _, partial = _queue(capacity=5, initial=2)
+  drawn = {int(idm.sample_member(partial, jax.random.key(i))) for i in range(60)}
+  assert drawn == {0, 1}
+  slots, mask = idm.pick_for_training(partial, jax.random.key(0), 3)
+  assert len(set(np.asarray(slots).tolist())) == 3
+  assert sorted(np.asarray(slots)[np.asarray(mask)].tolist()) == [0, 1]
+
+
+def test_train_members_trains_only_the_picked_valid_networks(digits):
+  net = models.get_network('ConvNetD1', 10, width=8)
+  optimizer = train_lib.torch_sgd(0.9, 5e-4)
+  queue = idm.init_queue(jax.random.key(0), net, (8, 8, 1), 4, 3, optimizer)
+  sampler = data_lib.ClassSampler.from_dataset(digits)
+  slots, mask = jnp.array([2, 0, 3]), jnp.array([True, True, False])
+  trained = idm.train_members(queue, slots, mask, jax.random.key(1), sampler, net, optimizer,
+                              steps=3, batch_size=16, lr=0.05, mean=digits.mean, std=digits.std)
+  kernel = lambda q, s: np.asarray(jax.tree_util.tree_leaves(idm.member(q, s))[0])
+  for slot in (0, 2):
+    assert not np.allclose(kernel(trained, slot), kernel(queue, slot))
+  for slot in (1, 3):
+    np.testing.assert_array_equal(kernel(trained, slot), kernel(queue, slot))
+  np.testing.assert_array_equal(trained.seen, [48, 0, 48, 0])
+  assert 0 <= float(trained.correct[0]) <= 48
+  assert float(idm.training_accuracy(trained, 1)) == 0.0  # never trained: weight 0
+
+
+def test_three_per_class_unit_gradients_move_rows_by_175_150_100():
+  images = jnp.zeros((3, 1))
+  optimizer = optax.sgd(1.0, momentum=0.5)
+  unit = lambda class_images, class_id: (jnp.ones_like(class_images), class_id)
+  moved, _, aux = idm.per_class_updates(images, optimizer.init(images), optimizer, 3, 1, unit)
+  np.testing.assert_allclose(-moved[:, 0], [1.75, 1.5, 1.0])
+  np.testing.assert_array_equal(aux, [0, 1, 2])
+
+
+def _idm_setup(digits, weights=losses.ObjectiveWeights(cc=0.0, cm=0.0), **overrides):
+  net = models.get_network('ConvNetW32', 10)
+  settings = idm.IDMSettings(
+      num_classes=10, ipc=1, batch_real=8, strategy='color_crop_cutout_scale_rotate',
+      weights=weights, mean=digits.mean, std=digits.std,
+      **{'queue_capacity': 4, 'push_every': 2, 'train_steps': 2, 'train_batch': 16, **overrides})
+  optimizer = optax.sgd(0.2, momentum=0.5)
+  labels = np.arange(10)
+  images = jax.random.normal(jax.random.key(0), (10, 8, 8, 1))
+  state = idm.init_idm_state(images, labels, optimizer, net, settings, jax.random.key(1),
+                             jax.random.key(2))
+  return idm.make_idm_step(net, settings, optimizer), state, data_lib.ClassSampler.from_dataset(
+      digits)
+
+
+def test_idm_step_traces_once_while_the_queue_grows(digits):
+  step, state, sampler = _idm_setup(digits)
+  sizes = []
+  for _ in range(5):
+    state, metrics = step(state, sampler)
+    sizes.append(int(metrics['queue_size']))
+  assert step.jitted._cache_size() == 1  # one compilation for every queue size
+  assert sizes == [4, 4, 4, 4, 4]  # pushes at steps 0, 2, 4 fill capacity 4 and then rotate
+  assert int(state.queue.next_slot) == (3 + 3) % 4
+  for name in ('loss', 'dm', 'ce', 'net_accuracy', 'grad_norm'):
+    assert np.isfinite(float(metrics[name])), name
+  # Queue networks were trained: some running accuracy has been counted.
+  assert float(jnp.sum(state.queue.seen)) > 0
+
+
+def test_ce_weight_uses_the_accuracy_in_percent(digits):
+  step, state, sampler = _idm_setup(digits, ce_weight=0.5, push_every=1000, queue_init=1,
+                                    train_steps=0)
+  queue = state.queue.replace(correct=state.queue.correct.at[0].set(30.0),
+                              seen=state.queue.seen.at[0].set(40.0))  # 75 %
+  state = state.replace(step=jnp.asarray(1, jnp.int32))  # no push at this step
+  _, metrics = step(state.replace(queue=queue), sampler)
+  assert float(metrics['net_accuracy']) == pytest.approx(75.0)
+  # loss = dm + 0.5 * 75 * ce, summed over classes (CC and CM are off).
+  assert float(metrics['ce']) > 0
+  np.testing.assert_allclose(metrics['loss'], metrics['dm'] + 37.5 * metrics['ce'], rtol=1e-5)
+  # An untrained network (no counts) gives the CE weight 0.
+  _, untrained = step(state, sampler)
+  np.testing.assert_allclose(untrained['loss'], untrained['dm'], rtol=1e-6)
+
+
+def test_idm_run_exports_the_expanded_set_and_resumes(tmp_path, monkeypatch):
+  config = tiny_config(method='idm', ipc=1, **{
+      'distill.lr': 0.2, 'idm.push_every': 2, 'idm.queue_capacity': 4, 'idm.train_steps': 2,
+      'idm.train_batch': 16, 'constraints.cc.weight': 0.01, 'constraints.cm.weight': 0.03})
+  reference = loop.run(config, str(tmp_path / 'uninterrupted'))
+  exported = np.load(tmp_path / 'uninterrupted' / 'synthetic.npz')
+  assert exported['images'].shape == (40, 8, 8, 1)
+  assert exported['stored_images'].shape == (10, 8, 8, 1)
+  np.testing.assert_array_equal(exported['labels'], np.repeat(np.arange(10), 4))
+
+  real_make_step = idm.make_idm_step
+
+  def crashing_make_step(*args, **kwargs):
+    step = real_make_step(*args, **kwargs)
+
+    def wrapped(state, sampler):
+      if int(state.step) == 3:
+        raise KeyboardInterrupt('simulated kill')
+      return step(state, sampler)
+    return wrapped
+
+  monkeypatch.setattr(idm, 'make_idm_step', crashing_make_step)
+  with pytest.raises(KeyboardInterrupt):
+    loop.run(config, str(tmp_path / 'resumed'))
+  monkeypatch.setattr(idm, 'make_idm_step', real_make_step)
+  resumed = loop.run(config, str(tmp_path / 'resumed'))
+  np.testing.assert_array_equal(np.load(tmp_path / 'resumed' / 'synthetic.npz')['images'],
+                                exported['images'])
+  assert resumed['eval']['accuracies'] == reference['eval']['accuracies']
+
+
+def test_idm_input_checks(tmp_path):
+  with pytest.raises(ValueError, match=r'ipc=50 needs 200 per class'):
+    loop.run(tiny_config(method='idm', ipc=50), str(tmp_path / 'a'))
+  with pytest.raises(ValueError, match=r'num_nets=2.*IDM'):
+    loop.run(tiny_config(method='idm', **{'distill.num_nets': 2}), str(tmp_path / 'b'))
+  with pytest.raises(ValueError, match=r'ConvNetBN.*batch'):
+    loop.run(tiny_config(method='idm', **{'model.name': 'ConvNetBN'}), str(tmp_path / 'c'))
