@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -97,7 +98,9 @@ IGNORED_ON_RESUME = ('compare.',)
 def snapshot_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json, or checks that an existing one is the same run.
 
-  Differences in IGNORED_ON_RESUME fields are accepted (the snapshot keeps the first values).
+  Differences in IGNORED_ON_RESUME fields are accepted (the snapshot keeps the first values), and
+  so are fields the snapshot lacks (added to dd_jax after the run started; a warning lists them):
+  the run so far was computed without them.
 
   Raises:
     ValueError: the workdir holds a run of a different config (listing the differing fields).
@@ -109,6 +112,11 @@ def snapshot_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       previous = json.load(f)
     differences = [line for line in config_differences(previous, current)
                    if not line.startswith(IGNORED_ON_RESUME)]
+    added = [line for line in differences if ': <absent> -> ' in line]
+    if added:
+      logging.warning('%s/config.json predates fields %s; resuming with their current values.',
+                      workdir, ', '.join(line.split(':')[0] for line in added))
+    differences = [line for line in differences if line not in added]
     if differences:
       raise ValueError(
           f'--workdir={workdir} holds a run of a different config:\n  ' +

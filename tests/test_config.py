@@ -120,3 +120,18 @@ def test_cli_rejects_bad_value_before_work(tmp_path):
   assert result.returncode != 0
   assert "config.model.name='ConvNett' is not valid" in result.stderr
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_snapshot_accepts_fields_added_later_and_refuses_changed_ones(tmp_path, caplog):
+  from dd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.default_config()
+  workdir_lib.snapshot_config(str(tmp_path), config)
+  # Simulate a snapshot written before the `idm` section existed.
+  snapshot = workdir_lib.read_json(str(tmp_path / 'config.json'))
+  del snapshot['idm']
+  workdir_lib.write_json(str(tmp_path / 'config.json'), snapshot)
+  workdir_lib.snapshot_config(str(tmp_path), config)  # accepted, with a warning
+  assert 'predates fields idm.' in caplog.text
+  config.ipc = 3
+  with pytest.raises(ValueError, match=r'different config:\n  ipc: 10 -> 3'):
+    workdir_lib.snapshot_config(str(tmp_path), config)

@@ -349,6 +349,20 @@ def test_sample_class_without_replacement_and_only_that_class(sampler_data):
   assert (labels[np.asarray(images[:, 0, 0, 0])] == 1).all()  # pixel value = image index
 
 
+def test_sample_uniform_draws_distinct_images_with_their_labels(sampler_data):
+  _, labels, sampler = sampler_data
+  counts = np.zeros(30)
+  for seed in range(40):
+    images, drawn_labels = data.sample_uniform(sampler, jax.random.key(seed), 12)
+    indices = np.asarray(images[:, 0, 0, 0])  # pixel value = image index
+    assert len(set(indices.tolist())) == 12
+    np.testing.assert_array_equal(drawn_labels, labels[indices])
+    counts[indices] += 1
+  assert counts.min() > 0  # every image can be drawn (uniform over the set, not per class)
+  with pytest.raises(DataError, match=r'n must be an integer in \[1, 30\]'):
+    data.sample_uniform(sampler, jax.random.key(0), 31)
+
+
 def test_sample_class_determinism(sampler_data):
   _, _, sampler = sampler_data
   a = data.sample_class_indices(sampler, jax.random.key(1), 2, 5)

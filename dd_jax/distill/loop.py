@@ -261,7 +261,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                  f'checkpoint in {workdir}/checkpoints is intact.')
       elapsed = time.perf_counter() - window_start
       rate = window_steps / elapsed
-      terms = ' '.join(f'{k} {v:.4g}' for k, v in means.items() if k != 'grad_norm')
+      names = ['loss'] + sorted(k for k in means if k not in ('loss', 'grad_norm'))
+      terms = ' '.join(f'{k} {means[k]:.4g}' for k in names)
       print(f'step {step}/{total} | {rate:.2f} it/s | {terms} | ETA '
             f'{_format_duration((total - step) / rate)}', flush=True)
       workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
