@@ -181,13 +181,6 @@ def _test_accuracies(variables: Any, test_images: jax.Array, test_labels: jax.Ar
   return train_lib.accuracies(variables, net, test_images, test_labels)
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  if seconds >= 3600:
-    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
-  return f'{seconds // 60}m{seconds % 60:02d}s'
-
-
 def _abstract_chunk(net: models.Network, image_shape: tuple[int, ...], num_members: int) -> Any:
   """Shapes and dtypes (on the default device) of `num_members` stacked variables."""
   keys = jax.random.split(jax.random.key(0), num_members)
@@ -313,7 +306,7 @@ def train_pool(dataset: data_lib.Dataset, settings: PoolSettings, *,
           settings.epochs * (e - s) / (end - start) for s, e in chunks[chunk_index + 1:])
       log(f'pool: members {start + 1}-{end} of {settings.size}, epoch {epoch + 1}/'
           f'{settings.epochs}, {epoch_seconds:.1f} s/epoch, ETA '
-          f'{_format_duration(remaining * steady_epoch_seconds)}')
+          f'{workdir_lib.format_duration(remaining * steady_epoch_seconds)}')
     variables = carry[0]
     if test_images.shape[0]:
       chunk_accuracies = [round(100.0 * float(a), 4) for a in
@@ -468,7 +461,7 @@ def get_or_train_pool(config: ml_collections.ConfigDict, dataset: data_lib.Datas
   pool = train_pool(dataset, settings, test_images=test_images, log=log, directory=directory)
   _mark_complete(directory, pool.metadata)
   log(f'pool: saved {pool.size} members to {directory} ({_accuracy_summary(pool.metadata)}, '
-      f'trained in {_format_duration(pool.metadata["train_seconds"])})')
+      f'trained in {workdir_lib.format_duration(pool.metadata["train_seconds"])})')
   return pool
 
 

@@ -42,6 +42,14 @@ def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
     raise
 
 
+def format_duration(seconds: float) -> str:
+  """'1h05m' or '3m07s', for progress lines."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds // 60 % 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
 def write_json(path: str, value: Any) -> None:
   with atomic_write(path, 'w') as f:
     json.dump(value, f, indent=2, sort_keys=True)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -250,3 +251,12 @@ def test_pool_extractor_is_what_cc_sees(tmp_path):
   # A run through the loop reuses the saved pool (no retraining; refuses another dataset).
   results = loop.run(config, str(tmp_path / 'run'))
   assert results['cc_extractor'] == 'pool'
+
+
+def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch):
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(loop.shutil, 'disk_usage', lambda path: usage._replace(free=1000))
+  with pytest.raises(OSError, match=r'has 0.0 MiB free, but checkpoints and the export of '
+                                    r'this run need about'):
+    loop.run(tiny_config(), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()

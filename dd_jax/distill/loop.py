@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -122,12 +123,6 @@ def _evaluation_steps(config: ml_collections.ConfigDict) -> list[int]:
   return sorted(set(range(every, last + 1, every)) | {last})
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else \
-      f'{seconds // 60}m{seconds % 60:02d}s'
-
-
 def evaluate_images(config: ml_collections.ConfigDict, data: PreparedData, images: Any,
                     labels: Any, key: jax.Array) -> dict[str, Any]:
   """Evaluation protocol on a normalised image set; accuracies in percent."""
@@ -204,6 +199,22 @@ def build_method(config: ml_collections.ConfigDict, data: PreparedData,
                 weights=weights)
 
 
+def check_free_space(workdir: str, state: Any, checkpoints_kept: int = 2) -> None:
+  """Refuses to start when the workdir's disk cannot hold the checkpoints and the export.
+
+  Needed: (checkpoints_kept + 1) copies of the state (Orbax writes a new step before deleting
+  the oldest), two copies of the images (synthetic.npz, PNG grids) and 10% margin.
+  """
+  state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+  image_bytes = state.images.nbytes * (4 if hasattr(state, 'queue') else 1)
+  needed = int(1.1 * ((checkpoints_kept + 1) * state_bytes + 2 * image_bytes))
+  free = shutil.disk_usage(workdir).free
+  if free < needed:
+    raise OSError(f'--workdir={workdir} has {free / 2**20:.1f} MiB free, but checkpoints and the '
+                  f'export of this run need about {needed / 2**20:.1f} MiB; free some space or '
+                  'choose a workdir on another disk.')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         data: PreparedData | None = None) -> dict[str, Any]:
   """Distils a synthetic set as `config` says, resumably, in `workdir`.
@@ -228,6 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   keys = RunKeys.from_seed(config.seed)
   method = build_method(config, data, keys)
   state = method.state
+  check_free_space(workdir, state)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   restored = checkpointer.restore_latest(state)
@@ -264,7 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       names = ['loss'] + sorted(k for k in means if k not in ('loss', 'grad_norm'))
       terms = ' '.join(f'{k} {means[k]:.4g}' for k in names)
       print(f'step {step}/{total} | {rate:.2f} it/s | {terms} | ETA '
-            f'{_format_duration((total - step) / rate)}', flush=True)
+            f'{workdir_lib.format_duration((total - step) / rate)}', flush=True)
       workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
       window_sums, window_start, window_steps = None, time.perf_counter(), 0
     if step in evaluation_steps:
