@@ -57,3 +57,17 @@ def test_random_real_subset_is_class_blocked_and_distinct():
   assert len(set(indices.tolist())) == 12
   again = evaluate.random_real_subset(jax.random.key(0), labels, 4)
   np.testing.assert_array_equal(indices, again)
+
+
+def test_cross_architecture_reports_each_network_and_the_largest_drop():
+  images, labels = _separable_data()
+  settings = evaluate.EvalSettings(num_eval=2, epochs=3, batch_size=8, augment_strategy='none')
+  report = evaluate.cross_architecture(jax.random.key(0), images, labels, images, labels, 3,
+                                       ('ConvNetW32', 'MLP', 'ResNet18'), settings,
+                                       reference='ConvNetW32')
+  results = report['results']
+  assert list(results) == ['ConvNetW32', 'MLP', 'ResNet18']
+  assert len(results['ConvNetW32']['accuracies']) == 2
+  assert 'too small' in results['ResNet18']['error']  # 8x8 inputs: reported, not fatal
+  expected = results['ConvNetW32']['mean'] - results['MLP']['mean']
+  assert report['largest_drop'] == {'model': 'MLP', 'drop': expected}
