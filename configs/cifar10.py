@@ -3,7 +3,9 @@
 Config string: `ipc=<1|10|50>,method=<dm|dm_iid>,budget=<paper|cpu>` (defaults ipc=10,
 method=dm_iid, budget=paper). `budget=cpu` is the reduced budget of SPEC 4.3's prototype for
 2-core CPUs: 400 iterations, real batch 64 per class, 300-epoch evaluation of 3 networks (DSA
-kept on in distillation and evaluation), CC on the random matching network. The paper budget's
+kept on in distillation and evaluation), CC on the random matching network. Measured on 2 CPU
+cores: ~9 min of distillation (0.7 it/s) and ~8 min of evaluation per method at IPC 10; IPC 10
+scores random real 31.6, DM 45.7, DM + CM 46.2, DM + IID 38.0 (README, CIFAR-10 benchmark). The paper budget's
 DM + IID runs CC on the reference pool (1000 ResNet18 x 40 epochs, built once and cached; see
 config.pool).
 
