@@ -8,7 +8,8 @@ method=dm_iid, cc=matching_net). `cc=pool` runs class centralization on a pool o
 pretrained on the digits (10 members x 10 epochs, trained in seconds and cached under
 <cache>/pools; 8x8 inputs are too small for the reference ResNet18). IDM presets use the
 reference IDM settings of SPEC 6 scaled to the 200-iteration CPU budget (a new queue network
-every 10 steps, accuracy window 50, queue networks trained on real batches of 64).
+every 10 steps, accuracy window 50, queue networks trained on real batches of 64). Caveat: with
+the reference ce_weight 0.5 IDM degrades digits (README, IDM section); uncalibrated here.
 """
 
 from dd_jax import config as config_lib
