@@ -172,5 +172,4 @@ def make_dm_step(net: models.Network, settings: DMSettings,
     # The extractor's parameters (e.g. a pool) are an argument, never compile-time constants.
     return jitted_step(state, sampler, cc_extractor.params)
 
-  step.jitted = jitted_step  # for tests (trace counting)
   return step

@@ -199,14 +199,14 @@ def build_method(config: ml_collections.ConfigDict, data: PreparedData,
                 weights=weights)
 
 
-def check_free_space(workdir: str, state: Any, checkpoints_kept: int = 2) -> None:
+def check_free_space(workdir: str, method: Method, checkpoints_kept: int = 2) -> None:
   """Refuses to start when the workdir's disk cannot hold the checkpoints and the export.
 
   Needed: (checkpoints_kept + 1) copies of the state (Orbax writes a new step before deleting
-  the oldest), two copies of the images (synthetic.npz, PNG grids) and 10% margin.
+  the oldest), two copies of the exported training set (synthetic.npz, PNG grids), 10% margin.
   """
-  state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
-  image_bytes = state.images.nbytes * (4 if hasattr(state, 'queue') else 1)
+  state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(method.state))
+  image_bytes = method.training_set(method.state)[0].nbytes
   needed = int(1.1 * ((checkpoints_kept + 1) * state_bytes + 2 * image_bytes))
   free = shutil.disk_usage(workdir).free
   if free < needed:
@@ -239,7 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   keys = RunKeys.from_seed(config.seed)
   method = build_method(config, data, keys)
   state = method.state
-  check_free_space(workdir, state)
+  check_free_space(workdir, method)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   restored = checkpointer.restore_latest(state)
