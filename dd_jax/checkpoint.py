@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -15,13 +16,19 @@ class Checkpointer:
 
   Orbax writes each step into a temporary directory and renames it when complete, so an
   interrupted save never becomes the latest checkpoint. Restoring falls back to an older step
-  when the newest one cannot be read.
+  when the newest one cannot be read (a torn or damaged file); the unreadable step directory is
+  renamed `<step>.unreadable` so the resumed run can write that step again.
   """
 
   def __init__(self, directory: str, max_to_keep: int = 2):
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+    self._directory = os.path.abspath(directory)
+    self._max_to_keep = max_to_keep
+    self._manager = self._new_manager()
+
+  def _new_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self._directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True,
                                              enable_async_checkpointing=False))
 
   def save(self, step: int, state: Any) -> None:
@@ -35,8 +42,15 @@ class Checkpointer:
       try:
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
       except Exception as error:  # pylint: disable=broad-except
-        logging.warning('Checkpoint at step %d is unreadable (%s); trying an older one.', step,
-                        error)
+        first_line = str(error).strip().split('\n')[0][:300]
+        aside = os.path.join(self._directory, f'{step}.unreadable')
+        logging.warning('Checkpoint at step %d is unreadable (%s); moved it to %s and trying an '
+                        'older one.', step, first_line, aside)
+        self._manager.close()
+        shutil.rmtree(aside, ignore_errors=True)  # left by an earlier fallback
+        os.replace(os.path.join(self._directory, str(step)), aside)
+        # A failed restore leaves Orbax's manager unable to read other steps: start afresh.
+        self._manager = self._new_manager()
     return None
 
   def close(self) -> None:

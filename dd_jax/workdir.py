@@ -31,6 +31,7 @@ def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
   os.makedirs(directory, exist_ok=True)
   handle, temporary = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
   try:
+    os.chmod(temporary, 0o644)  # mkstemp makes it owner-only
     with os.fdopen(handle, mode) as f:
       yield f
       f.flush()
@@ -40,6 +41,22 @@ def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
     with contextlib.suppress(FileNotFoundError):
       os.remove(temporary)
     raise
+
+
+def check_writable(workdir: str) -> None:
+  """Creates `workdir` if needed and proves a file can be written there (permissions alone do
+  not tell: root ignores them, a read-only mount does not).
+
+  Raises:
+    ValueError: naming the workdir and the operating system's reason.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_probe.'):
+      pass
+  except OSError as error:
+    raise ValueError(f'--workdir={workdir} is not writable ({error.strerror or error}); choose '
+                     'another directory or fix its permissions.') from error
 
 
 def format_duration(seconds: float) -> str:

@@ -10,7 +10,7 @@
    checkpoint, metrics lines, whether evaluation images / export / results existed), so the
    summary shows which phases the kills hit.
 3. Checks that synthetic.npz is bitwise identical and the accuracies are equal, prints a summary
-   and writes <workdir>/kill_resume.json. Exit status 1 if they differ.
+   and writes <workdir>/kill_resume.json and --results. Exit status 1 if they differ.
 
 The default config is a tiny digits DM + IID run (checkpoints every 4 steps, an evaluation point
 mid-run, a random-real baseline and a variant), so kills fall on checkpoint writes, evaluations,
@@ -34,6 +34,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch directory (emptied).', 
 _KILLS = flags.DEFINE_integer('kills', 20, 'SIGKILLs to land before letting the run finish.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the kill delays.')
 _MAX_ATTEMPTS = flags.DEFINE_integer('max_attempts', 200, 'Give up after this many launches.')
+_RESULTS = flags.DEFINE_string('results', 'experiments/results/kill_resume.json',
+                               'Summary file (relative to the repository root); empty: none.')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND_FLAGS = [
@@ -137,8 +139,12 @@ def main(argv):
   summary = {'kills': kills, 'attempts': attempts, 'reference_seconds': duration,
              'identical': not mismatches, 'mismatches': mismatches, 'log': log,
              'command': ' '.join(_command('<workdir>'))}
-  with open(os.path.join(_WORKDIR.value, 'kill_resume.json'), 'w') as f:
-    json.dump(summary, f, indent=2)
+  summary['date'] = time.strftime('%Y-%m-%d')
+  for path in [os.path.join(_WORKDIR.value, 'kill_resume.json')] + (
+      [os.path.join(REPO, _RESULTS.value)] if _RESULTS.value else []):
+    with open(path, 'w') as f:
+      json.dump(summary, f, indent=2)
+      f.write('\n')
   print(f'{kills} kills in {attempts} launches; final synthetic sets and accuracies '
         f'{"IDENTICAL" if not mismatches else "DIFFER: " + "; ".join(mismatches)}')
   if mismatches:

@@ -122,6 +122,17 @@ def test_cli_rejects_bad_value_before_work(tmp_path):
   assert not os.path.exists(tmp_path / 'run')
 
 
+@pytest.mark.parametrize('override, message', [
+    ('--config.ipc=three', "flag --config.ipc=three: invalid literal for int()"),
+    ('--config.distill.lr=fast', "flag --config.distill.lr=fast: could not convert string to float"),
+])
+def test_cli_rejects_wrong_types_before_work(tmp_path, override, message):
+  result = _main('--config=configs/digits.py', f'--workdir={tmp_path}/run', override)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def test_snapshot_accepts_fields_added_later_and_refuses_changed_ones(tmp_path, caplog):
   from dd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.default_config()

@@ -247,6 +247,11 @@ def test_unknown_source_lists_valid_ones():
     load_dataset('hf:cifar10')
 
 
+def test_unknown_tfds_dataset_suggests_close_names():
+  with pytest.raises(DataError, match=r"dataset\.name='tfds:cifar11'.*did you mean .*cifar10"):
+    load_dataset('tfds:cifar11')
+
+
 def test_unknown_normalization():
   with pytest.raises(DataError, match='unknown normalization'):
     load_dataset('digits', normalization='imagenet21k')

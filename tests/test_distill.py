@@ -260,3 +260,51 @@ def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch):
                                     r'this run need about'):
     loop.run(tiny_config(), str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('poison', ['loss_term', 'images'])
+def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                          poison):
+  real_make_step = dm.make_dm_step
+
+  def poisoned_make_step(*args, **kwargs):
+    step = real_make_step(*args, **kwargs)
+
+    def wrapped(state, sampler):
+      state, metrics = step(state, sampler)
+      # Checkpoints and log lines every 2 steps: step 5 or 6 goes bad, step 4 is the last good.
+      if poison == 'loss_term' and int(state.step) == 5:
+        metrics = {**metrics, 'cm': metrics['cm'] * jnp.nan}
+        state = state.replace(images=state.images * jnp.nan)
+      if poison == 'images' and int(state.step) == 6:  # only the images: the loss was finite
+        state = state.replace(images=state.images * jnp.nan)
+      return state, metrics
+    return wrapped
+
+  monkeypatch.setattr(dm, 'make_dm_step', poisoned_make_step)
+  workdir = tmp_path / 'run'
+  expected = (r'cm became non-finite at step 5 \(the synthetic images at step 6 are non-finite '
+              r'too\)' if poison == 'loss_term' else
+              r'synthetic images became non-finite between steps 5 and 6')
+  with pytest.raises(FloatingPointError, match=expected + r'.*last checkpoint \(step 4\)'):
+    loop.run(tiny_config(), str(workdir))
+  assert not (workdir / 'synthetic.npz').exists()
+  logged = loop.workdir_lib.read_metrics(str(workdir / 'metrics.jsonl'))
+  assert [m['step'] for m in logged] == [2, 4]  # nothing non-finite was logged
+  restored = loop.checkpoint_lib.Checkpointer(str(workdir / 'checkpoints')).restore_latest(
+      loop.build_method(tiny_config(), loop.prepare_data(tiny_config()),
+                        loop.RunKeys.from_seed(0)).state)
+  assert int(restored.step) == 4 and np.all(np.isfinite(restored.images))
+
+
+def test_unwritable_workdir_is_refused_before_work(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(ValueError, match=r'--workdir=.*a_file/run is not writable \(.*\); choose '
+                                       'another directory'):
+    loop.run(tiny_config(), str(blocker / 'run'))
+  if os.geteuid() != 0:  # root writes regardless of permission bits
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ValueError, match='locked is not writable'):
+      loop.run(tiny_config(), str(locked))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 import zipfile
 
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dd_jax import workdir as workdir_lib
 from dd_jax.data.dataset import DataError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -175,18 +175,10 @@ def _load_cache(path: str) -> dict[str, np.ndarray] | None:
 
 
 def _save_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes atomically (temp file + rename), so readers never see a partial cache."""
+  """Writes atomically, so readers never see a partial cache; a failure only warns."""
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-    try:
-      os.chmod(tmp_path, 0o644)  # mkstemp makes it owner-only
-      with os.fdopen(fd, 'wb') as f:
-        np.savez(f, **arrays)  # uncompressed: loading 60k CIFAR images takes a fraction of a second
-      os.replace(tmp_path, path)
-    except BaseException:
-      os.unlink(tmp_path)
-      raise
+    with workdir_lib.atomic_write(path) as f:
+      np.savez(f, **arrays)  # uncompressed: loading 60k CIFAR images takes a fraction of a second
   except OSError as e:
     warnings.warn(f'could not write the dataset cache {path} ({e}); the next load decodes again')
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import zipfile
 from typing import NamedTuple
@@ -174,7 +175,10 @@ def _load_tfds(name: str, data_dir: str | None) -> _Loaded:
     sources = {split: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
                for split in ('train', 'test')}
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise DataError(f'TFDS has no dataset named {name!r}') from e
+    known = tfds.list_builders(with_community_datasets=False)
+    close = difflib.get_close_matches(name.split(':')[0].split('/')[0], known, n=3)
+    hint = f'; did you mean {", ".join(close)}?' if close else ' (see tfds.list_builders())'
+    raise DataError(f'TFDS has no dataset named {name!r}{hint}') from e
   except Exception as e:  # pylint: disable=broad-except
     # Unprepared data surfaces as a NotImplementedError about TFRECORD; say what to run instead.
     # (The builder is only consulted on failure: under tfds.testing.mock_data it claims to be

@@ -228,9 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     The final results (also written to <workdir>/results.json).
   """
   config_lib.validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise ValueError(f'--workdir={workdir} is not writable; choose another directory.')
+  workdir_lib.check_writable(workdir)
   data = data or prepare_data(config)
   workdir_lib.snapshot_config(workdir, config)
   dataset = data.dataset
@@ -252,8 +250,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
   total = config.distill.iterations
   evaluation_steps = _evaluation_steps(config)
-  window_sums, window_start, window_steps = None, time.perf_counter(), 0
+  window, window_start = [], time.perf_counter()  # per-step metrics since the last log line
   start_step = int(state.step)
+  last_saved = start_step if restored is not None else None
   if start_step < total:
     weights = method.weights
     print(f'Distilling {dataset.name} with {config.method.upper()}: {dataset.num_classes} '
@@ -262,27 +261,28 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   last_evaluation = None
   for step in range(start_step + 1, total + 1):
     state, metrics = method.step(state, data.sampler)
-    window_sums = metrics if window_sums is None else jax.tree_util.tree_map(
-        jnp.add, window_sums, metrics)
-    window_steps += 1
-    if step % config.distill.log_every == 0 or step == total:
-      means = {k: float(v) / window_steps for k, v in jax.device_get(window_sums).items()}
-      if not all(np.isfinite(v) for v in means.values()):
-        bad = [k for k, v in means.items() if not np.isfinite(v)]
-        raise FloatingPointError(f'Non-finite loss term(s) {bad} at step {step}; the last '
-                                 f'checkpoint in {workdir}/checkpoints is intact.')
-      elapsed = time.perf_counter() - window_start
-      rate = window_steps / elapsed
+    window.append(metrics)
+    log_now = step % config.distill.log_every == 0 or step == total
+    evaluate_now = step in evaluation_steps
+    save_now = step % config.distill.checkpoint_every == 0 or evaluate_now
+    if log_now or evaluate_now or save_now:
+      # Nothing non-finite is logged, evaluated or checkpointed: the last checkpoint stays good.
+      window_metrics = jax.device_get(window)
+      check_finite(window_metrics, state.images, step, workdir, last_saved)
+    if log_now:
+      means = {k: float(np.mean([m[k] for m in window_metrics])) for k in window_metrics[0]}
+      rate = len(window) / (time.perf_counter() - window_start)
       names = ['loss'] + sorted(k for k in means if k not in ('loss', 'grad_norm'))
       terms = ' '.join(f'{k} {means[k]:.4g}' for k in names)
       print(f'step {step}/{total} | {rate:.2f} it/s | {terms} | ETA '
             f'{workdir_lib.format_duration((total - step) / rate)}', flush=True)
       workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
-      window_sums, window_start, window_steps = None, time.perf_counter(), 0
-    if step in evaluation_steps:
+      window, window_start = [], time.perf_counter()
+    if evaluate_now:
       last_evaluation = _evaluate_and_record(config, data, method, state, step, keys, workdir)
-    if step % config.distill.checkpoint_every == 0 or step in evaluation_steps:
+    if save_now:
       checkpointer.save(step, state)
+      last_saved = step
   checkpointer.close()
 
   if last_evaluation is None and os.path.exists(results_path):
@@ -300,6 +300,43 @@ def run(config: ml_collections.ConfigDict, workdir: str,
              'cc_extractor': config.constraints.cc.extractor, 'eval': last_evaluation}
   workdir_lib.write_json(results_path, results)
   return results
+
+
+def check_finite(window_metrics: list[dict[str, Any]], images: jax.Array, step: int,
+                 workdir: str, last_saved: int | None) -> None:
+  """Stops the run when a loss term or the synthetic images went non-finite.
+
+  Args:
+    window_metrics: host metrics of the steps `step - len(window_metrics) + 1 .. step`.
+    images: the synthetic images after `step`.
+    step: the current step.
+    workdir: the run directory (named in the message).
+    last_saved: the step of the newest checkpoint, or None.
+
+  Raises:
+    FloatingPointError: naming the first step with a non-finite metric (loss terms, grad_norm,
+      ...) and those metrics, or else the images; and the checkpoint a rerun would resume from.
+  """
+  first_step = step - len(window_metrics) + 1
+  images_finite = bool(jnp.all(jnp.isfinite(images)))
+  problem = None
+  for offset, metrics in enumerate(window_metrics):
+    bad = sorted(name for name, value in metrics.items() if not np.all(np.isfinite(value)))
+    if bad:
+      problem = f'{", ".join(bad)} became non-finite at step {first_step + offset}'
+      if not images_finite:
+        problem += f' (the synthetic images at step {step} are non-finite too)'
+      break
+  if problem is None and not images_finite:
+    problem = (f'the synthetic images became non-finite between steps {first_step} and {step} '
+               'while every loss term stayed finite')
+  if problem is None:
+    return
+  resume = (f'the last checkpoint (step {last_saved}) in {workdir}/checkpoints is intact'
+            if last_saved is not None else 'no checkpoint was written')
+  raise FloatingPointError(
+      f'Stopped: {problem}; {resume}. Lower distill.lr or the constraint weights '
+      '(constraints.cc.weight, constraints.cm.weight) and rerun in a new --workdir.')
 
 
 def _evaluate_and_record(config, data, method, state, step, keys, workdir) -> dict[str, Any]:
