@@ -29,7 +29,9 @@ class Checkpointer:
     return ocp.CheckpointManager(
         self._directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             # a killed save's temporary directory
+                                             cleanup_tmp_directories=True))
 
   def save(self, step: int, state: Any) -> None:
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)

@@ -24,12 +24,21 @@ import numpy as np
 from PIL import Image
 
 
+# Temporary files of atomic_write are '.<name>.<random>.tmp' beside their target.
+_TEMPORARY_SUFFIX = '.tmp'
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
-  """Opens a temporary file beside `path`; renames it over `path` only if the block succeeds."""
+  """Opens a temporary file beside `path`; renames it over `path` only if the block succeeds.
+
+  A process killed inside the block leaves `path` as it was, plus a hidden temporary file that
+  `remove_stale_temporaries` deletes.
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
+  handle, temporary = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
+                                       suffix=_TEMPORARY_SUFFIX)
   try:
     os.chmod(temporary, 0o644)  # mkstemp makes it owner-only
     with os.fdopen(handle, mode) as f:
@@ -41,6 +50,25 @@ def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
     with contextlib.suppress(FileNotFoundError):
       os.remove(temporary)
     raise
+
+
+def remove_stale_temporaries(workdir: str) -> list[str]:
+  """Deletes the temporary files that killed `atomic_write`s left under `workdir`.
+
+  Orbax's checkpoint directories are left to Orbax. Only call this while no other process writes
+  to `workdir`.
+
+  Returns:
+    The deleted paths.
+  """
+  removed = []
+  for root, directories, files in os.walk(workdir):
+    directories[:] = [d for d in directories if d != 'checkpoints']
+    for name in files:
+      if name.startswith('.') and name.endswith(_TEMPORARY_SUFFIX):
+        removed.append(os.path.join(root, name))
+        os.remove(removed[-1])
+  return removed
 
 
 def check_writable(workdir: str) -> None:

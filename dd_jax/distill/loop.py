@@ -229,6 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate_config(config)
   workdir_lib.check_writable(workdir)
+  workdir_lib.remove_stale_temporaries(workdir)
   data = data or prepare_data(config)
   workdir_lib.snapshot_config(workdir, config)
   dataset = data.dataset
