@@ -51,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.distill.lr = 1.0
   config.distill.momentum = 0.5
   config.distill.num_nets = 1  # random networks matched per step (vmap over networks)
+  # DM: devices the step's classes (and networks) are split across (dd_jax.sharding); 0: all
+  # that jax sees (every host's, after jax.distributed.initialize), 1: one device.
+  config.distill.devices = 0
   config.distill.eval_every = 2_000
   config.distill.checkpoint_every = 500
   config.distill.log_every = 100
@@ -233,6 +236,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 'log_every', 'lr'):
     _check_positive(config.distill[field], f'distill.{field}')
   _check_positive(config.distill.momentum, 'distill.momentum', allow_zero=True)
+  _check_positive(config.distill.devices, 'distill.devices', allow_zero=True)
   # A resumed run re-logs from its checkpoint; aligned windows make those lines identical.
   for field in ('checkpoint_every', 'eval_every'):
     if config.distill[field] % config.distill.log_every:

@@ -26,6 +26,7 @@ from dd_jax import augment as augment_lib
 from dd_jax import data as data_lib
 from dd_jax import losses
 from dd_jax import models
+from dd_jax import sharding as sharding_lib
 
 
 @flax.struct.dataclass
@@ -109,28 +110,39 @@ class DMSettings:
 
 def make_dm_step(net: models.Network, settings: DMSettings,
                  optimizer: optax.GradientTransformation,
-                 cc_extractor: CentralizationExtractor = matching_net_extractor
+                 cc_extractor: CentralizationExtractor = matching_net_extractor,
+                 mesh: jax.sharding.Mesh | None = None
                  ) -> Callable[[DistillState, data_lib.ClassSampler],
                                tuple[DistillState, dict[str, jax.Array]]]:
   """Builds the step `(state, sampler) -> (state, metrics)`; its jitted core traces once.
 
-  Metrics: 'loss' (weighted total), the unweighted terms 'dm', 'cc', 'cm' (summed over classes,
-  averaged over networks) and 'grad_norm'.
+  Args:
+    net: the matching network architecture.
+    settings: static step settings.
+    optimizer: the optax optimizer of the synthetic images.
+    cc_extractor: where class centralization takes its features.
+    mesh: a `sharding.class_mesh`: classes (and networks) split across its devices; the state
+      must be placed with `sharding.place_state`. None: one device.
+
+  Returns:
+    The step. Metrics: 'loss' (weighted total), the unweighted terms 'dm', 'cc', 'cm' (summed
+    over classes, averaged over networks) and 'grad_norm'.
   """
   num_classes, ipc, batch_real = settings.num_classes, settings.ipc, settings.batch_real
+  by_class = lambda x: sharding_lib.constrain_by_class(x, mesh)
 
   def loss_fn(images, key, sampler, extractor_params):
     net_key, real_key, augment_key, cc_key = jax.random.split(key, 4)
     image_shape = images.shape[1:]
-    real = data_lib.sample_all_classes(sampler, real_key, batch_real)
+    real = by_class(data_lib.sample_all_classes(sampler, real_key, batch_real))
     real = data_lib.normalize(real, settings.mean, settings.std)
-    syn = images.reshape(num_classes, ipc, *image_shape)
+    syn = by_class(images.reshape(num_classes, ipc, *image_shape))
     # Siamese DSA: one draw per class, shared by that class's real and synthetic images.
     class_keys = jax.random.split(augment_key, num_classes)
     augment = lambda k, x: augment_lib.augment(k, x, settings.strategy, siamese=True)
     real = jax.lax.stop_gradient(jax.vmap(augment)(class_keys, real))
     syn = jax.vmap(augment)(class_keys, syn)
-    syn_flat = syn.reshape(num_classes * ipc, *image_shape)
+    syn_flat = by_class(syn.reshape(num_classes * ipc, *image_shape))
     per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])  # [K * n, ...] -> [K, n, ...]
 
     def terms_for_network(network_key, network_cc_key):
@@ -141,10 +153,13 @@ def make_dm_step(net: models.Network, settings: DMSettings,
         real_features, real_map = jax.tree_util.tree_map(
             lambda x: per_class(x, batch_real),
             embed(real.reshape(num_classes * batch_real, *image_shape)))
-      else:
+      elif mesh is None:
         # Per-sample norms: one class at a time gives the same numbers with memory bounded by
         # one class's batch (K * batch_real images at once would not fit for 200 classes).
         real_features, real_map = jax.lax.map(embed, real)
+      else:
+        # Split across devices, each embeds its own classes at once (a loop would not split).
+        real_features, real_map = by_class(jax.vmap(embed)(real))
       syn_features, syn_map = embed(syn_flat)
       cc_features = cc_extractor.features(extractor_params, network_cc_key, syn_flat,
                                           syn_features)
@@ -154,8 +169,11 @@ def make_dm_step(net: models.Network, settings: DMSettings,
 
     network_keys = jax.random.split(net_key, settings.num_nets)
     network_cc_keys = jax.random.split(cc_key, settings.num_nets)
+    # With a mesh, the networks split over its 'nets' axis.
+    over_networks = jax.vmap(terms_for_network,
+                             spmd_axis_name=sharding_lib.NETS if mesh is not None else None)
     terms = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0),
-                                   jax.vmap(terms_for_network)(network_keys, network_cc_keys))
+                                   over_networks(network_keys, network_cc_keys))
     return terms.total, terms
 
   @jax.jit
@@ -163,13 +181,16 @@ def make_dm_step(net: models.Network, settings: DMSettings,
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     grads, terms = jax.grad(loss_fn, has_aux=True)(state.images, key, sampler, extractor_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.images)
-    images = optax.apply_updates(state.images, updates)
+    images = by_class(optax.apply_updates(state.images, updates))
     metrics = {'loss': terms.total, 'dm': terms.dm, 'cc': terms.cc, 'cm': terms.cm,
                'grad_norm': optax.tree_utils.tree_norm(grads)}
     return state.replace(step=state.step + 1, images=images, opt_state=opt_state), metrics
 
   def step(state: DistillState, sampler: data_lib.ClassSampler):
     # The extractor's parameters (e.g. a pool) are an argument, never compile-time constants.
-    return jitted_step(state, sampler, cc_extractor.params)
+    params = cc_extractor.params
+    if mesh is not None:  # on every device of the mesh (a no-op once they are)
+      sampler, params = sharding_lib.replicate((sampler, params), mesh)
+    return jitted_step(state, sampler, params)
 
   return step

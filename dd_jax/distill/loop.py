@@ -29,6 +29,7 @@ from dd_jax import evaluate as evaluate_lib
 from dd_jax import losses
 from dd_jax import models
 from dd_jax import pool as pool_lib
+from dd_jax import sharding as sharding_lib
 from dd_jax import workdir as workdir_lib
 from dd_jax.distill import dm
 from dd_jax.distill import idm
@@ -163,6 +164,21 @@ def centralization_extractor(config: ml_collections.ConfigDict,
   return pool_lib.pool_extractor(data.pools[directory])
 
 
+def device_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh | None:
+  """The mesh the DM step splits over (config.distill.devices), or None for one device."""
+  available = jax.device_count()
+  devices = config.distill.devices or available
+  if devices > available:
+    raise ValueError(f'config.distill.devices={devices}, but jax sees {available} device(s); '
+                     'use 0 (all) or a smaller number.')
+  if devices == 1:
+    return None
+  if config.method != 'dm':
+    logging.warning('%s runs on one device (distill.devices applies to DM).', config.method)
+    return None
+  return sharding_lib.class_mesh(devices, num_nets=config.distill.num_nets)
+
+
 def build_method(config: ml_collections.ConfigDict, data: PreparedData,
                  keys: RunKeys) -> Method:
   """The initial state and the step of `config.method` on `data`."""
@@ -181,8 +197,11 @@ def build_method(config: ml_collections.ConfigDict, data: PreparedData,
                              batch_real=config.distill.batch_real,
                              num_nets=config.distill.num_nets, strategy=config.augment.strategy,
                              weights=weights, mean=dataset.mean, std=dataset.std)
-    return Method(state=dm.init_state(images, labels, optimizer, keys.distill),
-                  step=dm.make_dm_step(net, settings, optimizer, extractor),
+    state = dm.init_state(images, labels, optimizer, keys.distill)
+    mesh = device_mesh(config)
+    if mesh is not None:
+      state = sharding_lib.place_state(state, mesh)
+    return Method(state=state, step=dm.make_dm_step(net, settings, optimizer, extractor, mesh),
                   training_set=lambda state: (state.images, state.labels), weights=weights)
   settings = idm.IDMSettings(
       num_classes=dataset.num_classes, ipc=config.ipc, batch_real=config.distill.batch_real,
