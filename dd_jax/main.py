@@ -5,7 +5,8 @@
       --config.dataset.name=folder:/data/cifar10 --config.constraints.cm.weight=0
 
 The config is locked: a misspelled `--config.x=y` is an error. Rerunning a command resumes its
-workdir.
+workdir. Several hosts: start the same command in every process with `--distributed` (README,
+"Several devices and hosts").
 """
 
 import sys
@@ -16,16 +17,25 @@ from absl import logging
 from ml_collections import config_flags
 
 from dd_jax import compare
+from dd_jax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; rerun to resume).')
 flags.mark_flags_as_required(['config', 'workdir'])
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Multi-process run (one process per host): jax.distributed.initialize '
+    'with the flags below, detected on TPU pods, SLURM and Open MPI when left unset.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _DISTRIBUTED.value:
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if not any(arg.startswith(('--verbosity', '-v')) for arg in sys.argv[1:]):
     # Orbax logs every checkpoint step at INFO (and its import raises absl's verbosity);
     # progress lines are printed separately. Pass --verbosity=0 to see them.

@@ -11,6 +11,12 @@ scalar loss and nothing else. Network parameters are built from the step key on 
     step = dm.make_dm_step(net, settings, optimizer, extractor, mesh=mesh)
 
 Uneven splits (10 classes on 4 devices) are allowed: XLA pads the last shard.
+
+Several hosts: call `initialize_distributed()` first in every process (`python -m dd_jax.main
+--distributed`); `jax.devices()` then lists every host's devices, the mesh spans them all, each
+process holds the whole dataset and the compiled program reduces across hosts. Every process
+computes the same arrays from the same keys (device d samples the real images of its classes),
+so the result equals the one-device run to float tolerance.
 """
 
 from __future__ import annotations
@@ -68,15 +74,52 @@ def constrain_by_class(x: Any, mesh: Mesh | None) -> Any:
   return jax.lax.with_sharding_constraint(x, by_class(mesh))
 
 
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  # Through the host: a process can only hand its own data to a mesh spanning other processes.
+  return jax.device_put(np.asarray(jax.device_get(x)), sharding)
+
+
 def place_state(state: Any, mesh: Mesh) -> Any:
   """Puts a DistillState on `mesh`: images, labels and same-shaped optimizer leaves split by
-  class, everything else (step, key, scalar optimizer state) replicated."""
+  class, everything else (step, key, scalar optimizer state) replicated. Every process must pass
+  the same values."""
   rows = state.images.shape[0]
   sharding = lambda x: (by_class(mesh) if np.ndim(x) and np.shape(x)[0] == rows else
                         replicated(mesh))
-  return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding(x)), state)
+  return jax.tree_util.tree_map(lambda x: _put(x, sharding(x)), state)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Copies a pytree to every device of `mesh` (no copy if it is there already)."""
-  return jax.device_put(tree, replicated(mesh))
+  """Copies a pytree to every device of `mesh` (leaves already there are kept as they are)."""
+  return jax.tree_util.tree_map(lambda x: _put(x, replicated(mesh)), tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole array as numpy in every process (gathered from other hosts if it spans them)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """`jax.distributed.initialize` for a multi-process run; call before any other jax use.
+
+  On TPU pods, SLURM and Open MPI clusters the arguments are detected; elsewhere give all three
+  (the coordinator is process 0's `host:port`). CPU processes use gloo collectives.
+
+  Args:
+    coordinator_address: 'host:port' of process 0, or None to detect.
+    num_processes: number of processes, or None to detect.
+    process_id: this process's index, or None to detect.
+  """
+  try:  # CPU collectives across processes (no effect on GPU / TPU computations)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  except AttributeError:  # a jax without the option
+    pass
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)

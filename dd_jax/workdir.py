@@ -19,6 +19,7 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -28,13 +29,23 @@ from PIL import Image
 _TEMPORARY_SUFFIX = '.tmp'
 
 
+def is_primary() -> bool:
+  """Whether this process writes the run's files: process 0 of a multi-process run (and the
+  only process otherwise). The others compute the same values and discard their writes."""
+  return jax.process_index() == 0
+
+
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
+def atomic_write(path: str, mode: str = 'wb', *, every_process: bool = False) -> Iterator[Any]:
   """Opens a temporary file beside `path`; renames it over `path` only if the block succeeds.
 
   A process killed inside the block leaves `path` as it was, plus a hidden temporary file that
-  `remove_stale_temporaries` deletes.
+  `remove_stale_temporaries` deletes. Outside the primary process (see `is_primary`) the block
+  writes to memory and nothing is stored, unless `every_process` (host-local files, e.g. caches).
   """
+  if not (every_process or is_primary()):
+    yield io.StringIO() if 'b' not in mode else io.BytesIO()
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   handle, temporary = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
@@ -55,13 +66,15 @@ def atomic_write(path: str, mode: str = 'wb') -> Iterator[Any]:
 def remove_stale_temporaries(workdir: str) -> list[str]:
   """Deletes the temporary files that killed `atomic_write`s left under `workdir`.
 
-  Orbax's checkpoint directories are left to Orbax. Only call this while no other process writes
-  to `workdir`.
+  Orbax's checkpoint directories are left to Orbax. Only call this while no other run writes to
+  `workdir`; in a multi-process run only the primary process deletes.
 
   Returns:
     The deleted paths.
   """
   removed = []
+  if not is_primary():  # its writes may be in flight
+    return removed
   for root, directories, files in os.walk(workdir):
     directories[:] = [d for d in directories if d != 'checkpoints']
     for name in files:

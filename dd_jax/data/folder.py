@@ -177,7 +177,7 @@ def _load_cache(path: str) -> dict[str, np.ndarray] | None:
 def _save_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
   """Writes atomically, so readers never see a partial cache; a failure only warns."""
   try:
-    with workdir_lib.atomic_write(path) as f:
+    with workdir_lib.atomic_write(path, every_process=True) as f:  # each host its own cache
       np.savez(f, **arrays)  # uncompressed: loading 60k CIFAR images takes a fraction of a second
   except OSError as e:
     warnings.warn(f'could not write the dataset cache {path} ({e}); the next load decodes again')

@@ -186,11 +186,15 @@ def make_dm_step(net: models.Network, settings: DMSettings,
                'grad_norm': optax.tree_utils.tree_norm(grads)}
     return state.replace(step=state.step + 1, images=images, opt_state=opt_state), metrics
 
+  placed = {}  # the sampler and the extractor's parameters copied to the mesh, once
+
   def step(state: DistillState, sampler: data_lib.ClassSampler):
     # The extractor's parameters (e.g. a pool) are an argument, never compile-time constants.
     params = cc_extractor.params
-    if mesh is not None:  # on every device of the mesh (a no-op once they are)
-      sampler, params = sharding_lib.replicate((sampler, params), mesh)
+    if mesh is not None:
+      if placed.get('source') is not sampler:
+        placed.update(source=sampler, value=sharding_lib.replicate((sampler, params), mesh))
+      sampler, params = placed['value']
     return jitted_step(state, sampler, params)
 
   return step

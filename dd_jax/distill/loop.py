@@ -309,8 +309,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     return workdir_lib.read_json(results_path)  # already finished
   if last_evaluation is None:  # resumed exactly at the end without a results file
     last_evaluation = _evaluate_and_record(config, data, method, state, total, keys, workdir)
-  images, labels = method.training_set(state)
-  pixels = lambda x: np.asarray(dataset.denormalize(x, clip=True))
+  images, labels = map(sharding_lib.to_host, method.training_set(state))
+  pixels = lambda x: np.asarray(dataset.denormalize(sharding_lib.to_host(x), clip=True))
   workdir_lib.export_synthetic(
       os.path.join(workdir, 'synthetic.npz'), pixels(images), np.asarray(labels),
       dataset.class_names, dataset.mean, dataset.std,
@@ -361,7 +361,8 @@ def check_finite(window_metrics: list[dict[str, Any]], images: jax.Array, step: 
 
 def _evaluate_and_record(config, data, method, state, step, keys, workdir) -> dict[str, Any]:
   start = time.perf_counter()
-  evaluation = evaluate_images(config, data, *method.training_set(state),
+  images, labels = map(sharding_lib.to_host, method.training_set(state))
+  evaluation = evaluate_images(config, data, images, labels,
                                jax.random.fold_in(keys.evaluate, step))
   seconds = time.perf_counter() - start
   print(f'step {step}: {evaluation["model"]} test accuracy {evaluation["mean"]:.2f} +- '
@@ -370,7 +371,7 @@ def _evaluate_and_record(config, data, method, state, step, keys, workdir) -> di
   workdir_lib.append_metrics(os.path.join(workdir, 'metrics.jsonl'),
                              {'step': step, 'eval': evaluation, 'eval_seconds': seconds})
   dataset = data.dataset
-  pixels = np.asarray(dataset.denormalize(state.images, clip=True))
+  pixels = np.asarray(dataset.denormalize(sharding_lib.to_host(state.images), clip=True))
   workdir_lib.write_png(os.path.join(workdir, 'images', f'step_{step:06d}.png'),
                         workdir_lib.image_grid(pixels, rows=dataset.num_classes))
   return evaluation
