@@ -188,13 +188,18 @@ def make_dm_step(net: models.Network, settings: DMSettings,
 
   placed = {}  # the sampler and the extractor's parameters copied to the mesh, once
 
-  def step(state: DistillState, sampler: data_lib.ClassSampler):
+  def arguments(state: DistillState, sampler: data_lib.ClassSampler):
     # The extractor's parameters (e.g. a pool) are an argument, never compile-time constants.
     params = cc_extractor.params
     if mesh is not None:
       if placed.get('source') is not sampler:
         placed.update(source=sampler, value=sharding_lib.replicate((sampler, params), mesh))
       sampler, params = placed['value']
-    return jitted_step(state, sampler, params)
+    return state, sampler, params
 
+  def step(state: DistillState, sampler: data_lib.ClassSampler):
+    return jitted_step(*arguments(state, sampler))
+
+  # The compiled core and its arguments, to lower it (FLOPs, memory) or count its traces.
+  step.jitted, step.arguments = jitted_step, arguments
   return step

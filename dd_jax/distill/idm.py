@@ -432,8 +432,12 @@ def make_idm_step(net: models.Network, settings: IDMSettings,
     return state.replace(step=state.step + 1, images=images, opt_state=opt_state,
                          queue=queue), metrics
 
-  def step(state: IDMState, sampler: data_lib.ClassSampler):
-    return jitted_step(state, sampler, cc_extractor.params)
+  def arguments(state: IDMState, sampler: data_lib.ClassSampler):
+    return state, sampler, cc_extractor.params
 
-  step.jitted = jitted_step  # for tests (trace counting)
+  def step(state: IDMState, sampler: data_lib.ClassSampler):
+    return jitted_step(*arguments(state, sampler))
+
+  # The compiled core and its arguments, to lower it (FLOPs, memory) or count its traces.
+  step.jitted, step.arguments = jitted_step, arguments
   return step

@@ -1,0 +1,208 @@
+"""Speed benchmark: the jitted distillation step and the evaluation program at CIFAR-10 shapes.
+
+  python experiments/bench_speed.py                       # DM, DM + IID, IDM + IID x IPC 1/10/50
+  python experiments/bench_speed.py --ipcs=10 --methods=dm_iid --repeats=3
+
+Data: random uint8 images shaped like CIFAR-10 (10 classes x `--per_class` 32x32x3 images; the
+speed does not depend on the pixels), written once as an npz dataset so the steps are built by
+the library's own `loop.build_method`. IDM + IID uses CC on the matching network (no pool to
+train); everything else is the config's (ConvNet, DSA, batch_real).
+
+Per method and IPC: milliseconds per step (median of --repeats after one warm-up call that
+compiles), real images embedded per second, the step's dense FLOPs (dot products and
+convolutions counted from its jaxpr, scans multiplied out: the backbone's FLOPs on real and
+synthetic images, forward and backward) and achieved FLOP/s; the ceiling is the dense float32
+matmul FLOP/s measured in the same run (median over a few square sizes, best size reported);
+peak memory is XLA's compile-time estimate (arguments + outputs + temporaries), and the
+device's measured peak where the backend reports one (GPU).
+
+Evaluation: one epoch of --num_eval networks trained together (vmap) vs the same networks one
+at a time, on --eval_images synthetic images (default 500 = IPC 50), median of repeats.
+
+Writes --out (JSON) and prints a markdown table.
+"""
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dd_jax import compare
+from dd_jax import config as config_lib
+from dd_jax import evaluate as evaluate_lib
+from dd_jax import flops as flops_lib
+from dd_jax import models
+from dd_jax import train as train_lib
+from dd_jax.distill import loop
+
+_IPCS = flags.DEFINE_list('ipcs', ['1', '10', '50'], 'Images per class.')
+_METHODS = flags.DEFINE_list('methods', ['dm', 'dm_iid', 'idm_iid'], 'Step variants to time.')
+_BATCH_REAL = flags.DEFINE_integer('batch_real', 256, 'Real images per class and step.')
+_PER_CLASS = flags.DEFINE_integer('per_class', 300, 'Random training images per class.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median).')
+_NUM_EVAL = flags.DEFINE_integer('num_eval', 5, 'Evaluation networks.')
+_EVAL_IMAGES = flags.DEFINE_integer('eval_images', 500, 'Images the evaluation trains on.')
+_SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
+_OUT = flags.DEFINE_string('out', 'experiments/results/bench_speed.json', 'Results file.')
+
+NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
+
+
+# ----------------------------------------------------------------------------------- timing
+
+def _median_seconds(fn, repeats):
+  jax.block_until_ready(fn())  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_ceiling(repeats: int) -> tuple[float, int]:
+  """The best dense float32 matmul FLOP/s over a few square sizes, and that size."""
+  best = (0.0, 0)
+  for n in (512, 1024, 2048):
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    seconds = _median_seconds(lambda: matmul(a, b), repeats)
+    best = max(best, (2.0 * n ** 3 / seconds, n))
+  return best
+
+
+def _memory(compiled) -> float | None:
+  try:
+    analysis = compiled.memory_analysis()
+    return float(analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
+                 analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _device_peak() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats['peak_bytes_in_use']) if 'peak_bytes_in_use' in stats else None
+
+
+def _dataset_npz(directory: str) -> str:
+  rng = np.random.default_rng(0)
+  count = NUM_CLASSES * _PER_CLASS.value
+  path = os.path.join(directory, 'bench.npz')
+  np.savez(path, x_train=rng.integers(0, 256, (count, *IMAGE_SHAPE), np.uint8),
+           y_train=np.repeat(np.arange(NUM_CLASSES), _PER_CLASS.value),
+           x_test=rng.integers(0, 256, (100, *IMAGE_SHAPE), np.uint8),
+           y_test=np.arange(100) % NUM_CLASSES)
+  return path
+
+
+def _config(dataset_path: str, method: str, ipc: int):
+  config = config_lib.default_config()
+  config.dataset.name = f'npz:{dataset_path}'
+  config.dataset.normalization = 'cifar10'
+  config.ipc = ipc
+  config_lib.set_method(config, 'idm' if method.startswith('idm') else 'dm')
+  config = compare.variant_config(config, method)
+  config.constraints.cc.extractor = 'matching_net'
+  config.distill.batch_real = _BATCH_REAL.value
+  config.idm.train_batch = _BATCH_REAL.value
+  return config
+
+
+def time_step(dataset_path: str, method: str, ipc: int) -> dict:
+  config = _config(dataset_path, method, ipc)
+  data = loop.prepare_data(config)
+  method_obj = loop.build_method(config, data, loop.RunKeys.from_seed(0))
+  state = method_obj.state
+  calls = {'state': state}
+
+  def one_step():
+    calls['state'], metrics = method_obj.step(calls['state'], data.sampler)
+    return metrics
+
+  seconds = _median_seconds(one_step, _REPEATS.value)
+  record = {'method': method, 'ipc': ipc, 'ms_per_step': 1e3 * seconds,
+            'real_images_per_s': NUM_CLASSES * _BATCH_REAL.value / seconds}
+  jitted, args = method_obj.step.jitted, method_obj.step.arguments(calls['state'], data.sampler)
+  record['flops'] = flops_lib.dense_flops(jax.make_jaxpr(jitted)(*args))
+  record['flop_per_s'] = record['flops'] / seconds
+  record['compiled_bytes'] = _memory(jitted.lower(*args).compile())
+  record['device_peak_bytes'] = _device_peak()
+  return record
+
+
+def time_evaluation(repeats: int) -> dict:
+  net = models.get_network('ConvNet', NUM_CLASSES)
+  settings = evaluate_lib.EvalSettings(epochs=1, num_eval=_NUM_EVAL.value).train_settings()
+  images = jax.random.normal(jax.random.key(0), (_EVAL_IMAGES.value, *IMAGE_SHAPE))
+  labels = jnp.arange(_EVAL_IMAGES.value) % NUM_CLASSES
+  keys = jax.random.split(jax.random.key(1), _NUM_EVAL.value)
+  train = jax.jit(lambda k, op: train_lib.train_networks(k, op, images, labels, net, settings))
+  together = _median_seconds(lambda: train(keys, jax.random.key(2)), repeats)
+  alone = _NUM_EVAL.value * _median_seconds(lambda: train(keys[:1], jax.random.key(2)), repeats)
+  return {'num_eval': _NUM_EVAL.value, 'images': _EVAL_IMAGES.value,
+          'together_s_per_epoch': together, 'one_at_a_time_s_per_epoch': alone,
+          'speedup': alone / together}
+
+
+def main(argv):
+  del argv
+  ceiling, size = matmul_ceiling(_REPEATS.value)
+  device = jax.devices()[0]
+  results = {'date': time.strftime('%Y-%m-%d'), 'device': f'{device.platform}: {device.device_kind}',
+             'host': f'{platform.machine()}, {os.cpu_count()} cores', 'jax': jax.__version__,
+             'batch_real': _BATCH_REAL.value, 'matmul_flop_per_s': ceiling,
+             'matmul_size': size, 'steps': []}
+  print(f'{results["device"]} ({results["host"]}, jax {jax.__version__}): dense matmul '
+        f'{ceiling / 1e9:.1f} GFLOP/s (float32, {size}x{size})', flush=True)
+  with tempfile.TemporaryDirectory() as directory:
+    dataset_path = _dataset_npz(directory)
+    for method in _METHODS.value:
+      for ipc in map(int, _IPCS.value):
+        record = time_step(dataset_path, method, ipc)
+        if 'flop_per_s' in record:
+          record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
+        results['steps'].append(record)
+        print(json.dumps(record), flush=True)
+  if not _SKIP_EVAL.value:
+    results['evaluation'] = time_evaluation(max(2, _REPEATS.value // 2))
+    print(json.dumps(results['evaluation']), flush=True)
+  with open(_OUT.value, 'w') as f:
+    json.dump(results, f, indent=2)
+    f.write('\n')
+  print(format_table(results))
+
+
+def format_table(results: dict) -> str:
+  lines = [f'{results["device"]}, {results["host"]}, jax {results["jax"]}, {results["date"]}; '
+           f'batch_real {results["batch_real"]}; dense matmul ceiling '
+           f'{results["matmul_flop_per_s"] / 1e9:.1f} GFLOP/s', '',
+           '| method | IPC | ms / step | real img / s | GFLOP / step | GFLOP/s | of matmul | '
+           'memory (XLA est.) |', '|---|---|---|---|---|---|---|---|']
+  for r in results['steps']:
+    flops = r.get('flops')
+    memory = r.get('compiled_bytes')
+    lines.append(
+        f'| {r["method"]} | {r["ipc"]} | {r["ms_per_step"]:.0f} | {r["real_images_per_s"]:.0f} | '
+        + (f'{flops / 1e9:.1f} | {r["flop_per_s"] / 1e9:.1f} | {100 * r["fraction_of_matmul"]:.0f}% | '
+           if flops else '- | - | - | ')
+        + (f'{memory / 2**20:.0f} MiB |' if memory else '- |'))
+  if 'evaluation' in results:
+    e = results['evaluation']
+    lines += ['', f'Evaluation, one epoch on {e["images"]} images: {e["num_eval"]} ConvNets '
+                  f'together {e["together_s_per_epoch"]:.2f} s, one at a time '
+                  f'{e["one_at_a_time_s_per_epoch"]:.2f} s ({e["speedup"]:.2f}x).']
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,35 @@
+"""The dense FLOP counter against hand-computed counts."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dd_jax import flops
+from dd_jax import models
+
+
+def test_matmul_conv_scan_and_cond():
+  a, b = jnp.ones((3, 4)), jnp.ones((4, 5))
+  assert flops.count(jnp.matmul, a, b) == 2 * 3 * 4 * 5
+  x, w = jnp.ones((2, 7, 7, 3)), jnp.ones((3, 3, 3, 8))  # NHWC, HWIO, SAME: out 2x7x7x8
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  assert flops.count(conv, x, w) == 2 * (2 * 7 * 7 * 8) * (3 * 3 * 3)
+  scanned = lambda a, b: jax.lax.scan(lambda c, _: (c, c @ b), a, None, length=6)[1]
+  assert flops.count(scanned, a, b) == 6 * 2 * 3 * 4 * 5
+  cond = lambda p, a, b: jax.lax.cond(p, lambda: (a @ b).sum(), lambda: a.sum())
+  assert flops.count(cond, True, a, b) == 2 * 3 * 4 * 5
+  # Under jit and grad: the backward of a matmul is two more matmuls.
+  loss = jax.jit(lambda a, b: jnp.sum(a @ b))
+  assert flops.count(jax.grad(loss), a, b) == 2 * (2 * 3 * 4 * 5)
+
+
+@pytest.mark.parametrize('conv_impl', ['xla', 'im2col'])
+def test_convnet_forward_matches_the_published_layer_shapes(conv_impl):
+  # ConvNet (width 128, depth 3) at 32x32x3: 3x3 convolutions at 32, 16 and 8 pixels square.
+  net = models.get_network('ConvNet', 10, conv_impl=conv_impl)
+  variables = net.init(jax.random.key(0), (1, 32, 32, 3))
+  expected_convs = 2 * (32 * 32 * 128 * 27 + 16 * 16 * 128 * 1152 + 8 * 8 * 128 * 1152)
+  expected_classifier = 2 * 2048 * 10
+  counted = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
+  assert counted == 4 * (expected_convs + expected_classifier)
