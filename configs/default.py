@@ -6,7 +6,7 @@ Run (from the repository root):
 
 Every field is documented in `dd_jax/config.py`; override any of them on the command line, e.g.
 `--config.ipc=3 --config.constraints.cm.weight=0`. Presets import this default and override a
-few fields (see configs/digits.py, configs/cifar10.py).
+few fields (see configs/digits.py, configs/paper.py).
 """
 
 from dd_jax import config as config_lib

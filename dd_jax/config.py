@@ -21,11 +21,11 @@ CM_GROUPINGS = ('channel', 'channel_row')
 def default_config() -> ml_collections.ConfigDict:
   """DM + IID with the reference hyper-parameters on CIFAR-10 (SPEC sections 4, 5, 7).
 
-  Presets override what differs: configs/digits.py (the offline main job) and configs/cifar10.py.
+  Presets override what differs: configs/digits.py (the offline main job) and configs/paper.py.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.method = 'dm'  # dm (SPEC 5) | idm (SPEC 6; presets in configs/idm.py)
+  config.method = 'dm'  # dm (SPEC 5) | idm (SPEC 6; presets in configs/paper.py)
   config.ipc = 10
 
   config.dataset = ml_collections.ConfigDict()

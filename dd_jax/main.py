@@ -1,7 +1,7 @@
 """Command-line entry point: distil (and compare) as a config file says.
 
   python -m dd_jax.main --config=configs/digits.py --workdir=/tmp/dd_digits
-  python -m dd_jax.main --config=configs/cifar10.py:ipc=10,method=dm_iid --workdir=... \
+  python -m dd_jax.main --config=configs/paper.py:dataset=cifar10,ipc=10,method=dm_iid --workdir=... \
       --config.dataset.name=folder:/data/cifar10 --config.constraints.cm.weight=0
 
 The config is locked: a misspelled `--config.x=y` is an error. Rerunning a command resumes its
