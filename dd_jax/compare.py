@@ -96,8 +96,14 @@ def evaluate_random_real(config: ml_collections.ConfigDict,
                               dataset.train_labels[indices], keys.evaluate)
 
 
-def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Runs the config, its comparison variants and baselines; returns the markdown table."""
+def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the config, its comparison variants and baselines.
+
+  Returns:
+    {'table': the markdown table (also printed and written to workdir/table.md),
+     'rows': [{'label', 'accuracies', 'mean', 'std'}, ...] in table order, the run last but for
+     the full-training-set row}.
+  """
   config_lib.validate_config(config)
   for variant in filter(None, config.compare.variants.split(',')):
     check_variant(config, variant)
@@ -139,7 +145,11 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> str:
   print(table, flush=True)
   with workdir_lib.atomic_write(os.path.join(workdir, 'table.md'), 'w') as f:
     f.write(table + '\n')
-  return table
+  return {'table': table,
+          'rows': [{'label': label, 'accuracies': list(evaluation['accuracies']),
+                    'mean': float(np.mean(evaluation['accuracies'])),
+                    'std': float(np.std(evaluation['accuracies']))}
+                   for label, evaluation in rows]}
 
 
 def format_table(rows: list[tuple[str, dict[str, Any]]], dataset_name: str,

@@ -188,13 +188,14 @@ def parse_config_string(arg: str | None, defaults: dict[str, object]) -> dict[st
                        f'{sorted(defaults)}, e.g. "ipc=10,method=dm".')
     kind = type(defaults[key])
     try:
-      values[key] = _convert(text.strip(), kind)
+      values[key] = convert_text(text.strip(), kind)
     except ValueError:
       raise ValueError(f'Config argument {key}={text!r}: expected a {kind.__name__}.') from None
   return values
 
 
-def _convert(text: str, kind: type) -> object:
+def convert_text(text: str, kind: type) -> object:
+  """`text` as a value of type `kind` (bool: true/false/1/0). Raises ValueError."""
   if kind is bool:
     if text.lower() not in ('true', 'false', '1', '0'):
       raise ValueError(text)

@@ -215,7 +215,13 @@ def test_variants_and_labels():
 def test_run_with_baselines_prints_table(tmp_path, capsys):
   config = tiny_config(**{'compare.variants': 'dm', 'compare.random_real': True,
                           'compare.full_train_epochs': 1, 'compare.full_train_num_eval': 1})
-  table = compare.run_with_baselines(config, str(tmp_path))
+  comparison = compare.run_with_baselines(config, str(tmp_path))
+  table = comparison['table']
+  assert [row['label'] for row in comparison['rows']] == [
+      'random real (ipc 2)', 'DM', 'DM + IID', 'full training set (1347 images, 1 epochs, 1 '
+      'networks)']
+  assert comparison['rows'][1]['mean'] == pytest.approx(np.mean(comparison['rows'][1][
+      'accuracies']))
   for label in ('random real (ipc 2)', '| DM |', '| DM + IID |', 'full training set'):
     assert label in table
   assert table in capsys.readouterr().out
