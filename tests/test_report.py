@@ -1,0 +1,56 @@
+"""The report: aggregation over seeds and networks, markdown, figures written."""
+
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from dd_jax import report
+from dd_jax import workdir as workdir_lib
+
+
+def _fake_grid(root):
+  """Two seeds of one DM + IID run at IPC 1 and 10, each with a DM variant."""
+  records = []
+  for ipc in (1, 10):
+    for seed in (0, 1):
+      name = f'ipc{ipc}_s{seed}'
+      config = {'dataset': {'name': 'folder:/data/cifar10'}, 'ipc': ipc, 'seed': seed}
+      workdir_lib.write_json(os.path.join(root, name, 'config.json'), config)
+      for directory, scale in ((os.path.join(root, name), 1.0),
+                               (os.path.join(root, name, 'compare', 'dm'), 2.0)):
+        workdir_lib.write_metrics(os.path.join(directory, 'metrics.jsonl'), [
+            {'step': s, 'loss': 9.0 / s, 'dm': scale / s, 'cc': 3.0 / s, 'cm': 0.0}
+            for s in (10, 20, 30)] + [{'step': 30, 'eval': {}}])
+      rows = [{'label': f'random real (ipc {ipc})', 'accuracies': [10.0 + seed, 12.0 + seed]},
+              {'label': 'DM', 'accuracies': [20.0 + ipc + seed, 22.0 + ipc + seed]},
+              {'label': 'DM + IID', 'accuracies': [30.0 + ipc, 30.0 + ipc]}]
+      records.append({'name': name, 'spec': '...', 'seconds': 1.0, 'rows': rows})
+  workdir_lib.write_metrics(os.path.join(root, 'results.jsonl'), records)
+
+
+def test_report_aggregates_and_draws(tmp_path):
+  _fake_grid(str(tmp_path / 'grid'))
+  written = report.build_report([str(tmp_path / 'grid')], str(tmp_path / 'out'))
+  summary = report.summarize(report.collect([str(tmp_path / 'grid')]))
+  dm_ipc10 = summary[('cifar10', 10, 'DM')]
+  expected = [30.0, 32.0, 31.0, 33.0]  # seeds 0 and 1, two networks each
+  assert dm_ipc10['mean'] == pytest.approx(np.mean(expected))
+  assert dm_ipc10['std'] == pytest.approx(np.std(expected))
+  assert (dm_ipc10['seeds'], dm_ipc10['networks']) == (2, 4)
+  assert ('cifar10', 1, 'random real') in summary  # the IPC moves to the column
+  markdown = open(written['summary_md']).read()
+  assert '| DM | 22.50 +- 1.12 (2x2) | 31.50 +- 1.12 (2x2) |' in markdown
+  assert markdown.index('random real') < markdown.index('| DM |')
+  names = sorted(os.path.basename(p) for p in written['figures'])
+  assert names == ['accuracy_vs_ipc.png', 'losses_ipc10_s0.png', 'losses_ipc10_s1.png',
+                   'losses_ipc1_s0.png', 'losses_ipc1_s1.png', 'rows_cifar10.png']
+  for path in written['figures']:
+    with Image.open(path) as image:
+      assert image.format == 'PNG' and min(image.size) > 200
+
+
+def test_not_a_grid_root(tmp_path):
+  with pytest.raises(ValueError, match='no results.jsonl'):
+    report.build_report([str(tmp_path)], str(tmp_path / 'out'))
