@@ -14,6 +14,7 @@ and metrics.jsonl, and writes into the output folder:
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 from typing import Any
@@ -30,19 +31,48 @@ LOSS_TERMS = ('dm', 'cc', 'cm', 'ce')
 
 
 def collect(roots: list[str]) -> list[dict[str, Any]]:
-  """One record per (grid run, table row): root, run, dataset, ipc, seed, label, accuracies."""
-  records = []
+  """One record per (grid run, table row): root, run, dataset, ipc, seed, label, accuracies.
+
+  Runs whose configs differ only in the seed are replicas of one setting and share their row
+  labels. Where different settings at the same dataset and IPC produce the same label (an
+  ablation grid: every run is 'DM + IID'), the label gets the name of the setting's first run,
+  e.g. 'DM + IID [cc_0.005]'. Baseline rows (random real, full training set) are counted once
+  per dataset, IPC and seed.
+  """
+  records, seen_baselines = [], set()
   for root in roots:
     results_path = os.path.join(root, 'results.jsonl')
     if not os.path.exists(results_path):
       raise ValueError(f'{root} has no results.jsonl; is it a grid root (experiments/grid.py)?')
     for run in workdir_lib.read_metrics(results_path):
       config = workdir_lib.read_json(os.path.join(root, run['name'], 'config.json'))
+      setting = json.dumps({k: v for k, v in config.items() if k not in ('seed', 'compare')},
+                           sort_keys=True)
       for row in run['rows']:
-        records.append({'root': root, 'run': run['name'], 'dataset': config['dataset']['name'],
-                        'ipc': config['ipc'], 'seed': config['seed'], 'label': row['label'],
-                        'accuracies': row['accuracies']})
+        record = {'root': root, 'run': run['name'], 'dataset': config['dataset']['name'],
+                  'ipc': config['ipc'], 'seed': config['seed'], 'label': _row_label(row['label']),
+                  'accuracies': row['accuracies'], 'setting': setting}
+        if _is_baseline(record['label']):
+          key = (record['dataset'], record['ipc'], record['seed'], record['label'])
+          if key in seen_baselines:
+            continue
+          seen_baselines.add(key)
+        records.append(record)
+  first_run = {}
+  for record in records:
+    first_run.setdefault(record['setting'], record['run'])
+  settings_per_label = collections.defaultdict(set)
+  for record in records:
+    settings_per_label[(record['dataset'], record['ipc'], record['label'])].add(record['setting'])
+  for record in records:
+    key = (record['dataset'], record['ipc'], record['label'])
+    if len(settings_per_label[key]) > 1 and not _is_baseline(record['label']):
+      record['label'] += f' [{first_run[record["setting"]]}]'
   return records
+
+
+def _is_baseline(label: str) -> bool:
+  return label.startswith(('random real', 'full training set'))
 
 
 def _dataset_label(spec: str) -> str:
@@ -54,8 +84,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[tuple[str, int, str], dict[
   """(dataset, ipc, label) -> mean, std over every accuracy, number of seeds and networks."""
   groups = collections.defaultdict(list)
   for record in records:
-    groups[(_dataset_label(record['dataset']), record['ipc'], _row_label(record['label']))].append(
-        record)
+    groups[(_dataset_label(record['dataset']), record['ipc'], record['label'])].append(record)
   summary = {}
   for key, group in groups.items():
     accuracies = [a for record in group for a in record['accuracies']]

@@ -51,6 +51,24 @@ def test_report_aggregates_and_draws(tmp_path):
       assert image.format == 'PNG' and min(image.size) > 200
 
 
+def test_ablation_settings_with_one_label_are_told_apart(tmp_path):
+  root = str(tmp_path / 'grid')
+  records = []
+  for name, weight, seed in (('cc_0.05', 0.05, 0), ('cc_0.05_s1', 0.05, 1), ('cc_0.005', 0.005, 0)):
+    workdir_lib.write_json(os.path.join(root, name, 'config.json'), {
+        'dataset': {'name': 'digits'}, 'ipc': 10, 'seed': seed, 'cc': weight})
+    records.append({'name': name, 'spec': '', 'seconds': 1.0, 'rows': [
+        {'label': 'random real (ipc 10)', 'accuracies': [90.0 + seed]},
+        {'label': 'DM + IID', 'accuracies': [95.0 + 10 * weight + seed]}]})
+  workdir_lib.write_metrics(os.path.join(root, 'results.jsonl'), records)
+  summary = report.summarize(report.collect([root]))
+  assert sorted(summary) == [('digits', 10, 'DM + IID [cc_0.005]'),
+                             ('digits', 10, 'DM + IID [cc_0.05]'),
+                             ('digits', 10, 'random real')]
+  assert summary[('digits', 10, 'DM + IID [cc_0.05]')]['seeds'] == 2  # seed replicas pooled
+  assert summary[('digits', 10, 'random real')]['networks'] == 2  # once per seed, not per run
+
+
 def test_not_a_grid_root(tmp_path):
   with pytest.raises(ValueError, match='no results.jsonl'):
     report.build_report([str(tmp_path)], str(tmp_path / 'out'))
