@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   # DM: devices the step's classes (and networks) are split across (dd_jax.sharding); 0: all
   # that jax sees (every host's, after jax.distributed.initialize), 1: one device.
   config.distill.devices = 0
+  # DM: real images embedded at once (a loop over chunks; results do not depend on it). 0: the
+  # largest divisor of classes x batch_real up to 64 on CPU (cache-friendly), a class elsewhere.
+  config.distill.real_chunk = 0
   config.distill.eval_every = 2_000
   config.distill.checkpoint_every = 500
   config.distill.log_every = 100
@@ -87,7 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.pool.lr = 0.01
   config.pool.momentum = 0.9
   config.pool.weight_decay = 5e-4
-  config.pool.parallel = 8  # members trained together (vmap); lower it if memory runs out
+  config.pool.parallel = 8  # members trained in one program; lower it if memory runs out
   config.pool.seed = 0  # independent of config.seed, so runs of every seed share one pool
   # '' = <cache>/pools/<dataset>_<model>_<size>x<epochs>_seed<seed>, where <cache> is
   # dataset.cache_dir, $DD_JAX_CACHE or ~/.cache/dd_jax.
@@ -238,6 +241,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_positive(config.distill[field], f'distill.{field}')
   _check_positive(config.distill.momentum, 'distill.momentum', allow_zero=True)
   _check_positive(config.distill.devices, 'distill.devices', allow_zero=True)
+  _check_positive(config.distill.real_chunk, 'distill.real_chunk', allow_zero=True)
   # A resumed run re-logs from its checkpoint; aligned windows make those lines identical.
   for field in ('checkpoint_every', 'eval_every'):
     if config.distill[field] % config.distill.log_every:

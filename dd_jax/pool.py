@@ -9,7 +9,7 @@ one member at random every distillation iteration; class centralization acts on 
 features (`embed`).
 
 Member i is trained from its own key fold_in(key(seed), i) alone, so the members do not depend
-on how many are trained together (`parallel`, a vmap) beyond float rounding.
+on how many are trained together (`parallel`; see train.over_networks) beyond float rounding.
 
 Layout of a pool directory:
 
@@ -69,7 +69,7 @@ class PoolSettings:
     lr: constant learning rate.
     momentum: SGD momentum (PyTorch semantics).
     weight_decay: coupled L2, as PyTorch's SGD.
-    parallel: members trained together (vmap); does not change the members.
+    parallel: members trained together (train.over_networks); does not change the members.
     seed: member i is trained from fold_in(key(seed), i).
   """
   model: str = 'ResNet18'
@@ -171,7 +171,7 @@ def _init_chunk(keys: jax.Array, net: models.Network, input_shape: tuple[int, ..
 def _train_epoch(carry: train_lib.TrainCarry, epoch_index: jax.Array, images: jax.Array,
                  labels: jax.Array, net: models.Network,
                  settings: train_lib.TrainSettings) -> train_lib.TrainCarry:
-  epoch = jax.vmap(train_lib.make_epoch_fn(net, images, labels, settings), in_axes=(0, None, None))
+  epoch = train_lib.over_networks(train_lib.make_epoch_fn(net, images, labels, settings))
   return epoch(carry, epoch_index, jax.random.key(0))  # op key unused: no augmentation
 
 

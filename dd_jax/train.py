@@ -179,9 +179,24 @@ def make_epoch_fn(net: models.Network, images: jax.Array, labels: jax.Array,
   return epoch
 
 
+def over_networks(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn(carry, *shared)` applied to a stack of networks' carries (leading axis), shared args
+  unbatched: a vmap on accelerators; on CPU a loop (lax.map), which XLA:CPU runs faster than the
+  batched program (5 ConvNets, 500 CIFAR-sized images: 18.2 s looped, 25.1 s batched, 19.2 s one
+  network at a time; same results to 1e-6).
+  """
+  if jax.default_backend() != 'cpu':
+    return lambda carry, *shared: jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(carry,
+                                                                                     *shared)
+
+  def looped(carry, *shared):
+    return jax.lax.map(lambda one: fn(one, *shared), carry)
+  return looped
+
+
 def train_networks(keys: jax.Array, op_key: jax.Array, images: jax.Array, labels: jax.Array,
                    net: models.Network, settings: TrainSettings) -> Any:
-  """Trains len(keys) fresh networks together (vmap) for all epochs (scan); jit-able.
+  """Trains len(keys) fresh networks together (`over_networks`) for all epochs; jit-able.
 
   Args:
     keys: [P] PRNG keys, one per network (initialisation, data order, augmentation parameters).
@@ -196,10 +211,13 @@ def train_networks(keys: jax.Array, op_key: jax.Array, images: jax.Array, labels
   """
   optimizer = torch_sgd(settings.momentum, settings.weight_decay)
   carry = init_networks(keys, net, images.shape[1:], optimizer)
-  epoch = jax.vmap(make_epoch_fn(net, images, labels, settings), in_axes=(0, None, None))
-  carry, _ = jax.lax.scan(lambda c, e: (epoch(c, e, op_key), None), carry,
-                          jnp.arange(settings.epochs))
-  return carry[0]
+  epoch = make_epoch_fn(net, images, labels, settings)
+
+  def all_epochs(one_carry, op_key):
+    one_carry, _ = jax.lax.scan(lambda c, e: (epoch(c, e, op_key), None), one_carry,
+                                jnp.arange(settings.epochs))
+    return one_carry
+  return over_networks(all_epochs)(carry, op_key)[0]
 
 
 def accuracies(variables: Any, net: models.Network, test_images: jax.Array,

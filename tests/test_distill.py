@@ -314,3 +314,31 @@ def test_unwritable_workdir_is_refused_before_work(tmp_path):
     locked.mkdir(mode=0o500)
     with pytest.raises(ValueError, match='locked is not writable'):
       loop.run(tiny_config(), str(locked))
+
+
+def test_fast_real_embedding_equals_the_straightforward_one(digits):
+  """XLA convolutions with the real batch in chunks of 4 == im2col one class at a time."""
+  sampler = data_lib.ClassSampler.from_dataset(digits)
+  weights = losses.ObjectiveWeights(cc=0.05, cm=0.01)
+  outcomes = []
+  for conv_impl, real_chunk in (('im2col', 0), ('xla', 4), ('xla', 16)):
+    net = models.get_network('ConvNetW32', digits.num_classes, conv_impl=conv_impl)
+    settings = dm.DMSettings(num_classes=digits.num_classes, ipc=2, batch_real=8, num_nets=1,
+                             strategy='color_crop_cutout_scale_rotate', weights=weights,
+                             mean=digits.mean, std=digits.std, real_chunk=real_chunk)
+    optimizer = optax.sgd(1.0, momentum=0.5)
+    step = dm.make_dm_step(net, settings, optimizer)
+    labels = np.repeat(np.arange(digits.num_classes), 2)
+    state = dm.init_state(jax.random.normal(jax.random.key(0), (20, 8, 8, 1)), labels, optimizer,
+                          jax.random.key(1))
+    for _ in range(2):
+      state, metrics = step(state, sampler)
+    outcomes.append((np.asarray(state.images), {k: float(v) for k, v in metrics.items()}))
+  (images, metrics), *fast = outcomes
+  for fast_images, fast_metrics in fast:
+    np.testing.assert_allclose(fast_images, images, atol=2e-5)
+    for name, value in metrics.items():
+      assert fast_metrics[name] == pytest.approx(value, rel=2e-5), name
+  with pytest.raises(ValueError, match='real_chunk=3 must divide the 10 x 8 real images'):
+    dm.make_dm_step(models.get_network('ConvNetW32', 10), dataclasses.replace(
+        settings, real_chunk=3), optax.sgd(1.0))
