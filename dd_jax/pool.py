@@ -103,7 +103,8 @@ class Pool:
 
   Attributes:
     net: the members' architecture.
-    variables: the members' variables stacked on a leading axis of length `size` (device arrays).
+    variables: the members' variables stacked on a leading axis of length `size`, as host
+      (numpy) arrays: a step sends only its drawn members to the device.
     metadata: `pool_metadata(...)` plus 'test_accuracies' (percent, one per member),
       'mean_test_accuracy', 'train_seconds', 'parallel', 'chunks' ([start, end) pairs) and
       'chunk_seconds'.
@@ -327,8 +328,7 @@ def train_pool(dataset: data_lib.Dataset, settings: PoolSettings, *,
               'mean_test_accuracy': float(np.mean(known)) if known else None,
               'train_seconds': float(sum(chunk_seconds)), 'parallel': int(settings.parallel),
               'chunks': [list(c) for c in chunks], 'chunk_seconds': chunk_seconds}
-  return Pool(net=net, variables=jax.device_put(_stack_on_host(member_variables)),
-              metadata=metadata)
+  return Pool(net=net, variables=_stack_on_host(member_variables), metadata=metadata)
 
 
 def _mark_complete(directory: str, metadata: dict[str, Any]) -> None:
@@ -380,7 +380,7 @@ def load_pool(directory: str, expected_metadata: dict[str, Any]) -> Pool | None:
     expected_metadata: `pool_metadata(dataset, settings)` of the pool wanted.
 
   Returns:
-    The pool (variables on the default device), or None when `directory` holds no complete
+    The pool (variables on the host), or None when `directory` holds no complete
     pool (missing, empty, or an unfinished build without metadata.json).
 
   Raises:
@@ -397,7 +397,7 @@ def load_pool(directory: str, expected_metadata: dict[str, Any]) -> Pool | None:
   image_shape = tuple(metadata['image_shape'])
   chunks = [_restore_chunk(directory, start, end, net, image_shape)
             for start, end in metadata['chunks']]
-  return Pool(net=net, variables=jax.device_put(_stack_on_host(chunks)), metadata=metadata)
+  return Pool(net=net, variables=_stack_on_host(chunks), metadata=metadata)
 
 
 def _dataset_slug(spec: str) -> str:
@@ -471,24 +471,29 @@ def _accuracy_summary(metadata: dict[str, Any]) -> str:
 
 
 def pool_extractor(pool: Pool) -> Any:
-  """The class-centralization extractor drawing one pool member per call.
+  """The class-centralization extractor drawing one pool member per matching network and step.
 
   Returns:
-    `dm.CentralizationExtractor(name='pool', params=pool.variables, features=...)`, where
-    `features(params, key, syn_images, matching_features)` draws a member index uniformly from
-    `key`, selects that member from the stacked `params` (traced: jit-safe) and returns its
-    pooled features `embed(member, syn_images, train=True)[0]`, [N, D']. train=True follows the
-    reference, which keeps the pool network in train mode (only batch-norm members differ).
+    `dm.CentralizationExtractor(name='pool', params=<the stacked variables on the host>, ...)`
+    whose `select(params, keys)` draws member `randint(key, 0, size)` for each of the step's CC
+    keys on the host and hands only those members to the device, and whose
+    `features(member, key, syn_images, matching_features)` is the member's pooled features
+    `embed(member, syn_images, train=True)[0]`, [N, D']. train=True follows the reference, which
+    keeps the pool network in train mode (only batch-norm members differ).
   """
   # Imported here: dd_jax.distill imports the loop, which may import this module.
   from dd_jax.distill import dm  # pylint: disable=g-import-not-at-top
 
   net, size = pool.net, pool.size
+  draw = jax.jit(jax.vmap(lambda key: jax.random.randint(key, (), 0, size)))
 
-  def features(params, key, syn_images, matching_features):
-    del matching_features
-    index = jax.random.randint(key, (), 0, size)
-    member = jax.tree_util.tree_map(lambda x: x[index], params)
+  def select(params, keys):
+    indices = np.asarray(draw(keys))
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[indices], params)
+
+  def features(member, key, syn_images, matching_features):
+    del key, matching_features
     return net.embed(member, syn_images, train=True)[0]
 
-  return dm.CentralizationExtractor(name='pool', features=features, params=pool.variables)
+  return dm.CentralizationExtractor(name='pool', features=features, select=select,
+                                    params=jax.tree_util.tree_map(np.asarray, pool.variables))

@@ -8,10 +8,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dd_jax import config as config_lib
 from dd_jax import data as data_lib
+from dd_jax import losses
 from dd_jax import pool as pool_lib
 from dd_jax import train as train_lib
 
@@ -131,7 +133,8 @@ def test_save_load_round_trip_is_exact(pool, dataset, tmp_path):
   _assert_trees_equal(pool.variables, loaded.variables)
   assert loaded.metadata == pool.metadata
   assert loaded.net == pool.net
-  assert isinstance(jax.tree_util.tree_leaves(loaded.variables)[0], jax.Array)
+  # Host arrays: a step sends only its drawn members to the device.
+  assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree_util.tree_leaves(loaded.variables))
 
 
 def test_load_pool_without_a_complete_pool_returns_none(pool, dataset, tmp_path):
@@ -229,15 +232,19 @@ def test_pool_extractor_draws_one_member_per_key(pool, dataset):
   assert extractor.name == 'pool'
   images = dataset.normalize(dataset.train_images[:5])
   matching = jnp.zeros((5, 7))
-  features = jax.jit(extractor.features)  # params are a traced argument
+  features = jax.jit(extractor.features)  # the member is a traced argument
 
   def member(index):
     return jax.tree_util.tree_map(lambda x: x[index], pool.variables)
 
-  keys = [jax.random.key(i) for i in range(12)]
+  keys = jnp.stack([jax.random.key(i) for i in range(12)])
   drawn = [int(jax.random.randint(key, (), 0, pool.size)) for key in keys]
   assert len(set(drawn)) >= 2
-  outputs = [np.asarray(features(extractor.params, key, images, matching)) for key in keys]
+  # select runs on the host and hands over only the drawn members, one per key.
+  selected = extractor.select(extractor.params, keys)
+  assert all(leaf.shape[0] == len(keys) for leaf in jax.tree_util.tree_leaves(selected))
+  outputs = [np.asarray(features(jax.tree_util.tree_map(lambda x, i=i: x[i], selected), key,
+                                 images, matching)) for i, key in enumerate(keys)]
   for index, output in zip(drawn, outputs):
     expected = pool.net.embed(member(index), images, train=True)[0]
     np.testing.assert_allclose(output, np.asarray(expected), rtol=1e-5, atol=1e-5)
@@ -248,7 +255,57 @@ def test_pool_extractor_draws_one_member_per_key(pool, dataset):
     by_member[index] = output
   first, second = list(by_member)[:2]
   assert not np.allclose(by_member[first], by_member[second], atol=1e-3)
-  # Per-network keys under vmap (as the DM step draws one member per matching network).
-  batched = jax.jit(jax.vmap(extractor.features, in_axes=(None, 0, None, None)))(
-      extractor.params, jnp.stack(keys[:3]), images, matching)
-  np.testing.assert_allclose(np.asarray(batched), np.stack(outputs[:3]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('method', ['dm', 'idm'])
+def test_steps_receive_only_the_drawn_members_and_match_a_draw_inside_jit(pool, dataset, method):
+  """The host-side draw picks the members a draw inside the step (from the step's CC keys)
+  would: same CC terms and images over several steps, with only those members on the device."""
+  # Imported here as in pool_extractor (dd_jax.distill imports the pool module).
+  from dd_jax.distill import dm, idm  # pylint: disable=g-import-not-at-top
+
+  def features_drawn_inside(params, key, syn_images, matching_features):
+    del matching_features
+    member = jax.tree_util.tree_map(lambda x: x[jax.random.randint(key, (), 0, pool.size)],
+                                    params)
+    return pool.net.embed(member, syn_images, train=True)[0]
+
+  inside = dm.CentralizationExtractor('inside', features_drawn_inside,
+                                      jax.tree_util.tree_map(jnp.asarray, pool.variables))
+  host = pool_lib.pool_extractor(pool)
+  weights = losses.ObjectiveWeights(cc=1.0)
+  net = pool.net
+  optimizer = optax.sgd(0.1, momentum=0.5)
+  num_classes = dataset.num_classes
+  ipc = 2 if method == 'dm' else 1  # CC needs two images of a class (IDM expands one to four)
+  labels = np.repeat(np.arange(num_classes), ipc)
+  images = jax.random.normal(jax.random.key(0), (num_classes * ipc, 8, 8, 1))
+  sampler = data_lib.ClassSampler.from_dataset(dataset)
+  if method == 'dm':
+    num_drawn = 2
+    settings = dm.DMSettings(num_classes=num_classes, ipc=ipc, batch_real=4, num_nets=num_drawn,
+                             strategy='color_crop_cutout', weights=weights, mean=dataset.mean,
+                             std=dataset.std)
+    make = lambda extractor: dm.make_dm_step(net, settings, optimizer, extractor)
+    state = dm.init_state(images, labels, optimizer, jax.random.key(1))
+  else:
+    num_drawn = 1
+    settings = idm.IDMSettings(num_classes=num_classes, ipc=1, batch_real=4,
+                               strategy='color_crop_cutout', weights=weights, mean=dataset.mean,
+                               std=dataset.std, queue_capacity=3, train_steps=1, train_batch=4)
+    make = lambda extractor: idm.make_idm_step(net, settings, optimizer, extractor)
+    state = idm.init_idm_state(images, labels, optimizer, net, settings, jax.random.key(1),
+                               jax.random.key(2))
+  runs = {}
+  for name, extractor in [('inside', inside), ('host', host)]:
+    step, current, cc = make(extractor), state, []
+    for _ in range(6):
+      current, metrics = step(current, sampler)
+      cc.append(float(metrics['cc']))
+    runs[name] = (current.images, cc)
+    if name == 'host':
+      sent = step.arguments(current, sampler)[2]
+      assert {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(sent)} == {num_drawn}
+  assert len(set(np.round(runs['host'][1], 4))) > 1  # members (and images) change every step
+  np.testing.assert_allclose(runs['host'][1], runs['inside'][1], rtol=1e-5)
+  np.testing.assert_allclose(runs['host'][0], runs['inside'][0], rtol=1e-5, atol=1e-6)

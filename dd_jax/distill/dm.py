@@ -64,14 +64,22 @@ class CentralizationExtractor:
   Attributes:
     name: 'matching_net' or 'pool' (for messages).
     features: `(params, key, syn_images, matching_features) -> [K * ipc, D']`, called inside the
-      jitted step with the step's key (e.g. to draw a pool member), the augmented synthetic
-      images [K * ipc, H, W, C] and the matching network's features of them [K * ipc, D].
-    params: a pytree (e.g. a pool's stacked variables) handed to the jitted step as an argument,
-      so it is never baked into the compiled program as a constant; None if unused.
+      jitted step with the parameters of this network's draw (see `select`), the network's CC key,
+      the augmented synthetic images [K * ipc, H, W, C] and the matching network's features of
+      them [K * ipc, D].
+    params: a pytree (e.g. a pool's stacked variables, on the host) the step's parameters come
+      from; handed to the jitted step as an argument, never baked in as a constant. None if
+      unused.
+    select: None, or `(params, keys) -> selected` run on the host before every step with the
+      step's [n] CC keys (one per matching network): the step receives `selected`, whose leaves
+      have a leading axis n, and `features` gets entry i with key i. A pool selects the drawn
+      members, so only they go to the device (1000 ResNet18 would take ~44 GB there). Without
+      `select`, every call of `features` gets `params` whole.
   """
   name: str
   features: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
   params: Any = None
+  select: Callable[[Any, jax.Array], Any] | None = None
 
 
 def _matching_features(params, key, syn_images, matching_features):
@@ -82,6 +90,12 @@ def _matching_features(params, key, syn_images, matching_features):
 # CC on the random matching network's own features (no extra forward pass).
 matching_net_extractor = CentralizationExtractor(name='matching_net',
                                                  features=_matching_features)
+
+
+def cc_keys(step_key: jax.Array, num_nets: int) -> jax.Array:
+  """The [num_nets] class-centralization keys of a DM step with key `step_key` (one per matching
+  network; a pool draws each network's member from its key)."""
+  return jax.random.split(jax.random.split(step_key, 4)[3], num_nets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +153,7 @@ def make_dm_step(net: models.Network, settings: DMSettings,
   by_class = lambda x: sharding_lib.constrain_by_class(x, mesh)
 
   def loss_fn(images, key, sampler, extractor_params):
-    net_key, real_key, augment_key, cc_key = jax.random.split(key, 4)
+    net_key, real_key, augment_key, _ = jax.random.split(key, 4)
     image_shape = images.shape[1:]
     real = by_class(data_lib.sample_all_classes(sampler, real_key, batch_real))
     real = data_lib.normalize(real, settings.mean, settings.std)
@@ -152,7 +166,7 @@ def make_dm_step(net: models.Network, settings: DMSettings,
     syn_flat = by_class(syn.reshape(num_classes * ipc, *image_shape))
     per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])  # [K * n, ...] -> [K, n, ...]
 
-    def terms_for_network(network_key, network_cc_key):
+    def terms_for_network(network_key, network_cc_key, network_extractor_params):
       variables = net.init(network_key, (1, *image_shape))
       embed = lambda x: net.embed(variables, x, train=True)
       if net.has_batch_stats:
@@ -171,19 +185,20 @@ def make_dm_step(net: models.Network, settings: DMSettings,
         # Split across devices, each embeds its own classes at once (a loop would not split).
         real_features, real_map = by_class(jax.vmap(embed)(real))
       syn_features, syn_map = embed(syn_flat)
-      cc_features = cc_extractor.features(extractor_params, network_cc_key, syn_flat,
+      cc_features = cc_extractor.features(network_extractor_params, network_cc_key, syn_flat,
                                           syn_features)
       return losses.classwise_objective(real_features, real_map, per_class(syn_features, ipc),
                                         per_class(syn_map, ipc), per_class(cc_features, ipc),
                                         settings.weights)
 
     network_keys = jax.random.split(net_key, settings.num_nets)
-    network_cc_keys = jax.random.split(cc_key, settings.num_nets)
     # With a mesh, the networks split over its 'nets' axis.
     over_networks = jax.vmap(terms_for_network,
+                             in_axes=(0, 0, None if cc_extractor.select is None else 0),
                              spmd_axis_name=sharding_lib.NETS if mesh is not None else None)
-    terms = jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0),
-                                   over_networks(network_keys, network_cc_keys))
+    terms = jax.tree_util.tree_map(
+        lambda x: jnp.mean(x, axis=0),
+        over_networks(network_keys, cc_keys(key, settings.num_nets), extractor_params))
     return terms.total, terms
 
   @jax.jit
@@ -196,15 +211,22 @@ def make_dm_step(net: models.Network, settings: DMSettings,
                'grad_norm': optax.tree_utils.tree_norm(grads)}
     return state.replace(step=state.step + 1, images=images, opt_state=opt_state), metrics
 
-  placed = {}  # the sampler and the extractor's parameters copied to the mesh, once
+  placed = {}  # the sampler (and fixed extractor parameters) copied to the mesh, once
+  host_cc_keys = jax.jit(lambda key_data, step: cc_keys(
+      jax.random.fold_in(jax.random.wrap_key_data(key_data), step), settings.num_nets))
 
   def arguments(state: DistillState, sampler: data_lib.ClassSampler):
-    # The extractor's parameters (e.g. a pool) are an argument, never compile-time constants.
+    # The extractor's parameters are an argument, never compile-time constants.
     params = cc_extractor.params
     if mesh is not None:
       if placed.get('source') is not sampler:
-        placed.update(source=sampler, value=sharding_lib.replicate((sampler, params), mesh))
+        fixed = params if cc_extractor.select is None else None
+        placed.update(source=sampler, value=sharding_lib.replicate((sampler, fixed), mesh))
       sampler, params = placed['value']
+    if cc_extractor.select is not None:  # e.g. a pool's drawn members, chosen on the host
+      params = cc_extractor.select(cc_extractor.params, host_cc_keys(state.key, state.step))
+      if mesh is not None:
+        params = sharding_lib.replicate(params, mesh)
     return state, sampler, params
 
   def step(state: DistillState, sampler: data_lib.ClassSampler):

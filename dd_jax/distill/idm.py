@@ -370,6 +370,12 @@ def init_idm_state(images: jax.Array, labels: jax.Array, optimizer: optax.Gradie
                   key=jax.random.key_data(key), queue=queue)
 
 
+def cc_keys(step_key: jax.Array) -> jax.Array:
+  """The class-centralization keys [1] of an IDM step with key `step_key` (one matching
+  network per step; every class's CC uses it)."""
+  return jax.random.split(step_key, 7)[4][None]
+
+
 def make_idm_step(net: models.Network, settings: IDMSettings,
                   optimizer: optax.GradientTransformation,
                   cc_extractor: dm.CentralizationExtractor = dm.matching_net_extractor
@@ -388,7 +394,7 @@ def make_idm_step(net: models.Network, settings: IDMSettings,
   def jitted_step(state: IDMState, sampler: data_lib.ClassSampler, extractor_params: Any):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     (push_key, match_key, real_key, augment_key, cc_key, pick_key,
-     train_key) = jax.random.split(key, 7)
+     train_key) = jax.random.split(key, 7)  # cc_key: also derived on the host by `cc_keys`
     image_shape = state.images.shape[1:]
     queue = state.queue
     queue = jax.lax.cond((state.step > 0) & (state.step % settings.accuracy_window == 0),
@@ -401,6 +407,8 @@ def make_idm_step(net: models.Network, settings: IDMSettings,
     accuracy = training_accuracy(queue, slot)
     real_keys = jax.random.split(real_key, num_classes)
     class_keys = jax.random.split(augment_key, num_classes)
+    if cc_extractor.select is not None:  # the host selected for the one CC key of the step
+      extractor_params = jax.tree_util.tree_map(lambda x: x[0], extractor_params)
 
     def class_loss(class_images, class_id):
       real = data_lib.sample_class(sampler, real_keys[class_id], class_id, settings.batch_real)
@@ -432,8 +440,14 @@ def make_idm_step(net: models.Network, settings: IDMSettings,
     return state.replace(step=state.step + 1, images=images, opt_state=opt_state,
                          queue=queue), metrics
 
+  host_cc_keys = jax.jit(lambda key_data, step: cc_keys(
+      jax.random.fold_in(jax.random.wrap_key_data(key_data), step)))
+
   def arguments(state: IDMState, sampler: data_lib.ClassSampler):
-    return state, sampler, cc_extractor.params
+    params = cc_extractor.params
+    if cc_extractor.select is not None:  # e.g. a pool's drawn member, chosen on the host
+      params = cc_extractor.select(params, host_cc_keys(state.key, state.step))
+    return state, sampler, params
 
   def step(state: IDMState, sampler: data_lib.ClassSampler):
     return jitted_step(*arguments(state, sampler))
