@@ -393,8 +393,9 @@ def make_idm_step(net: models.Network, settings: IDMSettings,
   @jax.jit
   def jitted_step(state: IDMState, sampler: data_lib.ClassSampler, extractor_params: Any):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    (push_key, match_key, real_key, augment_key, cc_key, pick_key,
-     train_key) = jax.random.split(key, 7)  # cc_key: also derived on the host by `cc_keys`
+    (push_key, match_key, real_key, augment_key, _, pick_key,
+     train_key) = jax.random.split(key, 7)
+    cc_key = cc_keys(key)[0]  # the host derives it the same way to select a pool member
     image_shape = state.images.shape[1:]
     queue = state.queue
     queue = jax.lax.cond((state.step > 0) & (state.step % settings.accuracy_window == 0),
