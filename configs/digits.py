@@ -6,23 +6,21 @@ Run (about 3.5 minutes on 2 CPU cores, printing random real / DM / DM + IID / fu
 Config string: `ipc=<n>,method=<dm|dm_iid|idm|idm_iid>,cc=<matching_net|pool>` (defaults ipc=3,
 method=dm_iid, cc=matching_net). `cc=pool` runs class centralization on a pool of ConvNets
 pretrained on the digits (10 members x 10 epochs, trained in seconds and cached under
-<cache>/pools; 8x8 inputs are too small for the reference ResNet18). IDM presets use the
-reference IDM settings of SPEC 6 scaled to the 200-iteration CPU budget (a new queue network
+<cache>/pools; 8x8 inputs are too small for the reference ResNet18). IDM presets use the reference
+IDM settings (Zhao et al., CVPR 2023) scaled to the 200-iteration CPU budget (a new queue network
 every 10 steps, accuracy window 50, queue networks trained on real batches of 64) and a CE weight
-of 0.05: the reference 0.5 degrades digits (measured, README IDM section: IPC 1 67.7 -> 82.6,
-IPC 10 70.7 -> 81.0). IDM stays far below DM on 8x8 digits: its 2x2 partition stores 4x4 images.
-"""
+of 0.05: the reference 0.5 degrades digits (measured, docs/results.md: IPC 1 67.7 -> 82.6, IPC 10
+70.7 -> 81.0). IDM stays far below DM on 8x8 digits: its 2x2 partition stores 4x4 images."""
 
 from dd_jax import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_config_string(arg, {'ipc': 3, 'method': 'dm_iid',
-                                              'cc': 'matching_net'})
+  args = config_lib.parse_config_string(arg, {'ipc': 3, 'method': 'dm_iid', 'cc': 'matching_net'})
   config = config_lib.default_config()
   config.dataset.name = 'digits'
   config.ipc = args['ipc']
-  # Digits are not mirror-symmetric: no flip (SPEC section 3).
+  # Digits are not mirror-symmetric: no flip (DSA, Zhao & Bilen, ICML 2021).
   config.augment.strategy = 'color_crop_cutout_scale_rotate'
   config.eval.augment_strategy = 'color_crop_cutout_scale_rotate'
   config.distill.iterations = 200
@@ -44,6 +42,6 @@ def get_config(arg=None):
   # batches of 64 (the reference's 256 makes queue training ~8x the cost of matching here).
   config.idm.push_every = 10
   config.idm.accuracy_window = 50
-  config.idm.train_batch = 64
+  config.idm.train_batch_size = 64
   config.idm.ce_weight = 0.05  # measured sweep (README); the reference 0.5 saturates the images
   return config

@@ -14,13 +14,14 @@ CIFAR-10 the offline JPEG archive with `--config.dataset.name=folder:/path/to/ci
 TinyImageNet from the tiny-imagenet-200 folder (`--config.dataset.name=folder:/path/to/
 tiny-imagenet-200`, run from its parent directory by default).
 
-DM (SPEC 5): 20,000 iterations, a fresh random ConvNet per step, 256 real images per class, image
-SGD lr 1.0 momentum 0.5. IDM (SPEC 6): image SGD lr 0.2, one step per class, model queue, the
-per-(dataset, IPC) settings of IDM_SETTINGS (MNIST, FashionMNIST and SVHN are not in the IDM
-paper: they take CIFAR-10's, with 256 real images per class at IPC 1). IID (SPEC 4.4): CC 0.05 / CM 0.01 on DM, CC 0.01 / CM 0.03 on IDM,
-CC on a pool of pretrained networks (reference: 1000 ResNet18 x 40 epochs, built once per dataset
-and cached; `--config.pool.size` trades fidelity for time and memory). Evaluation (SPEC 7):
-5 ConvNets x 1000 epochs. Digit datasets drop flip from DSA; TinyImageNet (64x64) uses the
+DM (Zhao & Bilen, WACV 2023): 20,000 iterations, a fresh random ConvNet per step, 256 real images
+per class, image SGD lr 1.0 momentum 0.5. IDM (Zhao et al., CVPR 2023): image SGD lr 0.2, one step
+per class, model queue, the per-(dataset, IPC) settings of IDM_SETTINGS (MNIST, FashionMNIST and
+SVHN are not in the IDM paper: they take CIFAR-10's, with 256 real images per class at IPC 1). IID
+(Deng et al., CVPR 2024): CC 0.05 / CM 0.01 on DM, CC 0.01 / CM 0.03 on IDM, CC on a pool of
+pretrained networks (reference: 1000 ResNet18 x 40 epochs, built once per dataset and cached;
+`--config.pool.size` trades fidelity for time and memory). Evaluation (the reference protocol): 5
+ConvNets x 1000 (+ 1) epochs. Digit datasets drop flip from DSA; TinyImageNet (64x64) uses the
 depth-4 ConvNet. Expected GPU runtime: not yet measured (no session has had a GPU); the step's
 cost is printed by `experiments/bench_speed.py`.
 
@@ -28,43 +29,47 @@ cost is printed by `experiments/bench_speed.py`.
 real batch 64, 300-epoch evaluation of 3 networks; CC on the random matching network unless
 overridden), see dd_jax.config.set_cpu_budget and the README's CIFAR-10 CPU benchmark.
 
-Published ConvNet accuracy (SPEC 9), IPC 1 / 10 / 50:
-  DM:       CIFAR-10 26.0 / 48.9 / 63.0, CIFAR-100 11.4 / 29.7 / 43.6, TinyImageNet 3.9 / 12.9 / 24.1
-  IDM:      CIFAR-10 45.6 / 58.6 / 67.5, CIFAR-100 20.1 / 45.1 / 50.0, TinyImageNet 10.1 / 21.9 / 27.7
-  DM + IID: CIFAR-10 55.1, CIFAR-100 32.2, TinyImageNet 15.4 at IPC 10 (others not in SPEC 9).
-MNIST, FashionMNIST and SVHN have no published number in SPEC 9 (the IID paper reports up to
+Published ConvNet accuracy (the papers), IPC 1 / 10 / 50:
+  DM:   CIFAR-10 26.0 / 48.9 / 63.0, CIFAR-100 11.4 / 29.7 / 43.6, TinyImageNet 3.9 / 12.9 / 24.1
+  IDM:  CIFAR-10 45.6 / 58.6 / 67.5, CIFAR-100 20.1 / 45.1 / 50.0, TinyImageNet 10.1 / 21.9 / 27.7
+  DM + IID: CIFAR-10 55.1, CIFAR-100 32.2, TinyImageNet 15.4 at IPC 10 (others not published).
+MNIST, FashionMNIST and SVHN have no published DM / IDM number (the IID paper reports up to
 +2.9 over the base method on SVHN).
 """
 
 from dd_jax import config as config_lib
 
 DATASETS = {
-    'mnist': 'tfds:mnist',
-    'fashion_mnist': 'tfds:fashion_mnist',
-    'svhn': 'tfds:svhn_cropped',
-    'cifar10': 'tfds:cifar10',
-    'cifar100': 'tfds:cifar100',
-    'tinyimagenet': 'folder:tiny-imagenet-200',
+  'mnist': 'tfds:mnist',
+  'fashion_mnist': 'tfds:fashion_mnist',
+  'svhn': 'tfds:svhn_cropped',
+  'cifar10': 'tfds:cifar10',
+  'cifar100': 'tfds:cifar100',
+  'tinyimagenet': 'folder:tiny-imagenet-200',
 }
-DIGIT_DATASETS = ('mnist', 'fashion_mnist')  # no horizontal flip in DSA (SPEC 3)
+DIGIT_DATASETS = (
+  'mnist',
+  'fashion_mnist',
+)  # no horizontal flip in DSA (DSA, Zhao & Bilen, ICML 2021)
 IPCS = (1, 10, 50)
 METHODS = ('dm', 'dm_iid', 'idm', 'idm_iid')
 BUDGETS = ('paper', 'cpu')
 
-# (dataset, ipc) -> IDM settings of SPEC 6 (the reference commands): ce_weight, batch_real,
+# (dataset, ipc) -> IDM settings of the reference commands: ce_weight, batch_real,
 # push_every (net_generate_interval), train_steps (model_train_steps), accuracy_window (the
-# reference's eval_interval, where the running accuracies restart). CIFAR-100 IPC 50 lists
+# reference's eval_interval, where the running accuracies restart; IDM + IID restarts them at
+# the IID script's evaluation points instead). CIFAR-100 IPC 50 lists
 # 10-40 train steps; 10 here.
 IDM_SETTINGS = {
-    ('cifar10', 1): (0.5, 5000, 5, 10, 100),
-    ('cifar10', 10): (0.5, 256, 30, 10, 100),
-    ('cifar10', 50): (0.1, 256, 30, 10, 500),
-    ('cifar100', 1): (0.5, 500, 5, 10, 100),
-    ('cifar100', 10): (0.1, 256, 30, 50, 100),
-    ('cifar100', 50): (0.1, 256, 30, 10, 500),
-    ('tinyimagenet', 1): (0.5, 256, 30, 10, 100),
-    ('tinyimagenet', 10): (0.5, 256, 30, 10, 500),
-    ('tinyimagenet', 50): (0.8, 256, 30, 50, 1000),
+  ('cifar10', 1): (0.5, 5000, 5, 10, 100),
+  ('cifar10', 10): (0.5, 256, 30, 10, 100),
+  ('cifar10', 50): (0.1, 256, 30, 10, 500),
+  ('cifar100', 1): (0.5, 500, 5, 10, 100),
+  ('cifar100', 10): (0.1, 256, 30, 50, 100),
+  ('cifar100', 50): (0.1, 256, 30, 10, 500),
+  ('tinyimagenet', 1): (0.5, 256, 30, 10, 100),
+  ('tinyimagenet', 10): (0.5, 256, 30, 10, 500),
+  ('tinyimagenet', 50): (0.8, 256, 30, 50, 1000),
 }
 # Not in the IDM paper: CIFAR-10's settings, except 256 real images per class at IPC 1 (CIFAR-10
 # takes its whole class of 5000, more than SVHN's smallest class holds).
@@ -80,8 +85,9 @@ def _choose(args: dict, field: str, choices: tuple) -> None:
 
 
 def get_config(arg=None):
-  args = config_lib.parse_config_string(arg, {'dataset': 'cifar10', 'ipc': 10,
-                                              'method': 'dm_iid', 'budget': 'paper'})
+  args = config_lib.parse_config_string(
+    arg, {'dataset': 'cifar10', 'ipc': 10, 'method': 'dm_iid', 'budget': 'paper'}
+  )
   _choose(args, 'dataset', tuple(DATASETS))
   _choose(args, 'ipc', IPCS)
   _choose(args, 'method', METHODS)
@@ -98,12 +104,17 @@ def get_config(arg=None):
     config.model.name = 'ConvNetD4'
     config.eval.model = 'ConvNetD4'
   if method.startswith('idm'):
-    (config.idm.ce_weight, config.distill.batch_real, config.idm.push_every,
-     config.idm.train_steps, config.idm.accuracy_window) = IDM_SETTINGS[(dataset, ipc)]
-  else:
-    config.distill.lr = 10.0 if ipc >= 100 else 1.0  # DM: lr 10 for IPC >= 100 (SPEC 5)
+    (
+      config.idm.ce_weight,
+      config.distill.batch_real,
+      config.idm.push_every,
+      config.idm.train_steps,
+      config.idm.accuracy_window,
+    ) = IDM_SETTINGS[(dataset, ipc)]
   if method.endswith('_iid'):
     config.constraints.cc.extractor = 'pool'  # the reference: a pretrained ResNet18 pool
+    # The IID paper's IDM script restarts the class-aware accuracies at its evaluation points.
+    config.idm.accuracy_restarts = '2000,5000,10000,20000'
   if args['budget'] == 'cpu':
     config_lib.set_cpu_budget(config)
     config.constraints.cc.extractor = 'matching_net'

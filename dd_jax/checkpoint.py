@@ -27,11 +27,15 @@ class Checkpointer:
 
   def _new_manager(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        self._directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True,
-                                             enable_async_checkpointing=False,
-                                             # a killed save's temporary directory
-                                             cleanup_tmp_directories=True))
+      self._directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=self._max_to_keep,
+        create=True,
+        enable_async_checkpointing=False,
+        # a killed save's temporary directory
+        cleanup_tmp_directories=True,
+      ),
+    )
 
   def save(self, step: int, state: Any) -> None:
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
@@ -46,8 +50,12 @@ class Checkpointer:
       except Exception as error:  # pylint: disable=broad-except
         first_line = str(error).strip().split('\n')[0][:300]
         aside = os.path.join(self._directory, f'{step}.unreadable')
-        logging.warning('Checkpoint at step %d is unreadable (%s); moved it to %s and trying an '
-                        'older one.', step, first_line, aside)
+        logging.warning(
+          'Checkpoint at step %d is unreadable (%s); moved it to %s and trying an older one.',
+          step,
+          first_line,
+          aside,
+        )
         self._manager.close()
         shutil.rmtree(aside, ignore_errors=True)  # left by an earlier fallback
         os.replace(os.path.join(self._directory, str(step)), aside)

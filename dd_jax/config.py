@@ -1,39 +1,52 @@
-"""The default experiment configuration, config-string parsing and up-front validation.
+"""The default experiment configuration, method presets, config files and overrides.
 
 Config files under `configs/` call `default_config()` and override fields; every constant a user
 may want to ablate is a named field here (never a literal in method code). Override any field on
-the command line: `--config.constraints.cm.weight=0`.
+the command line: `--config.constraints.cm.weight=0`. The fields are checked (each naming itself
+and the fix) when `dd_jax.experiment.validate_config` builds the settings objects from them.
+
+This module imports no other part of dd_jax, so config files stay cheap to load.
 """
 
 from __future__ import annotations
 
-import ml_collections
+from collections.abc import Sequence
 
-METHODS = ('dm', 'idm')
-# The reference (lambda_CC, lambda_CM) of each method's IID variant (SPEC 4.4).
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+# The reference (lambda_CC, lambda_CM) of each method's IID variant (Deng et al., CVPR 2024).
 IID_WEIGHTS = {'dm': (0.05, 0.01), 'idm': (0.01, 0.03)}
-SYNTHETIC_INITS = ('real', 'noise')
-CC_FORMS = ('squared', 'exp')
-CC_EXTRACTORS = ('matching_net', 'pool')
-CM_GROUPINGS = ('channel', 'channel_row')
+# The reference image learning rate (SGD, momentum 0.5) of each method.
+IMAGE_LR = {'dm': 1.0, 'idm': 0.2}
+# A variant name is a method name plus one of these suffixes: which constraints it uses.
+CONSTRAINT_SUFFIXES = {
+  '': (False, False),
+  '_cc': (True, False),
+  '_cm': (False, True),
+  '_iid': (True, True),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """DM + IID with the reference hyper-parameters on CIFAR-10 (SPEC sections 4, 5, 7).
+  """DM + IID with the reference hyper-parameters on CIFAR-10.
 
   Presets override what differs: configs/digits.py (the offline main job) and configs/paper.py.
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.method = 'dm'  # dm (SPEC 5) | idm (SPEC 6; presets in configs/paper.py)
+  config.method = 'dm'  # dm | idm (dd_jax.distill.methods; presets in configs/paper.py)
   config.ipc = 10
 
   config.dataset = ml_collections.ConfigDict()
   # digits | tfds:<name> | folder:<path> | npz:<path>
   config.dataset.name = 'tfds:cifar10'
   config.dataset.data_dir = ''  # TFDS data_dir; '' = the TFDS default (~/tensorflow_datasets).
-  config.dataset.cache_dir = ''  # folder-source decode cache; '' = $DD_JAX_CACHE or ~/.cache/dd_jax.
-  # 'auto': SPEC constants for known datasets, else computed on the training split;
+  config.dataset.cache_dir = (
+    ''  # folder-source decode cache; '' = $DD_JAX_CACHE or ~/.cache/dd_jax.
+  )
+  # 'auto': the reference code's constants for known datasets, else computed on the training split;
   # 'computed'; or a known dataset's name to force its constants.
   config.dataset.normalization = 'auto'
 
@@ -41,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.name = 'ConvNet'  # the distillation backbone; see `python -m dd_jax.info`.
 
   config.augment = ml_collections.ConfigDict()
-  # One op per call, drawn from these (SPEC section 3); drop 'flip' for digit datasets.
+  # One op per call, drawn from these (DSA, Zhao & Bilen, ICML 2021); no 'flip' for digits.
   config.augment.strategy = 'color_crop_cutout_flip_scale_rotate'
 
   config.distill = ml_collections.ConfigDict()
@@ -72,16 +85,17 @@ def default_config() -> ml_collections.ConfigDict:
   config.constraints.cc.beta = 0.0
   # Whose features CC acts on: 'matching_net' (the random matching network itself, no extra
   # cost) or 'pool' (one member of a pretrained pool per iteration, the reference; see
-  # config.pool). The reference weight 0.05 belongs to pretrained ResNet18 features (SPEC 4.3);
-  # on the random matching network's features CC dominates DM at this weight.
+  # config.pool). The reference weight 0.05 belongs to pretrained ResNet18 features (Deng et
+  # al., CVPR 2024); on the random matching network's features CC dominates DM at this weight.
   config.constraints.cc.extractor = 'matching_net'
   config.constraints.cm = ml_collections.ConfigDict()
   config.constraints.cm.weight = 0.01
   config.constraints.cm.grouping = 'channel'  # channel | channel_row
 
   # The pretrained pool of class-centralization extractors (used when cc.extractor='pool').
-  # Reference (SPEC 4.3): 1000 ResNet18 (instance norm) x 40 epochs, SGD lr 0.01 momentum 0.9
-  # wd 5e-4, batch 256, no augmentation. Built once and reused while its metadata matches.
+  # Reference (Deng et al., CVPR 2024): 1000 ResNet18 (instance norm) x 40 epochs, SGD lr 0.01
+  # momentum 0.9 wd 5e-4, batch 256, no augmentation. Built once, reused while its metadata
+  # matches.
   config.pool = ml_collections.ConfigDict()
   config.pool.model = 'ResNet18'
   config.pool.size = 1000
@@ -96,14 +110,15 @@ def default_config() -> ml_collections.ConfigDict:
   # dataset.cache_dir, $DD_JAX_CACHE or ~/.cache/dd_jax.
   config.pool.dir = ''
 
-  # IDM (SPEC 6), used when method='idm'. Defaults: CIFAR-10 IPC 10 of the reference commands.
+  # IDM (Zhao et al., CVPR 2023), used when method='idm'. Defaults: CIFAR-10 IPC 10 of the
+  # reference commands.
   config.idm = ml_collections.ConfigDict()
   config.idm.queue_init = 3  # random networks in the queue at the start
   config.idm.queue_capacity = 100  # net_num: the oldest network leaves when a push overflows
   config.idm.push_every = 30  # net_generate_interval: a new random network every N steps
   config.idm.train_nets = 2  # fetch_net_num: queue networks trained after each step
   config.idm.train_steps = 10  # model_train_steps: SGD steps per trained network
-  config.idm.train_batch = 256  # real images (uniform over the training set) per SGD step
+  config.idm.train_batch_size = 256  # real images (uniform over the training set) per SGD step
   config.idm.train_lr = 0.01
   config.idm.train_momentum = 0.9
   config.idm.train_weight_decay = 5e-4
@@ -112,6 +127,9 @@ def default_config() -> ml_collections.ConfigDict:
   # resets them at its evaluation points, every 100 iterations).
   config.idm.ce_weight = 0.5
   config.idm.accuracy_window = 100
+  # Comma-separated iterations at which the accuracies restart instead (the IID paper's IDM
+  # script evaluates, and so restarts them, at 2000,5000,10000,20000); '' = every window.
+  config.idm.accuracy_restarts = ''
 
   config.eval = ml_collections.ConfigDict()
   config.eval.model = 'ConvNet'
@@ -122,6 +140,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval.momentum = 0.9
   config.eval.weight_decay = 5e-4
   config.eval.augment_strategy = 'color_crop_cutout_flip_scale_rotate'
+  # 'reference': epochs + 1 epochs with the lr x0.1 (and a fresh momentum buffer) from epoch
+  # epochs // 2 + 2 on, as the reference's `range(Epoch + 1)` loop (1000: 502 + 499 epochs);
+  # 'halves': epochs // 2 + epochs - epochs // 2 (dd_jax before 2026-12).
+  config.eval.schedule = 'reference'
+  # False: every network draws its own DSA op per minibatch, as independent runs would. True:
+  # networks trained together share each minibatch's op (cheaper under vmap on accelerators,
+  # but correlates the networks and understates the std).
+  config.eval.share_augment_op = False
 
   # Baselines run and tabulated next to the configured method (see dd_jax.compare).
   config.compare = ml_collections.ConfigDict()
@@ -134,27 +160,73 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-PRESET_METHODS = ('dm', 'dm_iid', 'idm', 'idm_iid')
+def split_variant(name: str) -> tuple[str, bool, bool]:
+  """'dm_iid' -> ('dm', True, True): the method and whether CC and CM are on.
 
-
-def set_method(config: ml_collections.ConfigDict, method: str) -> None:
-  """Sets the method fields of a preset: 'dm', 'dm_iid', 'idm' or 'idm_iid'.
-
-  DM keeps its image lr (1.0); IDM uses SGD lr 0.2 (SPEC 6). The IID variants take the method's
-  reference weights (SPEC 4.4: DM 0.05 / 0.01, IDM 0.01 / 0.03); the others zero both.
+  Raises:
+    ValueError: not a method name (of IID_WEIGHTS) plus '', '_cc', '_cm' or '_iid'.
   """
-  if method not in PRESET_METHODS:
-    raise ValueError(f'method={method!r} in the config string; choose one of {PRESET_METHODS}.')
-  base, _, constraints = method.partition('_')
-  config.method = base
-  if base == 'idm':
-    config.distill.lr = 0.2
-  cc, cm = IID_WEIGHTS[base] if constraints == 'iid' else (0.0, 0.0)
-  config.constraints.cc.weight, config.constraints.cm.weight = cc, cm
+  for method in IID_WEIGHTS:
+    for suffix, (cc_on, cm_on) in CONSTRAINT_SUFFIXES.items():
+      if name == method + suffix:
+        return method, cc_on, cm_on
+  valid = [m + suffix for m in IID_WEIGHTS for suffix in CONSTRAINT_SUFFIXES]
+  raise ValueError(f'{name!r} is not a method variant; choose one of {valid}.')
+
+
+def _set_constraints(
+  config: ml_collections.ConfigDict, cc_on: bool, cm_on: bool, weights: tuple[float, float]
+) -> None:
+  config.constraints.cc.weight = weights[0] if cc_on else 0.0
+  config.constraints.cm.weight = weights[1] if cm_on else 0.0
+
+
+def set_method(config: ml_collections.ConfigDict, name: str) -> None:
+  """Sets a preset's method: 'dm', 'dm_iid', 'idm', 'idm_iid' (or '_cc' / '_cm' variants).
+
+  The image lr is the method's reference (IMAGE_LR: DM 1.0, IDM 0.2); the constraints in use
+  take the method's reference weights (IID_WEIGHTS), the others are zeroed.
+  """
+  method, cc_on, cm_on = split_variant(name)
+  config.method = method
+  config.distill.lr = IMAGE_LR[method]
+  _set_constraints(config, cc_on, cm_on, IID_WEIGHTS[method])
+
+
+def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of `config` with the constraints of variant `name` of its own method.
+
+  A term the variant uses keeps the config's weight, or the method's reference weight if the
+  config has it at 0 (so 'dm_iid' of a plain-DM config uses 0.05 / 0.01); the others are zeroed.
+  The copy runs no comparison of its own.
+
+  Raises:
+    ValueError: `name` is not a variant of `config.method`.
+  """
+  valid = [config.method + suffix for suffix in CONSTRAINT_SUFFIXES]
+  if name not in valid:
+    raise ValueError(
+      f'config.compare.variants: {name!r} is not a variant of a '
+      f'method={config.method!r} config; choose from {valid}.'
+    )
+  _, cc_on, cm_on = split_variant(name)
+  reference_cc, reference_cm = IID_WEIGHTS[config.method]
+  derived = config.copy_and_resolve_references()
+  with derived.unlocked():
+    _set_constraints(
+      derived,
+      cc_on,
+      cm_on,
+      (config.constraints.cc.weight or reference_cc, config.constraints.cm.weight or reference_cm),
+    )
+    derived.compare.variants = ''
+    derived.compare.random_real = False
+    derived.compare.full_train_epochs = 0
+  return derived
 
 
 def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
-  """The reduced budget for 2-core CPUs (SPEC 4.3's prototype): 400 iterations, real batch 64
+  """The reduced budget for 2-core CPUs: 400 iterations, real batch 64
   per class (IDM queue networks also train on batches of 64), 300-epoch evaluation of 3
   networks. Same for every method, so CPU numbers compare across methods."""
   config.distill.iterations = 400
@@ -162,7 +234,7 @@ def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
   config.distill.eval_every = 400
   config.distill.log_every = 20
   config.distill.checkpoint_every = 100
-  config.idm.train_batch = 64
+  config.idm.train_batch_size = 64
   config.eval.epochs = 300
   config.eval.num_eval = 3
 
@@ -187,8 +259,10 @@ def parse_config_string(arg: str | None, defaults: dict[str, object]) -> dict[st
     key, sep, text = item.partition('=')
     key = key.strip()
     if not sep or key not in defaults:
-      raise ValueError(f'Config argument {item!r}: expected key=value with key in '
-                       f'{sorted(defaults)}, e.g. "ipc=10,method=dm".')
+      raise ValueError(
+        f'Config argument {item!r}: expected key=value with key in '
+        f'{sorted(defaults)}, e.g. "ipc=10,method=dm".'
+      )
     kind = type(defaults[key])
     try:
       values[key] = convert_text(text.strip(), kind)
@@ -206,77 +280,37 @@ def convert_text(text: str, kind: type) -> object:
   return kind(text)
 
 
-def _check_choice(value, choices, field: str) -> None:
-  if value not in choices:
-    raise ValueError(f'config.{field}={value!r} is not valid; choose one of {list(choices)}.')
+def load_config(config_arg: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """A config file's config with command-line overrides, parsed as `--config` parses them.
 
+  Args:
+    config_arg: 'path/to/file.py' or 'path/to/file.py:<config string>'.
+    overrides: '--config.<field>=<value>' arguments, applied in order.
 
-def _check_positive(value, field: str, *, allow_zero: bool = False) -> None:
-  if value < 0 or (value == 0 and not allow_zero):
-    bound = '>= 0' if allow_zero else '> 0'
-    raise ValueError(f'config.{field}={value!r} must be {bound}.')
+  Returns:
+    The (locked) config. Not validated: see `dd_jax.experiment.validate_config`.
 
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks every field that does not need data; raises ValueError naming the field and the fix.
-
-  Dataset-dependent checks (ipc against the smallest class, the dataset name itself) happen when
-  the data is opened, still before any distillation work.
+  Raises:
+    ValueError: a missing file, an unknown field or a value of the wrong type, naming it.
   """
-  # Imported here so `dd_jax.config` stays importable by config files without heavy imports.
-  from dd_jax import augment, models
-
-  _check_choice(config.method, METHODS, 'method')
-  _check_positive(config.ipc, 'ipc')
-  _check_choice(config.model.name, models.network_names(), 'model.name')
-  _check_choice(config.eval.model, models.network_names(), 'eval.model')
-  for field in ('augment.strategy', 'eval.augment_strategy'):
-    section, name = field.split('.')
-    try:
-      augment.parse_strategy(config[section][name])
-    except ValueError as error:
-      raise ValueError(f'config.{field}: {error}') from None
-  for field in ('iterations', 'batch_real', 'num_nets', 'eval_every', 'checkpoint_every',
-                'log_every', 'lr'):
-    _check_positive(config.distill[field], f'distill.{field}')
-  _check_positive(config.distill.momentum, 'distill.momentum', allow_zero=True)
-  _check_positive(config.distill.devices, 'distill.devices', allow_zero=True)
-  _check_positive(config.distill.real_chunk, 'distill.real_chunk', allow_zero=True)
-  # A resumed run re-logs from its checkpoint; aligned windows make those lines identical.
-  for field in ('checkpoint_every', 'eval_every'):
-    if config.distill[field] % config.distill.log_every:
-      raise ValueError(f'config.distill.{field}={config.distill[field]} must be a multiple of '
-                       f'config.distill.log_every={config.distill.log_every}.')
-  _check_choice(config.distill.init, SYNTHETIC_INITS, 'distill.init')
-  _check_choice(config.constraints.cc.form, CC_FORMS, 'constraints.cc.form')
-  _check_choice(config.constraints.cc.extractor, CC_EXTRACTORS, 'constraints.cc.extractor')
-  _check_choice(config.constraints.cm.grouping, CM_GROUPINGS, 'constraints.cm.grouping')
-  for term in ('cc', 'cm'):
-    _check_positive(config.constraints[term].weight, f'constraints.{term}.weight', allow_zero=True)
-  for field in ('num_eval', 'epochs', 'batch_size', 'lr'):
-    _check_positive(config.eval[field], f'eval.{field}')
-  for field in ('momentum', 'weight_decay'):
-    _check_positive(config.eval[field], f'eval.{field}', allow_zero=True)
-  _check_choice(config.pool.model, models.network_names(), 'pool.model')
-  for field in ('size', 'epochs', 'batch_size', 'lr', 'parallel'):
-    _check_positive(config.pool[field], f'pool.{field}')
-  for field in ('momentum', 'weight_decay'):
-    _check_positive(config.pool[field], f'pool.{field}', allow_zero=True)
-  for field in ('queue_init', 'queue_capacity', 'push_every', 'train_nets', 'train_batch',
-                'train_lr', 'accuracy_window'):
-    _check_positive(config.idm[field], f'idm.{field}')
-  for field in ('train_steps', 'train_momentum', 'train_weight_decay', 'ce_weight'):
-    _check_positive(config.idm[field], f'idm.{field}', allow_zero=True)
-  if config.idm.queue_init > config.idm.queue_capacity:
-    raise ValueError(f'config.idm.queue_init={config.idm.queue_init} exceeds '
-                     f'config.idm.queue_capacity={config.idm.queue_capacity}.')
-  if config.method == 'idm':
-    if config.distill.num_nets != 1:
-      raise ValueError(f'config.distill.num_nets={config.distill.num_nets}: IDM matches one '
-                       'queue network per step; set --config.distill.num_nets=1.')
-    if config.model.name.endswith('BN'):
-      raise ValueError(f'config.model.name={config.model.name!r}: IDM takes one optimizer step '
-                       'per class, which batch statistics over all classes cannot serve (the '
-                       'reference raises too); choose a network without batch norm.')
-  _check_positive(config.compare.full_train_epochs, 'compare.full_train_epochs', allow_zero=True)
-  _check_positive(config.compare.full_train_num_eval, 'compare.full_train_num_eval')
+  argv = ['dd_jax', f'--config={config_arg}', *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'Experiment config file.',
+    flag_values=flag_values,
+    lock_config=True,
+    sys_argv=argv,
+  )
+  try:
+    flag_values(argv)
+  except (flags.Error, TypeError, ValueError) as error:  # bad values and files, named by absl
+    raise ValueError(f'{" ".join(argv[1:])}: {error}') from None
+  except (AttributeError, KeyError) as error:  # ml_collections: AttributeError(KeyError(text))
+    inner = error.args[0] if error.args else error
+    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else inner
+    raise ValueError(
+      f'{" ".join(argv[1:])}: no such config field ' + ' '.join(str(text).split())
+    ) from None
+  return flag_values.config

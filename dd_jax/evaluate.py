@@ -1,14 +1,17 @@
-"""The evaluation protocol (SPEC section 7): train fresh networks on a small set, test on real data.
+"""The evaluation protocol: train fresh networks on a small set, test them on real data.
 
-`num_eval` networks are trained together in one jitted program (`dd_jax.train`: `vmap` over
-networks, `scan` over epochs and minibatches). Each network has its own initialisation, data
-order and augmentation parameters; the DSA op of a minibatch step is shared by the networks.
+`num_eval` networks are trained together in one jitted program (`dd_jax.train`: networks
+stacked, `scan` over epochs and minibatches). Each network has its own initialisation, data
+order, augmentation parameters and (by default) DSA ops, as independent runs of the reference
+would.
 
-Protocol: SGD (momentum 0.9, coupled weight decay 5e-4 applied to every parameter, as PyTorch's
-SGD), batch 256 reshuffled every epoch without dropping the last partial batch, mean
-cross-entropy, DSA on every minibatch (one op per batch, parameters per image). The learning
-rate drops x0.1 after half the epochs and the momentum buffer is reset then (the reference code
-builds a new optimizer). Test accuracy once, at the end, on the full test set.
+Protocol, as DatasetCondensation's `evaluate_synset` (utils.py, with its `epoch`): SGD
+(momentum 0.9, coupled weight decay 5e-4 applied to every parameter, as PyTorch's SGD), batch 256
+reshuffled every epoch without dropping the last partial batch, mean cross-entropy, DSA on every
+minibatch (one op per batch, parameters per image). Schedule 'reference': epochs + 1 epochs, the
+learning rate x0.1 after epoch epochs // 2 + 1, with a fresh optimizer (momentum buffer reset),
+as the reference's `for ep in range(Epoch + 1)` loop. Test accuracy once, at the end, on the full
+test set.
 """
 
 from __future__ import annotations
@@ -19,49 +22,82 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from dd_jax import augment as augment_lib
 from dd_jax import models
+from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSettings:
-  """Evaluation hyper-parameters (config section `eval`)."""
-  model: str = 'ConvNet'
-  num_eval: int = 5
-  epochs: int = 1000
-  batch_size: int = 256
-  lr: float = 0.01
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  augment_strategy: str = 'color_crop_cutout_flip_scale_rotate'
-  test_batch_size: int = 1000
+class EvalSettings(settings_lib.Settings):
+  """Evaluation hyper-parameters (config section `eval`).
+
+  Attributes:
+    model: registry name of the evaluated architecture.
+    num_eval: networks trained (each from its own key).
+    epochs: the schedule's epoch count (see `train.epoch_plan`).
+    recipe: the SGD recipe (config fields `batch_size`, `lr`, `momentum`, `weight_decay`).
+    augment_strategy: DSA strategy of every minibatch ('none': no augmentation).
+    schedule: lr schedule, see `train.TrainSettings` ('reference', 'halves' or 'constant').
+    share_augment_op: networks trained together share each minibatch's DSA op (cheaper under
+      vmap on accelerators; correlates the networks).
+    test_batch_size: test images per forward pass (does not change the accuracies).
+  """
+
+  model: str = settings_lib.field('ConvNet', choices=models.network_names)
+  num_eval: int = settings_lib.field(5, check=settings_lib.POSITIVE)
+  epochs: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
+  recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
+  augment_strategy: str = augment_lib.DEFAULT_STRATEGY
+  schedule: str = settings_lib.field('reference', choices=train_lib.SCHEDULES)
+  share_augment_op: bool = settings_lib.field(False, choices=(False, True))
+  test_batch_size: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
+
+  def check(self) -> None:
+    train_lib.check_augment_strategy(self.augment_strategy)
 
   @classmethod
-  def from_config(cls, eval_config) -> 'EvalSettings':
-    return cls(**{field.name: eval_config[field.name] for field in dataclasses.fields(cls)
-                  if field.name in eval_config})
+  def from_config(cls, config: ml_collections.ConfigDict) -> EvalSettings:
+    """The settings of section `eval` of the experiment config `config`.
+
+    Raises:
+      ValueError: a value out of range, naming it as `config.eval.<field>`.
+    """
+    recipe = settings_lib.from_section(train_lib.SGDRecipe, config.eval, 'eval')
+    return settings_lib.from_section(cls, config.eval, 'eval', recipe=recipe)
 
   def train_settings(self) -> train_lib.TrainSettings:
-    return train_lib.TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                   momentum=self.momentum, weight_decay=self.weight_decay,
-                                   augment_strategy=self.augment_strategy, lr_drop=True)
+    return train_lib.TrainSettings(
+      epochs=self.epochs,
+      recipe=self.recipe,
+      augment_strategy=self.augment_strategy,
+      schedule=self.schedule,
+      share_augment_op=self.share_augment_op,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'settings'))
 def _train_and_test(key, images, labels, test_images, test_labels, net, settings):
   net_keys = jax.random.split(jax.random.fold_in(key, 0), settings.num_eval)
-  op_key = jax.random.fold_in(key, 1)
-  variables = train_lib.train_networks(net_keys, op_key, images, labels, net,
-                                       settings.train_settings())
-  return train_lib.accuracies(variables, net, test_images, test_labels,
-                              settings.test_batch_size)
+  shared_op_key = jax.random.fold_in(key, 1) if settings.share_augment_op else None
+  variables = train_lib.train_networks(
+    net_keys, images, labels, net, settings.train_settings(), shared_op_key=shared_op_key
+  )
+  return train_lib.accuracies(variables, net, test_images, test_labels, settings.test_batch_size)
 
 
-def evaluate_set(key: jax.Array, images: jax.Array, labels: jax.Array, test_images: jax.Array,
-                 test_labels: jax.Array, num_classes: int,
-                 settings: EvalSettings = EvalSettings()) -> np.ndarray:
+def evaluate_set(
+  key: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  test_images: jax.Array,
+  test_labels: jax.Array,
+  num_classes: int,
+  settings: EvalSettings = EvalSettings(),
+) -> np.ndarray:
   """Trains `settings.num_eval` fresh networks on (images, labels) and tests them.
 
   Args:
@@ -77,37 +113,29 @@ def evaluate_set(key: jax.Array, images: jax.Array, labels: jax.Array, test_imag
     [num_eval] test accuracies in percent, one per network.
   """
   net = models.get_network(settings.model, num_classes)
-  accuracies = _train_and_test(key, jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32),
-                               jnp.asarray(test_images, jnp.float32),
-                               jnp.asarray(test_labels, jnp.int32), net, settings)
+  accuracies = _train_and_test(
+    key,
+    jnp.asarray(images, jnp.float32),
+    jnp.asarray(labels, jnp.int32),
+    jnp.asarray(test_images, jnp.float32),
+    jnp.asarray(test_labels, jnp.int32),
+    net,
+    settings,
+  )
   return np.asarray(accuracies) * 100.0
 
 
-def random_real_subset(key: jax.Array, labels: np.ndarray, ipc: int) -> np.ndarray:
-  """Indices of `ipc` random training images per class, class-blocked (the baseline's set).
-
-  Args:
-    key: PRNG key.
-    labels: [N] training labels.
-    ipc: images per class.
-
-  Returns:
-    [K * ipc] indices, class 0's first.
-  """
-  labels = np.asarray(labels)
-  indices = []
-  for class_id in range(int(labels.max()) + 1):
-    members = np.flatnonzero(labels == class_id)
-    chosen = jax.random.choice(jax.random.fold_in(key, class_id), len(members), (ipc,),
-                               replace=False)
-    indices.append(members[np.asarray(chosen)])
-  return np.concatenate(indices)
-
-
-def cross_architecture(key: jax.Array, images: jax.Array, labels: jax.Array,
-                       test_images: jax.Array, test_labels: jax.Array, num_classes: int,
-                       architectures: tuple[str, ...], settings: EvalSettings = EvalSettings(),
-                       reference: str = 'ConvNet') -> dict[str, Any]:
+def cross_architecture(
+  key: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  test_images: jax.Array,
+  test_labels: jax.Array,
+  num_classes: int,
+  architectures: tuple[str, ...],
+  settings: EvalSettings = EvalSettings(),
+  reference: str = 'ConvNet',
+) -> dict[str, Any]:
   """The evaluation protocol on several architectures, and the largest drop from `reference`.
 
   Args:
@@ -127,17 +155,30 @@ def cross_architecture(key: jax.Array, images: jax.Array, labels: jax.Array,
   results = {}
   for name in names:
     try:
-      accuracies = evaluate_set(key, images, labels, test_images, test_labels, num_classes,
-                                dataclasses.replace(settings, model=name))
+      accuracies = evaluate_set(
+        key,
+        images,
+        labels,
+        test_images,
+        test_labels,
+        num_classes,
+        dataclasses.replace(settings, model=name),
+      )
     except ValueError as error:
       results[name] = {'error': str(error)}
       continue
-    results[name] = {'accuracies': [float(a) for a in accuracies],
-                     'mean': float(np.mean(accuracies)), 'std': float(np.std(accuracies))}
+    results[name] = {
+      'accuracies': [float(a) for a in accuracies],
+      'mean': float(np.mean(accuracies)),
+      'std': float(np.std(accuracies)),
+    }
   largest_drop = None
   if 'mean' in results[reference]:
-    drops = {name: results[reference]['mean'] - r['mean'] for name, r in results.items()
-             if name != reference and 'mean' in r}
+    drops = {
+      name: results[reference]['mean'] - r['mean']
+      for name, r in results.items()
+      if name != reference and 'mean' in r
+    }
     if drops:
       worst = max(drops, key=drops.get)
       largest_drop = {'model': worst, 'drop': drops[worst]}

@@ -19,14 +19,15 @@ def _conv_flops(eqn) -> float:
   kernel = eqn.invars[1].aval
   spec = eqn.params['dimension_numbers']
   # Per output element: (input channels per group) x (window) multiply-adds.
-  per_output = kernel.shape[spec.rhs_spec[1]] * np.prod([kernel.shape[d]
-                                                         for d in spec.rhs_spec[2:]])
+  per_output = kernel.shape[spec.rhs_spec[1]] * np.prod(
+    [kernel.shape[d] for d in spec.rhs_spec[2:]]
+  )
   return 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * float(per_output)
 
 
 def _sub_jaxprs(params: dict[str, Any]):
   for value in params.values():
-    for item in (value if isinstance(value, (list, tuple)) else [value]):
+    for item in value if isinstance(value, (list, tuple)) else [value]:
       if hasattr(item, 'eqns') or hasattr(getattr(item, 'jaxpr', None), 'eqns'):
         yield item
 

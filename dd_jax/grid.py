@@ -13,16 +13,16 @@ finished one is not recomputed; every finished run appends one line (name, spec,
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import ml_collections
 
-from dd_jax import compare
+from dd_jax import compare, experiment
 from dd_jax import config as config_lib
 from dd_jax import workdir as workdir_lib
 
@@ -37,6 +37,7 @@ class GridRun:
     config_arg: the text after ':' in the spec ('' if none).
     overrides: (dotted field, text value) pairs, applied in order.
   """
+
   name: str
   config_file: str
   config_arg: str
@@ -62,19 +63,20 @@ def parse_run(line: str) -> GridRun:
   tokens = shlex.split(line)
   name = None
   if tokens and tokens[0].startswith('name='):
-    name = tokens.pop(0)[len('name='):]
+    name = tokens.pop(0)[len('name=') :]
   if not tokens:
-    raise ValueError(f'grid run {line!r}: no config file; expected e.g. '
-                     '"configs/paper.py:dataset=cifar10,ipc=10 --config.seed=1".')
+    raise ValueError(
+      f'grid run {line!r}: no config file; expected e.g. '
+      '"configs/paper.py:dataset=cifar10,ipc=10 --config.seed=1".'
+    )
   config_file, _, config_arg = tokens[0].partition(':')
   overrides = []
   for token in tokens[1:]:
     field, sep, value = token.partition('=')
     if not (field.startswith('--config.') and sep):
       raise ValueError(f'grid run {line!r}: {token!r} is not --config.<field>=<value>.')
-    overrides.append((field[len('--config.'):], value))
-  run = GridRun(name='', config_file=config_file, config_arg=config_arg,
-                overrides=tuple(overrides))
+    overrides.append((field[len('--config.') :], value))
+  run = GridRun(name='', config_file=config_file, config_arg=config_arg, overrides=tuple(overrides))
   return dataclasses.replace(run, name=name or _slug(run.spec.replace('--config.', '')))
 
 
@@ -90,22 +92,6 @@ def read_grid(path: str, extra: str = '') -> list[GridRun]:
   return [parse_run(f'{line} {extra}') for line in lines if line]
 
 
-def _set_field(config: ml_collections.ConfigDict, field: str, text: str, spec: str) -> None:
-  *sections, name = field.split('.')
-  node = config
-  for section in sections:
-    if section not in node or not isinstance(node[section], ml_collections.ConfigDict):
-      raise ValueError(f'{spec}: config has no section {section!r} (in --config.{field}).')
-    node = node[section]
-  if name not in node:
-    raise ValueError(f'{spec}: config has no field {field!r}; see dd_jax/config.py.')
-  kind = type(node[name])
-  try:
-    node[name] = config_lib.convert_text(text, kind)
-  except ValueError:
-    raise ValueError(f'{spec}: --config.{field}={text!r} is not a {kind.__name__}.') from None
-
-
 def load_config(run: GridRun, base_dir: str = '.') -> ml_collections.ConfigDict:
   """The validated config of a run (its config file is relative to `base_dir`).
 
@@ -116,18 +102,20 @@ def load_config(run: GridRun, base_dir: str = '.') -> ml_collections.ConfigDict:
   path = os.path.join(base_dir, run.config_file)
   if not os.path.exists(path):
     raise ValueError(f'{run.spec}: no config file {path}.')
-  spec = importlib.util.spec_from_file_location('grid_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(run.config_arg) if run.config_arg else module.get_config()
-  for field, text in run.overrides:
-    _set_field(config, field, text, run.spec)
-  config_lib.validate_config(config)
+  config_arg = path + (f':{run.config_arg}' if run.config_arg else '')
+  config = config_lib.load_config(
+    config_arg, [f'--config.{field}={value}' for field, value in run.overrides]
+  )
+  try:
+    experiment.validate_config(config)
+  except ValueError as error:
+    raise ValueError(f'{run.spec}: {error}') from None
   return config
 
 
-def run_grid(runs: Iterable[GridRun], root: str, *, base_dir: str = '.',
-             log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+def run_grid(
+  runs: Iterable[GridRun], root: str, *, base_dir: str = '.', log: Callable[[str], Any] = print
+) -> list[dict[str, Any]]:
   """Runs every run not yet in `<root>/results.jsonl`, resumably, and records it there.
 
   All configs are loaded and validated before the first run starts, so a typo in the last line
@@ -163,8 +151,12 @@ def run_grid(runs: Iterable[GridRun], root: str, *, base_dir: str = '.',
     start = time.perf_counter()
     workdir = os.path.join(root, run.name)
     rows = compare.run_with_baselines(configs[run.name], workdir)['rows']
-    record = {'name': run.name, 'spec': run.spec, 'seconds': time.perf_counter() - start,
-              'rows': rows}
+    record = {
+      'name': run.name,
+      'spec': run.spec,
+      'seconds': time.perf_counter() - start,
+      'rows': rows,
+    }
     workdir_lib.append_metrics(results_path, record)
     done[run.name] = record
   return [done[run.name] for run in runs]

@@ -1,15 +1,11 @@
 """Lists what dd_jax provides: networks (with parameter counts), data sources, DSA ops.
 
-  python -m dd_jax.info
+python -m dd_jax.info
 """
-
-import math
 
 import jax
 
-from dd_jax import augment
-from dd_jax import data
-from dd_jax import models
+from dd_jax import augment, data, models
 
 
 def main() -> None:
@@ -17,7 +13,7 @@ def main() -> None:
   for name in models.network_names():
     net = models.get_network(name, 10)
     shapes = jax.eval_shape(lambda key: net.init(key, (1, 32, 32, 3)), jax.random.key(0))
-    count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes['params']))
+    count = models.param_count(shapes)
     print(f'  {name:<14} {count:>12,}')
   print('Data sources (config.dataset.name):')
   print('  ' + ', '.join(data.SOURCES) + '  (see dd_jax.data.load_dataset)')

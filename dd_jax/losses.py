@@ -1,4 +1,4 @@
-"""Distribution-matching losses: DM mean matching and the IID constraints (SPEC section 4).
+"""Distribution-matching losses: DM mean matching and the IID constraints (Deng et al., CVPR 2024).
 
 Pure functions of arrays, safe under `jax.jit`, `jax.vmap` and `jax.grad`. Every loss is a *sum*
 (over feature dimensions, matrix entries and samples), never a mean, so the reference learning
@@ -39,7 +39,7 @@ def mean_matching(real_features: jax.Array, syn_features: jax.Array) -> jax.Arra
 
 
 def local_covariance(feature_map: jax.Array, grouping: str = 'channel') -> jax.Array:
-  """The local feature covariance of one class's feature maps (SPEC section 4.2).
+  """The local feature covariance of one class's feature maps (Deng et al., CVPR 2024, Sec. 3).
 
   Each sample's map is a matrix whose columns are local feature vectors; every entry is centred
   over the batch, then Sigma = (1/N) sum_n G_n G_n^T. With the default grouping this equals the
@@ -65,12 +65,13 @@ def local_covariance(feature_map: jax.Array, grouping: str = 'channel') -> jax.A
   return jnp.einsum('npi,npj->ij', local_vectors, local_vectors) / n
 
 
-def covariance_matching(real_map: jax.Array, syn_map: jax.Array,
-                        grouping: str = 'channel') -> jax.Array:
+def covariance_matching(
+  real_map: jax.Array, syn_map: jax.Array, grouping: str = 'channel'
+) -> jax.Array:
   """CM loss of one class: || Sigma(real) - Sigma(syn) ||_F^2.
 
   With one synthetic sample (IPC 1, no expansion) Sigma(syn) is identically 0, so the loss is a
-  constant with zero gradient: DM + CM equals DM there (SPEC section 4.2).
+  constant with zero gradient: DM + CM equals DM there (Deng et al., CVPR 2024, Sec. 3).
 
   Args:
     real_map: [N_real, H, W, C]; no gradient flows into it.
@@ -84,9 +85,10 @@ def covariance_matching(real_map: jax.Array, syn_map: jax.Array,
   return jnp.sum(jnp.square(real_cov - local_covariance(syn_map, grouping)))
 
 
-def class_centralization(features: jax.Array, form: str = 'squared', alpha: float = 0.02,
-                         beta: float = 0.0) -> jax.Array:
-  """CC loss of one class: pulls synthetic features towards their class mean (SPEC 4.3).
+def class_centralization(
+  features: jax.Array, form: str = 'squared', alpha: float = 0.02, beta: float = 0.0
+) -> jax.Array:
+  """CC loss of one class: pulls synthetic features towards their class mean (Deng et al.).
 
   'squared' (reference code, default): sum_i || g_i - mu ||^2.
   'exp' (paper): sum_i max(0, exp(alpha * || g_i - mu ||^2) - beta).
@@ -110,7 +112,8 @@ def class_centralization(features: jax.Array, form: str = 'squared', alpha: floa
 
 
 class ObjectiveWeights(NamedTuple):
-  """Weights and options of the combined objective L = DM + cc * CC + cm * CM (SPEC 4.4)."""
+  """Weights and options of the objective L = DM + cc * CC + cm * CM (Deng et al., CVPR 2024)."""
+
   cc: float = 0.05
   cm: float = 0.01
   cc_form: str = 'squared'
@@ -121,15 +124,21 @@ class ObjectiveWeights(NamedTuple):
 
 class LossTerms(NamedTuple):
   """Unweighted loss terms and the weighted total (all scalars)."""
+
   total: jax.Array
   dm: jax.Array
   cc: jax.Array
   cm: jax.Array
 
 
-def class_objective(real_features: jax.Array, real_map: jax.Array, syn_features: jax.Array,
-                    syn_map: jax.Array, cc_features: jax.Array,
-                    weights: ObjectiveWeights = ObjectiveWeights()) -> LossTerms:
+def class_objective(
+  real_features: jax.Array,
+  real_map: jax.Array,
+  syn_features: jax.Array,
+  syn_map: jax.Array,
+  cc_features: jax.Array,
+  weights: ObjectiveWeights = ObjectiveWeights(),
+) -> LossTerms:
   """The DM + IID objective of one class.
 
   Args:
@@ -147,15 +156,23 @@ def class_objective(real_features: jax.Array, real_map: jax.Array, syn_features:
   """
   dm = mean_matching(real_features, syn_features)
   zero = jnp.zeros((), dm.dtype)
-  cm = (covariance_matching(real_map, syn_map, weights.cm_grouping) if weights.cm else zero)
-  cc = (class_centralization(cc_features, weights.cc_form, weights.cc_alpha, weights.cc_beta)
-        if weights.cc else zero)
+  cm = covariance_matching(real_map, syn_map, weights.cm_grouping) if weights.cm else zero
+  cc = (
+    class_centralization(cc_features, weights.cc_form, weights.cc_alpha, weights.cc_beta)
+    if weights.cc
+    else zero
+  )
   return LossTerms(total=dm + weights.cc * cc + weights.cm * cm, dm=dm, cc=cc, cm=cm)
 
 
-def classwise_objective(real_features: jax.Array, real_map: jax.Array, syn_features: jax.Array,
-                        syn_map: jax.Array, cc_features: jax.Array,
-                        weights: ObjectiveWeights = ObjectiveWeights()) -> LossTerms:
+def classwise_objective(
+  real_features: jax.Array,
+  real_map: jax.Array,
+  syn_features: jax.Array,
+  syn_map: jax.Array,
+  cc_features: jax.Array,
+  weights: ObjectiveWeights = ObjectiveWeights(),
+) -> LossTerms:
   """`class_objective` for all classes at once (vmap over a leading class axis), summed.
 
   Args: as `class_objective`, each with a leading class axis K, e.g. real_features [K, N, D].
@@ -164,5 +181,6 @@ def classwise_objective(real_features: jax.Array, real_map: jax.Array, syn_featu
     LossTerms, each term summed over the K classes.
   """
   per_class = jax.vmap(functools.partial(class_objective, weights=weights))(
-      real_features, real_map, syn_features, syn_map, cc_features)
+    real_features, real_map, syn_features, syn_map, cc_features
+  )
   return jax.tree_util.tree_map(jnp.sum, per_class)

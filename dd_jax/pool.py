@@ -1,12 +1,12 @@
-"""The pretrained feature pool of class centralization (SPEC 4.3): build once, reuse, draw members.
+"""The pretrained feature pool of class centralization: build once, store, reuse.
 
     pool = get_or_train_pool(config, dataset)        # loads <pool dir> or trains and saves it
-    extractor = pool_extractor(pool)                 # dm.CentralizationExtractor(name='pool')
+    extractor = extractors.pool_extractor(pool)      # draws members for a distillation step
 
-The reference pretrains 1000 ResNet18 (instance norm) on the real training set for 40 epochs each
-(SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, constant lr, no augmentation) and draws
-one member at random every distillation iteration; class centralization acts on its pooled
-features (`embed`).
+The reference (Deng et al., CVPR 2024) pretrains 1000 ResNet18 (instance norm) on the real
+training set for 40 epochs each (SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256,
+constant lr, no augmentation) and draws one member at random every distillation iteration;
+class centralization acts on its pooled features (`embed`). Drawing is `dd_jax.extractors`'.
 
 Member i is trained from its own key fold_in(key(seed), i) alone, so the members do not depend
 on how many are trained together (`parallel`; see train.over_networks) beyond float rounding.
@@ -31,7 +31,8 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,7 @@ import orbax.checkpoint as ocp
 
 from dd_jax import data as data_lib
 from dd_jax import models
+from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax import workdir as workdir_lib
 
@@ -49,52 +51,64 @@ FORMAT_VERSION = 1
 
 # The metadata fields that identify a pool (what `pool_metadata` returns); a stored pool is
 # reused only when all of them match. Other metadata fields (accuracies, timing, chunks) inform.
-IDENTITY_FIELDS = ('format_version', 'dataset', 'num_classes', 'image_shape', 'num_train_images',
-                   'mean', 'std', 'model', 'size', 'epochs', 'batch_size', 'lr', 'momentum',
-                   'weight_decay', 'seed')
+IDENTITY_FIELDS = (
+  'format_version',
+  'dataset',
+  'num_classes',
+  'image_shape',
+  'num_train_images',
+  'mean',
+  'std',
+  'model',
+  'size',
+  'epochs',
+  'batch_size',
+  'lr',
+  'momentum',
+  'weight_decay',
+  'seed',
+)
 
 _METADATA_FILE = 'metadata.json'
 _MEMBERS_DIR = 'members'
 
 
 @dataclasses.dataclass(frozen=True)
-class PoolSettings:
+class PoolSettings(settings_lib.Settings):
   """How the pool is trained (config section `pool`, less `dir`).
 
   Attributes:
     model: registry name of the members' architecture (e.g. 'ResNet18').
     size: number of members.
     epochs: training epochs of every member.
-    batch_size: minibatch size (the last partial batch is kept).
-    lr: constant learning rate.
-    momentum: SGD momentum (PyTorch semantics).
-    weight_decay: coupled L2, as PyTorch's SGD.
+    recipe: the SGD recipe (config fields `batch_size`, `lr`, `momentum`, `weight_decay`); the lr
+      is constant.
     parallel: members trained together (train.over_networks); does not change the members.
     seed: member i is trained from fold_in(key(seed), i).
   """
-  model: str = 'ResNet18'
-  size: int = 1000
-  epochs: int = 40
-  batch_size: int = 256
-  lr: float = 0.01
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  parallel: int = 8
-  seed: int = 0
+
+  model: str = settings_lib.field('ResNet18', choices=models.network_names)
+  size: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
+  epochs: int = settings_lib.field(40, check=settings_lib.POSITIVE)
+  recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
+  parallel: int = settings_lib.field(8, check=settings_lib.POSITIVE)
+  seed: int = settings_lib.field(0, check=settings_lib.NON_NEGATIVE)
 
   @classmethod
-  def from_config(cls, pool_config: ml_collections.ConfigDict) -> PoolSettings:
-    """The settings of config section `pool` (its `dir` field is not a training setting)."""
-    c = pool_config
-    return cls(model=str(c.model), size=int(c.size), epochs=int(c.epochs),
-               batch_size=int(c.batch_size), lr=float(c.lr), momentum=float(c.momentum),
-               weight_decay=float(c.weight_decay), parallel=int(c.parallel), seed=int(c.seed))
+  def from_config(cls, config: ml_collections.ConfigDict) -> PoolSettings:
+    """The settings of section `pool` of the experiment config (its `dir` is not a setting).
+
+    Raises:
+      ValueError: a value out of range, naming it as `config.pool.<field>`.
+    """
+    recipe = settings_lib.from_section(train_lib.SGDRecipe, config.pool, 'pool')
+    return settings_lib.from_section(cls, config.pool, 'pool', recipe=recipe)
 
   def train_settings(self) -> train_lib.TrainSettings:
-    """Per-member SGD settings: constant lr, no augmentation."""
-    return train_lib.TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                   momentum=self.momentum, weight_decay=self.weight_decay,
-                                   augment_strategy='', lr_drop=False)
+    """Per-member training: constant lr, no augmentation."""
+    return train_lib.TrainSettings(
+      epochs=self.epochs, recipe=self.recipe, augment_strategy='', schedule='constant'
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -109,6 +123,7 @@ class Pool:
       'mean_test_accuracy', 'train_seconds', 'parallel', 'chunks' ([start, end) pairs) and
       'chunk_seconds'.
   """
+
   net: models.Network
   variables: Any
   metadata: dict[str, Any]
@@ -130,21 +145,21 @@ def pool_metadata(dataset: data_lib.Dataset, settings: PoolSettings) -> dict[str
     A dict with exactly the keys of `IDENTITY_FIELDS`.
   """
   return {
-      'format_version': FORMAT_VERSION,
-      'dataset': dataset.name,
-      'num_classes': int(dataset.num_classes),
-      'image_shape': [int(d) for d in dataset.image_shape],
-      'num_train_images': int(len(dataset.train_images)),
-      'mean': [float(m) for m in dataset.mean],
-      'std': [float(s) for s in dataset.std],
-      'model': settings.model,
-      'size': int(settings.size),
-      'epochs': int(settings.epochs),
-      'batch_size': int(settings.batch_size),
-      'lr': float(settings.lr),
-      'momentum': float(settings.momentum),
-      'weight_decay': float(settings.weight_decay),
-      'seed': int(settings.seed),
+    'format_version': FORMAT_VERSION,
+    'dataset': dataset.name,
+    'num_classes': int(dataset.num_classes),
+    'image_shape': [int(d) for d in dataset.image_shape],
+    'num_train_images': int(len(dataset.train_images)),
+    'mean': [float(m) for m in dataset.mean],
+    'std': [float(s) for s in dataset.std],
+    'model': settings.model,
+    'size': int(settings.size),
+    'epochs': int(settings.epochs),
+    'batch_size': int(settings.recipe.batch_size),
+    'lr': float(settings.recipe.lr),
+    'momentum': float(settings.recipe.momentum),
+    'weight_decay': float(settings.recipe.weight_decay),
+    'seed': int(settings.seed),
   }
 
 
@@ -160,25 +175,34 @@ def _member_keys(seed: int, start: int, end: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'input_shape', 'settings'))
-def _init_chunk(keys: jax.Array, net: models.Network, input_shape: tuple[int, ...],
-                settings: train_lib.TrainSettings) -> train_lib.TrainCarry:
-  optimizer = train_lib.torch_sgd(settings.momentum, settings.weight_decay)
-  return train_lib.init_networks(keys, net, input_shape, optimizer)
+def _init_chunk(
+  keys: jax.Array,
+  net: models.Network,
+  input_shape: tuple[int, ...],
+  settings: train_lib.TrainSettings,
+) -> train_lib.TrainCarry:
+  return train_lib.init_networks(keys, net, input_shape, settings.recipe.optimizer())
 
 
 # The images are arguments, not closed-over constants: a training set must not be baked into the
 # compiled program. The carry is donated (the previous epoch's state is never needed again).
 @functools.partial(jax.jit, static_argnames=('net', 'settings'), donate_argnums=(0,))
-def _train_epoch(carry: train_lib.TrainCarry, epoch_index: jax.Array, images: jax.Array,
-                 labels: jax.Array, net: models.Network,
-                 settings: train_lib.TrainSettings) -> train_lib.TrainCarry:
+def _train_epoch(
+  carry: train_lib.TrainCarry,
+  epoch_index: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  net: models.Network,
+  settings: train_lib.TrainSettings,
+) -> train_lib.TrainCarry:
   epoch = train_lib.over_networks(train_lib.make_epoch_fn(net, images, labels, settings))
-  return epoch(carry, epoch_index, jax.random.key(0))  # op key unused: no augmentation
+  return epoch(carry, epoch_index)
 
 
 @functools.partial(jax.jit, static_argnames=('net',))
-def _test_accuracies(variables: Any, test_images: jax.Array, test_labels: jax.Array,
-                     net: models.Network) -> jax.Array:
+def _test_accuracies(
+  variables: Any, test_images: jax.Array, test_labels: jax.Array, net: models.Network
+) -> jax.Array:
   return train_lib.accuracies(variables, net, test_images, test_labels)
 
 
@@ -188,15 +212,17 @@ def _abstract_chunk(net: models.Network, image_shape: tuple[int, ...], num_membe
   shapes = jax.eval_shape(jax.vmap(lambda k: net.init(k, (1, *image_shape))), keys)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes
+  )
 
 
 def _chunk_path(directory: str, start: int, end: int) -> str:
   return os.path.join(directory, _MEMBERS_DIR, f'{start:06d}-{end:06d}')
 
 
-def _save_chunk(directory: str, start: int, end: int, variables: Any,
-                record: dict[str, Any]) -> None:
+def _save_chunk(
+  directory: str, start: int, end: int, variables: Any, record: dict[str, Any]
+) -> None:
   """Writes members [start, end) (stacked variables) and then their record (marks completion)."""
   path = _chunk_path(directory, start, end)
   if os.path.exists(path + '.json'):
@@ -211,13 +237,15 @@ def _save_chunk(directory: str, start: int, end: int, variables: Any,
   workdir_lib.write_json(path + '.json', {**record, 'start': start, 'end': end})
 
 
-def _restore_chunk(directory: str, start: int, end: int, net: models.Network,
-                   image_shape: tuple[int, ...]) -> Any:
+def _restore_chunk(
+  directory: str, start: int, end: int, net: models.Network, image_shape: tuple[int, ...]
+) -> Any:
   """The stacked variables of members [start, end), as host numpy arrays."""
   checkpointer = ocp.StandardCheckpointer()
   try:
-    restored = checkpointer.restore(_chunk_path(directory, start, end),
-                                    _abstract_chunk(net, image_shape, end - start))
+    restored = checkpointer.restore(
+      _chunk_path(directory, start, end), _abstract_chunk(net, image_shape, end - start)
+    )
   finally:
     checkpointer.close()
   return jax.device_get(restored)
@@ -228,28 +256,51 @@ def _read_chunk_record(directory: str, start: int, end: int) -> dict[str, Any] |
   return workdir_lib.read_json(path) if os.path.isfile(path) else None
 
 
-def _check_identity(found: dict[str, Any], expected: dict[str, Any], directory: str,
-                    what: str) -> None:
+def _check_identity(
+  found: dict[str, Any], expected: dict[str, Any], directory: str, what: str
+) -> None:
   """Raises ValueError listing every identifying field where `found` differs from `expected`."""
   missing = '<absent>'
   differences = [
-      f'  {field}: built for {found.get(field, missing)!r}, wanted {expected.get(field, missing)!r}'
-      for field in IDENTITY_FIELDS if found.get(field, missing) != expected.get(field, missing)]
+    f'  {field}: built for {found.get(field, missing)!r}, wanted {expected.get(field, missing)!r}'
+    for field in IDENTITY_FIELDS
+    if found.get(field, missing) != expected.get(field, missing)
+  ]
   if differences:
     raise ValueError(
-        f'{directory} holds {what} built for different data or settings:\n' +
-        '\n'.join(differences) +
-        f'\nChoose another directory with --config.pool.dir=<dir>, or delete {directory} to '
-        'rebuild the pool there.')
+      f'{directory} holds {what} built for different data or settings:\n'
+      + '\n'.join(differences)
+      + f'\nChoose another directory with --config.pool.dir=<dir>, or delete {directory} to '
+      'rebuild the pool there.'
+    )
 
 
 def _stack_on_host(chunks: list[Any]) -> Any:
   return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *chunks)
 
 
-def train_pool(dataset: data_lib.Dataset, settings: PoolSettings, *,
-               test_images: jax.Array | None = None, log: Callable[[str], Any] = print,
-               directory: str | None = None) -> Pool:
+def _mark_complete(directory: str, metadata: dict[str, Any]) -> None:
+  """Writes metadata.json (atomically, last) and removes chunk files it does not list."""
+  workdir_lib.write_json(os.path.join(directory, _METADATA_FILE), metadata)
+  listed = {os.path.basename(_chunk_path(directory, s, e)) for s, e in metadata['chunks']}
+  members_dir = os.path.join(directory, _MEMBERS_DIR)
+  for name in os.listdir(members_dir):
+    if name.removesuffix('.json') not in listed:  # left by a build with another `parallel`
+      path = os.path.join(members_dir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+
+
+def train_pool(
+  dataset: data_lib.Dataset,
+  settings: PoolSettings,
+  *,
+  test_images: jax.Array | None = None,
+  log: Callable[[str], Any] = print,
+  directory: str | None = None,
+) -> Pool:
   """Trains the pool's `size` members on the full training set, `parallel` at a time.
 
   Args:
@@ -260,7 +311,7 @@ def train_pool(dataset: data_lib.Dataset, settings: PoolSettings, *,
     log: called with each progress line (members, epoch, seconds per epoch, ETA).
     directory: if given, every completed chunk of members is saved there as it finishes, and
       chunks already completed there (by an interrupted build of the same pool) are restored
-      instead of retrained. metadata.json is not written (see `save_pool` / `get_or_train_pool`).
+      instead of retrained; metadata.json is written last, marking the pool complete.
 
   Returns:
     The pool; its variables are stacked on a leading axis of length `settings.size`.
@@ -289,87 +340,66 @@ def train_pool(dataset: data_lib.Dataset, settings: PoolSettings, *,
       member_variables.append(_restore_chunk(directory, start, end, net, image_shape))
       accuracies.extend(record['test_accuracies'])
       chunk_seconds.append(record['seconds'])
-      log(f'pool: members {start + 1}-{end} of {settings.size} restored from '
-          f'{_chunk_path(directory, start, end)}')
+      log(
+        f'pool: members {start + 1}-{end} of {settings.size} restored from '
+        f'{_chunk_path(directory, start, end)}'
+      )
       continue
     chunk_start_time = time.perf_counter()
     carry = _init_chunk(_member_keys(settings.seed, start, end), net, image_shape, train_settings)
     for epoch in range(settings.epochs):
       epoch_start_time = time.perf_counter()
-      carry = _train_epoch(carry, jnp.asarray(epoch, jnp.int32), images, labels, net,
-                           train_settings)
+      carry = _train_epoch(
+        carry, jnp.asarray(epoch, jnp.int32), images, labels, net, train_settings
+      )
       jax.block_until_ready(carry)
       epoch_seconds = time.perf_counter() - epoch_start_time
       if epoch > 0 or steady_epoch_seconds is None:
         steady_epoch_seconds = epoch_seconds
       # Remaining work in epochs of this chunk's size (a shorter last chunk counts less).
       remaining = (settings.epochs - epoch - 1) + sum(
-          settings.epochs * (e - s) / (end - start) for s, e in chunks[chunk_index + 1:])
-      log(f'pool: members {start + 1}-{end} of {settings.size}, epoch {epoch + 1}/'
-          f'{settings.epochs}, {epoch_seconds:.1f} s/epoch, ETA '
-          f'{workdir_lib.format_duration(remaining * steady_epoch_seconds)}')
+        settings.epochs * (e - s) / (end - start) for s, e in chunks[chunk_index + 1 :]
+      )
+      log(
+        f'pool: members {start + 1}-{end} of {settings.size}, epoch {epoch + 1}/'
+        f'{settings.epochs}, {epoch_seconds:.1f} s/epoch, ETA '
+        f'{workdir_lib.format_duration(remaining * steady_epoch_seconds)}'
+      )
     variables = carry[0]
     if test_images.shape[0]:
-      chunk_accuracies = [round(100.0 * float(a), 4) for a in
-                          _test_accuracies(variables, test_images, test_labels, net)]
+      chunk_accuracies = [
+        round(100.0 * float(a), 4)
+        for a in _test_accuracies(variables, test_images, test_labels, net)
+      ]
     else:
       chunk_accuracies = [None] * (end - start)
     variables = jax.device_get(variables)  # finished members wait on the host
     seconds = time.perf_counter() - chunk_start_time
     if directory:
-      _save_chunk(directory, start, end, variables,
-                  {**identity, 'test_accuracies': chunk_accuracies, 'seconds': seconds})
+      _save_chunk(
+        directory,
+        start,
+        end,
+        variables,
+        {**identity, 'test_accuracies': chunk_accuracies, 'seconds': seconds},
+      )
     member_variables.append(variables)
     accuracies.extend(chunk_accuracies)
     chunk_seconds.append(seconds)
 
   known = [a for a in accuracies if a is not None]
-  metadata = {**identity, 'test_accuracies': accuracies,
-              'mean_test_accuracy': float(np.mean(known)) if known else None,
-              'train_seconds': float(sum(chunk_seconds)), 'parallel': int(settings.parallel),
-              'chunks': [list(c) for c in chunks], 'chunk_seconds': chunk_seconds}
+  metadata = {
+    **identity,
+    'test_accuracies': accuracies,
+    'mean_test_accuracy': float(np.mean(known)) if known else None,
+    'train_seconds': float(sum(chunk_seconds)),
+    'parallel': int(settings.parallel),
+    'chunks': [list(c) for c in chunks],
+    'chunk_seconds': chunk_seconds,
+  }
+  if directory:
+    _mark_complete(directory, metadata)
   return Pool(net=net, variables=_stack_on_host(member_variables), metadata=metadata)
-
-
-def _mark_complete(directory: str, metadata: dict[str, Any]) -> None:
-  """Writes metadata.json (atomically, last) and removes chunk files it does not list."""
-  workdir_lib.write_json(os.path.join(directory, _METADATA_FILE), metadata)
-  listed = {os.path.basename(_chunk_path(directory, s, e)) for s, e in metadata['chunks']}
-  members_dir = os.path.join(directory, _MEMBERS_DIR)
-  for name in os.listdir(members_dir):
-    if name.removesuffix('.json') not in listed:  # left by a build with another `parallel`
-      path = os.path.join(members_dir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      else:
-        os.remove(path)
-
-
-def save_pool(directory: str, pool: Pool) -> None:
-  """Saves a pool under `directory` (created); metadata.json is written last.
-
-  An existing pool there is replaced; it stops being complete (metadata.json removed) before any
-  of its files change.
-
-  Args:
-    directory: the pool directory.
-    pool: the pool; `pool.metadata` must hold the identifying fields of `pool_metadata`.
-  """
-  directory = os.path.abspath(directory)
-  metadata_path = os.path.join(directory, _METADATA_FILE)
-  if os.path.exists(metadata_path):
-    os.remove(metadata_path)
-  metadata = dict(pool.metadata)
-  chunks = [tuple(c) for c in metadata.get('chunks') or [(0, pool.size)]]
-  accuracies = metadata.get('test_accuracies') or [None] * pool.size
-  chunk_seconds = metadata.get('chunk_seconds') or [None] * len(chunks)
-  identity = {field: metadata[field] for field in IDENTITY_FIELDS}
-  for (start, end), seconds in zip(chunks, chunk_seconds):
-    variables = jax.tree_util.tree_map(lambda x, s=start, e=end: x[s:e], pool.variables)
-    _save_chunk(directory, start, end, variables,
-                {**identity, 'test_accuracies': accuracies[start:end], 'seconds': seconds})
-  metadata['chunks'] = [list(c) for c in chunks]
-  _mark_complete(directory, metadata)
 
 
 def load_pool(directory: str, expected_metadata: dict[str, Any]) -> Pool | None:
@@ -395,8 +425,9 @@ def load_pool(directory: str, expected_metadata: dict[str, Any]) -> Pool | None:
   _check_identity(metadata, expected_metadata, directory, 'a pool')
   net = models.get_network(metadata['model'], metadata['num_classes'])
   image_shape = tuple(metadata['image_shape'])
-  chunks = [_restore_chunk(directory, start, end, net, image_shape)
-            for start, end in metadata['chunks']]
+  chunks = [
+    _restore_chunk(directory, start, end, net, image_shape) for start, end in metadata['chunks']
+  ]
   return Pool(net=net, variables=_stack_on_host(chunks), metadata=metadata)
 
 
@@ -426,14 +457,19 @@ def default_pool_dir(config: ml_collections.ConfigDict) -> str:
   """
   cache = config.dataset.cache_dir or data_lib.default_cache_dir()
   pool = config.pool
-  name = (f'{_dataset_slug(config.dataset.name)}_{pool.model}_{pool.size}x{pool.epochs}'
-          f'_seed{pool.seed}')
+  name = (
+    f'{_dataset_slug(config.dataset.name)}_{pool.model}_{pool.size}x{pool.epochs}_seed{pool.seed}'
+  )
   return os.path.join(cache, 'pools', name)
 
 
-def get_or_train_pool(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
-                      log: Callable[[str], Any] = print, *,
-                      test_images: jax.Array | None = None) -> Pool:
+def get_or_train_pool(
+  config: ml_collections.ConfigDict,
+  dataset: data_lib.Dataset,
+  log: Callable[[str], Any] = print,
+  *,
+  test_images: jax.Array | None = None,
+) -> Pool:
   """The pool of `config.pool` for `dataset`: loaded if saved, else trained (resumably) and saved.
 
   Args:
@@ -448,52 +484,28 @@ def get_or_train_pool(config: ml_collections.ConfigDict, dataset: data_lib.Datas
   Raises:
     ValueError: the pool directory holds a pool built for other data or settings.
   """
-  settings = PoolSettings.from_config(config.pool)
+  settings = PoolSettings.from_config(config)
   directory = os.path.abspath(config.pool.dir or default_pool_dir(config))
   expected = pool_metadata(dataset, settings)
   pool = load_pool(directory, expected)
   if pool is not None:
-    log(f'pool: loaded {pool.size} {pool.net.name} members from {directory} '
-        f'({_accuracy_summary(pool.metadata)})')
+    log(
+      f'pool: loaded {pool.size} {pool.net.name} members from {directory} '
+      f'({_accuracy_summary(pool.metadata)})'
+    )
     return pool
-  log(f'pool: no complete pool at {directory}; training {settings.size} {settings.model} x '
-      f'{settings.epochs} epochs on {dataset.name}, {settings.parallel} at a time')
+  log(
+    f'pool: no complete pool at {directory}; training {settings.size} {settings.model} x '
+    f'{settings.epochs} epochs on {dataset.name}, {settings.parallel} at a time'
+  )
   pool = train_pool(dataset, settings, test_images=test_images, log=log, directory=directory)
-  _mark_complete(directory, pool.metadata)
-  log(f'pool: saved {pool.size} members to {directory} ({_accuracy_summary(pool.metadata)}, '
-      f'trained in {workdir_lib.format_duration(pool.metadata["train_seconds"])})')
+  log(
+    f'pool: saved {pool.size} members to {directory} ({_accuracy_summary(pool.metadata)}, '
+    f'trained in {workdir_lib.format_duration(pool.metadata["train_seconds"])})'
+  )
   return pool
 
 
 def _accuracy_summary(metadata: dict[str, Any]) -> str:
   mean = metadata.get('mean_test_accuracy')
-  return 'no test accuracy' if mean is None else f'members\' mean test accuracy {mean:.2f}%'
-
-
-def pool_extractor(pool: Pool) -> Any:
-  """The class-centralization extractor drawing one pool member per matching network and step.
-
-  Returns:
-    `dm.CentralizationExtractor(name='pool', params=<the stacked variables on the host>, ...)`
-    whose `select(params, keys)` draws member `randint(key, 0, size)` for each of the step's CC
-    keys on the host and hands only those members to the device, and whose
-    `features(member, key, syn_images, matching_features)` is the member's pooled features
-    `embed(member, syn_images, train=True)[0]`, [N, D']. train=True follows the reference, which
-    keeps the pool network in train mode (only batch-norm members differ).
-  """
-  # Imported here: dd_jax.distill imports the loop, which may import this module.
-  from dd_jax.distill import dm  # pylint: disable=g-import-not-at-top
-
-  net, size = pool.net, pool.size
-  draw = jax.jit(jax.vmap(lambda key: jax.random.randint(key, (), 0, size)))
-
-  def select(params, keys):
-    indices = np.asarray(draw(keys))
-    return jax.tree_util.tree_map(lambda x: np.asarray(x)[indices], params)
-
-  def features(member, key, syn_images, matching_features):
-    del key, matching_features
-    return net.embed(member, syn_images, train=True)[0]
-
-  return dm.CentralizationExtractor(name='pool', features=features, select=select,
-                                    params=jax.tree_util.tree_map(np.asarray, pool.variables))
+  return 'no test accuracy' if mean is None else f"members' mean test accuracy {mean:.2f}%"

@@ -46,12 +46,20 @@ def collect(roots: list[str]) -> list[dict[str, Any]]:
       raise ValueError(f'{root} has no results.jsonl; is it a grid root (experiments/grid.py)?')
     for run in workdir_lib.read_metrics(results_path):
       config = workdir_lib.read_json(os.path.join(root, run['name'], 'config.json'))
-      setting = json.dumps({k: v for k, v in config.items() if k not in ('seed', 'compare')},
-                           sort_keys=True)
+      setting = json.dumps(
+        {k: v for k, v in config.items() if k not in ('seed', 'compare')}, sort_keys=True
+      )
       for row in run['rows']:
-        record = {'root': root, 'run': run['name'], 'dataset': config['dataset']['name'],
-                  'ipc': config['ipc'], 'seed': config['seed'], 'label': _row_label(row['label']),
-                  'accuracies': row['accuracies'], 'setting': setting}
+        record = {
+          'root': root,
+          'run': run['name'],
+          'dataset': config['dataset']['name'],
+          'ipc': config['ipc'],
+          'seed': config['seed'],
+          'label': _row_label(row['label']),
+          'accuracies': row['accuracies'],
+          'setting': setting,
+        }
         if _is_baseline(record['label']):
           key = (record['dataset'], record['ipc'], record['seed'], record['label'])
           if key in seen_baselines:
@@ -88,9 +96,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[tuple[str, int, str], dict[
   summary = {}
   for key, group in groups.items():
     accuracies = [a for record in group for a in record['accuracies']]
-    summary[key] = {'mean': float(np.mean(accuracies)), 'std': float(np.std(accuracies)),
-                    'seeds': len({record['seed'] for record in group}),
-                    'networks': len(accuracies)}
+    summary[key] = {
+      'mean': float(np.mean(accuracies)),
+      'std': float(np.std(accuracies)),
+      'seeds': len({record['seed'] for record in group}),
+      'networks': len(accuracies),
+    }
   return summary
 
 
@@ -104,15 +115,22 @@ def summary_markdown(summary: dict[tuple[str, int, str], dict[str, Any]]) -> str
   for dataset in sorted({key[0] for key in summary}):
     ipcs = sorted({key[1] for key in summary if key[0] == dataset})
     labels = sorted({key[2] for key in summary if key[0] == dataset}, key=_label_order)
-    lines += [f'### {dataset}', '', '| method | ' + ' | '.join(f'IPC {i}' for i in ipcs) + ' |',
-              '|---|' + '---|' * len(ipcs)]
+    lines += [
+      f'### {dataset}',
+      '',
+      '| method | ' + ' | '.join(f'IPC {i}' for i in ipcs) + ' |',
+      '|---|' + '---|' * len(ipcs),
+    ]
     for label in labels:
       cells = []
       for ipc in ipcs:
         entry = summary.get((dataset, ipc, label))
-        cells.append('-' if entry is None else
-                     f'{entry["mean"]:.2f} +- {entry["std"]:.2f} ({entry["seeds"]}x'
-                     f'{entry["networks"] // entry["seeds"]})')
+        cells.append(
+          '-'
+          if entry is None
+          else f'{entry["mean"]:.2f} +- {entry["std"]:.2f} ({entry["seeds"]}x'
+          f'{entry["networks"] // entry["seeds"]})'
+        )
       lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     lines.append('')
   lines.append('Cells: mean +- std over (seeds x evaluation networks), (seeds x networks).')
@@ -129,10 +147,17 @@ def plot_accuracy_vs_ipc(summary, path: str) -> None:
   for axis, dataset in zip(axes[0], datasets):
     labels = sorted({key[2] for key in summary if key[0] == dataset}, key=_label_order)
     for label in labels:
-      points = sorted((key[1], value) for key, value in summary.items()
-                      if key[0] == dataset and key[2] == label)
-      axis.errorbar([p[0] for p in points], [p[1]['mean'] for p in points],
-                    yerr=[p[1]['std'] for p in points], marker='o', capsize=3, label=label)
+      points = sorted(
+        (key[1], value) for key, value in summary.items() if key[0] == dataset and key[2] == label
+      )
+      axis.errorbar(
+        [p[0] for p in points],
+        [p[1]['mean'] for p in points],
+        yerr=[p[1]['std'] for p in points],
+        marker='o',
+        capsize=3,
+        label=label,
+      )
     axis.set_xscale('log')
     axis.set_xlabel('images per class')
     axis.set_ylabel('test accuracy (%)')
@@ -151,9 +176,14 @@ def plot_rows(summary, dataset: str, path: str) -> None:
   figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(ipcs)), 4))
   for index, label in enumerate(labels):
     entries = [summary.get((dataset, ipc, label)) for ipc in ipcs]
-    axis.bar(np.arange(len(ipcs)) + index * width,
-             [e['mean'] if e else np.nan for e in entries], width,
-             yerr=[e['std'] if e else 0 for e in entries], capsize=2, label=label)
+    axis.bar(
+      np.arange(len(ipcs)) + index * width,
+      [e['mean'] if e else np.nan for e in entries],
+      width,
+      yerr=[e['std'] if e else 0 for e in entries],
+      capsize=2,
+      label=label,
+    )
   axis.set_xticks(np.arange(len(ipcs)) + 0.4 - width / 2)
   axis.set_xticklabels([f'IPC {ipc}' for ipc in ipcs])
   axis.set_ylabel('test accuracy (%)')
@@ -172,12 +202,18 @@ def plot_losses(run_dir: str, title: str, path: str) -> bool:
   runs = {'run': run_dir}
   compare_dir = os.path.join(run_dir, 'compare')
   if os.path.isdir(compare_dir):
-    runs.update({name: os.path.join(compare_dir, name) for name in sorted(os.listdir(compare_dir))
-                 if os.path.isdir(os.path.join(compare_dir, name))})
+    runs.update(
+      {
+        name: os.path.join(compare_dir, name)
+        for name in sorted(os.listdir(compare_dir))
+        if os.path.isdir(os.path.join(compare_dir, name))
+      }
+    )
   series = {}
   for name, directory in runs.items():
-    metrics = [m for m in workdir_lib.read_metrics(os.path.join(directory, 'metrics.jsonl'))
-               if 'loss' in m]
+    metrics = [
+      m for m in workdir_lib.read_metrics(os.path.join(directory, 'metrics.jsonl')) if 'loss' in m
+    ]
     for term in LOSS_TERMS:
       values = [(m['step'], m[term]) for m in metrics if m.get(term)]
       if values:

@@ -8,7 +8,7 @@ scalar loss and nothing else. Network parameters are built from the step key on 
 
     mesh = class_mesh(num_nets=settings.num_nets)       # all local (or global) devices
     state = place_state(state, mesh)                     # images / optimizer state split by class
-    step = dm.make_dm_step(net, settings, optimizer, extractor, mesh=mesh)
+    step = dm.make_dm_step(net, settings, spec, extractor, mesh=mesh)
 
 Uneven splits (10 classes on 4 devices) are allowed: XLA pads the last shard.
 
@@ -25,10 +25,8 @@ import math
 from typing import Any
 
 import jax
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 NETS = 'nets'
 CLASSES = 'classes'
@@ -50,8 +48,9 @@ def class_mesh(num_devices: int | None = None, num_nets: int = 1) -> Mesh:
   devices = jax.devices()
   if num_devices is not None:
     if not 0 < num_devices <= len(devices):
-      raise ValueError(f'num_devices={num_devices}: choose 1..{len(devices)} (the devices '
-                       'jax sees).')
+      raise ValueError(
+        f'num_devices={num_devices}: choose 1..{len(devices)} (the devices jax sees).'
+      )
     devices = devices[:num_devices]
   nets = math.gcd(num_nets, len(devices))
   return Mesh(np.asarray(devices).reshape(nets, len(devices) // nets), (NETS, CLASSES))
@@ -86,8 +85,7 @@ def place_state(state: Any, mesh: Mesh) -> Any:
   class, everything else (step, key, scalar optimizer state) replicated. Every process must pass
   the same values."""
   rows = state.images.shape[0]
-  sharding = lambda x: (by_class(mesh) if np.ndim(x) and np.shape(x)[0] == rows else
-                        replicated(mesh))
+  sharding = lambda x: by_class(mesh) if np.ndim(x) and np.shape(x)[0] == rows else replicated(mesh)
   return jax.tree_util.tree_map(lambda x: _put(x, sharding(x)), state)
 
 
@@ -101,12 +99,15 @@ def to_host(x: jax.Array) -> np.ndarray:
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
   """`jax.distributed.initialize` for a multi-process run; call before any other jax use.
 
   On TPU pods, SLURM and Open MPI clusters the arguments are detected; elsewhere give all three
@@ -121,5 +122,6 @@ def initialize_distributed(coordinator_address: str | None = None,
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   except AttributeError:  # a jax without the option
     pass
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )

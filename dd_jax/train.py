@@ -1,26 +1,30 @@
 """Supervised training of stacked networks with PyTorch SGD semantics (evaluation, pool, IDM).
 
 One implementation serves the three places dd_jax trains networks:
-- the evaluation protocol (SPEC 7): a small set, DSA per minibatch, lr x0.1 after half the epochs;
-- the pretrained pool for class centralization (SPEC 4.3): the real set, no augmentation,
-  constant lr;
-- the IDM model queue (SPEC 6): a few SGD steps on uniform real batches inside the jitted step.
+- the evaluation protocol (DatasetCondensation utils.evaluate_synset): a small set, DSA per
+  minibatch, the lr x0.1 (and a fresh optimizer) part-way through;
+- the pretrained pool for class centralization: the real set, no augmentation, constant lr;
+- the IDM model queue (Zhao et al., CVPR 2023): a few SGD steps on uniform real batches inside
+  the jitted distillation step.
 
-    optimizer = torch_sgd(momentum=0.9, weight_decay=5e-4)
-    variables, opt_state, logits = sgd_step(net, optimizer, variables, opt_state, x, y, lr)
-    epoch = make_epoch_fn(net, images, labels, settings)     # (carry, epoch_index, op_key)
-    variables = train_networks(keys, op_key, images, labels, net, settings)
+    recipe = SGDRecipe(batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = recipe.optimizer()
+    variables, opt_state, logits = sgd_step(net, optimizer, variables, opt_state, x, y)
+    settings = TrainSettings(epochs=1000, recipe=recipe, augment_strategy=..., schedule=...)
+    epoch = make_epoch_fn(net, images, labels, settings)  # (carry, epoch_index[, op key])
+    variables = train_networks(keys, images, labels, net, settings)
 
-Every network has its own initialisation, data order and augmentation parameters; the DSA op of a
-minibatch step is shared by networks trained together, so that `lax.switch` stays a real branch
-under `vmap` (a per-network op would turn into computing every op).
+Every network has its own initialisation, data order and augmentation parameters, and by default
+its own DSA op per minibatch (as independent runs would draw them). `share_augment_op=True` makes
+the networks trained together share each minibatch's op instead: under `vmap` (accelerators) a
+per-network op turns `lax.switch` into computing every op, a shared one keeps it one branch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,41 +32,117 @@ import optax
 
 from dd_jax import augment as augment_lib
 from dd_jax import models
+from dd_jax import settings as settings_lib
 
 # (variables, opt_state, loop_key) of one network.
 TrainCarry = tuple[Any, optax.OptState, jax.Array]
 
+# Learning-rate schedules of `TrainSettings.schedule` (see `epoch_plan`).
+SCHEDULES = ('constant', 'reference', 'halves')
+# The lr factor from the schedule's drop epoch on.
+LR_DROP_FACTOR = 0.1
+
 
 @dataclasses.dataclass(frozen=True)
-class TrainSettings:
-  """Hyper-parameters of minibatch SGD training.
+class SGDRecipe(settings_lib.Settings):
+  """Minibatch SGD with PyTorch's semantics (`torch.optim.SGD(lr, momentum, weight_decay)`).
+
+  Per step, for every parameter p with gradient g: g <- g + weight_decay * p (coupled L2);
+  buf <- momentum * buf + g; p <- p - lr * buf.
 
   Attributes:
-    epochs: passes over the training set.
-    batch_size: minibatch size; the last partial batch is kept (no drop-last).
+    batch_size: minibatch size; the last partial batch of an epoch is kept (no drop-last).
     lr: learning rate.
-    momentum: SGD momentum (PyTorch semantics: buffer = momentum * buffer + grad).
-    weight_decay: coupled L2 added to the gradient of every parameter, as PyTorch's SGD.
+    momentum: momentum of the buffer (0: plain SGD).
+    weight_decay: coupled L2 added to the gradient of every parameter.
+  """
+
+  batch_size: int = settings_lib.field(256, check=settings_lib.POSITIVE)
+  lr: float = settings_lib.field(0.01, check=settings_lib.POSITIVE)
+  momentum: float = settings_lib.field(0.9, check=settings_lib.NON_NEGATIVE)
+  weight_decay: float = settings_lib.field(5e-4, check=settings_lib.NON_NEGATIVE)
+
+  def optimizer(self, lr: jax.Array | float | None = None) -> optax.GradientTransformation:
+    """The optax transformation of this recipe: decayed weights, momentum trace, scale by -lr.
+
+    Args:
+      lr: the learning rate, default `self.lr`; may be a traced scalar (an lr schedule builds
+        the optimizer of each epoch with its lr: the state does not depend on the lr).
+
+    Returns:
+      `optax.chain(add_decayed_weights(weight_decay), sgd(lr, momentum))`; `init` gives the
+      zero momentum buffer (the reference's fresh optimizer at the lr drop).
+    """
+    return optax.chain(
+      optax.add_decayed_weights(self.weight_decay),
+      optax.sgd(self.lr if lr is None else lr, momentum=self.momentum),
+    )
+
+
+def check_augment_strategy(strategy: str, field: str = 'augment_strategy') -> None:
+  """Raises `settings.SettingError` on `field` for an invalid DSA strategy."""
+  try:
+    augment_lib.parse_strategy(strategy)
+  except augment_lib.StrategyError as error:
+    raise settings_lib.SettingError(field, strategy, error.reason) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings(settings_lib.Settings):
+  """How networks are trained: the SGD recipe, epochs, lr schedule and augmentation.
+
+  Attributes:
+    epochs: the schedule's epoch count (`epoch_plan`: 'reference' trains epochs + 1).
+    recipe: the SGD hyper-parameters.
     augment_strategy: DSA strategy applied to every minibatch ('' or 'none': no augmentation).
-    lr_drop: multiply the lr by 0.1 after half the epochs and reset the momentum buffer (the
-      evaluation protocol; the reference builds a new optimizer there).
+    schedule: 'constant' (the lr throughout), 'reference' (the evaluation loop of
+      DatasetCondensation: epochs + 1 epochs, lr x0.1 and a fresh optimizer from epoch
+      epochs // 2 + 2 on) or 'halves' (epochs // 2 at the lr, the rest at 0.1 lr after a fresh
+      optimizer; dd_jax's evaluation before the reference schedule).
+    share_augment_op: False: every network draws its own DSA op per minibatch. True: networks
+      trained together share each minibatch's op, from a shared key (see module docstring).
   """
-  epochs: int
-  batch_size: int = 256
-  lr: float = 0.01
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
+
+  epochs: int = settings_lib.field(check=settings_lib.POSITIVE)
+  recipe: SGDRecipe = SGDRecipe()
   augment_strategy: str = ''
-  lr_drop: bool = False
+  schedule: str = settings_lib.field('constant', choices=SCHEDULES)
+  share_augment_op: bool = settings_lib.field(False, choices=(False, True))
+
+  def check(self) -> None:
+    check_augment_strategy(self.augment_strategy)
 
 
-def torch_sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
-  """SGD without the lr, as PyTorch: g <- g + wd * p; buf <- momentum * buf + g.
+def epoch_plan(epochs: int, schedule: str) -> tuple[int, int]:
+  """How many epochs a schedule trains and the first epoch at the dropped lr.
 
-  The caller applies p <- p - lr * buf, so an lr schedule is a per-step scalar and zeroing the
-  buffer is a fresh optimizer.
+  'reference' is DatasetCondensation's `evaluate_synset`: `for ep in range(Epoch + 1)`, with the
+  lr x0.1 and a new optimizer after epoch `Epoch // 2 + 1`; Epoch = 1000 trains 502 epochs at the
+  lr and 499 at 0.1 lr.
+
+  Args:
+    epochs: the configured epoch count.
+    schedule: one of `SCHEDULES`.
+
+  Returns:
+    (epochs_trained, first_low_lr_epoch); first_low_lr_epoch >= epochs_trained means the lr
+    never drops. 'reference': (epochs + 1, epochs // 2 + 2); 'halves': (epochs, epochs // 2);
+    'constant': (epochs, epochs).
   """
-  return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum))
+  if schedule == 'reference':
+    return epochs + 1, epochs // 2 + 2
+  if schedule == 'halves':
+    return epochs, epochs // 2
+  if schedule == 'constant':
+    return epochs, epochs
+  raise ValueError(f'schedule={schedule!r} is not valid; choose one of {list(SCHEDULES)}.')
+
+
+def epoch_lr(settings: TrainSettings, epoch_index: jax.Array | int) -> jax.Array:
+  """The learning rate of epoch `epoch_index` (0-based; may be traced) under `settings`."""
+  _, first_low_lr_epoch = epoch_plan(settings.epochs, settings.schedule)
+  lr = settings.recipe.lr
+  return jnp.where(epoch_index < first_low_lr_epoch, lr, lr * LR_DROP_FACTOR)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -70,55 +150,46 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def sgd_step(net: models.Network, optimizer: optax.GradientTransformation, variables: Any,
-             opt_state: optax.OptState, images: jax.Array, labels: jax.Array,
-             lr: jax.Array | float) -> tuple[Any, optax.OptState, jax.Array]:
+def sgd_step(
+  net: models.Network,
+  optimizer: optax.GradientTransformation,
+  variables: Any,
+  opt_state: optax.OptState,
+  images: jax.Array,
+  labels: jax.Array,
+) -> tuple[Any, optax.OptState, jax.Array]:
   """One cross-entropy SGD step of one network.
 
   Args:
     net: the network.
-    optimizer: from `torch_sgd`.
+    optimizer: `SGDRecipe.optimizer(lr)` (its lr is the step's).
     variables: the network's variables (batch-norm statistics are updated in train mode).
     opt_state: the optimizer state of variables['params'].
     images: [N, H, W, C] normalised minibatch.
     labels: [N] int labels.
-    lr: learning rate (may be traced).
 
   Returns:
     (new variables, new optimizer state, the [N, K] training-mode logits before the update).
   """
+
   def loss_fn(params):
     logits, new_variables = net.apply_train({**variables, 'params': params}, images)
     return cross_entropy(logits, labels), (new_variables, logits)
 
   grads, (new_variables, logits) = jax.grad(loss_fn, has_aux=True)(variables['params'])
-  buffers, opt_state = optimizer.update(grads, opt_state, variables['params'])
-  params = jax.tree_util.tree_map(lambda p, b: p - lr * b, variables['params'], buffers)
+  updates, opt_state = optimizer.update(grads, opt_state, variables['params'])
+  params = optax.apply_updates(variables['params'], updates)
   return {**new_variables, 'params': params}, opt_state, logits
 
 
-def _augment_fn(strategy: str, height: int, width: int
-                ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-  """(op_key, param_key, batch) -> augmented batch; the op from op_key, parameters per image."""
-  op_names = augment_lib.parse_strategy(strategy)
-
-  def augment(op_key, param_key, batch):
-    if not op_names:
-      return batch
-    op_index = jax.random.randint(op_key, (), 0, len(op_names))
-    branches = [
-        functools.partial(
-            lambda op, k, x: augment_lib.apply_op(
-                op, x, augment_lib.sample_params(k, op, x.shape[0], height, width)), op)
-        for op in op_names]
-    return jax.lax.switch(op_index, branches, param_key, batch)
-
-  return augment
-
-
-def init_networks(keys: jax.Array, net: models.Network, input_shape: tuple[int, ...],
-                  optimizer: optax.GradientTransformation) -> TrainCarry:
+def init_networks(
+  keys: jax.Array,
+  net: models.Network,
+  input_shape: tuple[int, ...],
+  optimizer: optax.GradientTransformation,
+) -> TrainCarry:
   """Stacked fresh networks and their training carry, one per key in [P] `keys`."""
+
   def init_one(key):
     init_key, loop_key = jax.random.split(key)
     variables = net.init(init_key, (1, *input_shape))
@@ -127,10 +198,14 @@ def init_networks(keys: jax.Array, net: models.Network, input_shape: tuple[int, 
   return jax.vmap(init_one)(keys)
 
 
-def make_epoch_fn(net: models.Network, images: jax.Array, labels: jax.Array,
-                  settings: TrainSettings
-                  ) -> Callable[[TrainCarry, jax.Array, jax.Array], TrainCarry]:
-  """One epoch of one network: `(carry, epoch_index, op_key) -> carry`; vmap it over networks.
+def make_epoch_fn(
+  net: models.Network, images: jax.Array, labels: jax.Array, settings: TrainSettings
+) -> Callable[..., TrainCarry]:
+  """One epoch of one network: `(carry, epoch_index, shared_op_key=None) -> carry`.
+
+  Apply it to stacked networks with `over_networks`. The epoch's lr and the momentum reset at
+  the lr drop follow `settings.schedule` (`epoch_plan`, `epoch_lr`); minibatches are a fresh
+  permutation of the images, the last partial one kept.
 
   Args:
     net: the network.
@@ -139,89 +214,145 @@ def make_epoch_fn(net: models.Network, images: jax.Array, labels: jax.Array,
     settings: the hyper-parameters.
 
   Returns:
-    The epoch function. `op_key` (the DSA op draws) is meant to be shared by vmapped networks.
+    The epoch function. `epoch_index` is 0-based (may be traced). `shared_op_key`, a PRNG key
+    shared by the networks trained together, draws the DSA ops when
+    `settings.share_augment_op` (required then, if there is augmentation); otherwise every
+    network draws its ops from its own loop key and `shared_op_key` is ignored.
   """
   num_images = images.shape[0]
-  batch_size = min(settings.batch_size, num_images)
+  batch_size = min(settings.recipe.batch_size, num_images)
   num_full_batches, remainder = divmod(num_images, batch_size)
-  augment = _augment_fn(settings.augment_strategy, *images.shape[1:3])
-  optimizer = torch_sgd(settings.momentum, settings.weight_decay)
-  lr_drop_epoch = settings.epochs // 2 if settings.lr_drop else settings.epochs
+  num_keys = num_full_batches + 1  # one per full batch, and one for the partial batch
+  augments = bool(augment_lib.parse_strategy(settings.augment_strategy))
+  epochs_trained, first_low_lr_epoch = epoch_plan(settings.epochs, settings.schedule)
+  lr_drops = first_low_lr_epoch < epochs_trained
 
-  def minibatch_step(variables, opt_state, batch_indices, lr, op_key, param_key):
-    batch = augment(op_key, param_key, images[batch_indices])
-    variables, opt_state, _ = sgd_step(net, optimizer, variables, opt_state, batch,
-                                       labels[batch_indices], lr)
+  def minibatch_step(variables, opt_state, optimizer, batch_indices, op_key, param_key):
+    batch = augment_lib.apply_random_op(
+      op_key, param_key, images[batch_indices], settings.augment_strategy, siamese=False
+    )
+    variables, opt_state, _ = sgd_step(
+      net, optimizer, variables, opt_state, batch, labels[batch_indices]
+    )
     return variables, opt_state
 
-  def epoch(carry, epoch_index, op_key):
+  def epoch(carry, epoch_index, shared_op_key=None):
     variables, opt_state, loop_key = carry
-    opt_state = jax.tree_util.tree_map(
-        lambda x: jnp.where(epoch_index == lr_drop_epoch, jnp.zeros_like(x), x), opt_state)
-    lr = jnp.where(epoch_index < lr_drop_epoch, settings.lr, settings.lr * 0.1)
+    if lr_drops:
+      # The reference builds a new optimizer at the drop: a zero momentum buffer.
+      fresh = settings.recipe.optimizer().init(variables['params'])
+      opt_state = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(epoch_index == first_low_lr_epoch, new, old), fresh, opt_state
+      )
+      optimizer = settings.recipe.optimizer(epoch_lr(settings, epoch_index))
+    else:
+      optimizer = settings.recipe.optimizer()
     epoch_key = jax.random.fold_in(loop_key, epoch_index)
     order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), num_images)
-    param_keys = jax.random.split(jax.random.fold_in(epoch_key, 1), num_full_batches + 1)
-    op_keys = jax.random.split(jax.random.fold_in(op_key, epoch_index), num_full_batches + 1)
-    full = order[:num_full_batches * batch_size].reshape(num_full_batches, batch_size)
+    param_keys = jax.random.split(jax.random.fold_in(epoch_key, 1), num_keys)
+    if not settings.share_augment_op:
+      op_keys = jax.random.split(jax.random.fold_in(epoch_key, 2), num_keys)
+    elif shared_op_key is not None:
+      op_keys = jax.random.split(jax.random.fold_in(shared_op_key, epoch_index), num_keys)
+    elif augments:
+      raise ValueError(
+        'share_augment_op=True needs the shared_op_key of the networks trained together.'
+      )
+    else:
+      op_keys = param_keys  # no augmentation: never drawn from
+    full = order[: num_full_batches * batch_size].reshape(num_full_batches, batch_size)
 
     def step(state, inputs):
-      return minibatch_step(*state, *inputs[:1], lr, *inputs[1:]), None
+      return minibatch_step(*state, optimizer, *inputs), None
 
-    (variables, opt_state), _ = jax.lax.scan(step, (variables, opt_state),
-                                             (full, op_keys[:-1], param_keys[:-1]))
+    (variables, opt_state), _ = jax.lax.scan(
+      step, (variables, opt_state), (full, op_keys[:-1], param_keys[:-1])
+    )
     if remainder:  # the last, partial batch (no drop-last)
-      variables, opt_state = minibatch_step(variables, opt_state,
-                                            order[num_full_batches * batch_size:], lr,
-                                            op_keys[-1], param_keys[-1])
+      variables, opt_state = minibatch_step(
+        variables,
+        opt_state,
+        optimizer,
+        order[num_full_batches * batch_size :],
+        op_keys[-1],
+        param_keys[-1],
+      )
     return variables, opt_state, loop_key
 
   return epoch
 
 
-def over_networks(fn: Callable[..., Any]) -> Callable[..., Any]:
+def over_networks(fn: Callable[..., Any], batched: bool | None = None) -> Callable[..., Any]:
   """`fn(carry, *shared)` applied to a stack of networks' carries (leading axis), shared args
-  unbatched: a vmap on accelerators; on CPU a loop (lax.map), which XLA:CPU runs faster than the
-  batched program (5 ConvNets, 500 CIFAR-sized images: 18.2 s looped, 25.1 s batched, 19.2 s one
-  network at a time; same results to 1e-6).
+  unbatched.
+
+  Args:
+    fn: the function of one network's carry.
+    batched: True: `vmap` over the networks; False: a loop (`lax.map`); None (default): vmap on
+      accelerators, the loop on CPU, which XLA:CPU runs faster than the batched program
+      (5 ConvNets, 500 CIFAR-sized images: 18.2 s looped, 25.1 s batched, 19.2 s one network at
+      a time; same results to 1e-6).
+
+  Returns:
+    `(stacked carry, *shared) -> stacked result`.
   """
-  if jax.default_backend() != 'cpu':
-    return lambda carry, *shared: jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(carry,
-                                                                                     *shared)
+  if batched is None:
+    batched = jax.default_backend() != 'cpu'
+  if batched:
+    return lambda carry, *shared: jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(carry, *shared)
 
   def looped(carry, *shared):
     return jax.lax.map(lambda one: fn(one, *shared), carry)
+
   return looped
 
 
-def train_networks(keys: jax.Array, op_key: jax.Array, images: jax.Array, labels: jax.Array,
-                   net: models.Network, settings: TrainSettings) -> Any:
+def train_networks(
+  keys: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  net: models.Network,
+  settings: TrainSettings,
+  shared_op_key: jax.Array | None = None,
+) -> Any:
   """Trains len(keys) fresh networks together (`over_networks`) for all epochs; jit-able.
 
+  Network i depends on keys[i] alone (and on `shared_op_key` when `settings.share_augment_op`),
+  so networks trained together equal the same networks trained one at a time, up to float
+  rounding.
+
   Args:
-    keys: [P] PRNG keys, one per network (initialisation, data order, augmentation parameters).
-    op_key: PRNG key of the DSA op draws, shared by the networks.
+    keys: [P] PRNG keys, one per network (initialisation, data order, augmentation).
     images: [N, H, W, C] normalised training images.
     labels: [N] int labels.
     net: the architecture.
-    settings: the hyper-parameters.
+    settings: the hyper-parameters; `epoch_plan` gives the number of epochs.
+    shared_op_key: PRNG key of the DSA op draws shared by the networks; required when
+      `settings.share_augment_op` and there is augmentation, ignored otherwise.
 
   Returns:
     The stacked trained variables (leading axis P).
   """
-  optimizer = torch_sgd(settings.momentum, settings.weight_decay)
-  carry = init_networks(keys, net, images.shape[1:], optimizer)
+  carry = init_networks(keys, net, images.shape[1:], settings.recipe.optimizer())
   epoch = make_epoch_fn(net, images, labels, settings)
+  epochs_trained, _ = epoch_plan(settings.epochs, settings.schedule)
 
-  def all_epochs(one_carry, op_key):
-    one_carry, _ = jax.lax.scan(lambda c, e: (epoch(c, e, op_key), None), one_carry,
-                                jnp.arange(settings.epochs))
+  def all_epochs(one_carry, shared_op_key):
+    one_carry, _ = jax.lax.scan(
+      lambda c, e: (epoch(c, e, shared_op_key), None), one_carry, jnp.arange(epochs_trained)
+    )
     return one_carry
-  return over_networks(all_epochs)(carry, op_key)[0]
+
+  return over_networks(all_epochs)(carry, shared_op_key)[0]
 
 
-def accuracies(variables: Any, net: models.Network, test_images: jax.Array,
-               test_labels: jax.Array, batch_size: int = 1000) -> jax.Array:
+def accuracies(
+  variables: Any,
+  net: models.Network,
+  test_images: jax.Array,
+  test_labels: jax.Array,
+  batch_size: int = 1000,
+) -> jax.Array:
   """Test accuracy in [0, 1] of each of the stacked networks (leading axis P); jit-able."""
   num_test = test_images.shape[0]
   batch_size = min(batch_size, num_test)
@@ -238,6 +369,5 @@ def accuracies(variables: Any, net: models.Network, test_images: jax.Array,
     return count + jnp.sum(predictions == batch_labels, axis=-1), None
 
   num_nets = jax.tree_util.tree_leaves(variables)[0].shape[0]
-  correct, _ = jax.lax.scan(correct_in_batch, jnp.zeros((num_nets,), jnp.int32),
-                            (images, labels))
+  correct, _ = jax.lax.scan(correct_in_batch, jnp.zeros((num_nets,), jnp.int32), (images, labels))
   return correct / num_test

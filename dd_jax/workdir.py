@@ -1,11 +1,11 @@
 """Files of a run's workdir, each written atomically (temporary file + rename).
 
-    <workdir>/config.json       the resolved config; a rerun with a different config is refused
-    <workdir>/checkpoints/      Orbax (see dd_jax.checkpoint)
-    <workdir>/metrics.jsonl     one JSON object per logged step / evaluation
-    <workdir>/images/step_NNNNNN.png
-    <workdir>/synthetic.npz     final export: pixel-space images, labels, class names, mean/std
-    <workdir>/results.json      final evaluation summary
+<workdir>/config.json       the resolved config; a rerun with a different config is refused
+<workdir>/checkpoints/      Orbax (see dd_jax.checkpoint)
+<workdir>/metrics.jsonl     one JSON object per logged step / evaluation
+<workdir>/images/step_NNNNNN.png
+<workdir>/synthetic.npz     final export: pixel-space images, labels, class names, mean/std
+<workdir>/results.json      final evaluation summary
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import logging
 import math
 import os
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image
-
 
 # Temporary files of atomic_write are '.<name>.<random>.tmp' beside their target.
 _TEMPORARY_SUFFIX = '.tmp'
@@ -48,8 +48,9 @@ def atomic_write(path: str, mode: str = 'wb', *, every_process: bool = False) ->
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                                       suffix=_TEMPORARY_SUFFIX)
+  handle, temporary = tempfile.mkstemp(
+    dir=directory, prefix='.' + os.path.basename(path) + '.', suffix=_TEMPORARY_SUFFIX
+  )
   try:
     os.chmod(temporary, 0o644)  # mkstemp makes it owner-only
     with os.fdopen(handle, mode) as f:
@@ -96,8 +97,10 @@ def check_writable(workdir: str) -> None:
     with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_probe.'):
       pass
   except OSError as error:
-    raise ValueError(f'--workdir={workdir} is not writable ({error.strerror or error}); choose '
-                     'another directory or fix its permissions.') from error
+    raise ValueError(
+      f'--workdir={workdir} is not writable ({error.strerror or error}); choose '
+      'another directory or fix its permissions.'
+    ) from error
 
 
 def format_duration(seconds: float) -> str:
@@ -151,10 +154,13 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """Human-readable 'field: old -> new' lines for two config dicts."""
   old_flat, new_flat = _flatten(old), _flatten(new)
   missing = object()
-  return [f'{key}: {old_flat.get(key, missing)!r} -> {new_flat.get(key, missing)!r}'.replace(
-      repr(missing), '<absent>')
-          for key in sorted(set(old_flat) | set(new_flat))
-          if old_flat.get(key, missing) != new_flat.get(key, missing)]
+  return [
+    f'{key}: {old_flat.get(key, missing)!r} -> {new_flat.get(key, missing)!r}'.replace(
+      repr(missing), '<absent>'
+    )
+    for key in sorted(set(old_flat) | set(new_flat))
+    if old_flat.get(key, missing) != new_flat.get(key, missing)
+  ]
 
 
 # Fields that do not change what a run computes: the baselines tabulated around it.
@@ -176,18 +182,25 @@ def snapshot_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    differences = [line for line in config_differences(previous, current)
-                   if not line.startswith(IGNORED_ON_RESUME)]
+    differences = [
+      line
+      for line in config_differences(previous, current)
+      if not line.startswith(IGNORED_ON_RESUME)
+    ]
     added = [line for line in differences if ': <absent> -> ' in line]
     if added:
-      logging.warning('%s/config.json predates fields %s; resuming with their current values.',
-                      workdir, ', '.join(line.split(':')[0] for line in added))
+      logging.warning(
+        '%s/config.json predates fields %s; resuming with their current values.',
+        workdir,
+        ', '.join(line.split(':')[0] for line in added),
+      )
     differences = [line for line in differences if line not in added]
     if differences:
       raise ValueError(
-          f'--workdir={workdir} holds a run of a different config:\n  ' +
-          '\n  '.join(differences) +
-          '\nUse a new --workdir, or delete this one to start over.')
+        f'--workdir={workdir} holds a run of a different config:\n  '
+        + '\n  '.join(differences)
+        + '\nUse a new --workdir, or delete this one to start over.'
+      )
     return
   write_json(path, current)
 
@@ -201,7 +214,7 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
   for index in range(n):
     row, column = divmod(index, columns)
     top, left = pad + row * (h + pad), pad + column * (w + pad)
-    grid[top:top + h, left:left + w] = images[index]
+    grid[top : top + h, left : left + w] = images[index]
   grid = np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)
   return grid[..., 0] if c == 1 else grid
 
@@ -209,17 +222,24 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
 def write_png(path: str, grid: np.ndarray, min_side: int = 256) -> None:
   """Writes a uint8 image, upscaled by an integer factor (nearest) so small images are visible."""
   factor = max(1, math.ceil(min_side / max(grid.shape[:2])))
-  image = Image.fromarray(grid).resize((grid.shape[1] * factor, grid.shape[0] * factor),
-                                       Image.NEAREST)
+  image = Image.fromarray(grid).resize(
+    (grid.shape[1] * factor, grid.shape[0] * factor), Image.NEAREST
+  )
   buffer = io.BytesIO()
   image.save(buffer, format='PNG')
   with atomic_write(path) as f:
     f.write(buffer.getvalue())
 
 
-def export_synthetic(path: str, images: np.ndarray, labels: np.ndarray,
-                     class_names: tuple[str, ...], mean: tuple[float, ...],
-                     std: tuple[float, ...], stored_images: np.ndarray | None = None) -> None:
+def export_synthetic(
+  path: str,
+  images: np.ndarray,
+  labels: np.ndarray,
+  class_names: tuple[str, ...],
+  mean: tuple[float, ...],
+  std: tuple[float, ...],
+  stored_images: np.ndarray | None = None,
+) -> None:
   """Writes synthetic.npz, loadable without dd_jax (numpy only).
 
   Keys: 'images' float32 [N, H, W, C] in [0, 1] (de-normalised, clipped), the set to train on;
@@ -228,10 +248,15 @@ def export_synthetic(path: str, images: np.ndarray, labels: np.ndarray,
   `torch.from_numpy(d['images']).permute(0, 3, 1, 2)` then normalise with mean/std.
   """
   buffer = io.BytesIO()
-  extra = {} if stored_images is None else {
-      'stored_images': np.asarray(stored_images, np.float32)}
-  np.savez(buffer, images=np.asarray(images, np.float32), labels=np.asarray(labels, np.int64),
-           class_names=np.asarray(class_names), mean=np.asarray(mean, np.float32),
-           std=np.asarray(std, np.float32), **extra)
+  extra = {} if stored_images is None else {'stored_images': np.asarray(stored_images, np.float32)}
+  np.savez(
+    buffer,
+    images=np.asarray(images, np.float32),
+    labels=np.asarray(labels, np.int64),
+    class_names=np.asarray(class_names),
+    mean=np.asarray(mean, np.float32),
+    std=np.asarray(std, np.float32),
+    **extra,
+  )
   with atomic_write(path) as f:
     f.write(buffer.getvalue())

@@ -16,8 +16,9 @@ matmul FLOP/s measured in the same run (median over a few square sizes, best siz
 peak memory is XLA's compile-time estimate (arguments + outputs + temporaries), and the
 device's measured peak where the backend reports one (GPU).
 
-Evaluation: one epoch of --num_eval networks trained together (vmap) vs the same networks one
-at a time, on --eval_images synthetic images (default 500 = IPC 50), median of repeats.
+Evaluation: one epoch of --num_eval networks trained together (train.over_networks: vmap on
+accelerators, a loop on CPU; each network draws its own DSA ops) vs the same networks one at a
+time, on --eval_images synthetic images (default 500 = IPC 50), median of repeats.
 
 Writes --out (JSON) and prints a markdown table.
 """
@@ -29,17 +30,15 @@ import statistics
 import tempfile
 import time
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from dd_jax import compare
 from dd_jax import config as config_lib
 from dd_jax import evaluate as evaluate_lib
+from dd_jax import experiment, models
 from dd_jax import flops as flops_lib
-from dd_jax import models
 from dd_jax import train as train_lib
 from dd_jax.distill import loop
 
@@ -57,6 +56,7 @@ NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
 
 
 # ----------------------------------------------------------------------------------- timing
+
 
 def _median_seconds(fn, repeats):
   jax.block_until_ready(fn())  # compile / warm up
@@ -76,15 +76,19 @@ def matmul_ceiling(repeats: int) -> tuple[float, int]:
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(jnp.matmul)
     seconds = _median_seconds(lambda: matmul(a, b), repeats)
-    best = max(best, (2.0 * n ** 3 / seconds, n))
+    best = max(best, (2.0 * n**3 / seconds, n))
   return best
 
 
 def _memory(compiled) -> float | None:
   try:
     analysis = compiled.memory_analysis()
-    return float(analysis.argument_size_in_bytes + analysis.output_size_in_bytes +
-                 analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+    return float(
+      analysis.argument_size_in_bytes
+      + analysis.output_size_in_bytes
+      + analysis.temp_size_in_bytes
+      - analysis.alias_size_in_bytes
+    )
   except Exception:  # pylint: disable=broad-except
     return None
 
@@ -98,10 +102,13 @@ def _dataset_npz(directory: str) -> str:
   rng = np.random.default_rng(0)
   count = NUM_CLASSES * _PER_CLASS.value
   path = os.path.join(directory, 'bench.npz')
-  np.savez(path, x_train=rng.integers(0, 256, (count, *IMAGE_SHAPE), np.uint8),
-           y_train=np.repeat(np.arange(NUM_CLASSES), _PER_CLASS.value),
-           x_test=rng.integers(0, 256, (100, *IMAGE_SHAPE), np.uint8),
-           y_test=np.arange(100) % NUM_CLASSES)
+  np.savez(
+    path,
+    x_train=rng.integers(0, 256, (count, *IMAGE_SHAPE), np.uint8),
+    y_train=np.repeat(np.arange(NUM_CLASSES), _PER_CLASS.value),
+    x_test=rng.integers(0, 256, (100, *IMAGE_SHAPE), np.uint8),
+    y_test=np.arange(100) % NUM_CLASSES,
+  )
   return path
 
 
@@ -110,18 +117,18 @@ def _config(dataset_path: str, method: str, ipc: int):
   config.dataset.name = f'npz:{dataset_path}'
   config.dataset.normalization = 'cifar10'
   config.ipc = ipc
-  config_lib.set_method(config, 'idm' if method.startswith('idm') else 'dm')
-  config = compare.variant_config(config, method)
+  config_lib.set_method(config, method)
   config.constraints.cc.extractor = 'matching_net'
   config.distill.batch_real = _BATCH_REAL.value
-  config.idm.train_batch = _BATCH_REAL.value
+  config.idm.train_batch_size = _BATCH_REAL.value
   return config
 
 
 def time_step(dataset_path: str, method: str, ipc: int) -> dict:
   config = _config(dataset_path, method, ipc)
-  data = loop.prepare_data(config)
-  method_obj = loop.build_method(config, data, loop.RunKeys.from_seed(0))
+  settings = experiment.validate_config(config)
+  data = loop.prepare_data(config, settings)
+  method_obj = loop.build_method(config, settings, data, seed=0)
   state = method_obj.state
   calls = {'state': state}
 
@@ -130,8 +137,12 @@ def time_step(dataset_path: str, method: str, ipc: int) -> dict:
     return metrics
 
   seconds = _median_seconds(one_step, _REPEATS.value)
-  record = {'method': method, 'ipc': ipc, 'ms_per_step': 1e3 * seconds,
-            'real_images_per_s': NUM_CLASSES * _BATCH_REAL.value / seconds}
+  record = {
+    'method': method,
+    'ipc': ipc,
+    'ms_per_step': 1e3 * seconds,
+    'real_images_per_s': NUM_CLASSES * _BATCH_REAL.value / seconds,
+  }
   jitted, args = method_obj.step.jitted, method_obj.step.arguments(calls['state'], data.sampler)
   record['flops'] = flops_lib.dense_flops(jax.make_jaxpr(jitted)(*args))
   record['flop_per_s'] = record['flops'] / seconds
@@ -142,28 +153,44 @@ def time_step(dataset_path: str, method: str, ipc: int) -> dict:
 
 def time_evaluation(repeats: int) -> dict:
   net = models.get_network('ConvNet', NUM_CLASSES)
-  settings = evaluate_lib.EvalSettings(epochs=1, num_eval=_NUM_EVAL.value).train_settings()
+  # One epoch at a constant lr (the evaluation's own schedule trains epochs + 1).
+  settings = evaluate_lib.EvalSettings(
+    epochs=1, num_eval=_NUM_EVAL.value, schedule='constant'
+  ).train_settings()
   images = jax.random.normal(jax.random.key(0), (_EVAL_IMAGES.value, *IMAGE_SHAPE))
   labels = jnp.arange(_EVAL_IMAGES.value) % NUM_CLASSES
   keys = jax.random.split(jax.random.key(1), _NUM_EVAL.value)
-  train = jax.jit(lambda k, op: train_lib.train_networks(k, op, images, labels, net, settings))
-  together = _median_seconds(lambda: train(keys, jax.random.key(2)), repeats)
-  alone = _NUM_EVAL.value * _median_seconds(lambda: train(keys[:1], jax.random.key(2)), repeats)
-  return {'num_eval': _NUM_EVAL.value, 'images': _EVAL_IMAGES.value,
-          'together_s_per_epoch': together, 'one_at_a_time_s_per_epoch': alone,
-          'speedup': alone / together}
+  train = jax.jit(lambda k: train_lib.train_networks(k, images, labels, net, settings))
+  together = _median_seconds(lambda: train(keys), repeats)
+  alone = _NUM_EVAL.value * _median_seconds(lambda: train(keys[:1]), repeats)
+  return {
+    'num_eval': _NUM_EVAL.value,
+    'images': _EVAL_IMAGES.value,
+    'together_s_per_epoch': together,
+    'one_at_a_time_s_per_epoch': alone,
+    'speedup': alone / together,
+  }
 
 
 def main(argv):
   del argv
   ceiling, size = matmul_ceiling(_REPEATS.value)
   device = jax.devices()[0]
-  results = {'date': time.strftime('%Y-%m-%d'), 'device': f'{device.platform}: {device.device_kind}',
-             'host': f'{platform.machine()}, {os.cpu_count()} cores', 'jax': jax.__version__,
-             'batch_real': _BATCH_REAL.value, 'matmul_flop_per_s': ceiling,
-             'matmul_size': size, 'steps': []}
-  print(f'{results["device"]} ({results["host"]}, jax {jax.__version__}): dense matmul '
-        f'{ceiling / 1e9:.1f} GFLOP/s (float32, {size}x{size})', flush=True)
+  results = {
+    'date': time.strftime('%Y-%m-%d'),
+    'device': f'{device.platform}: {device.device_kind}',
+    'host': f'{platform.machine()}, {os.cpu_count()} cores',
+    'jax': jax.__version__,
+    'batch_real': _BATCH_REAL.value,
+    'matmul_flop_per_s': ceiling,
+    'matmul_size': size,
+    'steps': [],
+  }
+  print(
+    f'{results["device"]} ({results["host"]}, jax {jax.__version__}): dense matmul '
+    f'{ceiling / 1e9:.1f} GFLOP/s (float32, {size}x{size})',
+    flush=True,
+  )
   with tempfile.TemporaryDirectory() as directory:
     dataset_path = _dataset_npz(directory)
     for method in _METHODS.value:
@@ -183,24 +210,35 @@ def main(argv):
 
 
 def format_table(results: dict) -> str:
-  lines = [f'{results["device"]}, {results["host"]}, jax {results["jax"]}, {results["date"]}; '
-           f'batch_real {results["batch_real"]}; dense matmul ceiling '
-           f'{results["matmul_flop_per_s"] / 1e9:.1f} GFLOP/s', '',
-           '| method | IPC | ms / step | real img / s | GFLOP / step | GFLOP/s | of matmul | '
-           'memory (XLA est.) |', '|---|---|---|---|---|---|---|---|']
+  lines = [
+    f'{results["device"]}, {results["host"]}, jax {results["jax"]}, {results["date"]}; '
+    f'batch_real {results["batch_real"]}; dense matmul ceiling '
+    f'{results["matmul_flop_per_s"] / 1e9:.1f} GFLOP/s',
+    '',
+    '| method | IPC | ms / step | real img / s | GFLOP / step | GFLOP/s | of matmul | '
+    'memory (XLA est.) |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for r in results['steps']:
     flops = r.get('flops')
     memory = r.get('compiled_bytes')
     lines.append(
-        f'| {r["method"]} | {r["ipc"]} | {r["ms_per_step"]:.0f} | {r["real_images_per_s"]:.0f} | '
-        + (f'{flops / 1e9:.1f} | {r["flop_per_s"] / 1e9:.1f} | {100 * r["fraction_of_matmul"]:.0f}% | '
-           if flops else '- | - | - | ')
-        + (f'{memory / 2**20:.0f} MiB |' if memory else '- |'))
+      f'| {r["method"]} | {r["ipc"]} | {r["ms_per_step"]:.0f} | {r["real_images_per_s"]:.0f} | '
+      + (
+        f'{flops / 1e9:.1f} | {r["flop_per_s"] / 1e9:.1f} | {100 * r["fraction_of_matmul"]:.0f}% | '
+        if flops
+        else '- | - | - | '
+      )
+      + (f'{memory / 2**20:.0f} MiB |' if memory else '- |')
+    )
   if 'evaluation' in results:
     e = results['evaluation']
-    lines += ['', f'Evaluation, one epoch on {e["images"]} images: {e["num_eval"]} ConvNets '
-                  f'together {e["together_s_per_epoch"]:.2f} s, one at a time '
-                  f'{e["one_at_a_time_s_per_epoch"]:.2f} s ({e["speedup"]:.2f}x).']
+    lines += [
+      '',
+      f'Evaluation, one epoch on {e["images"]} images: {e["num_eval"]} ConvNets '
+      f'together {e["together_s_per_epoch"]:.2f} s, one at a time '
+      f'{e["one_at_a_time_s_per_epoch"]:.2f} s ({e["speedup"]:.2f}x).',
+    ]
   return '\n'.join(lines)
 
 

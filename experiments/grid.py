@@ -11,17 +11,16 @@ before the first starts; rerunning the same command skips finished runs and resu
 Results: <root>/results.jsonl (name, spec, seconds, and the rows of each run's table).
 """
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from dd_jax import grid
 
 _GRID = flags.DEFINE_string('grid', None, 'Grid file: one run per line.')
 _RUN = flags.DEFINE_multi_string('run', [], 'A run (repeatable), added after the grid file.')
 _ROOT = flags.DEFINE_string('root', None, 'Grid directory.', required=True)
-_EXTRA = flags.DEFINE_string('extra', '', 'Overrides appended to every run, e.g. '
-                             '"--config.dataset.name=folder:/data/cifar10".')
+_EXTRA = flags.DEFINE_string(
+  'extra', '', 'Overrides appended to every run, e.g. "--config.dataset.name=folder:/data/cifar10".'
+)
 
 
 def main(argv):
@@ -29,13 +28,15 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   runs = (grid.read_grid(_GRID.value, extra=_EXTRA.value) if _GRID.value else []) + [
-      grid.parse_run(f'{run} {_EXTRA.value}') for run in _RUN.value]
+    grid.parse_run(f'{run} {_EXTRA.value}') for run in _RUN.value
+  ]
   if not runs:
     raise app.UsageError('Give --grid=<file> and/or --run=<spec>.')
   records = grid.run_grid(runs, _ROOT.value)
   for record in records:
-    cells = '; '.join(f'{row["label"]} {row["mean"]:.2f} +- {row["std"]:.2f}'
-                      for row in record['rows'])
+    cells = '; '.join(
+      f'{row["label"]} {row["mean"]:.2f} +- {row["std"]:.2f}' for row in record['rows']
+    )
     print(f'{record["name"]}: {cells}')
 
 

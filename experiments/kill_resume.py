@@ -26,24 +26,29 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch directory (emptied).', required=True)
 _KILLS = flags.DEFINE_integer('kills', 20, 'SIGKILLs to land before letting the run finish.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the kill delays.')
 _MAX_ATTEMPTS = flags.DEFINE_integer('max_attempts', 200, 'Give up after this many launches.')
-_RESULTS = flags.DEFINE_string('results', 'experiments/results/kill_resume.json',
-                               'Summary file (relative to the repository root); empty: none.')
+_RESULTS = flags.DEFINE_string(
+  'results',
+  'experiments/results/kill_resume.json',
+  'Summary file (relative to the repository root); empty: none.',
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND_FLAGS = [
-    '--config=configs/digits.py:ipc=2',
-    '--config.distill.iterations=24', '--config.distill.log_every=4',
-    '--config.distill.checkpoint_every=4', '--config.distill.eval_every=12',
-    '--config.eval.epochs=20', '--config.eval.num_eval=2',
-    '--config.compare.full_train_epochs=0',
+  '--config=configs/digits.py:ipc=2',
+  '--config.distill.iterations=24',
+  '--config.distill.log_every=4',
+  '--config.distill.checkpoint_every=4',
+  '--config.distill.eval_every=12',
+  '--config.eval.epochs=20',
+  '--config.eval.num_eval=2',
+  '--config.compare.full_train_epochs=0',
 ]
 
 
@@ -62,8 +67,11 @@ def _workdir_state(workdir):
   if os.path.exists(metrics):
     with open(metrics) as f:
       state['metric_lines'] = sum(1 for line in f if line.strip())
-  state['images'] = len(os.listdir(os.path.join(workdir, 'images'))) if os.path.isdir(
-      os.path.join(workdir, 'images')) else 0
+  state['images'] = (
+    len(os.listdir(os.path.join(workdir, 'images')))
+    if os.path.isdir(os.path.join(workdir, 'images'))
+    else 0
+  )
   state['export'] = os.path.exists(os.path.join(workdir, 'synthetic.npz'))
   state['results'] = os.path.exists(os.path.join(workdir, 'results.json'))
   return state
@@ -74,8 +82,13 @@ def _all_runs(workdir):
   runs = {'main': workdir}
   compare = os.path.join(workdir, 'compare')
   if os.path.isdir(compare):
-    runs.update({name: os.path.join(compare, name) for name in sorted(os.listdir(compare))
-                 if os.path.isdir(os.path.join(compare, name))})
+    runs.update(
+      {
+        name: os.path.join(compare, name)
+        for name in sorted(os.listdir(compare))
+        if os.path.isdir(os.path.join(compare, name))
+      }
+    )
   return runs
 
 
@@ -94,8 +107,9 @@ def main(argv):
   while kills < _KILLS.value and attempts < _MAX_ATTEMPTS.value:
     attempts += 1
     delay = rng.uniform(0.5, duration)
-    process = subprocess.Popen(_command(killed_dir), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+      _command(killed_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
       process.wait(timeout=delay)
       finished = True
@@ -105,11 +119,16 @@ def main(argv):
       finished = False
     if finished:
       if process.returncode != 0:
-        raise SystemExit(f'a rerun failed with exit status {process.returncode}: a kill left '
-                         f'the workdir unusable ({killed_dir}).')
+        raise SystemExit(
+          f'a rerun failed with exit status {process.returncode}: a kill left '
+          f'the workdir unusable ({killed_dir}).'
+        )
       # It finished before the kill: start over so that the kills keep landing mid-run.
-      print(f'attempt {attempts}: finished before the kill at {delay:.1f} s; restarting the '
-            'killed run from scratch', flush=True)
+      print(
+        f'attempt {attempts}: finished before the kill at {delay:.1f} s; restarting the '
+        'killed run from scratch',
+        flush=True,
+      )
       shutil.rmtree(killed_dir)
       continue
     kills += 1
@@ -128,25 +147,38 @@ def main(argv):
     killed_npz = np.load(os.path.join(other, 'synthetic.npz'))
     if not np.array_equal(reference_npz['images'], killed_npz['images']):
       mismatches.append(f'{name}: synthetic images differ')
-    with open(os.path.join(path, 'results.json')) as f, \
-        open(os.path.join(other, 'results.json')) as g:
+    with (
+      open(os.path.join(path, 'results.json')) as f,
+      open(os.path.join(other, 'results.json')) as g,
+    ):
       if json.load(f)['eval']['accuracies'] != json.load(g)['eval']['accuracies']:
         mismatches.append(f'{name}: accuracies differ')
-  with open(os.path.join(reference_dir, 'table.md')) as f, \
-      open(os.path.join(killed_dir, 'table.md')) as g:
+  with (
+    open(os.path.join(reference_dir, 'table.md')) as f,
+    open(os.path.join(killed_dir, 'table.md')) as g,
+  ):
     if f.read() != g.read():
       mismatches.append('table.md differs')
-  summary = {'kills': kills, 'attempts': attempts, 'reference_seconds': duration,
-             'identical': not mismatches, 'mismatches': mismatches, 'log': log,
-             'command': ' '.join(_command('<workdir>'))}
+  summary = {
+    'kills': kills,
+    'attempts': attempts,
+    'reference_seconds': duration,
+    'identical': not mismatches,
+    'mismatches': mismatches,
+    'log': log,
+    'command': ' '.join(_command('<workdir>')),
+  }
   summary['date'] = time.strftime('%Y-%m-%d')
   for path in [os.path.join(_WORKDIR.value, 'kill_resume.json')] + (
-      [os.path.join(REPO, _RESULTS.value)] if _RESULTS.value else []):
+    [os.path.join(REPO, _RESULTS.value)] if _RESULTS.value else []
+  ):
     with open(path, 'w') as f:
       json.dump(summary, f, indent=2)
       f.write('\n')
-  print(f'{kills} kills in {attempts} launches; final synthetic sets and accuracies '
-        f'{"IDENTICAL" if not mismatches else "DIFFER: " + "; ".join(mismatches)}')
+  print(
+    f'{kills} kills in {attempts} launches; final synthetic sets and accuracies '
+    f'{"IDENTICAL" if not mismatches else "DIFFER: " + "; ".join(mismatches)}'
+  )
   if mismatches:
     raise SystemExit(1)
 

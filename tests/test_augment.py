@@ -1,5 +1,6 @@
-"""Tests for dd_jax.augment (DSA, SPEC section 3)."""
+"""Tests for dd_jax.augment (DSA: differentiable siamese augmentation)."""
 
+import functools
 import math
 
 import chex
@@ -39,8 +40,10 @@ def test_parse_strategy():
   assert "'blur'" in str(error.value)
   for op in aug.VALID_OPS:
     assert op in str(error.value)
+  assert isinstance(error.value, aug.StrategyError)
+  assert error.value.reason.startswith("names unknown DSA op 'blur'")
   with pytest.raises(ValueError, match='augment.strategy'):
-    aug.make_augment('crop__flip', siamese=True)
+    aug.augment(jax.random.key(0), _random_images(0), 'crop__flip', siamese=True)
 
 
 def test_empty_strategy_is_identity():
@@ -57,11 +60,13 @@ def test_colour_ops_match_numpy_formulas():
   u = np.array([0.1, 0.5, 0.9], np.float32)[:, None, None, None]
   np.testing.assert_allclose(aug.brightness(images, u.ravel()), images + u - 0.5, atol=1e-6)
   pixel_mean = images.mean(axis=3, keepdims=True)
-  np.testing.assert_allclose(aug.saturation(images, u.ravel()),
-                               (images - pixel_mean) * 2 * u + pixel_mean, atol=1e-5)
+  np.testing.assert_allclose(
+    aug.saturation(images, u.ravel()), (images - pixel_mean) * 2 * u + pixel_mean, atol=1e-5
+  )
   image_mean = images.mean(axis=(1, 2, 3), keepdims=True)
-  np.testing.assert_allclose(aug.contrast(images, u.ravel()),
-                               (images - image_mean) * (u + 0.5) + image_mean, atol=1e-5)
+  np.testing.assert_allclose(
+    aug.contrast(images, u.ravel()), (images - image_mean) * (u + 0.5) + image_mean, atol=1e-5
+  )
   # Neutral draws leave images unchanged; 'color' is the three in sequence.
   half = np.full(3, 0.5, np.float32)
   np.testing.assert_allclose(aug.color(images, half, half, half), images, atol=1e-6)
@@ -150,6 +155,77 @@ def test_small_rotation_keeps_centre_and_zero_pads_corners():
   assert 0.0 <= out[0, 0] < 1.0  # a corner pulls from outside the image
 
 
+def _torch_affine_grid(theta, height, width, align_corners):
+  """numpy `torch.nn.functional.affine_grid(theta, [N, C, H, W], align_corners)`: [N, H, W, 2]."""
+
+  def base(n):
+    if align_corners:
+      return np.linspace(-1.0, 1.0, n)
+    return (2.0 * np.arange(n) + 1.0) / n - 1.0
+
+  x, y = np.meshgrid(base(width), base(height))  # [H, W]: x along columns, y along rows
+  points = np.stack([x, y, np.ones_like(x)], axis=-1)  # [H, W, 3]
+  return np.einsum('hwk,nik->nhwi', points, np.asarray(theta, np.float64))
+
+
+def _torch_grid_sample(images, grid, align_corners):
+  """numpy `grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners)`, NHWC."""
+  num_images, height, width, _ = images.shape
+  out = np.zeros(images.shape, np.float64)
+  for n in range(num_images):
+    for i in range(height):
+      for j in range(width):
+        gx, gy = grid[n, i, j]
+        if align_corners:
+          col, row = (gx + 1) / 2 * (width - 1), (gy + 1) / 2 * (height - 1)
+        else:
+          col, row = ((gx + 1) * width - 1) / 2, ((gy + 1) * height - 1) / 2
+        col0, row0 = int(np.floor(col)), int(np.floor(row))
+        for r, wr in ((row0, row0 + 1 - row), (row0 + 1, row - row0)):
+          for c, wc in ((col0, col0 + 1 - col), (col0 + 1, col - col0)):
+            if 0 <= r < height and 0 <= c < width:  # zero padding per neighbour
+              out[n, i, j] += wr * wc * images[n, r, c]
+  return out
+
+
+def _torch_resample(images, theta, align_corners=False):
+  grid = _torch_affine_grid(theta, *images.shape[1:3], align_corners)
+  return _torch_grid_sample(images.astype(np.float64), grid, align_corners)
+
+
+def _rotation_theta(angles):
+  return [[[np.cos(a), np.sin(a), 0], [-np.sin(a), np.cos(a), 0]] for a in angles]
+
+
+def test_resampling_matches_torch_affine_grid_without_align_corners():
+  # Non-square: the reference's default align_corners=False differs from True for rotations.
+  images = _random_images(20, (2, 6, 10, 2))
+  angles = np.array([0.3, -0.2], np.float32)
+  expected = _torch_resample(images, _rotation_theta(angles))
+  np.testing.assert_allclose(aug.rotate(images, angles), expected, atol=1e-5)
+  aligned = _torch_resample(images, _rotation_theta(angles), align_corners=True)
+  assert np.abs(aligned - expected).max() > 0.05  # the test tells the two conventions apart
+  sx, sy = np.array([1.15, 0.85], np.float32), np.array([0.9, 1.1], np.float32)
+  scale_theta = [[[x, 0, 0], [0, y, 0]] for x, y in zip(sx, sy)]
+  np.testing.assert_allclose(
+    aug.scale(images, sx, sy), _torch_resample(images, scale_theta), atol=1e-5
+  )
+  # A pure scaling gives the same pixels with either convention.
+  np.testing.assert_allclose(
+    _torch_resample(images, scale_theta, align_corners=True),
+    _torch_resample(images, scale_theta),
+    atol=1e-9,
+  )
+  # Square images: both conventions agree for rotations too.
+  square = _random_images(21, (2, 8, 8, 2))
+  for align_corners in (False, True):
+    np.testing.assert_allclose(
+      aug.rotate(square, angles),
+      _torch_resample(square, _rotation_theta(angles), align_corners),
+      atol=1e-5,
+    )
+
+
 # --------------------------------------------------------------------------- sampling
 
 
@@ -188,8 +264,9 @@ def test_siamese_shares_one_transform(op):
   a, b = _random_images(9, (2, 8, 8, 3)), _random_images(10, (2, 8, 8, 3))
   key = jax.random.key(11)
   together = aug.augment(key, np.concatenate([a, b]), op, siamese=True)
-  separate = jnp.concatenate([aug.augment(key, a, op, siamese=True),
-                aug.augment(key, b, op, siamese=True)])
+  separate = jnp.concatenate(
+    [aug.augment(key, a, op, siamese=True), aug.augment(key, b, op, siamese=True)]
+  )
   np.testing.assert_allclose(together, separate, atol=1e-6)
   # Identical images get identical outputs.
   same = aug.augment(key, np.repeat(a[:1], 4, axis=0), op, siamese=True)
@@ -221,7 +298,7 @@ def test_jit_and_vmap_over_keys_and_batches():
   # vmap over keys alone is exercised by test_ops_are_chosen_uniformly.
   images = _random_images(17, (3, 2, 8, 8, 3))  # [classes, N, H, W, C]
   keys = jax.random.split(jax.random.key(18), 3)
-  fn = aug.make_augment(aug.DEFAULT_STRATEGY, siamese=True)
+  fn = functools.partial(aug.augment, strategy=aug.DEFAULT_STRATEGY, siamese=True)
   per_class = np.stack([fn(keys[c], images[c]) for c in range(3)])
   batched = jax.jit(jax.vmap(fn))(keys, images)
   chex.assert_shape(batched, images.shape)

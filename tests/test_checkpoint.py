@@ -15,8 +15,7 @@ def _state(step):
 
 
 def _damage(step_dir, how):
-  files = [f for f in glob.glob(os.path.join(step_dir, '**'), recursive=True)
-           if os.path.isfile(f)]
+  files = [f for f in glob.glob(os.path.join(step_dir, '**'), recursive=True) if os.path.isfile(f)]
   assert files
   for path in files:
     if how == 'truncated':  # a torn write: the array chunks lose their bytes

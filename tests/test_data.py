@@ -9,9 +9,8 @@ import pytest
 from PIL import Image
 
 from dd_jax import data
-from dd_jax.data import ClassSampler, DataError, check_ipc, load_dataset
+from dd_jax.data import ClassSampler, DataError, check_ipc, load_dataset, prepare_tfds
 from dd_jax.data import folder as folder_lib
-from dd_jax.data import prepare_tfds
 
 
 def _write_image(path, size=(6, 5), mode='RGB', seed=0):
@@ -23,8 +22,9 @@ def _write_image(path, size=(6, 5), mode='RGB', seed=0):
   return pixels
 
 
-def _make_image_folder(root, classes=('cat', 'ant', 'bee'), train_per_class=4, test_per_class=2,
-                       mode='RGB'):
+def _make_image_folder(
+  root, classes=('cat', 'ant', 'bee'), train_per_class=4, test_per_class=2, mode='RGB'
+):
   """root/{train,test}/<class>/<i>.png; returns {(split, class, i): pixels [H, W, C]}."""
   pixels = {}
   for split, count in (('train', train_per_class), ('test', test_per_class)):
@@ -68,17 +68,20 @@ def test_digits_shapes_and_stratified_deterministic_split():
   again = load_dataset('digits')
   np.testing.assert_array_equal(ds.train_images, again.train_images)
   np.testing.assert_array_equal(ds.test_labels, again.test_labels)
-  # Unknown to SPEC: mean/std are computed from the training split.
+  # No reference constants: mean/std are computed from the training split.
   np.testing.assert_allclose(ds.mean, [ds.train_images.mean() / 255], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------- tfds
 
 
-@pytest.mark.parametrize('name, shape, mean, std', [
+@pytest.mark.parametrize(
+  'name, shape, mean, std',
+  [
     ('mnist', (28, 28, 1), (0.1307,), (0.3081,)),
     ('cifar10', (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-])
+  ],
+)
 def test_tfds_source_under_mock_data(name, shape, mean, std):
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=12):
@@ -133,8 +136,9 @@ def test_image_folder_grayscale_has_one_channel_and_known_name_uses_spec_stats(t
   ds = load_dataset(f'folder:{tmp_path / "mnist"}', cache_dir=str(tmp_path / 'cache'))
   assert ds.image_shape == (5, 6, 1)
   assert ds.mean == (0.1307,) and ds.std == (0.3081,)
-  computed = load_dataset(f'folder:{tmp_path / "mnist"}', cache_dir=str(tmp_path / 'cache'),
-                          normalization='computed')
+  computed = load_dataset(
+    f'folder:{tmp_path / "mnist"}', cache_dir=str(tmp_path / 'cache'), normalization='computed'
+  )
   assert computed.mean != (0.1307,)
 
 
@@ -192,18 +196,29 @@ def test_cache_dir_defaults_to_env(tmp_path, monkeypatch):
 def test_npz_source(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / 'mine.npz'
-  np.savez(path, x_train=rng.integers(0, 256, (10, 4, 4), dtype=np.uint8),
-           y_train=np.arange(10) % 2, x_test=rng.integers(0, 256, (4, 4, 4), dtype=np.uint8),
-           y_test=np.array([0, 1, 0, 1]), class_names=np.array(['even', 'odd']))
+  np.savez(
+    path,
+    x_train=rng.integers(0, 256, (10, 4, 4), dtype=np.uint8),
+    y_train=np.arange(10) % 2,
+    x_test=rng.integers(0, 256, (4, 4, 4), dtype=np.uint8),
+    y_test=np.array([0, 1, 0, 1]),
+    class_names=np.array(['even', 'odd']),
+  )
   ds = load_dataset(f'npz:{path}')
   assert ds.name == 'mine' and ds.class_names == ('even', 'odd')
   assert ds.train_images.shape == (10, 4, 4, 1) and ds.train_labels.dtype == np.int32
   np.testing.assert_allclose(ds.mean, [ds.train_images.mean() / 255], rtol=1e-6)
   np.testing.assert_allclose(ds.std, [(ds.train_images / 255).std()], rtol=1e-6)
 
-  np.savez(path, x_train=np.zeros((2, 4, 4, 3), np.uint8), y_train=[0, 1],
-           x_test=np.zeros((2, 4, 4, 3), np.uint8), y_test=[1, 0], mean=[0.1, 0.2, 0.3],
-           std=[0.5, 0.5, 0.5])
+  np.savez(
+    path,
+    x_train=np.zeros((2, 4, 4, 3), np.uint8),
+    y_train=[0, 1],
+    x_test=np.zeros((2, 4, 4, 3), np.uint8),
+    y_test=[1, 0],
+    mean=[0.1, 0.2, 0.3],
+    std=[0.5, 0.5, 0.5],
+  )
   ds = load_dataset(f'npz:{path}')
   assert ds.class_names == ('0', '1')
   assert ds.mean == (0.1, 0.2, 0.3) and ds.std == (0.5, 0.5, 0.5)
@@ -340,7 +355,9 @@ def test_sampler_layout(sampler_data):
   np.testing.assert_array_equal(sampler.class_counts, [5, 10, 15])
   assert sampler.smallest_count == 5 and sampler.smallest_class == 0
   for k in range(3):
-    np.testing.assert_array_equal(sampler.class_indices[k, :5 + 5 * k], np.flatnonzero(labels == k))
+    np.testing.assert_array_equal(
+      sampler.class_indices[k, : 5 + 5 * k], np.flatnonzero(labels == k)
+    )
 
 
 def test_sample_class_without_replacement_and_only_that_class(sampler_data):
@@ -419,3 +436,12 @@ def test_sampler_from_dataset():
   sampler = ClassSampler.from_dataset(ds)
   assert sampler.num_classes == 10 and sampler.images.shape == ds.train_images.shape
   assert sampler.smallest_count == ds.train_class_counts().min()
+
+
+def test_random_real_subset_is_class_blocked_and_distinct():
+  labels = np.array([0, 1, 2] * 10)
+  indices = data.random_real_subset(jax.random.key(0), labels, 4)
+  np.testing.assert_array_equal(labels[indices], np.repeat(np.arange(3), 4))
+  assert len(set(indices.tolist())) == 12
+  again = data.random_real_subset(jax.random.key(0), labels, 4)
+  np.testing.assert_array_equal(indices, again)

@@ -4,16 +4,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dd_jax import flops
-from dd_jax import models
+from dd_jax import flops, models
 
 
 def test_matmul_conv_scan_and_cond():
   a, b = jnp.ones((3, 4)), jnp.ones((4, 5))
   assert flops.count(jnp.matmul, a, b) == 2 * 3 * 4 * 5
   x, w = jnp.ones((2, 7, 7, 3)), jnp.ones((3, 3, 3, 8))  # NHWC, HWIO, SAME: out 2x7x7x8
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   assert flops.count(conv, x, w) == 2 * (2 * 7 * 7 * 8) * (3 * 3 * 3)
   scanned = lambda a, b: jax.lax.scan(lambda c, _: (c, c @ b), a, None, length=6)[1]
   assert flops.count(scanned, a, b) == 6 * 2 * 3 * 4 * 5

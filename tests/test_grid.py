@@ -4,23 +4,26 @@ import os
 
 import pytest
 
-from dd_jax import compare
-from dd_jax import grid
-from dd_jax.distill import dm
-from dd_jax.distill import loop
+from dd_jax import compare, grid
+from dd_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ('--config.distill.iterations=2 --config.distill.eval_every=2 --config.distill.log_every=1 '
-        '--config.distill.checkpoint_every=1 --config.eval.epochs=1 --config.eval.num_eval=1 '
-        '--config.compare.random_real=False --config.compare.full_train_epochs=0 '
-        '--config.compare.variants= --config.model.name=ConvNetW32 '
-        '--config.eval.model=ConvNetW32 --config.distill.batch_real=4')
+TINY = (
+  '--config.distill.iterations=2 --config.distill.eval_every=2 --config.distill.log_every=1 '
+  '--config.distill.checkpoint_every=1 --config.eval.epochs=1 --config.eval.num_eval=1 '
+  '--config.compare.random_real=False --config.compare.full_train_epochs=0 '
+  '--config.compare.variants= --config.model.name=ConvNetW32 '
+  '--config.eval.model=ConvNetW32 --config.distill.batch_real=4'
+)
 
 
 def test_parse_run():
   run = grid.parse_run('name=a configs/paper.py:dataset=cifar10,ipc=1 --config.seed=2')
-  assert (run.name, run.config_file, run.config_arg) == ('a', 'configs/paper.py',
-                                                         'dataset=cifar10,ipc=1')
+  assert (run.name, run.config_file, run.config_arg) == (
+    'a',
+    'configs/paper.py',
+    'dataset=cifar10,ipc=1',
+  )
   assert run.overrides == (('seed', '2'),)
   assert run.spec == 'configs/paper.py:dataset=cifar10,ipc=1 --config.seed=2'
   unnamed = grid.parse_run('configs/digits.py:ipc=1 --config.seed=2')
@@ -31,13 +34,16 @@ def test_parse_run():
     grid.parse_run('name=x')
 
 
-@pytest.mark.parametrize('line, message', [
-    ('configs/digits.py --config.ipcc=2', "no field 'ipcc'"),
-    ('configs/digits.py --config.distil.lr=2', "no section 'distil'"),
-    ('configs/digits.py --config.ipc=two', "--config.ipc='two' is not a int"),
+@pytest.mark.parametrize(
+  'line, message',
+  [
+    ('configs/digits.py --config.ipcc=2', 'no such config field \'ipcc\' Did you mean "ipc"'),
+    ('configs/digits.py --config.distil.lr=2', "no such config field 'distil'"),
+    ('configs/digits.py --config.ipc=two', '--config.ipc=two: invalid literal for int'),
     ('configs/nowhere.py', 'no config file'),
     ('configs/digits.py --config.ipc=0', 'ipc'),
-])
+  ],
+)
 def test_a_bad_run_is_refused_before_any_work(tmp_path, line, message):
   runs = [grid.parse_run('name=good configs/digits.py:ipc=1'), grid.parse_run(line)]
   with pytest.raises(ValueError, match=message):
@@ -51,45 +57,44 @@ def test_duplicate_names_are_refused(tmp_path):
     grid.run_grid(runs, str(tmp_path), base_dir=REPO)
 
 
-def test_grid_skips_finished_runs_and_resumes_the_rest(tmp_path, monkeypatch, capsys):
+def test_grid_skips_finished_runs_and_resumes_the_rest(tmp_path, monkeypatch, capsys, wrap_steps):
   grid_file = tmp_path / 'grid.txt'
-  grid_file.write_text(f'# two tiny digits runs\nname=dm configs/digits.py:ipc=1,method=dm {TINY}\n'
-                       f'name=iid configs/digits.py:ipc=2,method=dm_iid {TINY}  # DM + IID\n')
+  grid_file.write_text(
+    f'# two tiny digits runs\nname=dm configs/digits.py:ipc=1,method=dm {TINY}\n'
+    f'name=iid configs/digits.py:ipc=2,method=dm_iid {TINY}  # DM + IID\n'
+  )
   runs = grid.read_grid(str(grid_file))
   root = str(tmp_path / 'grid')
 
-  # Kill the DM + IID run after its step-1 checkpoint (its step is the one with CC on).
-  real_make_step = dm.make_dm_step
+  results_path = os.path.join(root, 'results.jsonl')
 
-  def crashing_make_step(net, settings, *args, **kwargs):
-    step = real_make_step(net, settings, *args, **kwargs)
+  # Kill the second (DM + IID) run after its step-1 checkpoint, once the first has finished.
+  def kill_second_run(step, state, sampler):
+    if workdir_lib.read_metrics(results_path) and int(state.step) == 1:
+      raise KeyboardInterrupt('killed during the second run')
+    return step(state, sampler)
 
-    def wrapped(state, sampler):
-      if settings.weights.cc and int(state.step) == 1:
-        raise KeyboardInterrupt('killed during the second run')
-      return step(state, sampler)
-    return wrapped
-
-  monkeypatch.setattr(dm, 'make_dm_step', crashing_make_step)
+  wrap_steps(kill_second_run)
   with pytest.raises(KeyboardInterrupt):
     grid.run_grid(runs, root, base_dir=REPO)
-  assert [r['name'] for r in loop.workdir_lib.read_metrics(os.path.join(root, 'results.jsonl'))
-          ] == ['dm']
-  monkeypatch.setattr(dm, 'make_dm_step', real_make_step)
+  assert [r['name'] for r in workdir_lib.read_metrics(results_path)] == ['dm']
+  wrap_steps(None)
   capsys.readouterr()
 
   calls = []
   real_compare = compare.run_with_baselines
-  monkeypatch.setattr(compare, 'run_with_baselines',
-                      lambda config, workdir: calls.append(workdir) or real_compare(config,
-                                                                                    workdir))
+  monkeypatch.setattr(
+    compare,
+    'run_with_baselines',
+    lambda config, workdir: calls.append(workdir) or real_compare(config, workdir),
+  )
   records = grid.run_grid(runs, root, base_dir=REPO)
   assert calls == [os.path.join(root, 'iid')]  # the finished run was not touched
   assert f'Resuming {os.path.join(root, "iid")} from step 1.' in capsys.readouterr().out
   assert [r['name'] for r in records] == ['dm', 'iid']
   assert [r['rows'][-1]['label'] for r in records] == ['DM', 'DM + IID']
   assert all(len(r['rows'][-1]['accuracies']) == 1 for r in records)
-  assert len(loop.workdir_lib.read_metrics(os.path.join(root, 'results.jsonl'))) == 2
+  assert len(workdir_lib.read_metrics(results_path)) == 2
   # A third call does nothing.
   calls.clear()
   grid.run_grid(runs, root, base_dir=REPO)

@@ -1,5 +1,6 @@
 """IDM: partition and expansion, the model queue, per-class steps, the class-aware CE, the run."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,18 +8,11 @@ import optax
 import pytest
 
 from dd_jax import data as data_lib
-from dd_jax import losses
-from dd_jax import models
+from dd_jax import extractors, losses, models
 from dd_jax import train as train_lib
-from dd_jax.distill import idm
-from dd_jax.distill import loop
+from dd_jax.distill import base, idm, loop
 
-from test_distill import tiny_config  # tests/ is on sys.path (pytest rootdir-less tests)
-
-
-@pytest.fixture(scope='module')
-def digits():
-  return data_lib.load_dataset('digits')
+RECIPE = train_lib.SGDRecipe(batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
 def _quadrant_image():
@@ -41,7 +35,6 @@ def test_quadrant_order_and_expansion_of_a_hand_built_image():
   # Quadrant-major order over several images: all top-left quadrants first.
   two = np.concatenate([image, 10 * image])
   np.testing.assert_allclose(idm.expand(two)[:, 0, 0, 0], [1, 10, 2, 20, 3, 30, 4, 40])
-  np.testing.assert_array_equal(idm.expand_labels(jnp.array([5, 6])), [5, 6, 5, 6, 5, 6, 5, 6])
 
 
 def test_bilinear_upsampling_matches_half_pixel_centres():
@@ -64,8 +57,7 @@ def test_downscale_is_2x2_average_pooling_and_init_fills_quadrants():
   stored = idm.partitioned_init(real)
   assert stored.shape == (3, 8, 8, 1)
   for q in range(4):
-    np.testing.assert_allclose(idm.split_quadrants(stored)[q], idm.downscale(real[q]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(idm.split_quadrants(stored)[q], idm.downscale(real[q]), rtol=1e-6)
 
 
 def test_expanded_set_stays_class_blocked():
@@ -80,9 +72,12 @@ def test_expanded_set_stays_class_blocked():
 
 def _queue(capacity=3, initial=2):
   net = models.get_network('ConvNetD1', 2, width=8)
-  optimizer = train_lib.torch_sgd(0.9, 5e-4)
-  return net, optimizer, idm.init_queue(jax.random.key(0), net, (8, 8, 1), capacity, initial,
-                                        optimizer)
+  optimizer = RECIPE.optimizer()
+  return (
+    net,
+    optimizer,
+    idm.init_queue(jax.random.key(0), net, (8, 8, 1), capacity, initial, optimizer),
+  )
 
 
 def test_queue_push_pop_and_capacity():
@@ -110,12 +105,21 @@ def test_queue_push_pop_and_capacity():
 
 def test_train_members_trains_only_the_picked_valid_networks(digits):
   net = models.get_network('ConvNetD1', 10, width=8)
-  optimizer = train_lib.torch_sgd(0.9, 5e-4)
-  queue = idm.init_queue(jax.random.key(0), net, (8, 8, 1), 4, 3, optimizer)
+  queue = idm.init_queue(jax.random.key(0), net, (8, 8, 1), 4, 3, RECIPE.optimizer())
   sampler = data_lib.ClassSampler.from_dataset(digits)
   slots, mask = jnp.array([2, 0, 3]), jnp.array([True, True, False])
-  trained = idm.train_members(queue, slots, mask, jax.random.key(1), sampler, net, optimizer,
-                              steps=3, batch_size=16, lr=0.05, mean=digits.mean, std=digits.std)
+  trained = idm.train_members(
+    queue,
+    slots,
+    mask,
+    jax.random.key(1),
+    sampler,
+    net,
+    RECIPE,
+    steps=3,
+    mean=digits.mean,
+    std=digits.std,
+  )
   kernel = lambda q, s: np.asarray(jax.tree_util.tree_leaves(idm.member(q, s))[0])
   for slot in (0, 2):
     assert not np.allclose(kernel(trained, slot), kernel(queue, slot))
@@ -135,28 +139,50 @@ def test_three_per_class_unit_gradients_move_rows_by_175_150_100():
   np.testing.assert_array_equal(aux, [0, 1, 2])
 
 
-def _idm_setup(digits, weights=losses.ObjectiveWeights(cc=0.0, cm=0.0), **overrides):
+def _idm_setup(
+  digits,
+  weights=losses.ObjectiveWeights(cc=0.0, cm=0.0),
+  extractor=extractors.matching_net_extractor,
+  **overrides,
+):
   net = models.get_network('ConvNetW32', 10)
   settings = idm.IDMSettings(
-      num_classes=10, ipc=1, batch_real=8, strategy='color_crop_cutout_scale_rotate',
-      weights=weights, mean=digits.mean, std=digits.std,
-      **{'queue_capacity': 4, 'push_every': 2, 'train_steps': 2, 'train_batch': 16, **overrides})
-  optimizer = optax.sgd(0.2, momentum=0.5)
+    ipc=1,
+    batch_real=8,
+    strategy='color_crop_cutout_scale_rotate',
+    model='ConvNetW32',
+    lr=0.2,
+    momentum=0.5,
+    weights=weights,
+    **{
+      'queue_capacity': 4,
+      'push_every': 2,
+      'train_steps': 2,
+      'queue_recipe': train_lib.SGDRecipe(batch_size=16),
+      **overrides,
+    },
+  )
   labels = np.arange(10)
   images = jax.random.normal(jax.random.key(0), (10, 8, 8, 1))
-  state = idm.init_idm_state(images, labels, optimizer, net, settings, jax.random.key(1),
-                             jax.random.key(2))
-  return idm.make_idm_step(net, settings, optimizer), state, data_lib.ClassSampler.from_dataset(
-      digits)
+  state = idm.init_idm_state(images, labels, net, settings, jax.random.key(1), jax.random.key(2))
+  step = idm.make_idm_step(net, settings, base.DataSpec.of(digits), extractor)
+  return step, state, data_lib.ClassSampler.from_dataset(digits)
 
 
-def test_idm_step_traces_once_while_the_queue_grows(digits):
-  step, state, sampler = _idm_setup(digits)
+def test_idm_step_compiles_once_while_the_queue_grows(digits):
+  chex.clear_trace_counter()
+
+  # Called once per trace of the step (inside the per-class scan's body).
+  @chex.assert_max_traces(n=1)
+  def features(params, key, syn_images, matching_features):
+    del params, key, syn_images
+    return matching_features
+
+  step, state, sampler = _idm_setup(digits, extractor=extractors.Extractor('counting', features))
   sizes = []
   for _ in range(5):
     state, metrics = step(state, sampler)
     sizes.append(int(metrics['queue_size']))
-  assert step.jitted._cache_size() == 1  # one compilation for every queue size
   assert sizes == [4, 4, 4, 4, 4]  # pushes at steps 0, 2, 4 fill capacity 4 and then rotate
   assert int(state.queue.next_slot) == (3 + 3) % 4
   for name in ('loss', 'dm', 'ce', 'net_accuracy', 'grad_norm'):
@@ -166,10 +192,12 @@ def test_idm_step_traces_once_while_the_queue_grows(digits):
 
 
 def test_ce_weight_uses_the_accuracy_in_percent(digits):
-  step, state, sampler = _idm_setup(digits, ce_weight=0.5, push_every=1000, queue_init=1,
-                                    train_steps=0)
-  queue = state.queue.replace(correct=state.queue.correct.at[0].set(30.0),
-                              seen=state.queue.seen.at[0].set(40.0))  # 75 %
+  step, state, sampler = _idm_setup(
+    digits, ce_weight=0.5, push_every=1000, queue_init=1, train_steps=0
+  )
+  queue = state.queue.replace(
+    correct=state.queue.correct.at[0].set(30.0), seen=state.queue.seen.at[0].set(40.0)
+  )  # 75 %
   state = state.replace(step=jnp.asarray(1, jnp.int32))  # no push at this step
   _, metrics = step(state.replace(queue=queue), sampler)
   assert float(metrics['net_accuracy']) == pytest.approx(75.0)
@@ -181,41 +209,65 @@ def test_ce_weight_uses_the_accuracy_in_percent(digits):
   np.testing.assert_allclose(untrained['loss'], untrained['dm'], rtol=1e-6)
 
 
-def test_idm_run_exports_the_expanded_set_and_resumes(tmp_path, monkeypatch):
-  config = tiny_config(method='idm', ipc=1, **{
-      'distill.lr': 0.2, 'idm.push_every': 2, 'idm.queue_capacity': 4, 'idm.train_steps': 2,
-      'idm.train_batch': 16, 'constraints.cc.weight': 0.01, 'constraints.cm.weight': 0.03})
+def test_accuracy_restarts_at_the_listed_steps_or_every_window():
+  listed = idm.IDMSettings(accuracy_restarts=(2, 5))
+  assert [bool(listed.restarts_accuracies(jnp.asarray(t))) for t in range(7)] == [
+    False,
+    False,
+    True,
+    False,
+    False,
+    True,
+    False,
+  ]
+  windowed = idm.IDMSettings(accuracy_window=3)
+  assert [bool(windowed.restarts_accuracies(jnp.asarray(t))) for t in range(7)] == [
+    False,
+    False,
+    False,
+    True,
+    False,
+    False,
+    True,
+  ]
+
+
+def test_idm_run_exports_the_expanded_set_and_resumes(tmp_path, tiny_config, wrap_steps, interrupt):
+  config = tiny_config(
+    method='idm',
+    ipc=1,
+    **{
+      'distill.lr': 0.2,
+      'idm.push_every': 2,
+      'idm.queue_capacity': 4,
+      'idm.train_steps': 2,
+      'idm.train_batch_size': 16,
+      'constraints.cc.weight': 0.01,
+      'constraints.cm.weight': 0.03,
+    },
+  )
   reference = loop.run(config, str(tmp_path / 'uninterrupted'))
   exported = np.load(tmp_path / 'uninterrupted' / 'synthetic.npz')
   assert exported['images'].shape == (40, 8, 8, 1)
   assert exported['stored_images'].shape == (10, 8, 8, 1)
   np.testing.assert_array_equal(exported['labels'], np.repeat(np.arange(10), 4))
 
-  real_make_step = idm.make_idm_step
-
-  def crashing_make_step(*args, **kwargs):
-    step = real_make_step(*args, **kwargs)
-
-    def wrapped(state, sampler):
-      if int(state.step) == 3:
-        raise KeyboardInterrupt('simulated kill')
-      return step(state, sampler)
-    return wrapped
-
-  monkeypatch.setattr(idm, 'make_idm_step', crashing_make_step)
+  assert reference['method'] == 'idm'
+  wrap_steps(interrupt(3))
   with pytest.raises(KeyboardInterrupt):
     loop.run(config, str(tmp_path / 'resumed'))
-  monkeypatch.setattr(idm, 'make_idm_step', real_make_step)
+  wrap_steps(None)
   resumed = loop.run(config, str(tmp_path / 'resumed'))
-  np.testing.assert_array_equal(np.load(tmp_path / 'resumed' / 'synthetic.npz')['images'],
-                                exported['images'])
+  np.testing.assert_array_equal(
+    np.load(tmp_path / 'resumed' / 'synthetic.npz')['images'], exported['images']
+  )
   assert resumed['eval']['accuracies'] == reference['eval']['accuracies']
 
 
-def test_idm_input_checks(tmp_path):
+def test_idm_input_checks(tmp_path, tiny_config):
   with pytest.raises(ValueError, match=r'ipc=50 needs 200 per class'):
     loop.run(tiny_config(method='idm', ipc=50), str(tmp_path / 'a'))
-  with pytest.raises(ValueError, match=r'num_nets=2.*IDM'):
+  with pytest.raises(ValueError, match=r'config.distill.num_nets=2.*IDM'):
     loop.run(tiny_config(method='idm', **{'distill.num_nets': 2}), str(tmp_path / 'b'))
-  with pytest.raises(ValueError, match=r'ConvNetBN.*batch'):
+  with pytest.raises(ValueError, match=r"config.model.name='ConvNetBN'.*batch"):
     loop.run(tiny_config(method='idm', **{'model.name': 'ConvNetBN'}), str(tmp_path / 'c'))

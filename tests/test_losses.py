@@ -16,6 +16,7 @@ def float64():
   enable = getattr(jax, 'enable_x64', None)
   if enable is None:  # older jax
     from jax.experimental import enable_x64 as enable  # pylint: disable=g-import-not-at-top
+
     with enable():
       yield
   else:
@@ -32,8 +33,7 @@ def test_mean_matching_hand_computed():
 
 def test_local_covariance_hand_computed():
   # Two samples, one 1x2 map of 2 channels each (N=2, H=1, W=2, C=2).
-  fmap = jnp.array([[[[1.0, 0.0], [2.0, 1.0]]],
-                    [[[3.0, 2.0], [0.0, 1.0]]]])
+  fmap = jnp.array([[[[1.0, 0.0], [2.0, 1.0]]], [[[3.0, 2.0], [0.0, 1.0]]]])
   # Centred over the batch per (position, channel): position 0: means (2, 1) -> sample 0
   # (-1, -1), sample 1 (1, 1); position 1: means (1, 1) -> sample 0 (1, 0), sample 1 (-1, 0).
   # Sigma = 1/2 * sum over samples and positions of g g^T
@@ -43,10 +43,12 @@ def test_local_covariance_hand_computed():
 
 def test_local_covariance_is_sum_of_per_position_biased_covariances():
   fmap = np.random.default_rng(0).normal(size=(7, 3, 2, 5))
-  expected = sum(np.cov(fmap[:, h, w, :], rowvar=False, bias=True)
-                 for h in range(3) for w in range(2))
-  np.testing.assert_allclose(losses.local_covariance(jnp.asarray(fmap)), expected,
-                             rtol=1e-5, atol=1e-5)
+  expected = sum(
+    np.cov(fmap[:, h, w, :], rowvar=False, bias=True) for h in range(3) for w in range(2)
+  )
+  np.testing.assert_allclose(
+    losses.local_covariance(jnp.asarray(fmap)), expected, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_local_covariance_channel_row_grouping():
@@ -79,10 +81,12 @@ def test_class_centralization_hand_computed():
   np.testing.assert_allclose(losses.class_centralization(features), 8.0, atol=1e-6)
   expected_exp = sum(max(0.0, np.exp(0.1 * d) - 1.1) for d in (2.0, 2.0, 4.0))
   np.testing.assert_allclose(
-      losses.class_centralization(features, 'exp', alpha=0.1, beta=1.1), expected_exp, atol=1e-6)
+    losses.class_centralization(features, 'exp', alpha=0.1, beta=1.1), expected_exp, atol=1e-6
+  )
   # beta above every exp(...) makes the paper form vanish.
   np.testing.assert_allclose(
-      losses.class_centralization(features, 'exp', alpha=0.1, beta=10.0), 0.0, atol=1e-7)
+    losses.class_centralization(features, 'exp', alpha=0.1, beta=10.0), 0.0, atol=1e-7
+  )
   with pytest.raises(ValueError, match='form'):
     losses.class_centralization(features, 'cubic')
 
@@ -93,15 +97,23 @@ def test_class_objective_weights_terms():
   syn_map = jnp.asarray(rng.normal(size=(3, 2, 2, 3)))
   cc_features = jnp.asarray(rng.normal(size=(3, 4)))
   weights = losses.ObjectiveWeights(cc=0.5, cm=0.25)
-  terms = losses.class_objective(real_map.reshape(6, -1), real_map, syn_map.reshape(3, -1),
-                                 syn_map, cc_features, weights)
-  np.testing.assert_allclose(terms.dm, losses.mean_matching(real_map.reshape(6, -1),
-                                                            syn_map.reshape(3, -1)), rtol=1e-6)
+  terms = losses.class_objective(
+    real_map.reshape(6, -1), real_map, syn_map.reshape(3, -1), syn_map, cc_features, weights
+  )
+  np.testing.assert_allclose(
+    terms.dm, losses.mean_matching(real_map.reshape(6, -1), syn_map.reshape(3, -1)), rtol=1e-6
+  )
   np.testing.assert_allclose(terms.cm, losses.covariance_matching(real_map, syn_map), rtol=1e-6)
   np.testing.assert_allclose(terms.cc, losses.class_centralization(cc_features), rtol=1e-6)
   np.testing.assert_allclose(terms.total, terms.dm + 0.5 * terms.cc + 0.25 * terms.cm, rtol=1e-6)
-  zero = losses.class_objective(real_map.reshape(6, -1), real_map, syn_map.reshape(3, -1),
-                                syn_map, cc_features, losses.ObjectiveWeights(cc=0.0, cm=0.0))
+  zero = losses.class_objective(
+    real_map.reshape(6, -1),
+    real_map,
+    syn_map.reshape(3, -1),
+    syn_map,
+    cc_features,
+    losses.ObjectiveWeights(cc=0.0, cm=0.0),
+  )
   np.testing.assert_allclose(zero.total, terms.dm, rtol=1e-6)
 
 
@@ -114,12 +126,18 @@ def test_classwise_objective_sums_per_class_objectives():
   syn_features = syn_map.reshape(4, 2, -1)
   weights = losses.ObjectiveWeights()
   batched = jax.jit(lambda *a: losses.classwise_objective(*a, weights))(
-      real_features, real_map, syn_features, syn_map, cc_features)
-  looped = [losses.class_objective(real_features[c], real_map[c], syn_features[c], syn_map[c],
-                                   cc_features[c], weights) for c in range(4)]
+    real_features, real_map, syn_features, syn_map, cc_features
+  )
+  looped = [
+    losses.class_objective(
+      real_features[c], real_map[c], syn_features[c], syn_map[c], cc_features[c], weights
+    )
+    for c in range(4)
+  ]
   for name in ('total', 'dm', 'cc', 'cm'):
-    np.testing.assert_allclose(getattr(batched, name),
-                               sum(getattr(t, name) for t in looped), rtol=1e-5)
+    np.testing.assert_allclose(
+      getattr(batched, name), sum(getattr(t, name) for t in looped), rtol=1e-5
+    )
 
 
 def test_real_side_gets_no_gradient():
@@ -128,8 +146,9 @@ def test_real_side_gets_no_gradient():
   syn_map = jnp.asarray(rng.normal(size=(3, 2, 2, 3)), jnp.float32)
 
   def total(real_map, syn_map):
-    return losses.class_objective(real_map.reshape(5, -1), real_map, syn_map.reshape(3, -1),
-                                  syn_map, syn_map.reshape(3, -1)).total
+    return losses.class_objective(
+      real_map.reshape(5, -1), real_map, syn_map.reshape(3, -1), syn_map, syn_map.reshape(3, -1)
+    ).total
 
   real_grad, syn_grad = jax.grad(total, argnums=(0, 1))(real_map, syn_map)
   np.testing.assert_array_equal(real_grad, np.zeros_like(real_grad))
@@ -147,8 +166,10 @@ def _finite_difference_check(fn, x, eps=1e-6, num_directions=4):
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize('name', ['mean_matching', 'covariance_matching', 'covariance_row',
-                                  'cc_squared', 'cc_exp', 'objective'])
+@pytest.mark.parametrize(
+  'name',
+  ['mean_matching', 'covariance_matching', 'covariance_row', 'cc_squared', 'cc_exp', 'objective'],
+)
 def test_gradients_match_finite_differences_in_float64(name):
   with float64():
     rng = np.random.default_rng(6)
@@ -156,13 +177,20 @@ def test_gradients_match_finite_differences_in_float64(name):
     syn_map = jnp.asarray(rng.normal(size=(3, 2, 3, 4)))
     assert syn_map.dtype == jnp.float64
     fns = {
-        'mean_matching': lambda s: losses.mean_matching(real_map.reshape(6, -1), s.reshape(3, -1)),
-        'covariance_matching': lambda s: losses.covariance_matching(real_map, s),
-        'covariance_row': lambda s: losses.covariance_matching(real_map, s, 'channel_row'),
-        'cc_squared': lambda s: losses.class_centralization(s.reshape(3, -1)),
-        'cc_exp': lambda s: losses.class_centralization(s.reshape(3, -1), 'exp', 0.02, 1.0),
-        'objective': lambda s: losses.class_objective(
-            real_map.reshape(6, -1), real_map, s.reshape(3, -1), s, s.reshape(3, -1) ** 2,
-            losses.ObjectiveWeights(cc=0.3, cm=0.7)).total,
+      'mean_matching': lambda s: losses.mean_matching(real_map.reshape(6, -1), s.reshape(3, -1)),
+      'covariance_matching': lambda s: losses.covariance_matching(real_map, s),
+      'covariance_row': lambda s: losses.covariance_matching(real_map, s, 'channel_row'),
+      'cc_squared': lambda s: losses.class_centralization(s.reshape(3, -1)),
+      'cc_exp': lambda s: losses.class_centralization(s.reshape(3, -1), 'exp', 0.02, 1.0),
+      'objective': lambda s: (
+        losses.class_objective(
+          real_map.reshape(6, -1),
+          real_map,
+          s.reshape(3, -1),
+          s,
+          s.reshape(3, -1) ** 2,
+          losses.ObjectiveWeights(cc=0.3, cm=0.7),
+        ).total
+      ),
     }
     _finite_difference_check(fns[name], syn_map)

@@ -1,4 +1,4 @@
-"""Tests for dd_jax.models: published parameter counts, PyTorch init, norm semantics, the boundary."""
+"""dd_jax.models: published parameter counts, PyTorch init, norm semantics, the boundary."""
 
 import math
 
@@ -15,11 +15,13 @@ from dd_jax.models import layers
 
 def _abstract_param_count(net, input_shape):
   shapes = jax.eval_shape(lambda key: net.init(key, (1, *input_shape)), jax.random.key(0))
-  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes['params']))
+  return models.param_count(shapes)
 
 
-# Counts of the PyTorch reference networks (DC benchmark code), SPEC section 2 / issue 2.
-@pytest.mark.parametrize('name, input_shape, num_classes, expected', [
+# Counts of the PyTorch reference networks (DC benchmark code).
+@pytest.mark.parametrize(
+  'name, input_shape, num_classes, expected',
+  [
     ('ConvNet', (32, 32, 3), 10, 320_010),
     ('ConvNet', (28, 28, 1), 10, 317_706),
     ('ConvNet', (32, 32, 3), 100, 504_420),
@@ -30,7 +32,8 @@ def _abstract_param_count(net, input_shape):
     ('ResNet18', (32, 32, 3), 10, 11_173_962),
     ('LeNet', (32, 32, 3), 10, 62_006),
     ('MLP', (32, 32, 3), 10, 411_146),
-])
+  ],
+)
 def test_parameter_counts_match_pytorch_reference(name, input_shape, num_classes, expected):
   net = models.get_network(name, num_classes)
   assert _abstract_param_count(net, input_shape) == expected
@@ -52,8 +55,11 @@ def test_every_network_builds_at_every_input_size(name, input_shape):
 
 def test_convnet_maps_follow_spec():
   net = models.get_network('ConvNet', 10)
-  for shape, map_shape in [((32, 32, 3), (4, 4, 128)), ((28, 28, 1), (4, 4, 128)),
-                           ((64, 64, 3), (8, 8, 128))]:
+  for shape, map_shape in [
+    ((32, 32, 3), (4, 4, 128)),
+    ((28, 28, 1), (4, 4, 128)),
+    ((64, 64, 3), (8, 8, 128)),
+  ]:
     variables = jax.eval_shape(lambda key: net.init(key, (1, *shape)), jax.random.key(0))
     _, feature_map = jax.eval_shape(lambda v: net.embed(v, jnp.zeros((1, *shape))), variables)
     assert feature_map.shape[1:] == map_shape
@@ -139,6 +145,7 @@ def test_functional_boundary_under_jit_and_vmap_over_keys():
   def embed_with_fresh_networks(keys, x):
     def one(key):
       return net.embed(net.init(key, x.shape), x)[0]
+
     return jax.vmap(one)(keys)
 
   features = embed_with_fresh_networks(keys, x)
@@ -166,8 +173,18 @@ def test_embed_is_consistent_with_logits():
 def test_convnet_variants():
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   outputs = {}
-  for name in ('ConvNetAS', 'ConvNetAL', 'ConvNetASwish', 'ConvNetNN', 'ConvNetLN',
-               'ConvNetGN', 'ConvNetMP', 'ConvNetNP', 'ConvNetW32', 'ConvNetD1'):
+  for name in (
+    'ConvNetAS',
+    'ConvNetAL',
+    'ConvNetASwish',
+    'ConvNetNN',
+    'ConvNetLN',
+    'ConvNetGN',
+    'ConvNetMP',
+    'ConvNetNP',
+    'ConvNetW32',
+    'ConvNetD1',
+  ):
     net = models.get_network(name, 10)
     variables = jax.eval_shape(lambda key: net.init(key, x.shape), jax.random.key(0))
     outputs[name] = jax.eval_shape(lambda v: net.embed(v, x), variables)[1].shape
@@ -176,7 +193,8 @@ def test_convnet_variants():
   assert outputs['ConvNetW32'] == (2, 2, 2, 32)
   sigmoid_net = models.get_network('ConvNetAS', 10)
   _, sigmoid_map = jax.jit(lambda key: sigmoid_net.embed(sigmoid_net.init(key, x.shape), x))(
-      jax.random.key(0))
+    jax.random.key(0)
+  )
   assert float(sigmoid_map.min()) >= 0.0 and float(sigmoid_map.max()) <= 1.0
 
 
@@ -191,15 +209,21 @@ def test_registry_errors_and_overrides():
   hash(net)  # usable as a static jit argument
 
 
-@pytest.mark.parametrize('kernel_size, stride, padding', [(3, 1, 1), (3, 1, 3), (5, 1, 2), (3, 2, 1),
-                                                          (1, 2, 0), (5, 1, 0)])
+@pytest.mark.parametrize(
+  'kernel_size, stride, padding', [(3, 1, 1), (3, 1, 3), (5, 1, 2), (3, 2, 1), (1, 2, 0), (5, 1, 0)]
+)
 def test_im2col_convolution_equals_xla(kernel_size, stride, padding):
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
   kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 4))
 
   def xla(x, kernel):
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      (stride, stride),
+      ((padding, padding),) * 2,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
 
   def im2col(x, kernel):
     return layers.conv2d_im2col(x, kernel, stride, padding)

@@ -3,8 +3,8 @@
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from dd_jax import report
 from dd_jax import workdir as workdir_lib
@@ -18,14 +18,23 @@ def _fake_grid(root):
       name = f'ipc{ipc}_s{seed}'
       config = {'dataset': {'name': 'folder:/data/cifar10'}, 'ipc': ipc, 'seed': seed}
       workdir_lib.write_json(os.path.join(root, name, 'config.json'), config)
-      for directory, scale in ((os.path.join(root, name), 1.0),
-                               (os.path.join(root, name, 'compare', 'dm'), 2.0)):
-        workdir_lib.write_metrics(os.path.join(directory, 'metrics.jsonl'), [
+      for directory, scale in (
+        (os.path.join(root, name), 1.0),
+        (os.path.join(root, name, 'compare', 'dm'), 2.0),
+      ):
+        workdir_lib.write_metrics(
+          os.path.join(directory, 'metrics.jsonl'),
+          [
             {'step': s, 'loss': 9.0 / s, 'dm': scale / s, 'cc': 3.0 / s, 'cm': 0.0}
-            for s in (10, 20, 30)] + [{'step': 30, 'eval': {}}])
-      rows = [{'label': f'random real (ipc {ipc})', 'accuracies': [10.0 + seed, 12.0 + seed]},
-              {'label': 'DM', 'accuracies': [20.0 + ipc + seed, 22.0 + ipc + seed]},
-              {'label': 'DM + IID', 'accuracies': [30.0 + ipc, 30.0 + ipc]}]
+            for s in (10, 20, 30)
+          ]
+          + [{'step': 30, 'eval': {}}],
+        )
+      rows = [
+        {'label': f'random real (ipc {ipc})', 'accuracies': [10.0 + seed, 12.0 + seed]},
+        {'label': 'DM', 'accuracies': [20.0 + ipc + seed, 22.0 + ipc + seed]},
+        {'label': 'DM + IID', 'accuracies': [30.0 + ipc, 30.0 + ipc]},
+      ]
       records.append({'name': name, 'spec': '...', 'seconds': 1.0, 'rows': rows})
   workdir_lib.write_metrics(os.path.join(root, 'results.jsonl'), records)
 
@@ -44,8 +53,14 @@ def test_report_aggregates_and_draws(tmp_path):
   assert '| DM | 22.50 +- 1.12 (2x2) | 31.50 +- 1.12 (2x2) |' in markdown
   assert markdown.index('random real') < markdown.index('| DM |')
   names = sorted(os.path.basename(p) for p in written['figures'])
-  assert names == ['accuracy_vs_ipc.png', 'losses_ipc10_s0.png', 'losses_ipc10_s1.png',
-                   'losses_ipc1_s0.png', 'losses_ipc1_s1.png', 'rows_cifar10.png']
+  assert names == [
+    'accuracy_vs_ipc.png',
+    'losses_ipc10_s0.png',
+    'losses_ipc10_s1.png',
+    'losses_ipc1_s0.png',
+    'losses_ipc1_s1.png',
+    'rows_cifar10.png',
+  ]
   for path in written['figures']:
     with Image.open(path) as image:
       assert image.format == 'PNG' and min(image.size) > 200
@@ -55,16 +70,28 @@ def test_ablation_settings_with_one_label_are_told_apart(tmp_path):
   root = str(tmp_path / 'grid')
   records = []
   for name, weight, seed in (('cc_0.05', 0.05, 0), ('cc_0.05_s1', 0.05, 1), ('cc_0.005', 0.005, 0)):
-    workdir_lib.write_json(os.path.join(root, name, 'config.json'), {
-        'dataset': {'name': 'digits'}, 'ipc': 10, 'seed': seed, 'cc': weight})
-    records.append({'name': name, 'spec': '', 'seconds': 1.0, 'rows': [
-        {'label': 'random real (ipc 10)', 'accuracies': [90.0 + seed]},
-        {'label': 'DM + IID', 'accuracies': [95.0 + 10 * weight + seed]}]})
+    workdir_lib.write_json(
+      os.path.join(root, name, 'config.json'),
+      {'dataset': {'name': 'digits'}, 'ipc': 10, 'seed': seed, 'cc': weight},
+    )
+    records.append(
+      {
+        'name': name,
+        'spec': '',
+        'seconds': 1.0,
+        'rows': [
+          {'label': 'random real (ipc 10)', 'accuracies': [90.0 + seed]},
+          {'label': 'DM + IID', 'accuracies': [95.0 + 10 * weight + seed]},
+        ],
+      }
+    )
   workdir_lib.write_metrics(os.path.join(root, 'results.jsonl'), records)
   summary = report.summarize(report.collect([root]))
-  assert sorted(summary) == [('digits', 10, 'DM + IID [cc_0.005]'),
-                             ('digits', 10, 'DM + IID [cc_0.05]'),
-                             ('digits', 10, 'random real')]
+  assert sorted(summary) == [
+    ('digits', 10, 'DM + IID [cc_0.005]'),
+    ('digits', 10, 'DM + IID [cc_0.05]'),
+    ('digits', 10, 'random real'),
+  ]
   assert summary[('digits', 10, 'DM + IID [cc_0.05]')]['seeds'] == 2  # seed replicas pooled
   assert summary[('digits', 10, 'random real')]['networks'] == 2  # once per seed, not per run
 

@@ -23,21 +23,24 @@ def _compare(num_nets: int, num_devices: int, checkpoint_dir: str) -> dict:
   import jax
   import optax
 
-  from dd_jax import checkpoint
+  from dd_jax import checkpoint, losses, models, sharding
   from dd_jax import data as data_lib
-  from dd_jax import losses
-  from dd_jax import models
-  from dd_jax import sharding
   from dd_jax.distill import dm
   # pylint: enable=g-import-not-at-top
 
   digits = data_lib.load_dataset('digits')
   ipc = 2
   net = models.get_network('ConvNetW32', digits.num_classes)
-  settings = dm.DMSettings(num_classes=digits.num_classes, ipc=ipc, batch_real=8,
-                           num_nets=num_nets, strategy='color_crop_cutout_scale_rotate',
-                           weights=losses.ObjectiveWeights(cc=0.05, cm=0.01),
-                           mean=digits.mean, std=digits.std)
+  settings = dm.DMSettings(
+    num_classes=digits.num_classes,
+    ipc=ipc,
+    batch_real=8,
+    num_nets=num_nets,
+    strategy='color_crop_cutout_scale_rotate',
+    weights=losses.ObjectiveWeights(cc=0.05, cm=0.01),
+    mean=digits.mean,
+    std=digits.std,
+  )
   optimizer = optax.sgd(1.0, momentum=0.5)
   labels = np.repeat(np.arange(digits.num_classes), ipc)
   images = jax.random.normal(jax.random.key(0), (len(labels), 8, 8, 1))
@@ -64,18 +67,22 @@ def _compare(num_nets: int, num_devices: int, checkpoint_dir: str) -> dict:
   checkpointer.close()
   single_images, split_images = np.asarray(single.images), sharding.to_host(split.images)
   return {
-      'devices': jax.device_count(),
-      'processes': jax.process_count(),
-      'mesh': dict(mesh.shape),
-      'image_devices': len(split.images.sharding.device_set),
-      'shard_rows': sorted({s.data.shape[0] for s in split.images.addressable_shards}),
-      'restored_ok': (restored.images.sharding == split.images.sharding and
-                      bool(np.array_equal(sharding.to_host(restored.images), split_images))),
-      'max_image_difference': float(np.max(np.abs(split_images - single_images))),
-      'max_image_magnitude': float(np.max(np.abs(single_images))),
-      'max_relative_metric_difference': max(
-          abs(a[k] - b[k]) / max(abs(a[k]), 1e-6)
-          for a, b in zip(single_metrics, split_metrics) for k in a),
+    'devices': jax.device_count(),
+    'processes': jax.process_count(),
+    'mesh': dict(mesh.shape),
+    'image_devices': len(split.images.sharding.device_set),
+    'shard_rows': sorted({s.data.shape[0] for s in split.images.addressable_shards}),
+    'restored_ok': (
+      restored.images.sharding == split.images.sharding
+      and bool(np.array_equal(sharding.to_host(restored.images), split_images))
+    ),
+    'max_image_difference': float(np.max(np.abs(split_images - single_images))),
+    'max_image_magnitude': float(np.max(np.abs(single_images))),
+    'max_relative_metric_difference': max(
+      abs(a[k] - b[k]) / max(abs(a[k]), 1e-6)
+      for a, b in zip(single_metrics, split_metrics)
+      for k in a
+    ),
   }
 
 
@@ -94,16 +101,23 @@ def _last_json(stdout):
   return json.loads(stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('num_nets, expected_mesh, expected_rows', [
+@pytest.mark.parametrize(
+  'num_nets, expected_mesh, expected_rows',
+  [
     # 20 image rows on 4 devices; inside the step the 10 classes split unevenly (3, 3, 3, 1).
     (1, {'nets': 1, 'classes': 4}, [5]),
     (2, {'nets': 2, 'classes': 2}, [10]),  # 2 networks on 2 devices, classes on 2
-])
+  ],
+)
 def test_four_device_step_equals_one_device(tmp_path, num_nets, expected_mesh, expected_rows):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, __file__, 'devices', str(num_nets), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=600)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+    [sys.executable, __file__, 'devices', str(num_nets), str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   found = _last_json(result.stdout)
   _check(found, 4, expected_mesh, expected_rows)
@@ -117,13 +131,22 @@ def _free_port():
 
 def test_two_processes_equal_one(tmp_path):
   """Two jax processes (one CPU device each) run the step and a whole tiny run together."""
-  from dd_jax.distill import loop  # pylint: disable=g-import-not-at-top
   from test_distill import tiny_config  # pylint: disable=g-import-not-at-top
+
+  from dd_jax.distill import loop  # pylint: disable=g-import-not-at-top
+
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  processes = [subprocess.Popen([sys.executable, __file__, 'processes', str(pid), str(port),
-                                 str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+  processes = [
+    subprocess.Popen(
+      [sys.executable, __file__, 'processes', str(pid), str(port), str(tmp_path)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for pid in (0, 1)
+  ]
   outputs = [p.communicate(timeout=900) for p in processes]
   for p, (_, stderr) in zip(processes, outputs):
     assert p.returncode == 0, stderr[-3000:]
@@ -133,28 +156,39 @@ def test_two_processes_equal_one(tmp_path):
     assert result['step']['processes'] == 2
   # The whole run: only process 0 wrote files; the synthetic set equals a one-process run.
   reference = loop.run(tiny_config(), str(tmp_path / 'one_process'))
-  np.testing.assert_allclose(np.load(tmp_path / 'run' / 'synthetic.npz')['images'],
-                             np.load(tmp_path / 'one_process' / 'synthetic.npz')['images'],
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    np.load(tmp_path / 'run' / 'synthetic.npz')['images'],
+    np.load(tmp_path / 'one_process' / 'synthetic.npz')['images'],
+    atol=1e-4,
+  )
   assert found[0]['results'] == found[1]['results']
   assert found[0]['results']['eval']['accuracies'] == pytest.approx(
-      reference['eval']['accuracies'], abs=1.5)  # one test image is 0.22 points
+    reference['eval']['accuracies'], abs=1.5
+  )  # one test image is 0.22 points
 
 
 def _processes_main(pid: int, port: int, directory: str) -> dict:
   from dd_jax import sharding  # pylint: disable=g-import-not-at-top
+
   sharding.initialize_distributed(f'localhost:{port}', 2, pid)
   step = _compare(num_nets=1, num_devices=2, checkpoint_dir=os.path.join(directory, 'ckpt'))
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from dd_jax.distill import loop  # pylint: disable=g-import-not-at-top
   from test_distill import tiny_config  # pylint: disable=g-import-not-at-top
+
+  from dd_jax.distill import loop  # pylint: disable=g-import-not-at-top
+
   results = loop.run(tiny_config(), os.path.join(directory, 'run'))
   return {'step': step, 'results': results}
 
 
 if __name__ == '__main__':
   if sys.argv[1] == 'devices':
-    print(json.dumps(_compare(num_nets=int(sys.argv[2]), num_devices=4,
-                              checkpoint_dir=os.path.join(sys.argv[3], 'ckpt'))))
+    print(
+      json.dumps(
+        _compare(
+          num_nets=int(sys.argv[2]), num_devices=4, checkpoint_dir=os.path.join(sys.argv[3], 'ckpt')
+        )
+      )
+    )
   else:
     print(json.dumps(_processes_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))

@@ -1,4 +1,5 @@
-"""DSA: differentiable siamese augmentation (SPEC section 3).
+"""DSA: differentiable siamese augmentation (Zhao & Bilen, ICML 2021; reference code
+VICO-UoE/DatasetCondensation, utils.py DiffAugment / ParamDiffAug).
 
 Each call applies ONE op drawn uniformly from the strategy (``'color'`` is one op made of
 brightness, saturation and contrast in sequence), never the whole chain.
@@ -7,6 +8,9 @@ brightness, saturation and contrast in sequence), never the whole chain.
   draw depends only on the key, so two batches (real and synthetic images of a class)
   augmented with the same key get exactly the same transform.
 * ``siamese=False`` (evaluation training): one op per batch, parameters drawn per image.
+
+``apply_random_op(op_key, param_key, ...)`` is the one place the op is drawn and applied;
+``augment(key, ...)`` splits one key into those two.
 
 Parameter distributions (reference ParamDiffAug):
   brightness / saturation / contrast  u ~ U[0, 1)
@@ -43,28 +47,43 @@ FLIP_PROBABILITY = 0.5
 Params = tuple[jax.Array, ...]
 
 
+class StrategyError(ValueError):
+  """A DSA strategy string names an unknown op.
+
+  Attributes:
+    reason: what is wrong, as a predicate of the strategy (e.g. "names unknown DSA op 'blur';
+      valid ops are ..."), for messages that name the setting themselves.
+  """
+
+  def __init__(self, strategy: str, reason: str):
+    super().__init__(f'augment.strategy={strategy!r} {reason}.')
+    self.reason = reason
+
+
 def parse_strategy(strategy: str | None) -> tuple[str, ...]:
   """Splits a strategy string such as ``'color_crop_cutout'`` into op names.
 
   Args:
-      strategy: op names joined by ``'_'``; ``''``, ``'none'`` (any case) or None mean no
-    augmentation.
+    strategy: op names joined by ``'_'``; ``''``, ``'none'`` (any case) or None mean no
+      augmentation.
 
   Returns:
-      The op names in order (repeats kept, so they weight the uniform choice); ``()`` for
-      no augmentation.
+    The op names in order (repeats kept, so they weight the uniform choice); ``()`` for no
+    augmentation.
 
   Raises:
-      ValueError: an op name is not in ``VALID_OPS``.
+    StrategyError: an op name is not in ``VALID_OPS``.
   """
   if strategy is None or strategy.strip().lower() in ('', 'none'):
     return ()
   names = tuple(strategy.strip().split('_'))
   for name in names:
     if name not in VALID_OPS:
-      raise ValueError(
-        f'augment.strategy={strategy!r}: unknown DSA op {name!r}; valid ops are '
-        f'{", ".join(VALID_OPS)} (joined by "_", or "none").')
+      raise StrategyError(
+        strategy,
+        f'names unknown DSA op {name!r}; valid ops are '
+        f'{", ".join(VALID_OPS)} (joined by "_", or "none")',
+      )
   return names
 
 
@@ -94,18 +113,22 @@ def sample_params(key: jax.Array, op: str, num_draws: int, height: int, width: i
   if op == 'crop':
     return tuple(
       jax.random.randint(k, (num_draws,), -ops.max_shift(side), ops.max_shift(side) + 1)
-      for k, side in ((row_key, height), (col_key, width)))
+      for k, side in ((row_key, height), (col_key, width))
+    )
   if op == 'cutout':
     # Centre range of the reference: [0, side - 1] for odd squares, [0, side] for even
     # ones, so the square overhangs both borders symmetrically.
     return tuple(
       jax.random.randint(k, (num_draws,), 0, side + 1 - ops.cutout_side(side) % 2)
-      for k, side in ((row_key, height), (col_key, width)))
+      for k, side in ((row_key, height), (col_key, width))
+    )
   if op == 'flip':
     return (jax.random.bernoulli(key, FLIP_PROBABILITY, (num_draws,)),)
   if op == 'scale':
-    return (_uniform(row_key, num_draws, 1.0 / SCALE_RATIO, SCALE_RATIO),
-        _uniform(col_key, num_draws, 1.0 / SCALE_RATIO, SCALE_RATIO))
+    return (
+      _uniform(row_key, num_draws, 1.0 / SCALE_RATIO, SCALE_RATIO),
+      _uniform(col_key, num_draws, 1.0 / SCALE_RATIO, SCALE_RATIO),
+    )
   if op == 'rotate':
     degrees = _uniform(key, num_draws, -ROTATE_DEGREES, ROTATE_DEGREES)
     return (degrees * (math.pi / 180.0),)
@@ -140,6 +163,43 @@ def apply_op(op: str, images: jax.Array, params: Params) -> jax.Array:
   return _APPLY[op](images, *(jnp.broadcast_to(p, (num_images,)) for p in params))
 
 
+def apply_random_op(
+  op_key: jax.Array, param_key: jax.Array, images: jax.Array, strategy: str, *, siamese: bool
+) -> jax.Array:
+  """Applies one DSA op, drawn from ``op_key``, with parameters drawn from ``param_key``.
+
+  The op is chosen with ``lax.switch``: one branch runs, unless the op index is batched by a
+  ``vmap`` (per-network ops of networks trained together), where every branch is computed.
+
+  Args:
+    op_key: PRNG key of the op, uniform over the strategy's op names.
+    param_key: PRNG key of the op's parameters.
+    images: ``[N, H, W, C]`` float images in normalised space.
+    strategy: op names joined by ``'_'`` (see :func:`parse_strategy`).
+    siamese: True: one parameter set shared by all N images, independent of N and of the image
+      values. False: parameters drawn per image.
+
+  Returns:
+    ``[N, H, W, C]`` augmented images (``images`` itself for an empty strategy).
+  """
+  op_names = parse_strategy(strategy)
+  if not op_names:
+    return images
+  chex.assert_rank(images, 4)
+  num_images, height, width, _ = images.shape
+  num_draws = 1 if siamese else num_images
+
+  def make_branch(op):
+    def branch(param_key, images):
+      return apply_op(op, images, sample_params(param_key, op, num_draws, height, width))
+
+    return branch
+
+  branches = [make_branch(op) for op in op_names]
+  op_index = jax.random.randint(op_key, (), 0, len(branches))
+  return jax.lax.switch(op_index, branches, param_key, images)
+
+
 @functools.partial(jax.jit, static_argnames=('strategy', 'siamese'))
 def augment(key: jax.Array, images: jax.Array, strategy: str, *, siamese: bool) -> jax.Array:
   """Applies one DSA op, chosen uniformly from ``strategy``, to a batch of images.
@@ -148,37 +208,17 @@ def augment(key: jax.Array, images: jax.Array, strategy: str, *, siamese: bool) 
   shape; composes with outer jit, vmap (over keys and batches) and grad w.r.t. ``images``.
 
   Args:
-      key: PRNG key; it alone decides the op and (siamese) the parameters.
-      images: ``[N, H, W, C]`` float images in normalised space.
-      strategy: op names joined by ``'_'`` (see :func:`parse_strategy`).
-      siamese: True: one parameter set shared by all N images, independent of N and of the
-    image values. False: parameters drawn per image.
+    key: PRNG key; it alone decides the op and (siamese) the parameters: it is split into the
+      op key and the parameter key of :func:`apply_random_op`.
+    images: ``[N, H, W, C]`` float images in normalised space.
+    strategy: op names joined by ``'_'`` (see :func:`parse_strategy`).
+    siamese: True: one parameter set shared by all N images, independent of N and of the
+      image values. False: parameters drawn per image.
 
   Returns:
-      ``[N, H, W, C]`` augmented images (``images`` itself for an empty strategy).
+    ``[N, H, W, C]`` augmented images (``images`` itself for an empty strategy).
   """
-  op_names = parse_strategy(strategy)
-  if not op_names:
+  if not parse_strategy(strategy):
     return images
-  chex.assert_rank(images, 4)
-  num_images, height, width, _ = images.shape
-  num_draws = 1 if siamese else num_images
   op_key, param_key = jax.random.split(key)
-
-  def make_branch(op):
-    def branch(param_key, images):
-      return apply_op(op, images, sample_params(param_key, op, num_draws, height, width))
-    return branch
-
-  branches = [make_branch(op) for op in op_names]
-  op_index = jax.random.randint(op_key, (), 0, len(branches))
-  return jax.lax.switch(op_index, branches, param_key, images)
-
-
-def make_augment(strategy: str, *, siamese: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """Returns the pure ``fn(key, images) -> images`` of :func:`augment` for a fixed strategy.
-
-  The strategy is validated now, so a bad config fails before any tracing.
-  """
-  parse_strategy(strategy)
-  return functools.partial(augment, strategy=strategy, siamese=siamese)
+  return apply_random_op(op_key, param_key, images, strategy, siamese=siamese)

@@ -1,4 +1,4 @@
-"""Pure, differentiable DSA image ops with explicit parameters (SPEC section 3).
+"""Pure, differentiable DSA image ops with explicit parameters.
 
 Every op takes NHWC float images ``[N, H, W, C]`` in normalised space plus one
 parameter array of shape ``[N]`` per parameter (one value per image) and returns
@@ -6,11 +6,12 @@ images of the same shape and dtype. Randomness lives in :mod:`dd_jax.augment.dsa
 these functions are deterministic (and jitted, so eager calls are cheap), can be
 tested against hand-computed results and are differentiable with respect to the images.
 
-The spatial resampling ops (``scale``, ``rotate``) follow PyTorch's
-``affine_grid``/``grid_sample`` with ``align_corners=True`` and zero padding, the
-convention of the reference DSA code: pixel centres sit at normalised coordinates
-``-1 + 2 * index / (size - 1)``, so identity parameters reproduce the input exactly.
-They need ``H >= 2`` and ``W >= 2``.
+The spatial resampling ops (``scale``, ``rotate``) follow PyTorch's ``affine_grid`` /
+``grid_sample`` with their defaults (``align_corners=False``, bilinear, zero padding), as the
+reference DSA code calls them (DatasetCondensation utils.py, ``rand_scale`` / ``rand_rotate``):
+pixel ``i`` of a side of ``n`` pixels sits at normalised coordinate ``(2 i + 1) / n - 1``, and a
+normalised source coordinate ``x`` is pixel ``((x + 1) n - 1) / 2``. Identity parameters
+reproduce the input exactly.
 """
 
 from __future__ import annotations
@@ -96,8 +97,9 @@ def contrast(images: jax.Array, u: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def color(images: jax.Array, u_brightness: jax.Array, u_saturation: jax.Array,
-          u_contrast: jax.Array) -> jax.Array:
+def color(
+  images: jax.Array, u_brightness: jax.Array, u_saturation: jax.Array, u_contrast: jax.Array
+) -> jax.Array:
   """The 'color' op: brightness, then saturation, then contrast (each ``u`` is ``[N]``)."""
   images = brightness(images, u_brightness)
   images = saturation(images, u_saturation)
@@ -127,21 +129,27 @@ def translate(images: jax.Array, shift_rows: jax.Array, shift_cols: jax.Array) -
   def shift_one(image, shift_row, shift_col):
     source_rows = jnp.arange(height) - shift_row
     source_cols = jnp.arange(width) - shift_col
-    inside = (((source_rows >= 0) & (source_rows < height))[:, None]
-                  & ((source_cols >= 0) & (source_cols < width))[None, :])
+    inside = ((source_rows >= 0) & (source_rows < height))[:, None] & (
+      (source_cols >= 0) & (source_cols < width)
+    )[None, :]
     # Gather with clipped indices, then zero the pixels whose source was outside.
     clipped_rows = jnp.clip(source_rows, 0, height - 1)
     clipped_cols = jnp.clip(source_cols, 0, width - 1)
     gathered = image[clipped_rows][:, clipped_cols]
     return jnp.where(inside[:, :, None], gathered, 0)
 
-  return jax.vmap(shift_one)(images, jnp.asarray(shift_rows, jnp.int32),
-                               jnp.asarray(shift_cols, jnp.int32))
+  return jax.vmap(shift_one)(
+    images, jnp.asarray(shift_rows, jnp.int32), jnp.asarray(shift_cols, jnp.int32)
+  )
 
 
 @functools.partial(jax.jit, static_argnames='size')
-def cutout(images: jax.Array, centre_rows: jax.Array, centre_cols: jax.Array,
-           size: int | tuple[int, int] | None = None) -> jax.Array:
+def cutout(
+  images: jax.Array,
+  centre_rows: jax.Array,
+  centre_cols: jax.Array,
+  size: int | tuple[int, int] | None = None,
+) -> jax.Array:
   """Sets a square (clipped at the borders) of each image to 0.
 
   The square covers rows ``[r - size_rows // 2, r - size_rows // 2 + size_rows)`` and the
@@ -189,9 +197,14 @@ def flip(images: jax.Array, do_flip: jax.Array) -> jax.Array:
 
 
 def _centre_offsets(height: int, width: int) -> tuple[jax.Array, jax.Array]:
-  """Pixel offsets ``[H, W]`` of every pixel centre from the image centre (rows, cols)."""
-  rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32),
-                              jnp.arange(width, dtype=jnp.float32), indexing='ij')
+  """Pixel offsets ``[H, W]`` of every pixel centre from the image centre (rows, cols).
+
+  With ``align_corners=False`` a normalised coordinate is this offset divided by half the side
+  (``n / 2``), and a normalised source coordinate maps back to ``(n - 1) / 2 + (n / 2) * x``.
+  """
+  rows, cols = jnp.meshgrid(
+    jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing='ij'
+  )
   return rows - (height - 1) / 2.0, cols - (width - 1) / 2.0
 
 
@@ -219,7 +232,9 @@ def scale(images: jax.Array, sx: jax.Array, sy: jax.Array) -> jax.Array:
   """Rescales about the image centre: output pixel ``p`` samples ``centre + s * (p - centre)``.
 
   Factors above 1 therefore shrink the content (and pad with zeros); below 1 zoom in.
-  Same as ``affine_grid(theta=[[sx, 0, 0], [0, sy, 0]], align_corners=True)``.
+  Same as ``grid_sample(x, affine_grid(theta=[[sx, 0, 0], [0, sy, 0]], x.shape))`` (PyTorch's
+  defaults, ``align_corners=False``); a pure scaling gives the same pixels with
+  ``align_corners=True``.
 
   Args:
       images: ``[N, H, W, C]`` float images.
@@ -242,9 +257,11 @@ def scale(images: jax.Array, sx: jax.Array, sy: jax.Array) -> jax.Array:
 def rotate(images: jax.Array, angle: jax.Array) -> jax.Array:
   """Rotates about the image centre; positive angles turn the content clockwise as displayed.
 
-  Same as ``affine_grid(theta=[[cos, sin, 0], [-sin, cos, 0]], align_corners=True)``: the
-  rotation acts on normalised coordinates, so for non-square images it is the reference's
-  (slightly anisotropic) rotation. A +90 degree turn of a square image is ``np.rot90(x, -1)``.
+  Same as ``grid_sample(x, affine_grid(theta=[[cos, sin, 0], [-sin, cos, 0]], x.shape))``
+  (PyTorch's defaults, ``align_corners=False``): the rotation acts on normalised coordinates,
+  so for non-square images it is the reference's (anisotropic) rotation. A +90 degree turn of a
+  square image is ``np.rot90(x, -1)``. The reference writes theta with the opposite sign of the
+  angle; its angles are symmetric about 0, so the distribution of rotations is the same.
 
   Args:
       images: ``[N, H, W, C]`` float images.
@@ -257,8 +274,9 @@ def rotate(images: jax.Array, angle: jax.Array) -> jax.Array:
   row_offsets, col_offsets = _centre_offsets(height, width)
   angle = jnp.asarray(angle, jnp.float32)[:, None, None]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
-  half_height, half_width = (height - 1) / 2.0, (width - 1) / 2.0
-  # Normalised x_in = cos*x + sin*y, y_in = -sin*x + cos*y, written in pixel units.
-  source_cols = half_width + cos * col_offsets + sin * row_offsets * (half_width / half_height)
-  source_rows = half_height - sin * col_offsets * (half_height / half_width) + cos * row_offsets
+  # Normalised x_in = cos*x + sin*y, y_in = -sin*x + cos*y, written in pixel offsets: a
+  # normalised coordinate is the offset over half the side (width / 2, height / 2).
+  aspect = width / height
+  source_cols = (width - 1) / 2.0 + cos * col_offsets + sin * row_offsets * aspect
+  source_rows = (height - 1) / 2.0 - sin * col_offsets / aspect + cos * row_offsets
   return _resample(images, source_rows, source_cols)

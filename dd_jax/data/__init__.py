@@ -1,15 +1,42 @@
 """Datasets (sklearn digits, TFDS, image folders, npz), normalisation, class-balanced sampling."""
 
-from dd_jax.data.dataset import (KNOWN_STATS, DataError, Dataset, check_ipc, compute_channel_stats,
-                                 denormalize, known_dataset_key, normalize)
+from dd_jax.data.dataset import (
+  KNOWN_STATS,
+  DataError,
+  Dataset,
+  check_ipc,
+  compute_channel_stats,
+  denormalize,
+  known_dataset_key,
+  normalize,
+)
 from dd_jax.data.folder import default_cache_dir
-from dd_jax.data.sampler import (ClassSampler, sample_all_classes, sample_class,
-                                 sample_class_indices, sample_uniform)
+from dd_jax.data.sampler import (
+  ClassSampler,
+  random_real_subset,
+  sample_all_classes,
+  sample_class,
+  sample_class_indices,
+  sample_uniform,
+)
 from dd_jax.data.sources import SOURCES, load_dataset
 
 __all__ = [
-    'KNOWN_STATS', 'SOURCES', 'ClassSampler', 'DataError', 'Dataset', 'check_ipc',
-    'compute_channel_stats', 'default_cache_dir', 'denormalize', 'known_dataset_key',
-    'load_dataset', 'normalize', 'sample_all_classes', 'sample_class', 'sample_class_indices',
-    'sample_uniform',
+  'KNOWN_STATS',
+  'SOURCES',
+  'ClassSampler',
+  'DataError',
+  'Dataset',
+  'check_ipc',
+  'compute_channel_stats',
+  'default_cache_dir',
+  'denormalize',
+  'known_dataset_key',
+  'load_dataset',
+  'normalize',
+  'random_real_subset',
+  'sample_all_classes',
+  'sample_class',
+  'sample_class_indices',
+  'sample_uniform',
 ]

@@ -16,31 +16,31 @@ class DataError(ValueError):
 
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
-# Per-channel (mean, std) in [0, 1] pixel units, exactly as in SPEC section 8.
+# Per-channel (mean, std) in [0, 1] pixel units, exactly as in the reference code.
 KNOWN_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    'mnist': ((0.1307,), (0.3081,)),
-    'fashion_mnist': ((0.2861,), (0.3530,)),
-    'svhn_cropped': ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    'cifar100': ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'tiny_imagenet': _IMAGENET_STATS,
-    'imagenet': _IMAGENET_STATS,
+  'mnist': ((0.1307,), (0.3081,)),
+  'fashion_mnist': ((0.2861,), (0.3530,)),
+  'svhn_cropped': ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+  'cifar100': ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+  'tiny_imagenet': _IMAGENET_STATS,
+  'imagenet': _IMAGENET_STATS,
 }
 
 # Spellings (lower case, punctuation removed) that mean a known dataset, e.g. a folder called
 # 'tiny-imagenet-200' or 'CIFAR-10', or the TFDS name 'svhn_cropped'.
 _ALIASES = {
-    'mnist': 'mnist',
-    'fashionmnist': 'fashion_mnist',
-    'svhn': 'svhn_cropped',
-    'svhncropped': 'svhn_cropped',
-    'cifar10': 'cifar10',
-    'cifar100': 'cifar100',
-    'tinyimagenet': 'tiny_imagenet',
-    'tinyimagenet200': 'tiny_imagenet',
-    'imagenet': 'imagenet',
-    'imagenet2012': 'imagenet',
-    'imagenet1k': 'imagenet',
+  'mnist': 'mnist',
+  'fashionmnist': 'fashion_mnist',
+  'svhn': 'svhn_cropped',
+  'svhncropped': 'svhn_cropped',
+  'cifar10': 'cifar10',
+  'cifar100': 'cifar100',
+  'tinyimagenet': 'tiny_imagenet',
+  'tinyimagenet200': 'tiny_imagenet',
+  'imagenet': 'imagenet',
+  'imagenet2012': 'imagenet',
+  'imagenet1k': 'imagenet',
 }
 
 
@@ -69,7 +69,7 @@ def compute_channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[
   total_sq = np.zeros(num_channels, np.float64)
   # Chunked float64 sums: exact enough (integers < 2**53) without a full float copy of the data.
   for start in range(0, len(pixels), 1 << 22):
-    chunk = pixels[start:start + (1 << 22)].astype(np.float64)
+    chunk = pixels[start : start + (1 << 22)].astype(np.float64)
     total += chunk.sum(0)
     total_sq += np.square(chunk).sum(0)
   count = max(len(pixels), 1)
@@ -122,6 +122,7 @@ class Dataset:
     mean: C per-channel means in [0, 1] pixel units, used by `normalize`.
     std: C per-channel standard deviations in [0, 1] pixel units.
   """
+
   name: str
   train_images: np.ndarray
   train_labels: np.ndarray
@@ -140,29 +141,40 @@ class Dataset:
       images = getattr(self, f'{split}_images')
       labels = np.asarray(getattr(self, f'{split}_labels'))
       if images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f'{self.name}: {split}_images must be uint8 [N, H, W, C], '
-                        f'got {images.dtype} {images.shape}')
+        raise DataError(
+          f'{self.name}: {split}_images must be uint8 [N, H, W, C], '
+          f'got {images.dtype} {images.shape}'
+        )
       if labels.shape != (len(images),):
-        raise DataError(f'{self.name}: {split}_labels must have shape ({len(images)},), '
-                        f'got {labels.shape}')
+        raise DataError(
+          f'{self.name}: {split}_labels must have shape ({len(images)},), got {labels.shape}'
+        )
       if labels.size and (labels.min() < 0 or labels.max() >= len(self.class_names)):
-        raise DataError(f'{self.name}: {split}_labels must lie in [0, {len(self.class_names)}), '
-                        f'got [{labels.min()}, {labels.max()}]')
+        raise DataError(
+          f'{self.name}: {split}_labels must lie in [0, {len(self.class_names)}), '
+          f'got [{labels.min()}, {labels.max()}]'
+        )
       set_field(f'{split}_labels', labels.astype(np.int32, copy=False))
     if self.test_images.shape[1:] != self.train_images.shape[1:]:
-      raise DataError(f'{self.name}: train images are {self.train_images.shape[1:]} but test '
-                      f'images are {self.test_images.shape[1:]}')
+      raise DataError(
+        f'{self.name}: train images are {self.train_images.shape[1:]} but test '
+        f'images are {self.test_images.shape[1:]}'
+      )
     num_channels = self.train_images.shape[-1]
     if len(self.mean) != num_channels or len(self.std) != num_channels:
-      raise DataError(f'{self.name}: mean/std need {num_channels} values (one per channel), '
-                      f'got mean={self.mean} std={self.std}')
+      raise DataError(
+        f'{self.name}: mean/std need {num_channels} values (one per channel), '
+        f'got mean={self.mean} std={self.std}'
+      )
     if min(self.std) <= 0:
       raise DataError(f'{self.name}: std must be positive, got {self.std}')
 
   def __repr__(self) -> str:  # the default repr would print the arrays
-    return (f'Dataset(name={self.name!r}, train={self.train_images.shape}, '
-            f'test={self.test_images.shape}, num_classes={self.num_classes}, '
-            f'mean={self.mean}, std={self.std})')
+    return (
+      f'Dataset(name={self.name!r}, train={self.train_images.shape}, '
+      f'test={self.test_images.shape}, num_classes={self.num_classes}, '
+      f'mean={self.mean}, std={self.std})'
+    )
 
   @property
   def num_classes(self) -> int:
@@ -198,6 +210,7 @@ def check_ipc(dataset: Dataset, ipc: int) -> None:
   smallest = int(np.argmin(counts))
   if ipc > counts[smallest]:
     raise DataError(
-        f'ipc={ipc} is larger than the {counts[smallest]} training images of class {smallest} '
-        f'({dataset.class_names[smallest]!r}), the smallest class of {dataset.name!r}; '
-        f'use ipc <= {counts[smallest]}')
+      f'ipc={ipc} is larger than the {counts[smallest]} training images of class {smallest} '
+      f'({dataset.class_names[smallest]!r}), the smallest class of {dataset.name!r}; '
+      f'use ipc <= {counts[smallest]}'
+    )

@@ -30,7 +30,8 @@ from dd_jax import workdir as workdir_lib
 from dd_jax.data.dataset import DataError
 
 IMAGE_EXTENSIONS = frozenset(
-    {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.pbm'})
+  {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm', '.pbm'}
+)
 _GRAYSCALE_MODES = frozenset({'1', 'L', 'LA', 'I', 'I;16', 'F'})
 _CACHE_VERSION = 'dd_jax-folder-v1'  # bump when the decoding rules change
 _PROGRESS_MIN_IMAGES = 2000  # no progress bar for small folders
@@ -64,29 +65,37 @@ def _images_under(root: str, rel_dir: str) -> list[str]:
 
 def _list_class_folders(root: str, split_dir: str) -> dict[str, list[str]]:
   """{class name: relative image paths} for root/split_dir/<class>/**; empty classes raise."""
-  per_class = {c: _images_under(root, os.path.join(split_dir, c))
-               for c in _subdirs(os.path.join(root, split_dir))}
+  per_class = {
+    c: _images_under(root, os.path.join(split_dir, c))
+    for c in _subdirs(os.path.join(root, split_dir))
+  }
   if not per_class:
     raise DataError(f'{os.path.join(root, split_dir)} has no class folders')
   for class_name, files in per_class.items():
     if not files:
-      raise DataError(f'class folder {os.path.join(root, split_dir, class_name)} contains no '
-                      f'images (extensions: {", ".join(sorted(IMAGE_EXTENSIONS))})')
+      raise DataError(
+        f'class folder {os.path.join(root, split_dir, class_name)} contains no '
+        f'images (extensions: {", ".join(sorted(IMAGE_EXTENSIONS))})'
+      )
   return per_class
 
 
 def _check_same_classes(train: set[str], test: set[str], root: str) -> None:
   if train != test:
     only = lambda s: ', '.join(sorted(s)[:10]) + (' ...' if len(s) > 10 else '') or '-'
-    raise DataError(f'{root}: train and test class sets differ; only in train: '
-                    f'{only(train - test)}; only in test: {only(test - train)}')
+    raise DataError(
+      f'{root}: train and test class sets differ; only in train: '
+      f'{only(train - test)}; only in test: {only(test - train)}'
+    )
 
 
 def _list_folder(root: str) -> tuple[str, list[str], _Listing, _Listing]:
   """Returns (layout, class_names, train listing, test listing) without opening any image."""
   if not os.path.isdir(os.path.join(root, 'train')):
-    raise DataError(f'{root} has no train/ folder; expected <root>/train/<class>/* and '
-                    f'<root>/test/<class>/* (or the tiny-imagenet-200 layout)')
+    raise DataError(
+      f'{root} has no train/ folder; expected <root>/train/<class>/* and '
+      f'<root>/test/<class>/* (or the tiny-imagenet-200 layout)'
+    )
   annotations = os.path.join(root, 'val', 'val_annotations.txt')
   if os.path.isfile(annotations):
     layout = 'tiny-imagenet'
@@ -97,8 +106,9 @@ def _list_folder(root: str) -> tuple[str, list[str], _Listing, _Listing]:
         if line.strip():
           fields = line.rstrip('\n').split('\t')
           if len(fields) < 2:
-            raise DataError(f'{annotations}:{line_no}: expected "filename<TAB>wnid...", '
-                            f'got {line!r}')
+            raise DataError(
+              f'{annotations}:{line_no}: expected "filename<TAB>wnid...", got {line!r}'
+            )
           test_pairs.append((os.path.join('val', 'images', fields[0]), fields[1]))
     if not test_pairs:
       raise DataError(f'{annotations} lists no images')
@@ -122,8 +132,9 @@ def _list_folder(root: str) -> tuple[str, list[str], _Listing, _Listing]:
   return layout, class_names, train, test
 
 
-def _fingerprint(root: str, layout: str, class_names: list[str], train: _Listing,
-                 test: _Listing) -> str:
+def _fingerprint(
+  root: str, layout: str, class_names: list[str], train: _Listing, test: _Listing
+) -> str:
   """sha256 over the root path and every file's (relative path, class, size, mtime)."""
   digest = hashlib.sha256(f'{_CACHE_VERSION}\0{root}\0{layout}\0{class_names}'.encode())
   for split, listing in (('train', train), ('test', test)):
@@ -151,13 +162,16 @@ def _decode_all(paths: list[str], desc: str) -> np.ndarray:
   is_gray = np.zeros(len(paths), bool)
   # Serial on purpose: a thread or process pool measured no faster on 2 cores (PIL holds the GIL
   # for small images; processes pay for pickling), and it is a one-off cost before caching.
-  progress = tqdm(paths, desc=desc, leave=False, mininterval=1.0,
-                  disable=len(paths) < _PROGRESS_MIN_IMAGES)
+  progress = tqdm(
+    paths, desc=desc, leave=False, mininterval=1.0, disable=len(paths) < _PROGRESS_MIN_IMAGES
+  )
   for i, path in enumerate(progress):
     image = _decode(path)
     if image.shape[:2] != (height, width):
-      raise DataError(f'images differ in size: {paths[0]} is {width}x{height} (WxH) but '
-                      f'{path} is {image.shape[1]}x{image.shape[0]}; resize them to one size')
+      raise DataError(
+        f'images differ in size: {paths[0]} is {width}x{height} (WxH) but '
+        f'{path} is {image.shape[1]}x{image.shape[0]}; resize them to one size'
+      )
     is_gray[i] = image.ndim == 2
     images[i] = image[..., None] if image.ndim == 2 else image
   return np.ascontiguousarray(images[..., :1]) if is_gray.all() else images
@@ -170,7 +184,7 @@ def _load_cache(path: str) -> dict[str, np.ndarray] | None:
   except FileNotFoundError:
     return None
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-    warnings.warn(f'ignoring unreadable cache file {path} ({e}); decoding again')
+    warnings.warn(f'ignoring unreadable cache file {path} ({e}); decoding again', stacklevel=2)
     return None
 
 
@@ -180,11 +194,15 @@ def _save_cache(path: str, arrays: dict[str, np.ndarray]) -> None:
     with workdir_lib.atomic_write(path, every_process=True) as f:  # each host its own cache
       np.savez(f, **arrays)  # uncompressed: loading 60k CIFAR images takes a fraction of a second
   except OSError as e:
-    warnings.warn(f'could not write the dataset cache {path} ({e}); the next load decodes again')
+    warnings.warn(
+      f'could not write the dataset cache {path} ({e}); the next load decodes again',
+      stacklevel=2,
+    )
 
 
-def load_folder(path: str, cache_dir: str | None = None
-                ) -> tuple[str, tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_folder(
+  path: str, cache_dir: str | None = None
+) -> tuple[str, tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Reads an image folder, from the .npz cache when the folder is unchanged.
 
   Args:
@@ -208,10 +226,18 @@ def load_folder(path: str, cache_dir: str | None = None
     paths = [os.path.join(root, p) for p, _ in train + test]
     images = _decode_all(paths, desc=f'decoding {name}')
     arrays = {
-        'x_train': images[:len(train)], 'y_train': np.array([l for _, l in train], np.int32),
-        'x_test': images[len(train):], 'y_test': np.array([l for _, l in test], np.int32),
-        'class_names': np.array(class_names, dtype=str),
+      'x_train': images[: len(train)],
+      'y_train': np.array([label for _, label in train], np.int32),
+      'x_test': images[len(train) :],
+      'y_test': np.array([label for _, label in test], np.int32),
+      'class_names': np.array(class_names, dtype=str),
     }
     _save_cache(cache_path, arrays)
-  return (name, tuple(str(c) for c in arrays['class_names']), arrays['x_train'],
-          arrays['y_train'], arrays['x_test'], arrays['y_test'])
+  return (
+    name,
+    tuple(str(c) for c in arrays['class_names']),
+    arrays['x_train'],
+    arrays['y_train'],
+    arrays['x_test'],
+    arrays['y_test'],
+  )

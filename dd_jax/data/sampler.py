@@ -21,9 +21,11 @@ import numpy as np
 from dd_jax.data.dataset import DataError, Dataset
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=['images', 'labels', 'class_indices', 'class_counts'],
-                   meta_fields=['smallest_class', 'smallest_count'])
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=['images', 'labels', 'class_indices', 'class_counts'],
+  meta_fields=['smallest_class', 'smallest_count'],
+)
 @dataclasses.dataclass(frozen=True)
 class ClassSampler:
   """Training images grouped by class, as a pytree of device arrays.
@@ -37,6 +39,7 @@ class ClassSampler:
     smallest_class: (static) id of the class with the fewest images.
     smallest_count: (static) its count: the largest `n` that can be drawn from every class.
   """
+
   images: jax.Array
   labels: jax.Array
   class_indices: jax.Array
@@ -49,8 +52,9 @@ class ClassSampler:
     return self.class_indices.shape[0]
 
   @classmethod
-  def create(cls, images: np.ndarray, labels: np.ndarray,
-             num_classes: int | None = None) -> ClassSampler:
+  def create(
+    cls, images: np.ndarray, labels: np.ndarray, num_classes: int | None = None
+  ) -> ClassSampler:
     """Groups images by label and puts everything on the default device.
 
     Args:
@@ -71,12 +75,15 @@ class ClassSampler:
     order = np.argsort(labels, kind='stable')
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     for k in range(num_classes):
-      class_indices[k, :counts[k]] = order[starts[k]:starts[k] + counts[k]]
-    return cls(images=jax.device_put(np.asarray(images)),
-               labels=jax.device_put(labels.astype(np.int32)),
-               class_indices=jax.device_put(class_indices),
-               class_counts=jax.device_put(counts.astype(np.int32)),
-               smallest_class=smallest, smallest_count=int(counts[smallest]))
+      class_indices[k, : counts[k]] = order[starts[k] : starts[k] + counts[k]]
+    return cls(
+      images=jax.device_put(np.asarray(images)),
+      labels=jax.device_put(labels.astype(np.int32)),
+      class_indices=jax.device_put(class_indices),
+      class_counts=jax.device_put(counts.astype(np.int32)),
+      smallest_class=smallest,
+      smallest_count=int(counts[smallest]),
+    )
 
   @classmethod
   def from_dataset(cls, dataset: Dataset) -> ClassSampler:
@@ -88,13 +95,16 @@ def _check_sample_size(sampler: ClassSampler, n: int) -> None:
   if not isinstance(n, int) or n <= 0:
     raise DataError(f'n must be a positive (static) integer, got {n!r}')
   if n > sampler.smallest_count:
-    raise DataError(f'cannot draw n={n} images per class without replacement: class '
-                    f'{sampler.smallest_class} has only {sampler.smallest_count} training images')
+    raise DataError(
+      f'cannot draw n={n} images per class without replacement: class '
+      f'{sampler.smallest_class} has only {sampler.smallest_count} training images'
+    )
 
 
 @functools.partial(jax.jit, static_argnames='n')
-def sample_class_indices(sampler: ClassSampler, key: jax.Array, class_id: jax.Array | int,
-                         n: int) -> jax.Array:
+def sample_class_indices(
+  sampler: ClassSampler, key: jax.Array, class_id: jax.Array | int, n: int
+) -> jax.Array:
   """Indices (into `sampler.images`) of n distinct images of class `class_id`, uniformly at random.
 
   Args:
@@ -117,8 +127,9 @@ def sample_class_indices(sampler: ClassSampler, key: jax.Array, class_id: jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames='n')
-def sample_class(sampler: ClassSampler, key: jax.Array, class_id: jax.Array | int,
-                 n: int) -> jax.Array:
+def sample_class(
+  sampler: ClassSampler, key: jax.Array, class_id: jax.Array | int, n: int
+) -> jax.Array:
   """n distinct training images of class `class_id`: uint8 [n, H, W, C].
 
   See `sample_class_indices` for the arguments.
@@ -157,8 +168,31 @@ def sample_uniform(sampler: ClassSampler, key: jax.Array, n: int) -> tuple[jax.A
   """
   num_images = sampler.images.shape[0]
   if not isinstance(n, int) or not 0 < n <= num_images:
-    raise DataError(f'n must be an integer in [1, {num_images}] (the training set size), '
-                    f'got {n!r}')
+    raise DataError(f'n must be an integer in [1, {num_images}] (the training set size), got {n!r}')
   # The n smallest of N uniform scores: a uniformly random n-subset (cheaper than a permutation).
   _, indices = jax.lax.top_k(-jax.random.uniform(key, (num_images,)), n)
   return sampler.images[indices], sampler.labels[indices]
+
+
+def random_real_subset(key: jax.Array, labels: np.ndarray, ipc: int) -> np.ndarray:
+  """Indices of `ipc` random training images per class, class-blocked (on the host).
+
+  The random-real baseline's set and the real initialisation of synthetic images.
+
+  Args:
+    key: PRNG key; class k draws from fold_in(key, k).
+    labels: [N] training labels.
+    ipc: images per class.
+
+  Returns:
+    [K * ipc] indices, class 0's first.
+  """
+  labels = np.asarray(labels)
+  indices = []
+  for class_id in range(int(labels.max()) + 1):
+    members = np.flatnonzero(labels == class_id)
+    chosen = jax.random.choice(
+      jax.random.fold_in(key, class_id), len(members), (ipc,), replace=False
+    )
+    indices.append(members[np.asarray(chosen)])
+  return np.concatenate(indices)

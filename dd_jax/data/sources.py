@@ -10,8 +10,13 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from dd_jax.data.dataset import (KNOWN_STATS, DataError, Dataset, compute_channel_stats,
-                                 known_dataset_key)
+from dd_jax.data.dataset import (
+  KNOWN_STATS,
+  DataError,
+  Dataset,
+  compute_channel_stats,
+  known_dataset_key,
+)
 from dd_jax.data.folder import load_folder
 
 SOURCES = ('digits', 'tfds:<name>', 'folder:<path>', 'npz:<path>')
@@ -21,6 +26,7 @@ _PROGRESS_MIN_RECORDS = 2000
 
 class _Loaded(NamedTuple):
   """What a source reader returns; `stats` = (mean, std) stored with the data, if any."""
+
   name: str
   class_names: tuple[str, ...]
   x_train: np.ndarray
@@ -30,8 +36,13 @@ class _Loaded(NamedTuple):
   stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
-def load_dataset(spec: str, *, data_dir: str | None = None, cache_dir: str | None = None,
-                 normalization: str = 'auto') -> Dataset:
+def load_dataset(
+  spec: str,
+  *,
+  data_dir: str | None = None,
+  cache_dir: str | None = None,
+  normalization: str = 'auto',
+) -> Dataset:
   """Loads a dataset into host memory.
 
   Sources (`spec`):
@@ -52,8 +63,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None, cache_dir: str | Non
     spec: the source, as above (config field `dataset.name`).
     data_dir: TFDS data directory (tfds sources only).
     cache_dir: decoded-image cache for folder sources; default $DD_JAX_CACHE or ~/.cache/dd_jax.
-    normalization: 'auto' (mean/std stored in an npz file, else the SPEC constants when the
-      dataset is known by name, e.g. 'cifar10' or a folder named 'tiny-imagenet-200', else
+    normalization: 'auto' (mean/std stored in an npz file, else the reference code's constants
+      when the dataset is known by name, e.g. 'cifar10' or a folder named 'tiny-imagenet-200', else
       computed from the training split), 'computed' (always from the training split), or a
       known dataset name (one of `KNOWN_STATS`) to force its constants.
 
@@ -89,11 +100,20 @@ def load_dataset(spec: str, *, data_dir: str | None = None, cache_dir: str | Non
       mean, std = compute_channel_stats(loaded.x_train)
     num_channels = loaded.x_train.shape[-1]
     if len(mean) != num_channels:
-      raise DataError(f'normalization constants {mean} have {len(mean)} channel(s) but the images '
-                      f'have {num_channels}; use normalization="computed"')
-    return Dataset(name=loaded.name, train_images=loaded.x_train, train_labels=loaded.y_train,
-                   test_images=loaded.x_test, test_labels=loaded.y_test,
-                   class_names=loaded.class_names, mean=mean, std=std)
+      raise DataError(
+        f'normalization constants {mean} have {len(mean)} channel(s) but the images '
+        f'have {num_channels}; use normalization="computed"'
+      )
+    return Dataset(
+      name=loaded.name,
+      train_images=loaded.x_train,
+      train_labels=loaded.y_train,
+      test_images=loaded.x_test,
+      test_labels=loaded.y_test,
+      class_names=loaded.class_names,
+      mean=mean,
+      std=std,
+    )
   except DataError as e:
     raise DataError(f'dataset.name={spec!r}: {e}') from e.__cause__
 
@@ -104,19 +124,23 @@ def _check_normalization(normalization: str) -> str | None:
     return None
   key = known_dataset_key(normalization)
   if key is None:
-    raise DataError(f'unknown normalization {normalization!r}; use "auto", "computed" or one of '
-                    f'{", ".join(KNOWN_STATS)}')
+    raise DataError(
+      f'unknown normalization {normalization!r}; use "auto", "computed" or one of '
+      f'{", ".join(KNOWN_STATS)}'
+    )
   return key
 
 
 def _load_digits() -> _Loaded:
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
   labels = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = train_test_split(
-      images, labels, test_size=0.25, stratify=labels, random_state=0)
+    images, labels, test_size=0.25, stratify=labels, random_state=0
+  )
   class_names = tuple(str(c) for c in range(10))
   return _Loaded('digits', class_names, x_train, y_train, x_test, y_test)
 
@@ -125,8 +149,9 @@ def _as_nhwc_uint8(images: np.ndarray, what: str) -> np.ndarray:
   if images.ndim == 3:  # [N, H, W] grayscale
     images = images[..., None]
   if images.ndim != 4 or images.dtype != np.uint8:
-    raise DataError(f'{what} must be uint8 [N, H, W, C] or [N, H, W], got '
-                    f'{images.dtype} {images.shape}')
+    raise DataError(
+      f'{what} must be uint8 [N, H, W, C] or [N, H, W], got {images.dtype} {images.shape}'
+    )
   return images
 
 
@@ -139,8 +164,10 @@ def _load_npz(path: str) -> _Loaded:
   with np.load(path, allow_pickle=False) as arrays:
     missing = [k for k in ('x_train', 'y_train', 'x_test', 'y_test') if k not in arrays.files]
     if missing:
-      raise DataError(f'{path} lacks the array(s) {", ".join(missing)}; an npz source needs '
-                      f'x_train, y_train, x_test, y_test (optional: class_names, mean, std)')
+      raise DataError(
+        f'{path} lacks the array(s) {", ".join(missing)}; an npz source needs '
+        f'x_train, y_train, x_test, y_test (optional: class_names, mean, std)'
+      )
     x_train = _as_nhwc_uint8(arrays['x_train'], f'{path}: x_train')
     x_test = _as_nhwc_uint8(arrays['x_test'], f'{path}: x_test')
     y_train, y_test = arrays['y_train'], arrays['y_test']
@@ -154,26 +181,39 @@ def _load_npz(path: str) -> _Loaded:
     if 'mean' in arrays.files and 'std' in arrays.files:
       stored_stats = (tuple(arrays['mean'].tolist()), tuple(arrays['std'].tolist()))
   name = os.path.splitext(os.path.basename(path))[0]
-  return _Loaded(name, class_names, x_train, y_train.astype(np.int32), x_test,
-                 y_test.astype(np.int32), stored_stats)
+  return _Loaded(
+    name,
+    class_names,
+    x_train,
+    y_train.astype(np.int32),
+    x_test,
+    y_test.astype(np.int32),
+    stored_stats,
+  )
 
 
 def _not_prepared_message(name: str, data_dir: str | None) -> str:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   target = data_dir or getattr(tfds.core.constants, 'DATA_DIR', '~/tensorflow_datasets')
-  return (f'TFDS dataset {name!r} is not prepared in {target} (dd_jax reads it with '
-          f'download=False). Prepare it once (needs TensorFlow and network access):\n'
-          f"    pip install 'dd_jax[prepare]'\n"
-          f'    python -m dd_jax.data.prepare_tfds {name} --data_dir={target}\n'
-          f'or use a folder source instead: dataset.name="folder:/path/to/{name}" '
-          f'(<path>/train/<class>/*, <path>/test/<class>/*)')
+  return (
+    f'TFDS dataset {name!r} is not prepared in {target} (dd_jax reads it with '
+    f'download=False). Prepare it once (needs TensorFlow and network access):\n'
+    f"    pip install 'dd_jax[prepare]'\n"
+    f'    python -m dd_jax.data.prepare_tfds {name} --data_dir={target}\n'
+    f'or use a folder source instead: dataset.name="folder:/path/to/{name}" '
+    f'(<path>/train/<class>/*, <path>/test/<class>/*)'
+  )
 
 
 def _load_tfds(name: str, data_dir: str | None) -> _Loaded:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
-    sources = {split: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-               for split in ('train', 'test')}
+    sources = {
+      split: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+      for split in ('train', 'test')
+    }
   except tfds.core.registered.DatasetNotFoundError as e:
     known = tfds.list_builders(with_community_datasets=False)
     close = difflib.get_close_matches(name.split(':')[0].split('/')[0], known, n=3)
@@ -186,9 +226,10 @@ def _load_tfds(name: str, data_dir: str | None) -> _Loaded:
     if not tfds.builder(name, data_dir=data_dir).is_prepared():
       raise DataError(_not_prepared_message(name, data_dir)) from e
     raise DataError(
-        f'TFDS dataset {name!r} is prepared but cannot be read with random access ({e}); '
-        f'prepare it again in array_record format: python -m dd_jax.data.prepare_tfds {name}'
-        + (f' --data_dir={data_dir}' if data_dir else '')) from e
+      f'TFDS dataset {name!r} is prepared but cannot be read with random access ({e}); '
+      f'prepare it again in array_record format: python -m dd_jax.data.prepare_tfds {name}'
+      + (f' --data_dir={data_dir}' if data_dir else '')
+    ) from e
   class_names = tuple(tfds.builder(name, data_dir=data_dir).info.features['label'].names)
   splits = [_read_tfds_split(sources[split], f'{name}/{split}') for split in ('train', 'test')]
   (x_train, y_train), (x_test, y_test) = splits
@@ -209,8 +250,12 @@ def _read_tfds_split(source, what: str) -> tuple[np.ndarray, np.ndarray]:
   images = np.empty((num_records, *image_shape), np.uint8)
   labels = np.empty(num_records, np.int32)
   batched = True  # __getitems__ is much faster, but raises under tfds.testing.mock_data
-  with tqdm(total=num_records, desc=f'reading {what}', leave=False,
-            disable=num_records < _PROGRESS_MIN_RECORDS) as progress:
+  with tqdm(
+    total=num_records,
+    desc=f'reading {what}',
+    leave=False,
+    disable=num_records < _PROGRESS_MIN_RECORDS,
+  ) as progress:
     for start in range(0, num_records, _TFDS_BATCH):
       indices = list(range(start, min(start + _TFDS_BATCH, num_records)))
       records = None
@@ -223,8 +268,10 @@ def _read_tfds_split(source, what: str) -> tuple[np.ndarray, np.ndarray]:
         records = [source[i] for i in indices]
       for i, record in zip(indices, records):
         if np.shape(record['image']) != image_shape:
-          raise DataError(f'TFDS split {what}: record {i} has image shape '
-                          f'{np.shape(record["image"])}, record 0 has {image_shape}')
+          raise DataError(
+            f'TFDS split {what}: record {i} has image shape '
+            f'{np.shape(record["image"])}, record 0 has {image_shape}'
+          )
         images[i] = record['image']
         labels[i] = record['label']
       progress.update(len(indices))

@@ -1,9 +1,6 @@
-"""Distillation: the jitted DM (+ IID) step and the resumable run around it."""
+"""Distillation methods (DM, IDM) behind one interface, and the resumable run around them.
 
-from dd_jax.distill.dm import (CentralizationExtractor, DistillState, DMSettings, init_state,
-                               make_dm_step, matching_net_extractor)
-from dd_jax.distill.loop import PreparedData, evaluate_images, prepare_data, run
-
-__all__ = ['CentralizationExtractor', 'DistillState', 'DMSettings', 'PreparedData',
-           'evaluate_images', 'init_state', 'make_dm_step', 'matching_net_extractor',
-           'prepare_data', 'run']
+from dd_jax.distill import methods, loop
+method = methods.get('dm')
+results = loop.run(config, workdir)
+"""

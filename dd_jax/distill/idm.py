@@ -1,8 +1,8 @@
-"""IDM (SPEC 6) with optional IID constraints: partition and expansion, the model queue, and the
-per-class jitted step.
+"""IDM (Zhao et al., CVPR 2023) with optional IID constraints: partition and expansion, the
+model queue, the per-class jitted step, and the method.
 
-    state = init_idm_state(images, labels, optimizer, net, settings, key)
-    step = make_idm_step(net, settings, optimizer, cc_extractor)
+    state = init_idm_state(images, labels, net, settings, distill_key, queue_key)
+    step = make_idm_step(net, settings, spec, extractor)
     state, metrics = step(state, sampler)          # jitted; traces once
 
 Partition and expansion: each stored image holds four half-resolution images in its 2x2
@@ -11,7 +11,8 @@ upsamples each x2 bilinearly, and both matching and evaluation use the 4 * ipc e
 
 The model queue is a fixed-capacity ring buffer of stacked network variables with a validity
 mask, so the jitted step never retraces as the queue grows. One step, in the reference order:
-restart the running accuracies every `accuracy_window` steps; push a fresh random network every
+restart the running accuracies (every `accuracy_window` steps, or at the listed
+`accuracy_restarts`); push a fresh random network every
 `push_every` steps (the oldest leaves when the queue is full); draw one valid network to match
 with; one optimizer step per class (a scan; the momentum buffer is shared by the whole image
 tensor, so earlier classes' rows keep moving); then train `train_nets` queue networks for
@@ -21,19 +22,25 @@ tensor, so earlier classes' rows keep moving); then train `train_nets` queue net
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 
 from dd_jax import augment as augment_lib
 from dd_jax import data as data_lib
-from dd_jax import losses
-from dd_jax import models
+from dd_jax import extractors as extractors_lib
+from dd_jax import keys as keys_lib
+from dd_jax import losses, models
+from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
-from dd_jax.distill import dm
+from dd_jax.distill import base
+from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
 
 # ---------------------------------------------------------------------------------------------
 # Partition and expansion.
@@ -58,8 +65,14 @@ def split_quadrants(images: jax.Array) -> jax.Array:
   """[N, H, W, C] -> [4, N, H / 2, W / 2, C] in order (top-left, bottom-left, top-right,
   bottom-right); the inverse of `assemble_quadrants`."""
   half_h, half_w = images.shape[1] // 2, images.shape[2] // 2
-  return jnp.stack([images[:, :half_h, :half_w], images[:, half_h:, :half_w],
-                    images[:, :half_h, half_w:], images[:, half_h:, half_w:]])
+  return jnp.stack(
+    [
+      images[:, :half_h, :half_w],
+      images[:, half_h:, :half_w],
+      images[:, :half_h, half_w:],
+      images[:, half_h:, half_w:],
+    ]
+  )
 
 
 def expand(images: jax.Array) -> jax.Array:
@@ -75,13 +88,9 @@ def expand(images: jax.Array) -> jax.Array:
   return upsampled.reshape(4 * n, 2 * half_h, 2 * half_w, channels)
 
 
-def expand_labels(labels: jax.Array) -> jax.Array:
-  """Labels of `expand(images)`: [N] -> [4N] (the labels repeated four times)."""
-  return jnp.tile(labels, 4)
-
-
-def expanded_set(images: jax.Array, labels: jax.Array,
-                 num_classes: int) -> tuple[jax.Array, jax.Array]:
+def expanded_set(
+  images: jax.Array, labels: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
   """(images, labels) of a class-blocked partitioned set, expanded class by class.
 
   Args:
@@ -94,8 +103,10 @@ def expanded_set(images: jax.Array, labels: jax.Array,
   """
   ipc = images.shape[0] // num_classes
   expanded = jax.vmap(expand)(images.reshape(num_classes, ipc, *images.shape[1:]))
-  return (expanded.reshape(num_classes * 4 * ipc, *images.shape[1:]),
-          jnp.repeat(labels.reshape(num_classes, ipc)[:, 0], 4 * ipc))
+  return (
+    expanded.reshape(num_classes * 4 * ipc, *images.shape[1:]),
+    jnp.repeat(labels.reshape(num_classes, ipc)[:, 0], 4 * ipc),
+  )
 
 
 def partitioned_init(real: jax.Array) -> jax.Array:
@@ -123,6 +134,7 @@ class ModelQueue:
     correct: float32 [capacity], correct training predictions since the last accuracy restart.
     seen: float32 [capacity], training predictions since the last accuracy restart.
   """
+
   variables: Any
   opt_state: Any
   valid: jax.Array
@@ -143,32 +155,48 @@ def _fresh_network(key, net, input_shape, optimizer):
   return variables, optimizer.init(variables['params'])
 
 
-def init_queue(key: jax.Array, net: models.Network, input_shape: tuple[int, ...], capacity: int,
-               initial: int, optimizer: optax.GradientTransformation) -> ModelQueue:
+def init_queue(
+  key: jax.Array,
+  net: models.Network,
+  input_shape: tuple[int, ...],
+  capacity: int,
+  initial: int,
+  optimizer: optax.GradientTransformation,
+) -> ModelQueue:
   """A queue of `initial` fresh random networks (slots 0..initial-1) and room for `capacity`."""
   variables, opt_state = jax.vmap(lambda k: _fresh_network(k, net, input_shape, optimizer))(
-      jax.random.split(key, initial))
+    jax.random.split(key, initial)
+  )
   pad = lambda x: jnp.concatenate([x, jnp.zeros((capacity - initial, *x.shape[1:]), x.dtype)])
-  return ModelQueue(variables=jax.tree_util.tree_map(pad, variables),
-                    opt_state=jax.tree_util.tree_map(pad, opt_state),
-                    valid=jnp.arange(capacity) < initial,
-                    next_slot=jnp.asarray(initial % capacity, jnp.int32),
-                    correct=jnp.zeros((capacity,), jnp.float32),
-                    seen=jnp.zeros((capacity,), jnp.float32))
+  return ModelQueue(
+    variables=jax.tree_util.tree_map(pad, variables),
+    opt_state=jax.tree_util.tree_map(pad, opt_state),
+    valid=jnp.arange(capacity) < initial,
+    next_slot=jnp.asarray(initial % capacity, jnp.int32),
+    correct=jnp.zeros((capacity,), jnp.float32),
+    seen=jnp.zeros((capacity,), jnp.float32),
+  )
 
 
-def push(queue: ModelQueue, key: jax.Array, net: models.Network, input_shape: tuple[int, ...],
-         optimizer: optax.GradientTransformation) -> ModelQueue:
+def push(
+  queue: ModelQueue,
+  key: jax.Array,
+  net: models.Network,
+  input_shape: tuple[int, ...],
+  optimizer: optax.GradientTransformation,
+) -> ModelQueue:
   """Adds a fresh random network at `next_slot`, replacing the oldest one when full."""
   variables, opt_state = _fresh_network(key, net, input_shape, optimizer)
   slot = queue.next_slot
   put = lambda stacked, new: stacked.at[slot].set(new)
   return queue.replace(
-      variables=jax.tree_util.tree_map(put, queue.variables, variables),
-      opt_state=jax.tree_util.tree_map(put, queue.opt_state, opt_state),
-      valid=queue.valid.at[slot].set(True),
-      next_slot=(slot + 1) % queue.capacity,
-      correct=queue.correct.at[slot].set(0.0), seen=queue.seen.at[slot].set(0.0))
+    variables=jax.tree_util.tree_map(put, queue.variables, variables),
+    opt_state=jax.tree_util.tree_map(put, queue.opt_state, opt_state),
+    valid=queue.valid.at[slot].set(True),
+    next_slot=(slot + 1) % queue.capacity,
+    correct=queue.correct.at[slot].set(0.0),
+    seen=queue.seen.at[slot].set(0.0),
+  )
 
 
 def restart_accuracies(queue: ModelQueue) -> ModelQueue:
@@ -192,8 +220,7 @@ def training_accuracy(queue: ModelQueue, slot: jax.Array) -> jax.Array:
   return jnp.where(seen > 0, 100.0 * queue.correct[slot] / jnp.maximum(seen, 1.0), 0.0)
 
 
-def pick_for_training(queue: ModelQueue, key: jax.Array,
-                      count: int) -> tuple[jax.Array, jax.Array]:
+def pick_for_training(queue: ModelQueue, key: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
   """`count` distinct slots, uniformly among the valid ones.
 
   Returns:
@@ -205,56 +232,75 @@ def pick_for_training(queue: ModelQueue, key: jax.Array,
   return slots, queue.valid[slots]
 
 
-def train_members(queue: ModelQueue, slots: jax.Array, mask: jax.Array, key: jax.Array,
-                  sampler: data_lib.ClassSampler, net: models.Network,
-                  optimizer: optax.GradientTransformation, *, steps: int, batch_size: int,
-                  lr: float, mean: tuple[float, ...], std: tuple[float, ...]) -> ModelQueue:
-  """`steps` SGD steps for each network in `slots` (where `mask`), on uniform real batches.
+def train_members(
+  queue: ModelQueue,
+  slots: jax.Array,
+  mask: jax.Array,
+  key: jax.Array,
+  sampler: data_lib.ClassSampler,
+  net: models.Network,
+  recipe: train_lib.SGDRecipe,
+  *,
+  steps: int,
+  mean: tuple[float, ...],
+  std: tuple[float, ...],
+) -> ModelQueue:
+  """`steps` SGD steps (`recipe`) for each network in `slots` (where `mask`), on uniform real
+  batches of `recipe.batch_size`.
 
   No augmentation; training accuracy (from the logits before each update) is added to the
   networks' running counts.
   """
   if steps == 0:
     return queue
+  optimizer, batch_size = recipe.optimizer(), recipe.batch_size
 
   def train_one(variables, opt_state, key):
     def sgd(carry, step_key):
       variables, opt_state, correct = carry
       images, labels = data_lib.sample_uniform(sampler, step_key, batch_size)
       variables, opt_state, logits = train_lib.sgd_step(
-          net, optimizer, variables, opt_state, data_lib.normalize(images, mean, std), labels,
-          lr)
+        net, optimizer, variables, opt_state, data_lib.normalize(images, mean, std), labels
+      )
       correct = correct + jnp.sum(jnp.argmax(logits, -1) == labels)
       return (variables, opt_state, correct), None
 
     (variables, opt_state, correct), _ = jax.lax.scan(
-        sgd, (variables, opt_state, jnp.zeros((), jnp.int32)), jax.random.split(key, steps))
+      sgd, (variables, opt_state, jnp.zeros((), jnp.int32)), jax.random.split(key, steps)
+    )
     return variables, opt_state, correct
 
   take = lambda x: x[slots]
   variables, opt_state, correct = jax.vmap(train_one)(
-      jax.tree_util.tree_map(take, queue.variables), jax.tree_util.tree_map(take, queue.opt_state),
-      jax.random.split(key, slots.shape[0]))
+    jax.tree_util.tree_map(take, queue.variables),
+    jax.tree_util.tree_map(take, queue.opt_state),
+    jax.random.split(key, slots.shape[0]),
+  )
 
   def put(stacked, new):
     keep = mask.reshape(-1, *([1] * (new.ndim - 1)))
     return stacked.at[slots].set(jnp.where(keep, new, stacked[slots]))
 
   return queue.replace(
-      variables=jax.tree_util.tree_map(put, queue.variables, variables),
-      opt_state=jax.tree_util.tree_map(put, queue.opt_state, opt_state),
-      correct=queue.correct.at[slots].add(jnp.where(mask, correct, 0).astype(jnp.float32)),
-      seen=queue.seen.at[slots].add(jnp.where(mask, steps * batch_size, 0).astype(jnp.float32)))
+    variables=jax.tree_util.tree_map(put, queue.variables, variables),
+    opt_state=jax.tree_util.tree_map(put, queue.opt_state, opt_state),
+    correct=queue.correct.at[slots].add(jnp.where(mask, correct, 0).astype(jnp.float32)),
+    seen=queue.seen.at[slots].add(jnp.where(mask, steps * batch_size, 0).astype(jnp.float32)),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-class optimizer steps.
 
 
-def per_class_updates(images: jax.Array, opt_state: optax.OptState,
-                      optimizer: optax.GradientTransformation, num_classes: int, ipc: int,
-                      class_grad: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
-                      ) -> tuple[jax.Array, optax.OptState, Any]:
+def per_class_updates(
+  images: jax.Array,
+  opt_state: optax.OptState,
+  optimizer: optax.GradientTransformation,
+  num_classes: int,
+  ipc: int,
+  class_grad: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]],
+) -> tuple[jax.Array, optax.OptState, Any]:
   """One optimizer step per class, in class order (a scan), as the reference IDM.
 
   The gradient of class c only touches class c's rows, but the optimizer state is that of the
@@ -273,6 +319,7 @@ def per_class_updates(images: jax.Array, opt_state: optax.OptState,
   Returns:
     (new images, new optimizer state, aux stacked over classes).
   """
+
   def step(carry, class_id):
     images, opt_state = carry
     start = class_id * ipc
@@ -291,136 +338,185 @@ def per_class_updates(images: jax.Array, opt_state: optax.OptState,
 
 
 @flax.struct.dataclass
-class IDMState:
+class IDMState(base.DistillState):
   """A DM state plus the model queue. `images` are the stored (partitioned) images."""
-  step: jax.Array
-  images: jax.Array
-  labels: jax.Array
-  opt_state: optax.OptState
-  key: jax.Array
+
   queue: ModelQueue
 
 
+def _parse_steps(text: str) -> tuple[int, ...]:
+  """'2000,5000' -> (2000, 5000); '' -> ()."""
+  try:
+    return tuple(sorted({int(item) for item in text.split(',') if item.strip()}))
+  except ValueError:
+    raise settings_lib.SettingError(
+      'accuracy_restarts', text, 'must be comma-separated iterations, e.g. "2000,5000"'
+    ) from None
+
+
 @dataclasses.dataclass(frozen=True)
-class IDMSettings:
-  """Static settings of the IDM step (config sections distill, idm, constraints).
+class IDMSettings(base.DistillSettings):
+  """DM's settings plus IDM's (config section idm); `weights` act on the expanded images.
 
   Attributes:
-    num_classes: K.
-    ipc: stored images per class (each expands to 4).
-    batch_real: real images per class and step.
-    strategy: DSA strategy string.
-    weights: DM / CC / CM weights and options (on the expanded images).
-    mean: per-channel normalisation mean.
-    std: per-channel normalisation std.
     ce_weight: weight of the class-aware cross-entropy (times the accuracy in percent).
-    accuracy_window: steps between restarts of the running training accuracies.
+    accuracy_window: steps between restarts of the running training accuracies (used when
+      `accuracy_restarts` is empty).
+    accuracy_restarts: the steps at which the running accuracies restart (the reference resets
+      them at its evaluation points); empty: every `accuracy_window` steps.
     queue_init: networks in the queue at the start.
     queue_capacity: most networks held.
     push_every: steps between pushes of a fresh network.
     train_nets: queue networks trained after each step.
     train_steps: SGD steps per trained network.
-    train_batch: real images per SGD step.
-    train_lr: their learning rate.
-    train_momentum: their momentum.
-    train_weight_decay: their (coupled) weight decay.
+    queue_recipe: their SGD (config idm.train_batch_size, train_lr, train_momentum,
+      train_weight_decay).
   """
-  num_classes: int
-  ipc: int
-  batch_real: int
-  strategy: str
-  weights: losses.ObjectiveWeights
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  ce_weight: float = 0.5
-  accuracy_window: int = 100
-  queue_init: int = 3
-  queue_capacity: int = 100
-  push_every: int = 30
-  train_nets: int = 2
-  train_steps: int = 10
-  train_batch: int = 256
-  train_lr: float = 0.01
-  train_momentum: float = 0.9
-  train_weight_decay: float = 5e-4
 
-  def network_optimizer(self) -> optax.GradientTransformation:
-    return train_lib.torch_sgd(self.train_momentum, self.train_weight_decay)
+  ce_weight: float = field(0.5, check=NON_NEGATIVE)
+  accuracy_window: int = field(100, check=POSITIVE)
+  accuracy_restarts: tuple[int, ...] = ()
+  queue_init: int = field(3, check=POSITIVE)
+  queue_capacity: int = field(100, check=POSITIVE)
+  push_every: int = field(30, check=POSITIVE)
+  train_nets: int = field(2, check=POSITIVE)
+  train_steps: int = field(10, check=NON_NEGATIVE)
+  queue_recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
+
+  def check(self) -> None:
+    super().check()
+    if self.queue_init > self.queue_capacity:
+      raise settings_lib.SettingError(
+        'queue_init', self.queue_init, f'exceeds queue_capacity={self.queue_capacity}'
+      )
+    if self.num_nets != 1:
+      raise settings_lib.SettingError(
+        'num_nets', self.num_nets, 'but IDM matches one queue network per step; set it to 1'
+      )
+    if self.model.endswith('BN'):
+      raise settings_lib.SettingError(
+        'model',
+        self.model,
+        'has batch norm, but IDM takes one optimizer step per class, '
+        'which batch statistics over all classes cannot serve (the reference raises too); '
+        'choose a network without batch norm',
+      )
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, **values: Any) -> IDMSettings:
+    idm = config.idm
+    base_settings = base.DistillSettings.from_config(config)
+    common = {
+      f.name: getattr(base_settings, f.name) for f in dataclasses.fields(base.DistillSettings)
+    }
+    try:
+      restarts = _parse_steps(idm.accuracy_restarts)
+    except settings_lib.SettingError as error:
+      raise ValueError(
+        f'config.idm.accuracy_restarts={idm.accuracy_restarts!r} {error.requirement}.'
+      ) from None
+    recipe = settings_lib.from_section(train_lib.SGDRecipe, idm, 'idm', prefix='train_')
+    return settings_lib.from_section(
+      cls,
+      idm,
+      'idm',
+      value_paths={'num_nets': 'distill.num_nets', 'model': 'model.name'},
+      **common,
+      accuracy_restarts=restarts,
+      queue_recipe=recipe,
+      **values,
+    )
+
+  def restarts_accuracies(self, step: jax.Array) -> jax.Array:
+    """Whether the step taken from state `step` first restarts the running accuracies."""
+    if self.accuracy_restarts:
+      return jnp.isin(step, jnp.asarray(self.accuracy_restarts))
+    return (step > 0) & (step % self.accuracy_window == 0)
 
 
-def init_idm_state(images: jax.Array, labels: jax.Array, optimizer: optax.GradientTransformation,
-                   net: models.Network, settings: IDMSettings, key: jax.Array,
-                   queue_key: jax.Array) -> IDMState:
+def init_idm_state(
+  images: jax.Array,
+  labels: jax.Array,
+  net: models.Network,
+  settings: IDMSettings,
+  key: jax.Array,
+  queue_key: jax.Array,
+) -> IDMState:
   """The state before the first step.
 
   Args:
     images: [K * ipc, H, W, C] initial stored images (normalised).
     labels: [K * ipc] class-blocked labels.
-    optimizer: the image optimizer.
     net: the queue's architecture.
     settings: the step settings.
-    key: typed PRNG key of the steps (step t uses fold_in(key, t)).
+    key: typed PRNG key of the steps (the run's 'distill' stream).
     queue_key: typed PRNG key of the initial queue networks.
   """
-  images = jnp.asarray(images, jnp.float32)
-  queue = init_queue(queue_key, net, images.shape[1:], settings.queue_capacity,
-                     settings.queue_init, settings.network_optimizer())
-  return IDMState(step=jnp.zeros((), jnp.int32), images=images,
-                  labels=jnp.asarray(labels, jnp.int32), opt_state=optimizer.init(images),
-                  key=jax.random.key_data(key), queue=queue)
+  state = base.init_state(images, labels, settings.image_optimizer(), key)
+  queue = init_queue(
+    queue_key,
+    net,
+    state.images.shape[1:],
+    settings.queue_capacity,
+    settings.queue_init,
+    settings.queue_recipe.optimizer(),
+  )
+  return IDMState(
+    **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)}, queue=queue
+  )
 
 
-def cc_keys(step_key: jax.Array) -> jax.Array:
-  """The class-centralization keys [1] of an IDM step with key `step_key` (one matching
-  network per step; every class's CC uses it)."""
-  return jax.random.split(step_key, 7)[4][None]
-
-
-def make_idm_step(net: models.Network, settings: IDMSettings,
-                  optimizer: optax.GradientTransformation,
-                  cc_extractor: dm.CentralizationExtractor = dm.matching_net_extractor
-                  ) -> Callable[[IDMState, data_lib.ClassSampler], tuple[IDMState, dict]]:
-  """Builds the step `(state, sampler) -> (state, metrics)`; its jitted core traces once.
+def make_idm_step(
+  net: models.Network,
+  settings: IDMSettings,
+  spec: base.DataSpec,
+  extractor: extractors_lib.Extractor = extractors_lib.matching_net_extractor,
+) -> base.Step:
+  """Builds the IDM step `(state, sampler) -> (state, metrics)`; its jitted core traces once.
 
   Metrics: 'loss' (weighted total summed over classes), the unweighted sums 'dm', 'cc', 'cm',
   'ce', the matching network's running training accuracy 'net_accuracy' (percent),
   'queue_size' and 'grad_norm' (norm of the stacked per-class gradients).
   """
-  num_classes, ipc = settings.num_classes, settings.ipc
-  network_optimizer = settings.network_optimizer()
+  num_classes, ipc = spec.num_classes, settings.ipc
+  optimizer = settings.image_optimizer()
+  network_optimizer = settings.queue_recipe.optimizer()
   augment = lambda k, x: augment_lib.augment(k, x, settings.strategy, siamese=True)
 
   @jax.jit
   def jitted_step(state: IDMState, sampler: data_lib.ClassSampler, extractor_params: Any):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    (push_key, match_key, real_key, augment_key, _, pick_key,
-     train_key) = jax.random.split(key, 7)
-    cc_key = cc_keys(key)[0]  # the host derives it the same way to select a pool member
+    key = keys_lib.step_key(state.key, state.step)
+    cc_key = keys_lib.centralization_keys(key, 1)[0]  # the host derives it the same way
     image_shape = state.images.shape[1:]
     queue = state.queue
-    queue = jax.lax.cond((state.step > 0) & (state.step % settings.accuracy_window == 0),
-                         restart_accuracies, lambda q: q, queue)
-    queue = jax.lax.cond(state.step % settings.push_every == 0,
-                         lambda q: push(q, push_key, net, image_shape, network_optimizer),
-                         lambda q: q, queue)
-    slot = sample_member(queue, match_key)
+    queue = jax.lax.cond(
+      settings.restarts_accuracies(state.step), restart_accuracies, lambda q: q, queue
+    )
+    queue = jax.lax.cond(
+      state.step % settings.push_every == 0,
+      lambda q: push(q, keys_lib.stream(key, 'queue_push'), net, image_shape, network_optimizer),
+      lambda q: q,
+      queue,
+    )
+    slot = sample_member(queue, keys_lib.stream(key, 'queue_match'))
     variables = member(queue, slot)
     accuracy = training_accuracy(queue, slot)
-    real_keys = jax.random.split(real_key, num_classes)
-    class_keys = jax.random.split(augment_key, num_classes)
-    if cc_extractor.select is not None:  # the host selected for the one CC key of the step
+    real_keys = jax.random.split(keys_lib.stream(key, 'real'), num_classes)
+    class_keys = jax.random.split(keys_lib.stream(key, 'augment'), num_classes)
+    if extractor.select is not None:  # the host selected for the one CC key of the step
       extractor_params = jax.tree_util.tree_map(lambda x: x[0], extractor_params)
 
     def class_loss(class_images, class_id):
       real = data_lib.sample_class(sampler, real_keys[class_id], class_id, settings.batch_real)
-      real = data_lib.normalize(real, settings.mean, settings.std)
+      real = data_lib.normalize(real, spec.mean, spec.std)
       real = jax.lax.stop_gradient(augment(class_keys[class_id], real))
       syn = augment(class_keys[class_id], expand(class_images))
       real_features, real_map = net.embed(variables, real)
       syn_features, syn_map, logits = net.embed_with_logits(variables, syn)
-      cc_features = cc_extractor.features(extractor_params, cc_key, syn, syn_features)
-      terms = losses.class_objective(real_features, real_map, syn_features, syn_map,
-                                     cc_features, settings.weights)
+      cc_features = extractor.features(extractor_params, cc_key, syn, syn_features)
+      terms = losses.class_objective(
+        real_features, real_map, syn_features, syn_map, cc_features, settings.weights
+      )
       ce = train_lib.cross_entropy(logits, jnp.full((syn.shape[0],), class_id))
       total = terms.total + settings.ce_weight * accuracy * ce
       return total, {'loss': total, 'dm': terms.dm, 'cc': terms.cc, 'cm': terms.cm, 'ce': ce}
@@ -430,29 +526,95 @@ def make_idm_step(net: models.Network, settings: IDMSettings,
       return grad, (aux, jnp.sum(jnp.square(grad)))
 
     images, opt_state, (per_class, squared_norms) = per_class_updates(
-        state.images, state.opt_state, optimizer, num_classes, ipc, class_grad)
-    slots, mask = pick_for_training(queue, pick_key, settings.train_nets)
-    queue = train_members(queue, slots, mask, train_key, sampler, net, network_optimizer,
-                          steps=settings.train_steps, batch_size=settings.train_batch,
-                          lr=settings.train_lr, mean=settings.mean, std=settings.std)
+      state.images, state.opt_state, optimizer, num_classes, ipc, class_grad
+    )
+    slots, mask = pick_for_training(queue, keys_lib.stream(key, 'queue_pick'), settings.train_nets)
+    queue = train_members(
+      queue,
+      slots,
+      mask,
+      keys_lib.stream(key, 'queue_train'),
+      sampler,
+      net,
+      settings.queue_recipe,
+      steps=settings.train_steps,
+      mean=spec.mean,
+      std=spec.std,
+    )
     metrics = {name: jnp.sum(value) for name, value in per_class.items()}
-    metrics.update(net_accuracy=accuracy, queue_size=queue.size().astype(jnp.float32),
-                   grad_norm=jnp.sqrt(jnp.sum(squared_norms)))
-    return state.replace(step=state.step + 1, images=images, opt_state=opt_state,
-                         queue=queue), metrics
-
-  host_cc_keys = jax.jit(lambda key_data, step: cc_keys(
-      jax.random.fold_in(jax.random.wrap_key_data(key_data), step)))
+    metrics.update(
+      net_accuracy=accuracy,
+      queue_size=queue.size().astype(jnp.float32),
+      grad_norm=jnp.sqrt(jnp.sum(squared_norms)),
+    )
+    return state.replace(
+      step=state.step + 1, images=images, opt_state=opt_state, queue=queue
+    ), metrics
 
   def arguments(state: IDMState, sampler: data_lib.ClassSampler):
-    params = cc_extractor.params
-    if cc_extractor.select is not None:  # e.g. a pool's drawn member, chosen on the host
-      params = cc_extractor.select(params, host_cc_keys(state.key, state.step))
-    return state, sampler, params
+    # e.g. a pool's drawn member, chosen on the host for the step's one CC key
+    return state, sampler, extractor.step_params(state.key, state.step, 1)
 
-  def step(state: IDMState, sampler: data_lib.ClassSampler):
-    return jitted_step(*arguments(state, sampler))
+  return base.Step(jitted=jitted_step, arguments=arguments)
 
-  # The compiled core and its arguments, to lower it (FLOPs, memory) or count its traces.
-  step.jitted, step.arguments = jitted_step, arguments
-  return step
+
+class IDM(base.Method):
+  """Improved distribution matching: partitioned images expanded 4x, a queue of partly trained
+  matching networks, one optimizer step per class, a class-aware cross-entropy term."""
+
+  name = 'idm'
+
+  def settings(self, config: ml_collections.ConfigDict) -> IDMSettings:
+    return IDMSettings.from_config(config)
+
+  def check_data(self, settings: IDMSettings, dataset: data_lib.Dataset) -> None:
+    super().check_data(settings, dataset)
+    height, width = dataset.image_shape[:2]
+    if height % 2 or width % 2:
+      raise ValueError(
+        f'method=idm splits images into 2x2 quadrants; {dataset.name} images are '
+        f'{height}x{width} (odd). Use --config.method=dm.'
+      )
+    smallest = int(np.min(dataset.train_class_counts()))
+    if settings.init == 'real' and 4 * settings.ipc > smallest:
+      raise ValueError(
+        f'method=idm with distill.init=real fills each stored image with 4 real '
+        f'images: config.ipc={settings.ipc} needs {4 * settings.ipc} per class, '
+        f'but the smallest class of {dataset.name} has {smallest}; lower '
+        '--config.ipc or use --config.distill.init=noise.'
+      )
+    if settings.queue_recipe.batch_size > len(dataset.train_labels):
+      raise ValueError(
+        f'config.idm.train_batch_size={settings.queue_recipe.batch_size} exceeds '
+        f'the {len(dataset.train_labels)} training images of {dataset.name}.'
+      )
+
+  def initial_images(self, settings, dataset, key):
+    labels = np.repeat(np.arange(dataset.num_classes), settings.ipc)
+    if settings.init != 'real':
+      return np.asarray(jax.random.normal(key, (len(labels), *dataset.image_shape))), labels
+    # Each stored image: 4 distinct real images of its class, 2x2 average-pooled.
+    indices = data_lib.random_real_subset(key, dataset.train_labels, 4 * settings.ipc)
+    real = dataset.normalize(dataset.train_images[indices])
+    real = real.reshape(dataset.num_classes, 4, settings.ipc, *dataset.image_shape)
+    images = np.asarray(jax.vmap(partitioned_init)(real)).reshape(len(labels), *dataset.image_shape)
+    return images, labels
+
+  def init_state(self, settings, images, labels, net, distill_key, queue_key):
+    return init_idm_state(images, labels, net, settings, distill_key, queue_key)
+
+  def make_step(
+    self, net, settings, spec, extractor=extractors_lib.matching_net_extractor, mesh=None
+  ):
+    if mesh is not None:
+      raise ValueError(
+        'IDM runs on one device (its per-class steps are sequential); set '
+        '--config.distill.devices=1.'
+      )
+    return make_idm_step(net, settings, spec, extractor)
+
+  def training_set(self, state: IDMState, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    return expanded_set(state.images, state.labels, num_classes)
+
+  def stored_images(self, state: IDMState) -> jax.Array:
+    return state.images

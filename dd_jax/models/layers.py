@@ -2,13 +2,13 @@
 
 DM never trains its backbone, so the initial weight distribution *is* the embedding: conv and
 dense weights and biases are drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as in PyTorch
-(SPEC section 2), and every norm uses eps 1e-5 (Flax defaults to 1e-6).
+(the DC benchmark code), and every norm uses eps 1e-5 (Flax defaults to 1e-6).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -72,12 +72,19 @@ def conv2d_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
   h_out = (x.shape[1] - kh) // stride + 1
   w_out = (x.shape[2] - kw) // stride + 1
   if kh == kw == 1:
-    patches = x[:, :stride * (h_out - 1) + 1:stride, :stride * (w_out - 1) + 1:stride, :]
+    patches = x[:, : stride * (h_out - 1) + 1 : stride, : stride * (w_out - 1) + 1 : stride, :]
   else:
     # Channel order (i, j, c) matches kernel.reshape(kh * kw * c_in, c_out).
     patches = jnp.concatenate(
-        [x[:, i:i + stride * (h_out - 1) + 1:stride, j:j + stride * (w_out - 1) + 1:stride, :]
-         for i in range(kh) for j in range(kw)], axis=-1)
+      [
+        x[
+          :, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride, :
+        ]
+        for i in range(kh)
+        for j in range(kw)
+      ],
+      axis=-1,
+    )
   return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out))
 
 
@@ -92,6 +99,7 @@ class Conv(nn.Module):
     use_bias: add a bias (initialised like the weights).
     conv_impl: 'auto', 'xla' (lax.conv_general_dilated) or 'im2col'; see resolve_conv_impl.
   """
+
   features: int
   kernel_size: int
   stride: int = 1
@@ -108,8 +116,12 @@ class Conv(nn.Module):
       y = conv2d_im2col(x, kernel, self.stride, self.padding)
     else:
       y = jax.lax.conv_general_dilated(
-          x, kernel, (self.stride, self.stride), ((self.padding, self.padding),) * 2,
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        x,
+        kernel,
+        (self.stride, self.stride),
+        ((self.padding, self.padding),) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      )
     if self.use_bias:
       y = y + self.param('bias', init, (self.features,))
     return y
@@ -118,9 +130,11 @@ class Conv(nn.Module):
 def dense(features: int, in_features: int, *, name: str | None = None) -> nn.Dense:
   """A dense layer with PyTorch-default init."""
   if in_features == 0:
-    raise ValueError('The input image is too small for this network: its feature map shrinks to '
-                     'nothing before the classifier (e.g. ResNet18, VGG11, LeNet on 8x8 digits). '
-                     'Use a network whose pooling fits the image size, such as ConvNet.')
+    raise ValueError(
+      'The input image is too small for this network: its feature map shrinks to '
+      'nothing before the classifier (e.g. ResNet18, VGG11, LeNet on 8x8 digits). '
+      'Use a network whose pooling fits the image size, such as ConvNet.'
+    )
   init = torch_uniform_init(in_features)
   return nn.Dense(features, kernel_init=init, bias_init=init, name=name)
 
@@ -144,11 +158,21 @@ def norm_layer(kind: str, channels: int, *, train: bool, name: str | None = None
   if kind == 'groupnorm':
     return nn.GroupNorm(num_groups=4, epsilon=NORM_EPS, use_fast_variance=False, name=name)
   if kind == 'layernorm':
-    return nn.LayerNorm(epsilon=NORM_EPS, reduction_axes=(-3, -2, -1), feature_axes=(-3, -2, -1),
-                        use_fast_variance=False, name=name)
+    return nn.LayerNorm(
+      epsilon=NORM_EPS,
+      reduction_axes=(-3, -2, -1),
+      feature_axes=(-3, -2, -1),
+      use_fast_variance=False,
+      name=name,
+    )
   if kind == 'batchnorm':
-    return nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
-                        epsilon=NORM_EPS, use_fast_variance=False, name=name)
+    return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=BATCH_NORM_MOMENTUM,
+      epsilon=NORM_EPS,
+      use_fast_variance=False,
+      name=name,
+    )
   raise ValueError(f'Unknown norm {kind!r}; choose one of {NORMS}.')
 
 

@@ -1,4 +1,4 @@
-"""Network definitions (Flax Linen, NHWC) matching the PyTorch reference networks of SPEC section 2.
+"""Network definitions (Flax Linen, NHWC) matching the PyTorch reference networks (DC code).
 
 Every module's `__call__(x, train=False, embed_only=False)` returns logits, or with
 `embed_only=True` the triple `(features, feature_map, logits)`: the flattened embedding the losses
@@ -9,7 +9,7 @@ functional wrapper in `dd_jax.models.registry` rather than these modules directl
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,7 @@ class ConvNet(nn.Module):
     norm: one of layers.NORMS ('instancenorm' by default).
     pooling: one of layers.POOLINGS.
   """
+
   num_classes: int
   conv_impl: str = 'auto'
   width: int = 128
@@ -65,6 +66,7 @@ class ConvNet(nn.Module):
 
 class AlexNet(nn.Module):
   """AlexNet as in the DC benchmark: 5 convs (128,192,256,192,192), max pools, one dense layer."""
+
   num_classes: int
   conv_impl: str = 'auto'
   norm: str = 'none'
@@ -72,10 +74,17 @@ class AlexNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, embed_only: bool = False):
     # (features, kernel, padding, pool afterwards)
-    specs = ((128, 5, _first_padding(x, 2, 4), True), (192, 5, 2, True), (256, 3, 1, False),
-             (192, 3, 1, False), (192, 3, 1, True))
+    specs = (
+      (128, 5, _first_padding(x, 2, 4), True),
+      (192, 5, 2, True),
+      (256, 3, 1, False),
+      (192, 3, 1, False),
+      (192, 3, 1, True),
+    )
     for i, (features, kernel, padding, pool_after) in enumerate(specs):
-      x = layers.Conv(features, kernel, padding=padding, name=f'conv{i}', conv_impl=self.conv_impl)(x)
+      x = layers.Conv(features, kernel, padding=padding, name=f'conv{i}', conv_impl=self.conv_impl)(
+        x
+      )
       x = layers.norm_layer(self.norm, features, train=train, name=f'norm{i}')(x)
       x = nn.relu(x)
       if pool_after:
@@ -90,6 +99,7 @@ VGG11_LAYOUT = (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M')
 
 class VGG(nn.Module):
   """VGG with conv3x3 -> norm -> ReLU blocks and 2x2 max pools; dense classifier on the flat map."""
+
   num_classes: int
   conv_impl: str = 'auto'
   layout: Sequence[int | str] = VGG11_LAYOUT
@@ -103,7 +113,9 @@ class VGG(nn.Module):
         x = layers.pool('maxpooling', x)
         continue
       padding = _first_padding(x, 1, 3) if conv_index == 0 else 1
-      x = layers.Conv(item, 3, padding=padding, name=f'conv{conv_index}', conv_impl=self.conv_impl)(x)
+      x = layers.Conv(item, 3, padding=padding, name=f'conv{conv_index}', conv_impl=self.conv_impl)(
+        x
+      )
       x = layers.norm_layer(self.norm, item, train=train, name=f'norm{conv_index}')(x)
       x = nn.relu(x)
       conv_index += 1
@@ -113,7 +125,9 @@ class VGG(nn.Module):
 
 
 class BasicBlock(nn.Module):
-  """ResNet basic block: two bias-free conv3x3 with norms; 1x1 conv + norm shortcut on a shape change."""
+  """ResNet basic block: two bias-free conv3x3 with norms; a 1x1 conv + norm shortcut when the
+  shape changes."""
+
   features: int
   stride: int
   norm: str
@@ -122,20 +136,39 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     in_channels = x.shape[-1]
-    out = layers.Conv(self.features, 3, padding=1, stride=self.stride, use_bias=False, name='conv0', conv_impl=self.conv_impl)(x)
+    out = layers.Conv(
+      self.features,
+      3,
+      padding=1,
+      stride=self.stride,
+      use_bias=False,
+      name='conv0',
+      conv_impl=self.conv_impl,
+    )(x)
     out = nn.relu(layers.norm_layer(self.norm, self.features, train=train, name='norm0')(out))
-    out = layers.Conv(self.features, 3, padding=1, use_bias=False, name='conv1', conv_impl=self.conv_impl)(out)
+    out = layers.Conv(
+      self.features, 3, padding=1, use_bias=False, name='conv1', conv_impl=self.conv_impl
+    )(out)
     out = layers.norm_layer(self.norm, self.features, train=train, name='norm1')(out)
     shortcut = x
     if self.stride != 1 or in_channels != self.features:
-      shortcut = layers.Conv(self.features, 1, stride=self.stride, use_bias=False, name='shortcut_conv', conv_impl=self.conv_impl)(x)
-      shortcut = layers.norm_layer(self.norm, self.features, train=train,
-                                   name='shortcut_norm')(shortcut)
+      shortcut = layers.Conv(
+        self.features,
+        1,
+        stride=self.stride,
+        use_bias=False,
+        name='shortcut_conv',
+        conv_impl=self.conv_impl,
+      )(x)
+      shortcut = layers.norm_layer(self.norm, self.features, train=train, name='shortcut_norm')(
+        shortcut
+      )
     return nn.relu(out + shortcut)
 
 
 class ResNet(nn.Module):
   """CIFAR-style ResNet: conv3x3 stem, 4 stages, 4x4 average pool, dense classifier."""
+
   num_classes: int
   conv_impl: str = 'auto'
   blocks_per_stage: Sequence[int] = (2, 2, 2, 2)
@@ -148,7 +181,9 @@ class ResNet(nn.Module):
     for stage, (features, num_blocks) in enumerate(zip((64, 128, 256, 512), self.blocks_per_stage)):
       for block in range(num_blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
-        x = BasicBlock(features, stride, self.norm, self.conv_impl, name=f'stage{stage}_block{block}')(x, train)
+        x = BasicBlock(
+          features, stride, self.norm, self.conv_impl, name=f'stage{stage}_block{block}'
+        )(x, train)
     x = nn.avg_pool(x, (4, 4), strides=(4, 4))
     features = _flatten(x)
     logits = layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
@@ -157,6 +192,7 @@ class ResNet(nn.Module):
 
 class MLP(nn.Module):
   """flatten -> 128 -> ReLU -> 128 -> ReLU -> K. The 'feature map' is the input itself."""
+
   num_classes: int
   conv_impl: str = 'auto'
 
@@ -173,6 +209,7 @@ class MLP(nn.Module):
 
 class LeNet(nn.Module):
   """LeNet-5: conv5x5 6 -> ReLU -> max pool -> conv5x5 16 -> ReLU -> max pool -> 120 -> 84 -> K."""
+
   num_classes: int
   conv_impl: str = 'auto'
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+import math
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dd_jax.models import layers
-from dd_jax.models import networks
+from dd_jax.models import layers, networks
 
 Variables = Any  # a pytree: {'params': ..., optionally 'batch_stats': ...}
 
@@ -37,6 +38,7 @@ class Network:
     name: registry name (e.g. 'ConvNet', 'ResNet18BN').
     module: the underlying Flax module.
   """
+
   name: str
   module: nn.Module
 
@@ -64,8 +66,9 @@ class Network:
     logits, updates = self.module.apply(variables, x, train=True, mutable=['batch_stats'])
     return logits, {**variables, **updates}
 
-  def embed(self, variables: Variables, x: jax.Array, *,
-            train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def embed(
+    self, variables: Variables, x: jax.Array, *, train: bool = False
+  ) -> tuple[jax.Array, jax.Array]:
     """The embedding the losses use.
 
     Args:
@@ -79,12 +82,14 @@ class Network:
     """
     return self.embed_with_logits(variables, x, train=train)[:2]
 
-  def embed_with_logits(self, variables: Variables, x: jax.Array, *,
-                        train: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def embed_with_logits(
+    self, variables: Variables, x: jax.Array, *, train: bool = False
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`embed` plus the logits [N, K] computed from the same forward pass."""
     if train and self.has_batch_stats:
-      outputs, _ = self.module.apply(variables, x, train=True, embed_only=True,
-                                     mutable=['batch_stats'])
+      outputs, _ = self.module.apply(
+        variables, x, train=True, embed_only=True, mutable=['batch_stats']
+      )
       return outputs
     return self.module.apply(variables, x, train=train, embed_only=True)
 
@@ -95,35 +100,35 @@ def _convnet(num_classes: int, **overrides) -> nn.Module:
 
 # name -> builder(num_classes) -> module. Names follow the DC/DM benchmark code.
 _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
-    'ConvNet': _convnet,
-    'ConvNetD1': functools.partial(_convnet, depth=1),
-    'ConvNetD2': functools.partial(_convnet, depth=2),
-    'ConvNetD3': functools.partial(_convnet, depth=3),
-    'ConvNetD4': functools.partial(_convnet, depth=4),
-    'ConvNetW32': functools.partial(_convnet, width=32),
-    'ConvNetW64': functools.partial(_convnet, width=64),
-    'ConvNetW128': functools.partial(_convnet, width=128),
-    'ConvNetW256': functools.partial(_convnet, width=256),
-    'ConvNetAS': functools.partial(_convnet, act='sigmoid'),
-    'ConvNetAR': functools.partial(_convnet, act='relu'),
-    'ConvNetAL': functools.partial(_convnet, act='leakyrelu'),
-    'ConvNetASwish': functools.partial(_convnet, act='swish'),
-    'ConvNetNN': functools.partial(_convnet, norm='none'),
-    'ConvNetBN': functools.partial(_convnet, norm='batchnorm'),
-    'ConvNetLN': functools.partial(_convnet, norm='layernorm'),
-    'ConvNetIN': functools.partial(_convnet, norm='instancenorm'),
-    'ConvNetGN': functools.partial(_convnet, norm='groupnorm'),
-    'ConvNetNP': functools.partial(_convnet, pooling='none'),
-    'ConvNetMP': functools.partial(_convnet, pooling='maxpooling'),
-    'ConvNetAP': functools.partial(_convnet, pooling='avgpooling'),
-    'AlexNet': lambda k: networks.AlexNet(num_classes=k),
-    'AlexNetBN': lambda k: networks.AlexNet(num_classes=k, norm='batchnorm'),
-    'VGG11': lambda k: networks.VGG(num_classes=k, norm='instancenorm'),
-    'VGG11BN': lambda k: networks.VGG(num_classes=k, norm='batchnorm'),
-    'ResNet18': lambda k: networks.ResNet(num_classes=k, norm='instancenorm'),
-    'ResNet18BN': lambda k: networks.ResNet(num_classes=k, norm='batchnorm'),
-    'MLP': lambda k: networks.MLP(num_classes=k),
-    'LeNet': lambda k: networks.LeNet(num_classes=k),
+  'ConvNet': _convnet,
+  'ConvNetD1': functools.partial(_convnet, depth=1),
+  'ConvNetD2': functools.partial(_convnet, depth=2),
+  'ConvNetD3': functools.partial(_convnet, depth=3),
+  'ConvNetD4': functools.partial(_convnet, depth=4),
+  'ConvNetW32': functools.partial(_convnet, width=32),
+  'ConvNetW64': functools.partial(_convnet, width=64),
+  'ConvNetW128': functools.partial(_convnet, width=128),
+  'ConvNetW256': functools.partial(_convnet, width=256),
+  'ConvNetAS': functools.partial(_convnet, act='sigmoid'),
+  'ConvNetAR': functools.partial(_convnet, act='relu'),
+  'ConvNetAL': functools.partial(_convnet, act='leakyrelu'),
+  'ConvNetASwish': functools.partial(_convnet, act='swish'),
+  'ConvNetNN': functools.partial(_convnet, norm='none'),
+  'ConvNetBN': functools.partial(_convnet, norm='batchnorm'),
+  'ConvNetLN': functools.partial(_convnet, norm='layernorm'),
+  'ConvNetIN': functools.partial(_convnet, norm='instancenorm'),
+  'ConvNetGN': functools.partial(_convnet, norm='groupnorm'),
+  'ConvNetNP': functools.partial(_convnet, pooling='none'),
+  'ConvNetMP': functools.partial(_convnet, pooling='maxpooling'),
+  'ConvNetAP': functools.partial(_convnet, pooling='avgpooling'),
+  'AlexNet': lambda k: networks.AlexNet(num_classes=k),
+  'AlexNetBN': lambda k: networks.AlexNet(num_classes=k, norm='batchnorm'),
+  'VGG11': lambda k: networks.VGG(num_classes=k, norm='instancenorm'),
+  'VGG11BN': lambda k: networks.VGG(num_classes=k, norm='batchnorm'),
+  'ResNet18': lambda k: networks.ResNet(num_classes=k, norm='instancenorm'),
+  'ResNet18BN': lambda k: networks.ResNet(num_classes=k, norm='batchnorm'),
+  'MLP': lambda k: networks.MLP(num_classes=k),
+  'LeNet': lambda k: networks.LeNet(num_classes=k),
 }
 
 
@@ -132,8 +137,9 @@ def network_names() -> tuple[str, ...]:
   return tuple(_BUILDERS)
 
 
-def get_network(name: str, num_classes: int, *, conv_impl: str = 'auto',
-                **convnet_overrides) -> Network:
+def get_network(
+  name: str, num_classes: int, *, conv_impl: str = 'auto', **convnet_overrides
+) -> Network:
   """Builds a registered network.
 
   Args:
@@ -151,18 +157,22 @@ def get_network(name: str, num_classes: int, *, conv_impl: str = 'auto',
     ValueError: unknown name (the message lists the valid ones), or overrides on a non-ConvNet.
   """
   if name not in _BUILDERS:
-    raise ValueError(f'Unknown network {name!r} (field model.name / eval.model); '
-                     f'choose one of: {", ".join(_BUILDERS)}.')
+    raise ValueError(
+      f'Unknown network {name!r} (field model.name / eval.model); '
+      f'choose one of: {", ".join(_BUILDERS)}.'
+    )
   if num_classes <= 0:
     raise ValueError(f'num_classes must be positive, got {num_classes}.')
   if convnet_overrides and not name.startswith('ConvNet'):
-    raise ValueError(f'Overrides {sorted(convnet_overrides)} only apply to ConvNet networks, '
-                     f'not {name!r}.')
+    raise ValueError(
+      f'Overrides {sorted(convnet_overrides)} only apply to ConvNet networks, not {name!r}.'
+    )
   layers.resolve_conv_impl(conv_impl)  # validates the name
   module = _BUILDERS[name](num_classes).clone(conv_impl=conv_impl, **convnet_overrides)
   return Network(name=name, module=module)
 
 
 def param_count(variables: Variables) -> int:
-  """Number of trainable parameters (batch-norm running statistics excluded)."""
-  return sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
+  """Number of trainable parameters (batch-norm running statistics excluded); `variables` may
+  be abstract (`jax.eval_shape` of `init`)."""
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(variables['params']))

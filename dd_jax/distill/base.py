@@ -1,0 +1,301 @@
+"""What every distillation method shares: settings, state, the step object, the method interface.
+
+A method (DM, IDM, ...) is a `Method` registered by name in `dd_jax.distill.methods`. The run
+loop and the comparison table see only this interface:
+
+    method = methods.get(config.method)
+    settings = method.settings(config)                  # checked; names config fields
+    method.check_data(settings, dataset)                # before any work
+    net = method.network(settings, num_classes)
+    images, labels = method.initial_images(settings, dataset, key)
+    state = method.init_state(settings, images, labels, net, keys)
+    step = method.make_step(net, settings, spec, extractor, mesh)
+    state, metrics = step(state, sampler)               # jitted core, traces once
+    images, labels = method.training_set(state, num_classes)   # what evaluation trains on
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dd_jax import data as data_lib
+from dd_jax import extractors as extractors_lib
+from dd_jax import losses, models
+from dd_jax import settings as settings_lib
+from dd_jax import train as train_lib
+from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
+
+SYNTHETIC_INITS = ('real', 'noise')
+
+
+@flax.struct.dataclass
+class DistillState:
+  """Everything a distillation run carries from step to step (and checkpoints).
+
+  Attributes:
+    step: number of optimizer steps taken.
+    images: [K * ipc, H, W, C] synthetic (stored) images in normalised space, class-blocked.
+    labels: [K * ipc] fixed labels (0, ..., 0, 1, ..., K - 1).
+    opt_state: the optax state of `images`.
+    key: raw PRNG key data of the run's 'distill' stream; the step taken from a state with
+      `step == t` uses `keys.step_key(key, t)`, so a resumed run draws exactly what an
+      uninterrupted one would.
+  """
+
+  step: jax.Array
+  images: jax.Array
+  labels: jax.Array
+  opt_state: optax.OptState
+  key: jax.Array
+
+
+def init_state(
+  images: jax.Array, labels: jax.Array, optimizer: optax.GradientTransformation, key: jax.Array
+) -> DistillState:
+  """The state before the first step. `key` is a typed PRNG key."""
+  images = jnp.asarray(images, jnp.float32)
+  return DistillState(
+    step=jnp.zeros((), jnp.int32),
+    images=images,
+    labels=jnp.asarray(labels, jnp.int32),
+    opt_state=optimizer.init(images),
+    key=jax.random.key_data(key),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """A distillation step: `step(state, sampler) -> (state, metrics)`.
+
+  Attributes:
+    jitted: the compiled core `(state, sampler, extractor_params) -> (state, metrics)`; traces
+      once per run (exposed to lower it for FLOPs and memory, or to count its traces).
+    arguments: `(state, sampler) -> (state, sampler, extractor_params)`, the host-side work
+      before each call (e.g. drawing the pool members the step's keys choose, placing arguments
+      on a mesh).
+  """
+
+  jitted: Callable[..., tuple[Any, dict[str, jax.Array]]]
+  arguments: Callable[[Any, data_lib.ClassSampler], tuple[Any, ...]]
+
+  def __call__(
+    self, state: Any, sampler: data_lib.ClassSampler
+  ) -> tuple[Any, dict[str, jax.Array]]:
+    return self.jitted(*self.arguments(state, sampler))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What a step needs to know of the dataset (not its arrays).
+
+  Attributes:
+    num_classes: K.
+    image_shape: (H, W, C).
+    mean: per-channel normalisation mean (pixel units, 0..255).
+    std: per-channel normalisation std.
+  """
+
+  num_classes: int
+  image_shape: tuple[int, ...]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  @classmethod
+  def of(cls, dataset: data_lib.Dataset) -> DataSpec:
+    return cls(
+      num_classes=dataset.num_classes,
+      image_shape=tuple(dataset.image_shape),
+      mean=tuple(dataset.mean),
+      std=tuple(dataset.std),
+    )
+
+
+def objective_weights(config: ml_collections.ConfigDict) -> losses.ObjectiveWeights:
+  """The loss weights of config.constraints, checked (messages name the config field)."""
+  cc, cm = config.constraints.cc, config.constraints.cm
+  for path, value in (('cc.weight', cc.weight), ('cm.weight', cm.weight)):
+    if value < 0:
+      raise ValueError(f'config.constraints.{path}={value!r} must be >= 0.')
+  for path, value, choices in (
+    ('cc.form', cc.form, losses.CC_FORMS),
+    ('cm.grouping', cm.grouping, losses.GROUPINGS),
+  ):
+    if value not in choices:
+      raise ValueError(
+        f'config.constraints.{path}={value!r} is not valid; choose one of {list(choices)}.'
+      )
+  return losses.ObjectiveWeights(
+    cc=float(cc.weight),
+    cm=float(cm.weight),
+    cc_form=cc.form,
+    cc_alpha=float(cc.alpha),
+    cc_beta=float(cc.beta),
+    cm_grouping=cm.grouping,
+  )
+
+
+# Fields of DistillSettings read from outside config.distill, and their config paths.
+_OUTSIDE_DISTILL = {
+  'ipc': 'ipc',
+  'model': 'model.name',
+  'strategy': 'augment.strategy',
+  'extractor': 'constraints.cc.extractor',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings(settings_lib.Settings):
+  """Settings every method's step and run share (config.distill, plus ipc, model.name,
+  augment.strategy and config.constraints).
+
+  Attributes:
+    ipc: synthetic (stored) images per class.
+    model: registry name of the matching network.
+    strategy: DSA strategy of the siamese augmentation ('' or 'none' disables it).
+    extractor: whose features class centralization acts on ('matching_net' or 'pool').
+    weights: loss weights and options (config.constraints).
+    iterations: optimizer steps.
+    batch_real: real images per class and step.
+    init: initial synthetic images: 'real' (a random real subset) or 'noise'.
+    lr: the image optimizer's learning rate (SGD).
+    momentum: its momentum.
+    num_nets: random networks matched per step (losses averaged over them).
+    devices: devices the DM step splits classes (and networks) across; 0 = all.
+    real_chunk: real images embedded at once (0: automatic); results do not depend on it.
+    eval_every: steps between evaluations (the last step is always evaluated).
+    checkpoint_every: steps between checkpoints.
+    log_every: steps between progress lines; divides eval_every and checkpoint_every, so a
+      resumed run re-logs identical lines.
+  """
+
+  ipc: int = field(10, check=POSITIVE)
+  model: str = field('ConvNet', choices=models.network_names)
+  strategy: str = 'color_crop_cutout_flip_scale_rotate'
+  extractor: str = field('matching_net', choices=extractors_lib.NAMES)
+  weights: losses.ObjectiveWeights = losses.ObjectiveWeights()
+  iterations: int = field(20_000, check=POSITIVE)
+  batch_real: int = field(256, check=POSITIVE)
+  init: str = field('real', choices=SYNTHETIC_INITS)
+  lr: float = field(1.0, check=POSITIVE)
+  momentum: float = field(0.5, check=NON_NEGATIVE)
+  num_nets: int = field(1, check=POSITIVE)
+  devices: int = field(0, check=NON_NEGATIVE)
+  real_chunk: int = field(0, check=NON_NEGATIVE)
+  eval_every: int = field(2_000, check=POSITIVE)
+  checkpoint_every: int = field(500, check=POSITIVE)
+  log_every: int = field(100, check=POSITIVE)
+
+  def check(self) -> None:
+    train_lib.check_augment_strategy(self.strategy, 'strategy')
+    for name in ('checkpoint_every', 'eval_every'):
+      if getattr(self, name) % self.log_every:
+        raise settings_lib.SettingError(
+          name, getattr(self, name), f'must be a multiple of log_every={self.log_every}'
+        )
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, **values: Any) -> DistillSettings:
+    """The settings of `config` (sections distill, constraints; ipc, model.name,
+    augment.strategy), plus `values` (a subclass's own fields)."""
+    return settings_lib.from_section(
+      cls,
+      config.distill,
+      'distill',
+      value_paths=_OUTSIDE_DISTILL,
+      ipc=config.ipc,
+      model=config.model.name,
+      strategy=config.augment.strategy,
+      extractor=config.constraints.cc.extractor,
+      weights=objective_weights(config),
+      **values,
+    )
+
+  def image_optimizer(self) -> optax.GradientTransformation:
+    """SGD with momentum on the synthetic images."""
+    return optax.sgd(self.lr, momentum=self.momentum)
+
+
+def check_batch_real(settings: DistillSettings, dataset: data_lib.Dataset) -> None:
+  """Real images are drawn per class without replacement: batch_real must fit every class."""
+  smallest = int(np.min(dataset.train_class_counts()))
+  if settings.batch_real > smallest:
+    raise ValueError(
+      f'config.distill.batch_real={settings.batch_real} is larger than the '
+      f'smallest class of {dataset.name} ({smallest} training images); real images '
+      f'are drawn without replacement, so set --config.distill.batch_real<='
+      f'{smallest}.'
+    )
+
+
+class Method(abc.ABC):
+  """A distillation method, registered by name in `dd_jax.distill.methods`.
+
+  Attributes:
+    name: the registry name (`config.method`).
+    supports_mesh: whether `make_step` can split its work over a device mesh.
+  """
+
+  name: ClassVar[str]
+  supports_mesh: ClassVar[bool] = False
+
+  @abc.abstractmethod
+  def settings(self, config: ml_collections.ConfigDict) -> DistillSettings:
+    """The method's settings from `config`; raises ValueError naming the field and the fix."""
+
+  def check_data(self, settings: DistillSettings, dataset: data_lib.Dataset) -> None:
+    """Data-dependent checks, before any work; raises ValueError naming the field and the fix."""
+    data_lib.check_ipc(dataset, settings.ipc)
+    check_batch_real(settings, dataset)
+
+  def network(self, settings: DistillSettings, num_classes: int) -> models.Network:
+    """The matching network's architecture."""
+    return models.get_network(settings.model, num_classes)
+
+  @abc.abstractmethod
+  def initial_images(
+    self, settings: DistillSettings, dataset: data_lib.Dataset, key: jax.Array
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Class-blocked initial stored images (normalised) and their labels."""
+
+  @abc.abstractmethod
+  def init_state(
+    self,
+    settings: DistillSettings,
+    images: np.ndarray,
+    labels: np.ndarray,
+    net: models.Network,
+    distill_key: jax.Array,
+    queue_key: jax.Array,
+  ) -> Any:
+    """The state before the first step (a `DistillState` or a subclass)."""
+
+  @abc.abstractmethod
+  def make_step(
+    self,
+    net: models.Network,
+    settings: DistillSettings,
+    spec: DataSpec,
+    extractor: extractors_lib.Extractor = extractors_lib.matching_net_extractor,
+    mesh: jax.sharding.Mesh | None = None,
+  ) -> Step:
+    """The jitted step."""
+
+  def training_set(self, state: Any, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """What evaluation trains on and synthetic.npz holds: (images [N, H, W, C], labels [N])."""
+    del num_classes
+    return state.images, state.labels
+
+  def stored_images(self, state: Any) -> jax.Array | None:
+    """The stored images when they differ from `training_set` (exported beside it), else None."""
+    del state
+    return None

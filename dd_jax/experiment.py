@@ -1,0 +1,86 @@
+"""One path from a config to the settings of every part of a run, checked before any work.
+
+    settings = validate_config(config)     # raises ValueError naming config.<section>.<field>
+    settings.method, settings.distill, settings.eval, settings.pool, settings.compare
+
+Each settings object is built by its own class from its config section (`dd_jax.settings`), so
+its range checks live beside its fields and no field is listed twice. Dataset-dependent checks
+(ipc against the smallest class, image sizes) run when the data is opened, still before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from dd_jax import config as config_lib
+from dd_jax import evaluate as evaluate_lib
+from dd_jax import pool as pool_lib
+from dd_jax import settings as settings_lib
+from dd_jax.distill import base, methods
+from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareSettings(settings_lib.Settings):
+  """The baselines run beside a config (config section compare; see dd_jax.compare).
+
+  Attributes:
+    variants: constraint variants of the config's method (e.g. ('dm', 'dm_cm')).
+    random_real: whether to evaluate the random real subset the run starts from.
+    full_train_epochs: > 0: also train networks on the full training set this long.
+    full_train_num_eval: networks trained on the full training set.
+  """
+
+  variants: tuple[str, ...] = ()
+  random_real: bool = False
+  full_train_epochs: int = field(0, check=NON_NEGATIVE)
+  full_train_num_eval: int = field(2, check=POSITIVE)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> CompareSettings:
+    variants = tuple(filter(None, config.compare.variants.split(',')))
+    for variant in variants:
+      config_lib.variant_config(config, variant)  # raises for a variant of another method
+    return settings_lib.from_section(cls, config.compare, 'compare', variants=variants)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSettings:
+  """The checked settings of a run.
+
+  Attributes:
+    method: the registered method of config.method.
+    distill: its settings (`base.DistillSettings` or the method's subclass).
+    eval: the evaluation protocol.
+    pool: the pretrained pool of class centralization.
+    compare: the baselines.
+  """
+
+  method: base.Method
+  distill: base.DistillSettings
+  eval: evaluate_lib.EvalSettings
+  pool: pool_lib.PoolSettings
+  compare: CompareSettings
+
+  @property
+  def uses_pool(self) -> bool:
+    """Whether class centralization acts on the pool (and so the pool must be built)."""
+    return self.distill.extractor == 'pool' and self.distill.weights.cc > 0
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ExperimentSettings:
+  """Builds (and so checks) every settings object of `config`.
+
+  Raises:
+    ValueError: the first bad field, named `config.<section>.<field>`, with the fix.
+  """
+  method = methods.get(config.method)
+  return ExperimentSettings(
+    method=method,
+    distill=method.settings(config),
+    eval=evaluate_lib.EvalSettings.from_config(config),
+    pool=pool_lib.PoolSettings.from_config(config),
+    compare=CompareSettings.from_config(config),
+  )

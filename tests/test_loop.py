@@ -1,0 +1,171 @@
+"""The resumable run (dd_jax.distill.loop) on tiny digits configs: files, resume, refusals."""
+
+import dataclasses
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dd_jax import experiment
+from dd_jax.distill import loop
+
+
+def test_run_writes_workdir_and_resumes_to_the_same_synthetic_set(
+  tmp_path, tiny_config, wrap_steps, interrupt
+):
+  config = tiny_config()
+  reference = loop.run(config, str(tmp_path / 'uninterrupted'))
+  assert set(reference['eval']) >= {'accuracies', 'mean', 'std'}
+  assert reference['method'] == 'dm'
+  workdir = tmp_path / 'uninterrupted'
+  for name in (
+    'config.json',
+    'metrics.jsonl',
+    'synthetic.npz',
+    'results.json',
+    'images/step_000006.png',
+  ):
+    assert (workdir / name).exists(), name
+  exported = np.load(workdir / 'synthetic.npz')
+  assert exported['images'].shape == (20, 8, 8, 1)
+  assert 0.0 <= exported['images'].min() and exported['images'].max() <= 1.0
+  np.testing.assert_array_equal(exported['labels'], np.repeat(np.arange(10), 2))
+  assert list(exported['class_names']) == [str(i) for i in range(10)]
+
+  # Killed after the checkpoint of step 4 (as step 5 starts), then the same command again.
+  wrap_steps(interrupt(4))
+  with pytest.raises(KeyboardInterrupt):
+    loop.run(config, str(tmp_path / 'resumed'))
+  assert not (tmp_path / 'resumed' / 'synthetic.npz').exists()
+  wrap_steps(None)
+  resumed = loop.run(config, str(tmp_path / 'resumed'))
+  np.testing.assert_array_equal(
+    np.load(tmp_path / 'resumed' / 'synthetic.npz')['images'], exported['images']
+  )
+  assert resumed['eval']['accuracies'] == reference['eval']['accuracies']
+  steps = [
+    m['step']
+    for m in loop.workdir_lib.read_metrics(str(tmp_path / 'resumed' / 'metrics.jsonl'))
+    if 'loss' in m
+  ]
+  assert steps == [2, 4, 6]  # no duplicated lines after the resume
+
+  # A finished run is not recomputed (also when only the tabulated baselines change); a
+  # different config is refused.
+  assert loop.run(config, str(workdir)) == reference
+  assert loop.run(tiny_config(**{'compare.full_train_epochs': 3}), str(workdir)) == reference
+  with pytest.raises(ValueError, match=r'different config[\s\S]*ipc: 2 -> 3'):
+    loop.run(tiny_config(ipc=3), str(workdir))
+
+
+def test_bad_batch_real_is_refused_before_work(tmp_path, tiny_config):
+  with pytest.raises(ValueError, match=r'distill.batch_real=500.*smallest class'):
+    loop.run(tiny_config(**{'distill.batch_real': 500}), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'config.json').exists()
+
+
+def test_pool_extractor_is_what_cc_sees(tmp_path, tiny_config):
+  """cc.extractor='pool' must route CC through the pool: a pool of all-zero networks has
+  constant features and hence CC exactly 0, while the matching network's CC is positive."""
+  config = tiny_config(
+    **{
+      'constraints.cc.extractor': 'pool',
+      'pool.model': 'ConvNetD1',
+      'pool.size': 2,
+      'pool.epochs': 1,
+      'pool.parallel': 2,
+      'pool.dir': str(tmp_path / 'pool'),
+    }
+  )
+  settings = experiment.validate_config(config)
+  data = loop.prepare_data(config, settings)
+  trained = loop.build_method(config, settings, data, seed=0)  # trains and saves the tiny pool
+  assert (tmp_path / 'pool' / 'metadata.json').exists()
+  pool = data.pools[str(tmp_path / 'pool')]
+  data.pools[str(tmp_path / 'pool')] = dataclasses.replace(
+    pool, variables=jax.tree_util.tree_map(jnp.zeros_like, pool.variables)
+  )
+  zeroed = loop.build_method(config, settings, data, seed=0)
+  matching_config = tiny_config()
+  matching = loop.build_method(
+    matching_config, experiment.validate_config(matching_config), data, seed=0
+  )
+  metrics = {
+    name: prepared.step(prepared.state, data.sampler)[1]
+    for name, prepared in [('trained', trained), ('zeroed', zeroed), ('matching', matching)]
+  }
+  assert float(metrics['zeroed']['cc']) == 0.0
+  assert float(metrics['matching']['cc']) > 0.0
+  assert float(metrics['trained']['cc']) > 0.0
+  assert not np.isclose(float(metrics['trained']['cc']), float(metrics['matching']['cc']))
+  # DM and CM still come from the random matching network.
+  for name in ('dm', 'cm'):
+    np.testing.assert_allclose(metrics['zeroed'][name], metrics['matching'][name], rtol=1e-6)
+  # A run through the loop reuses the saved pool.
+  results = loop.run(config, str(tmp_path / 'run'))
+  assert results['cc_extractor'] == 'pool'
+
+
+def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch, tiny_config):
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(loop.shutil, 'disk_usage', lambda path: usage._replace(free=1000))
+  with pytest.raises(
+    OSError,
+    match=r'has 0.0 MiB free, but checkpoints and the export of '
+    r'this run need about',
+  ):
+    loop.run(tiny_config(), str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('poison', ['loss_term', 'images'])
+def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
+  tmp_path, tiny_config, wrap_steps, poison
+):
+  def poisoned(step, state, sampler):
+    state, metrics = step(state, sampler)
+    # Checkpoints and log lines every 2 steps: step 5 or 6 goes bad, step 4 is the last good.
+    if poison == 'loss_term' and int(state.step) == 5:
+      metrics = {**metrics, 'cm': metrics['cm'] * jnp.nan}
+      state = state.replace(images=state.images * jnp.nan)
+    if poison == 'images' and int(state.step) == 6:  # only the images: the loss was finite
+      state = state.replace(images=state.images * jnp.nan)
+    return state, metrics
+
+  wrap_steps(poisoned)
+  workdir = tmp_path / 'run'
+  expected = (
+    r'cm became non-finite at step 5 \(the synthetic images at step 6 are non-finite '
+    r'too\)'
+    if poison == 'loss_term'
+    else r'synthetic images became non-finite between steps 5 and 6'
+  )
+  with pytest.raises(FloatingPointError, match=expected + r'.*last checkpoint \(step 4\)'):
+    loop.run(tiny_config(), str(workdir))
+  assert not (workdir / 'synthetic.npz').exists()
+  logged = loop.workdir_lib.read_metrics(str(workdir / 'metrics.jsonl'))
+  assert [m['step'] for m in logged] == [2, 4]  # nothing non-finite was logged
+  config = tiny_config()
+  settings = experiment.validate_config(config)
+  initial = loop.build_method(config, settings, loop.prepare_data(config, settings), 0).state
+  restored = loop.checkpoint_lib.Checkpointer(str(workdir / 'checkpoints')).restore_latest(initial)
+  assert int(restored.step) == 4 and np.all(np.isfinite(restored.images))
+
+
+def test_unwritable_workdir_is_refused_before_work(tmp_path, tiny_config):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(
+    ValueError,
+    match=r'--workdir=.*a_file/run is not writable \(.*\); choose '
+    'another directory',
+  ):
+    loop.run(tiny_config(), str(blocker / 'run'))
+  if os.geteuid() != 0:  # root writes regardless of permission bits
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ValueError, match='locked is not writable'):
+      loop.run(tiny_config(), str(locked))

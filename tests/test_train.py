@@ -1,0 +1,186 @@
+"""The trainer: PyTorch SGD semantics, the reference's epoch schedule, per-network DSA ops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dd_jax import augment as augment_lib
+from dd_jax import config as config_lib
+from dd_jax import evaluate, models
+from dd_jax import pool as pool_lib
+from dd_jax import train as train_lib
+
+
+def _data(num_images=6, num_classes=3, seed=0):
+  """[N, 8, 8, 1] class patterns plus noise, and [N] labels."""
+  rng = np.random.default_rng(seed)
+  labels = np.arange(num_images) % num_classes
+  patterns = rng.normal(size=(num_classes, 8, 8, 1)).astype(np.float32)
+  images = patterns[labels] + 0.3 * rng.normal(size=(num_images, 8, 8, 1)).astype(np.float32)
+  return jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+
+
+def _torch_sgd_reference(net, variables, images, labels, recipe, epochs, schedule):
+  """Full-batch training written as the reference's loop with torch.optim.SGD's update.
+
+  'reference' is DatasetCondensation's evaluate_synset: `for ep in range(Epoch + 1)`, a new
+  optimizer (zero momentum buffer) at 0.1 lr after epoch `Epoch // 2 + 1`.
+  """
+  params = variables['params']
+  buffers = jax.tree_util.tree_map(jnp.zeros_like, params)
+  lr = recipe.lr
+
+  def loss(params):
+    logits, _ = net.apply_train({**variables, 'params': params}, images)
+    return train_lib.cross_entropy(logits, labels)
+
+  def step(params, buffers, lr):
+    grads = jax.grad(loss)(params)
+    grads = jax.tree_util.tree_map(lambda g, p: g + recipe.weight_decay * p, grads, params)
+    buffers = jax.tree_util.tree_map(lambda b, g: recipe.momentum * b + g, buffers, grads)
+    return jax.tree_util.tree_map(lambda p, b: p - lr * b, params, buffers), buffers
+
+  zero = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+  if schedule == 'reference':
+    for ep in range(epochs + 1):
+      params, buffers = step(params, buffers, lr)
+      if ep == epochs // 2 + 1:
+        lr, buffers = lr * 0.1, zero(buffers)
+  elif schedule == 'halves':
+    for ep in range(epochs):
+      if ep == epochs // 2:
+        lr, buffers = lr * 0.1, zero(buffers)
+      params, buffers = step(params, buffers, lr)
+  else:
+    for _ in range(epochs):
+      params, buffers = step(params, buffers, lr)
+  return params
+
+
+@pytest.mark.parametrize('schedule', train_lib.SCHEDULES)
+def test_trainer_equals_torch_sgd_reference(schedule):
+  images, labels = _data()
+  net = models.get_network('MLP', 3)
+  # One full batch per epoch: the data order changes only the rounding of the mean loss.
+  recipe = train_lib.SGDRecipe(batch_size=6, lr=0.05, momentum=0.9, weight_decay=0.01)
+  settings = train_lib.TrainSettings(epochs=6, recipe=recipe, schedule=schedule)
+  keys = jax.random.split(jax.random.key(0), 1)
+  trained = train_lib.train_networks(keys, images, labels, net, settings)
+  initial, _, _ = train_lib.init_networks(keys, net, images.shape[1:], recipe.optimizer())
+  first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+  expected = _torch_sgd_reference(net, first(initial), images, labels, recipe, 6, schedule)
+  for got, want in zip(
+    jax.tree_util.tree_leaves(first(trained)['params']), jax.tree_util.tree_leaves(expected)
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_plan_and_learning_rates():
+  assert train_lib.epoch_plan(1000, 'reference') == (1001, 502)  # 502 epochs at lr, 499 at 0.1
+  assert train_lib.epoch_plan(1000, 'halves') == (1000, 500)
+  assert train_lib.epoch_plan(1000, 'constant') == (1000, 1000)
+  recipe = train_lib.SGDRecipe(lr=0.01)
+
+  def learning_rates(epochs, schedule):
+    settings = train_lib.TrainSettings(epochs=epochs, recipe=recipe, schedule=schedule)
+    epochs_trained, _ = train_lib.epoch_plan(epochs, schedule)
+    return [float(train_lib.epoch_lr(settings, e)) for e in range(epochs_trained)]
+
+  high, low = np.float32(0.01), np.float32(0.01 * 0.1)
+  assert learning_rates(4, 'reference') == [high] * 4 + [low]
+  assert learning_rates(4, 'halves') == [high] * 2 + [low] * 2
+  assert learning_rates(4, 'constant') == [high] * 4
+  # The reference's loop, for every small epoch count: the lr of each epoch it trains.
+  for epochs in range(1, 12):
+    lr, reference_lrs = np.float32(0.01), []
+    for ep in range(epochs + 1):
+      reference_lrs.append(lr)
+      if ep in [epochs // 2 + 1]:
+        lr = np.float32(lr * np.float32(0.1))
+    assert learning_rates(epochs, 'reference') == pytest.approx(reference_lrs, rel=1e-6)
+
+
+def _eval_train_settings(share_augment_op):
+  return evaluate.EvalSettings(
+    model='MLP',
+    num_eval=2,
+    epochs=2,
+    recipe=train_lib.SGDRecipe(batch_size=4),
+    augment_strategy='color_crop_cutout_flip_scale_rotate',
+    share_augment_op=share_augment_op,
+  ).train_settings()
+
+
+def test_networks_trained_together_equal_one_at_a_time():
+  images, labels = _data(num_images=10)
+  net = models.get_network('MLP', 3)
+  settings = _eval_train_settings(share_augment_op=False)
+  keys = jax.random.split(jax.random.key(0), 2)
+  train = jax.jit(lambda keys: train_lib.train_networks(keys, images, labels, net, settings))
+  together = train(keys)
+  for i in range(2):
+    alone = train(keys[i : i + 1])
+    for a, b in zip(jax.tree_util.tree_leaves(together), jax.tree_util.tree_leaves(alone)):
+      np.testing.assert_allclose(a[i], b[0], rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize('share_augment_op', [False, True])
+def test_each_network_draws_its_own_ops_unless_shared(monkeypatch, share_augment_op):
+  images, labels = _data(num_images=10)  # 3 minibatches of at most 4, 3 epochs: 9 ops each
+  net = models.get_network('MLP', 3)
+  settings = _eval_train_settings(share_augment_op)
+  drawn = {0: [], 1: []}  # network -> op indices, in draw order
+  tracing = {}
+  apply_random_op = augment_lib.apply_random_op
+
+  def recording(op_key, param_key, batch, strategy, *, siamese):
+    op_index = jax.random.randint(op_key, (), 0, len(augment_lib.parse_strategy(strategy)))
+    jax.debug.callback(lambda n, i: drawn[int(n)].append(int(i)), tracing['network'], op_index)
+    return apply_random_op(op_key, param_key, batch, strategy, siamese=siamese)
+
+  def train_one(network_and_key, shared_op_key):
+    tracing['network'], key = network_and_key
+    return train_lib.train_networks(
+      key[None], images, labels, net, settings, shared_op_key=shared_op_key
+    )
+
+  monkeypatch.setattr(augment_lib, 'apply_random_op', recording)
+  keys = jax.random.split(jax.random.key(0), 2)
+  jax.block_until_ready(
+    jax.jit(train_lib.over_networks(train_one))((jnp.arange(2), keys), jax.random.key(1))
+  )
+  jax.effects_barrier()
+  assert len(drawn[0]) == len(drawn[1]) == 9
+  assert (drawn[0] == drawn[1]) == share_augment_op
+  assert len(set(drawn[0] + drawn[1])) > 1
+
+
+@pytest.mark.parametrize(
+  'settings_class, section, field, value',
+  [
+    (evaluate.EvalSettings, 'eval', 'lr', -1.0),
+    (evaluate.EvalSettings, 'eval', 'batch_size', 0),
+    (evaluate.EvalSettings, 'eval', 'num_eval', 0),
+    (evaluate.EvalSettings, 'eval', 'schedule', 'cosine'),
+    (evaluate.EvalSettings, 'eval', 'augment_strategy', 'color_blur'),
+    (pool_lib.PoolSettings, 'pool', 'batch_size', 0),
+    (pool_lib.PoolSettings, 'pool', 'weight_decay', -1e-4),
+    (pool_lib.PoolSettings, 'pool', 'model', 'ResNet7'),
+  ],
+)
+def test_settings_from_config_name_the_bad_config_field(settings_class, section, field, value):
+  config = config_lib.default_config()
+  assert settings_class.from_config(config) == settings_class()  # the defaults agree
+  config[section][field] = value
+  with pytest.raises(ValueError, match=rf'^config\.{section}\.{field}={value!r} '):
+    settings_class.from_config(config)
+
+
+def test_train_settings_check_their_fields():
+  with pytest.raises(ValueError, match='epochs=0 must be > 0'):
+    train_lib.TrainSettings(epochs=0)
+  with pytest.raises(ValueError, match="augment_strategy='crop_blur' names unknown DSA op"):
+    train_lib.TrainSettings(epochs=1, augment_strategy='crop_blur')
+  with pytest.raises(ValueError, match='momentum=-0.1 must be >= 0'):
+    train_lib.SGDRecipe(momentum=-0.1)
