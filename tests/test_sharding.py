@@ -21,36 +21,32 @@ def _compare(num_nets: int, num_devices: int, checkpoint_dir: str) -> dict:
   """Runs STEPS DM + IID steps on one device and on a mesh; returns the largest differences."""
   # pylint: disable=g-import-not-at-top
   import jax
-  import optax
 
   from dd_jax import checkpoint, losses, models, sharding
   from dd_jax import data as data_lib
-  from dd_jax.distill import dm
+  from dd_jax.distill import base, dm
   # pylint: enable=g-import-not-at-top
 
   digits = data_lib.load_dataset('digits')
   ipc = 2
   net = models.get_network('ConvNetW32', digits.num_classes)
-  settings = dm.DMSettings(
-    num_classes=digits.num_classes,
+  settings = base.DistillSettings(
     ipc=ipc,
     batch_real=8,
     num_nets=num_nets,
     strategy='color_crop_cutout_scale_rotate',
+    model='ConvNetW32',
     weights=losses.ObjectiveWeights(cc=0.05, cm=0.01),
-    mean=digits.mean,
-    std=digits.std,
   )
-  optimizer = optax.sgd(1.0, momentum=0.5)
   labels = np.repeat(np.arange(digits.num_classes), ipc)
   images = jax.random.normal(jax.random.key(0), (len(labels), 8, 8, 1))
   sampler = data_lib.ClassSampler.from_dataset(digits)
 
   def run(mesh):
-    state = dm.init_state(images, labels, optimizer, jax.random.key(1))
+    state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
     if mesh is not None:
       state = sharding.place_state(state, mesh)
-    step = dm.make_dm_step(net, settings, optimizer, mesh=mesh)
+    step = dm.make_dm_step(net, settings, base.DataSpec.of(digits), mesh=mesh)
     history = []
     for _ in range(STEPS):
       state, metrics = step(state, sampler)
@@ -129,11 +125,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one(tmp_path, tiny_config):
   """Two jax processes (one CPU device each) run the step and a whole tiny run together."""
-  from test_distill import tiny_config  # pylint: disable=g-import-not-at-top
-
-  from dd_jax.distill import loop  # pylint: disable=g-import-not-at-top
+  from dd_jax.distill import loop  # noqa: PLC0415  (jax fixes devices at import in __main__)
 
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
@@ -173,11 +167,11 @@ def _processes_main(pid: int, port: int, directory: str) -> dict:
   sharding.initialize_distributed(f'localhost:{port}', 2, pid)
   step = _compare(num_nets=1, num_devices=2, checkpoint_dir=os.path.join(directory, 'ckpt'))
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from test_distill import tiny_config  # pylint: disable=g-import-not-at-top
+  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
 
   from dd_jax.distill import loop  # pylint: disable=g-import-not-at-top
 
-  results = loop.run(tiny_config(), os.path.join(directory, 'run'))
+  results = loop.run(make_tiny_config(), os.path.join(directory, 'run'))
   return {'step': step, 'results': results}
 
 
