@@ -19,6 +19,16 @@ from dd_jax import pool as pool_lib  # noqa: E402
 from dd_jax import train as train_lib  # noqa: E402
 from dd_jax.distill import base  # noqa: E402
 
+# The image shape and class count of each dataset of configs/paper.py.
+PAPER_SHAPES = {
+  'mnist': ((28, 28, 1), 10),
+  'fashion_mnist': ((28, 28, 1), 10),
+  'svhn': ((32, 32, 3), 10),
+  'cifar10': ((32, 32, 3), 10),
+  'cifar100': ((32, 32, 3), 100),
+  'tinyimagenet': ((64, 64, 3), 200),
+}
+
 # The tiny pool's settings: one set everywhere, so every test reuses the same compiled epoch.
 TINY_POOL = pool_lib.PoolSettings(
   model='ConvNetD1',

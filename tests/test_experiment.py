@@ -5,6 +5,7 @@ import os
 
 import jax
 import pytest
+from conftest import PAPER_SHAPES
 
 from dd_jax import config as config_lib
 from dd_jax import data as data_lib
@@ -59,15 +60,7 @@ def test_validate_config_names_the_field(field, value, message):
     experiment.validate_config(config)
 
 
-# What each paper dataset looks like: (image shape, classes, known normalisation key).
-PAPER_DATA = {
-  'mnist': ((28, 28, 1), 10),
-  'fashion_mnist': ((28, 28, 1), 10),
-  'svhn': ((32, 32, 3), 10),
-  'cifar10': ((32, 32, 3), 10),
-  'cifar100': ((32, 32, 3), 100),
-  'tinyimagenet': ((64, 64, 3), 200),
-}
+PAPER_DATA = PAPER_SHAPES
 
 
 @pytest.mark.parametrize('dataset', sorted(PAPER_DATA))

@@ -5,19 +5,13 @@ import os
 
 import numpy as np
 import pytest
+from conftest import PAPER_SHAPES
 
 from dd_jax import config as config_lib
 from dd_jax.distill import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {
-  'mnist': ((28, 28, 1), 10),
-  'fashion_mnist': ((28, 28, 1), 10),
-  'svhn': ((32, 32, 3), 10),
-  'cifar10': ((32, 32, 3), 10),
-  'cifar100': ((32, 32, 3), 100),
-  'tinyimagenet': ((64, 64, 3), 200),
-}
+SHAPES = PAPER_SHAPES
 PER_CLASS = 4  # IDM initialises each stored image from 4 real images
 
 
