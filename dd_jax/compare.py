@@ -26,17 +26,37 @@ from dd_jax.distill import loop
 
 
 def method_label(config: ml_collections.ConfigDict) -> str:
-  """E.g. 'DM', 'DM + CM', 'IDM + IID', 'DM + IID (CC on pool)' from the method and weights."""
-  cc, cm = config.constraints.cc.weight > 0, config.constraints.cm.weight > 0
-  label = (
-    config.method.upper()
-    + {(False, False): '', (True, False): ' + CC', (False, True): ' + CM', (True, True): ' + IID'}[
-      (cc, cm)
-    ]
-  )
-  if cc and config.constraints.cc.extractor == 'pool':
-    label += f' (CC on pool: {config.pool.size} {config.pool.model} x {config.pool.epochs} ep)'
-  return label
+  """The table's name of a config's method, from the method and its constraints.
+
+  E.g. 'DM', 'DM + CM', 'DM + IID (reference)' (the reference code's weights and CC form),
+  'DM + IID (CC relative 0.1)', 'DM + IID (CC threshold 0.1 tau 1)', 'DM + IID (CC calibrated
+  rho 0.1, CM 0.02)', 'DM + CC (CC on pool: 10 ConvNet x 10 ep)'.
+  """
+  cc, cm = config.constraints.cc, config.constraints.cm
+  cc_on, cm_on = cc.weight > 0, cm.weight > 0
+  suffix = {
+    (False, False): '',
+    (True, False): ' + CC',
+    (False, True): ' + CM',
+    (True, True): ' + IID',
+  }
+  label = config.method.upper() + suffix[cc_on, cm_on]
+  reference_cc, reference_cm = config_lib.IID_WEIGHTS[config.method]
+  details = []
+  if cc_on and not (cc.form == 'squared' and cc.weight == reference_cc):
+    if cc.form == 'calibrated':
+      details.append(f'CC calibrated rho {cc.weight:g}')
+    else:
+      details.append(
+        f'CC {cc.form} {cc.weight:g}' + (f' tau {cc.tau:g}' if cc.form == 'threshold' else '')
+      )
+  if cm_on and cm.weight != reference_cm:
+    details.append(f'CM {cm.weight:g}')
+  if cc_on and cm_on and not details:
+    details.append('reference')
+  if cc_on and cc.extractor == 'pool':
+    details.append(f'CC on pool: {config.pool.size} {config.pool.model} x {config.pool.epochs} ep')
+  return label + (f' ({", ".join(details)})' if details else '')
 
 
 def _cached(path: str, compute) -> dict[str, Any]:
@@ -76,7 +96,8 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns:
     {'table': the markdown table (also printed and written to workdir/table.md),
-     'rows': [{'label', 'accuracies', 'mean', 'std'}, ...] in table order, the run last but for
+     'rows': [{'label', 'accuracies', 'mean', 'std', 'split'}, ...] in table order (split:
+     'test', or 'validation' with config.dataset.validation_fraction > 0), the run last but for
      the full-training-set row}.
   """
   settings = experiment.validate_config(config)
@@ -135,7 +156,7 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
       )
     )
 
-  table = format_table(rows, dataset.name, config)
+  table = format_table(rows, dataset.name, config, dataset.held_out)
   print(table, flush=True)
   with workdir_lib.atomic_write(os.path.join(workdir, 'table.md'), 'w') as f:
     f.write(table + '\n')
@@ -147,6 +168,7 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
         'accuracies': list(evaluation['accuracies']),
         'mean': float(np.mean(evaluation['accuracies'])),
         'std': float(np.std(evaluation['accuracies'])),
+        'split': dataset.held_out,
       }
       for label, evaluation in rows
     ],
@@ -154,15 +176,18 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def format_table(
-  rows: list[tuple[str, dict[str, Any]]], dataset_name: str, config: ml_collections.ConfigDict
+  rows: list[tuple[str, dict[str, Any]]],
+  dataset_name: str,
+  config: ml_collections.ConfigDict,
+  split: str = 'test',
 ) -> str:
-  """Markdown table of mean +- std test accuracy per row."""
+  """Markdown table of mean +- std accuracy per row, on `split` ('test' or 'validation')."""
   lines = [
     f'{dataset_name}, ipc {config.ipc}, {config.distill.iterations} iterations; '
     f'{config.eval.model} trained {config.eval.epochs} epochs, mean +- std over '
     f'{config.eval.num_eval} networks:',
     '',
-    '| method | test accuracy (%) |',
+    f'| method | {split} accuracy (%) |',
     '|---|---|',
   ]
   for label, evaluation in rows:

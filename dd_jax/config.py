@@ -49,6 +49,12 @@ def default_config() -> ml_collections.ConfigDict:
   # 'auto': the reference code's constants for known datasets, else computed on the training split;
   # 'computed'; or a known dataset's name to force its constants.
   config.dataset.normalization = 'auto'
+  # > 0: hold out this fraction of every class of the training set (stratified) as validation
+  # data. Distillation, baselines and pools never see it, and every accuracy of the run is
+  # measured on it instead of the test set: choose hyper-parameters this way, then run the final
+  # table once with 0 on the test set.
+  config.dataset.validation_fraction = 0.0
+  config.dataset.validation_seed = 0  # the split's seed, independent of config.seed
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'ConvNet'  # the distillation backbone; see `python -m dd_jax.info`.
@@ -77,12 +83,17 @@ def default_config() -> ml_collections.ConfigDict:
   config.constraints = ml_collections.ConfigDict()
   config.constraints.cc = ml_collections.ConfigDict()
   config.constraints.cc.weight = 0.05
-  # squared (reference code) | exp (paper): max(0, exp(alpha * d^2) - beta) per sample. The exp
-  # form suits the 512-d pretrained extractor; on 2048-d ConvNet features d^2 ~ 2600 and
-  # exp(alpha * d^2) overflows float32 above d^2 ~ 4400 at alpha 0.02.
+  # How CC measures a synthetic sample's squared distance d^2 to its class mean (dd_jax.losses):
+  # squared (reference code): sum d^2, in the extractor's units, so a weight belongs to one
+  # extractor (0.05: the reference's pretrained ResNet18 pool); exp (paper): max(0,
+  # exp(alpha * d^2) - beta), overflows float32 on 2048-d ConvNet features; the scale-free forms
+  # relative: sum d^2 / s, s the real batch's within-class spread under the same extractor;
+  # threshold: sum max(0, d^2 / s - tau); calibrated: weight = the fraction of the DM term
+  # that CC contributes, every step.
   config.constraints.cc.form = 'squared'
   config.constraints.cc.alpha = 0.02
   config.constraints.cc.beta = 0.0
+  config.constraints.cc.tau = 1.0  # threshold form: real spreads a sample may lie from its mean
   # Whose features CC acts on: 'matching_net' (the random matching network itself, no extra
   # cost) or 'pool' (one member of a pretrained pool per iteration, the reference; see
   # config.pool). The reference weight 0.05 belongs to pretrained ResNet18 features (Deng et

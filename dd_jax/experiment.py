@@ -76,6 +76,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ExperimentSettings:
   Raises:
     ValueError: the first bad field, named `config.<section>.<field>`, with the fix.
   """
+  fraction = config.dataset.validation_fraction
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(
+      f'config.dataset.validation_fraction={fraction!r} must lie in [0, 1): the fraction of '
+      'each class held out for validation (e.g. 0.1), or 0 to evaluate on the test set.'
+    )
   method = methods.get(config.method)
   return ExperimentSettings(
     method=method,

@@ -17,6 +17,7 @@ RUN_STREAMS = {
   'distill': 1,  # the steps: step t uses fold_in(<this>, t)
   'evaluate': 2,  # evaluation networks, per evaluation point
   'queue': 3,  # IDM's initial model queue
+  'validation': 4,  # the validation split (from config.dataset.validation_seed)
 }
 
 # Streams of one distillation step, derived from its step key.

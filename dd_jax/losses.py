@@ -14,14 +14,15 @@ Shapes: N real or synthetic samples of one class, D flattened feature size, NHWC
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 GROUPINGS = ('channel', 'channel_row')
-CC_FORMS = ('squared', 'exp')
+CC_FORMS = ('squared', 'exp', 'relative', 'threshold', 'calibrated')
+# The forms measured in units of the real batch's within-class spread under the CC extractor.
+REAL_SPREAD_FORMS = ('relative', 'threshold')
 
 
 def mean_matching(real_features: jax.Array, syn_features: jax.Array) -> jax.Array:
@@ -85,41 +86,103 @@ def covariance_matching(
   return jnp.sum(jnp.square(real_cov - local_covariance(syn_map, grouping)))
 
 
+def within_class_spread(features: jax.Array) -> jax.Array:
+  """Mean squared distance of one class's features to their mean: (1/N) sum_n || f_n - mu ||^2.
+
+  The unit of the scale-free class-centralization forms: it scales as the features squared, so
+  dividing by the real batch's spread removes the extractor's scale. No gradient flows into it.
+
+  Args:
+    features: [N, D], N >= 2 for a non-zero spread.
+
+  Returns:
+    A non-negative scalar.
+  """
+  features = jax.lax.stop_gradient(features)
+  return jnp.mean(jnp.sum(jnp.square(features - jnp.mean(features, axis=0)), axis=-1))
+
+
+def _spread_unit(real_features: jax.Array | None, form: str) -> jax.Array:
+  if real_features is None:
+    raise ValueError(
+      f"Class-centralization form {form!r} measures distances in units of the real batch's "
+      'within-class spread: pass real_features (the real batch under the same extractor).'
+    )
+  spread = within_class_spread(real_features)
+  # A guard, not a regulariser: only a batch of identical real features has zero spread.
+  return jnp.maximum(spread, jnp.finfo(spread.dtype).tiny)
+
+
 def class_centralization(
-  features: jax.Array, form: str = 'squared', alpha: float = 0.02, beta: float = 0.0
+  features: jax.Array,
+  form: str = 'squared',
+  alpha: float = 0.02,
+  beta: float = 0.0,
+  real_features: jax.Array | None = None,
+  tau: float = 1.0,
 ) -> jax.Array:
   """CC loss of one class: pulls synthetic features towards their class mean (Deng et al.).
 
-  'squared' (reference code, default): sum_i || g_i - mu ||^2.
-  'exp' (paper): sum_i max(0, exp(alpha * || g_i - mu ||^2) - beta).
-  The mean mu is not stop-gradient (it moves with the samples, as in the reference).
+  With d_i^2 = || g_i - mu ||^2, mu the mean of the synthetic features (not stop-gradient: it
+  moves with the samples, as in the reference), and s the real batch's `within_class_spread`
+  under the same extractor:
+
+    'squared' (reference code, default): sum_i d_i^2. Scales as the features squared.
+    'exp' (paper, Eq. 5): sum_i max(0, exp(alpha * d_i^2) - beta).
+    'relative': sum_i d_i^2 / s. Scale-free: a weight is in units of "real spread".
+    'threshold': sum_i max(0, d_i^2 / s - tau). Scale-free, the paper's threshold beta put in
+      units of the real spread: a sample is pulled in only while it lies farther from its class
+      mean than tau real spreads, so CC never makes a class tighter than that.
+    'calibrated': the 'squared' value; `class_objective` scales its weight (see there).
 
   Args:
     features: [N_syn, D] features of the augmented synthetic images of one class.
-    form: 'squared' or 'exp'.
+    form: one of CC_FORMS.
     alpha: temperature of the 'exp' form.
     beta: threshold of the 'exp' form.
+    real_features: [N_real, D] the augmented real batch of the class under the same extractor
+      (no gradient flows into it); required by 'relative' and 'threshold'.
+    tau: threshold of the 'threshold' form, in units of the real spread.
 
   Returns:
     A scalar.
   """
   squared_distances = jnp.sum(jnp.square(features - jnp.mean(features, axis=0)), axis=-1)
-  if form == 'squared':
+  if form in ('squared', 'calibrated'):
     return jnp.sum(squared_distances)
   if form == 'exp':
     return jnp.sum(jnp.maximum(0.0, jnp.exp(alpha * squared_distances) - beta))
+  if form == 'relative':
+    return jnp.sum(squared_distances) / _spread_unit(real_features, form)
+  if form == 'threshold':
+    return jnp.sum(jnp.maximum(0.0, squared_distances / _spread_unit(real_features, form) - tau))
   raise ValueError(f'Unknown class-centralization form {form!r}; choose one of {CC_FORMS}.')
 
 
 class ObjectiveWeights(NamedTuple):
-  """Weights and options of the objective L = DM + cc * CC + cm * CM (Deng et al., CVPR 2024)."""
+  """Weights and options of the objective L = DM + cc * CC + cm * CM (Deng et al., CVPR 2024).
 
-  cc: float = 0.05
-  cm: float = 0.01
+  The default is plain DM (both weights 0); `reference_iid()` gives the reference IID weights.
+  For cc_form='calibrated', `cc` is the fraction rho of the DM term that CC contributes.
+  """
+
+  cc: float = 0.0
+  cm: float = 0.0
   cc_form: str = 'squared'
   cc_alpha: float = 0.02
   cc_beta: float = 0.0
+  cc_tau: float = 1.0
   cm_grouping: str = 'channel'
+
+  @classmethod
+  def reference_iid(cls) -> ObjectiveWeights:
+    """DM + IID with the reference code's weights: lambda_CC 0.05 ('squared'), lambda_CM 0.01."""
+    return cls(cc=0.05, cm=0.01)
+
+  @property
+  def needs_real_cc_features(self) -> bool:
+    """Whether CC needs the real batch under its extractor (the scale-free forms' unit)."""
+    return bool(self.cc) and self.cc_form in REAL_SPREAD_FORMS
 
 
 class LossTerms(NamedTuple):
@@ -136,8 +199,9 @@ def class_objective(
   real_map: jax.Array,
   syn_features: jax.Array,
   syn_map: jax.Array,
-  cc_features: jax.Array,
   weights: ObjectiveWeights = ObjectiveWeights(),
+  cc_features: jax.Array | None = None,
+  cc_real_features: jax.Array | None = None,
 ) -> LossTerms:
   """The DM + IID objective of one class.
 
@@ -146,23 +210,44 @@ def class_objective(
     real_map: [N_real, H, W, C] the matching network's final feature map of the same batch.
     syn_features: [N_syn, D] matching-network features of the augmented synthetic images.
     syn_map: [N_syn, H, W, C] their final feature map.
-    cc_features: [N_syn, D'] the features class centralization acts on (the matching network's
-      own features, or a pretrained extractor's).
     weights: term weights and options (Python values, static under jit). A zero weight skips
       that term's computation and reports it as 0.
+    cc_features: [N_syn, D'] the features class centralization acts on, e.g. a pretrained
+      extractor's; None: the matching network's own (`syn_features`).
+    cc_real_features: [N_real, D'] the real batch under the same extractor, for the forms that
+      measure in units of the real spread; None with `cc_features` None: `real_features`.
 
   Returns:
-    LossTerms with total = dm + weights.cc * cc + weights.cm * cm.
+    LossTerms with total = dm + weights.cc * cc + weights.cm * cm, cc the form's value. For the
+    'calibrated' form the weight is weights.cc * stop_gradient(dm / cc), recomputed every step:
+    CC contributes exactly the fraction weights.cc of this step's DM term whatever the
+    extractor's scale, and no state is carried (a resumed run computes the same), while its
+    gradient still pulls samples towards their class mean.
   """
+  if cc_features is None:
+    cc_features, cc_real_features = syn_features, real_features
   dm = mean_matching(real_features, syn_features)
   zero = jnp.zeros((), dm.dtype)
   cm = covariance_matching(real_map, syn_map, weights.cm_grouping) if weights.cm else zero
   cc = (
-    class_centralization(cc_features, weights.cc_form, weights.cc_alpha, weights.cc_beta)
+    class_centralization(
+      cc_features,
+      weights.cc_form,
+      weights.cc_alpha,
+      weights.cc_beta,
+      cc_real_features,
+      weights.cc_tau,
+    )
     if weights.cc
     else zero
   )
-  return LossTerms(total=dm + weights.cc * cc + weights.cm * cm, dm=dm, cc=cc, cm=cm)
+  cc_weight = weights.cc
+  if weights.cc_form == 'calibrated' and weights.cc:
+    # cc = 0 (one sample per class): no centralization to weigh, and no inf * 0.
+    positive = cc > 0
+    ratio = jnp.where(positive, dm / jnp.where(positive, cc, 1.0), 0.0)
+    cc_weight = weights.cc * jax.lax.stop_gradient(ratio)
+  return LossTerms(total=dm + cc_weight * cc + weights.cm * cm, dm=dm, cc=cc, cm=cm)
 
 
 def classwise_objective(
@@ -170,17 +255,19 @@ def classwise_objective(
   real_map: jax.Array,
   syn_features: jax.Array,
   syn_map: jax.Array,
-  cc_features: jax.Array,
   weights: ObjectiveWeights = ObjectiveWeights(),
+  cc_features: jax.Array | None = None,
+  cc_real_features: jax.Array | None = None,
 ) -> LossTerms:
   """`class_objective` for all classes at once (vmap over a leading class axis), summed.
 
-  Args: as `class_objective`, each with a leading class axis K, e.g. real_features [K, N, D].
+  Args: as `class_objective`, each array with a leading class axis K, e.g. real_features
+    [K, N, D].
 
   Returns:
     LossTerms, each term summed over the K classes.
   """
-  per_class = jax.vmap(functools.partial(class_objective, weights=weights))(
-    real_features, real_map, syn_features, syn_map, cc_features
+  per_class = jax.vmap(lambda *arrays: class_objective(*arrays[:4], weights, *arrays[4:]))(
+    real_features, real_map, syn_features, syn_map, cc_features, cc_real_features
   )
   return jax.tree_util.tree_map(jnp.sum, per_class)

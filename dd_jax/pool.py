@@ -450,7 +450,7 @@ def _dataset_slug(spec: str) -> str:
 
 
 def default_pool_dir(config: ml_collections.ConfigDict) -> str:
-  """<cache>/pools/<dataset-slug>_<model>_<size>x<epochs>_seed<seed>.
+  """<cache>/pools/<dataset-slug>_<model>_<size>x<epochs>_seed<seed>[_val<fraction>s<seed>].
 
   <cache> is config.dataset.cache_dir, else $DD_JAX_CACHE, else ~/.cache/dd_jax. Settings not in
   the name (lr, batch size, ...) are checked against the stored metadata when loading.
@@ -460,6 +460,8 @@ def default_pool_dir(config: ml_collections.ConfigDict) -> str:
   name = (
     f'{_dataset_slug(config.dataset.name)}_{pool.model}_{pool.size}x{pool.epochs}_seed{pool.seed}'
   )
+  if config.dataset.validation_fraction:  # trained without the held-out part: another pool
+    name += f'_val{config.dataset.validation_fraction:g}s{config.dataset.validation_seed}'
   return os.path.join(cache, 'pools', name)
 
 

@@ -31,7 +31,7 @@ LOSS_TERMS = ('dm', 'cc', 'cm', 'ce')
 
 
 def collect(roots: list[str]) -> list[dict[str, Any]]:
-  """One record per (grid run, table row): root, run, dataset, ipc, seed, label, accuracies.
+  """One record per (grid run, table row): root, run, dataset, split, ipc, seed, label, accuracies.
 
   Runs whose configs differ only in the seed are replicas of one setting and share their row
   labels. Where different settings at the same dataset and IPC produce the same label (an
@@ -54,6 +54,7 @@ def collect(roots: list[str]) -> list[dict[str, Any]]:
           'root': root,
           'run': run['name'],
           'dataset': config['dataset']['name'],
+          'split': row.get('split', 'test'),  # rows written before validation splits: test
           'ipc': config['ipc'],
           'seed': config['seed'],
           'label': _row_label(row['label']),
@@ -61,7 +62,7 @@ def collect(roots: list[str]) -> list[dict[str, Any]]:
           'setting': setting,
         }
         if _is_baseline(record['label']):
-          key = (record['dataset'], record['ipc'], record['seed'], record['label'])
+          key = (record['dataset'], record['split'], record['ipc'], record['seed'], record['label'])
           if key in seen_baselines:
             continue
           seen_baselines.add(key)
@@ -71,9 +72,10 @@ def collect(roots: list[str]) -> list[dict[str, Any]]:
     first_run.setdefault(record['setting'], record['run'])
   settings_per_label = collections.defaultdict(set)
   for record in records:
-    settings_per_label[(record['dataset'], record['ipc'], record['label'])].add(record['setting'])
+    key = (record['dataset'], record['split'], record['ipc'], record['label'])
+    settings_per_label[key].add(record['setting'])
   for record in records:
-    key = (record['dataset'], record['ipc'], record['label'])
+    key = (record['dataset'], record['split'], record['ipc'], record['label'])
     if len(settings_per_label[key]) > 1 and not _is_baseline(record['label']):
       record['label'] += f' [{first_run[record["setting"]]}]'
   return records
@@ -89,10 +91,16 @@ def _dataset_label(spec: str) -> str:
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str, Any]]:
-  """(dataset, ipc, label) -> mean, std over every accuracy, number of seeds and networks."""
+  """(dataset, ipc, label) -> mean, std over every accuracy, number of seeds and networks.
+
+  Accuracies on a validation split are another dataset: 'digits (validation)'.
+  """
   groups = collections.defaultdict(list)
   for record in records:
-    groups[(_dataset_label(record['dataset']), record['ipc'], record['label'])].append(record)
+    dataset = _dataset_label(record['dataset'])
+    if record['split'] != 'test':
+      dataset += f' ({record["split"]})'
+    groups[(dataset, record['ipc'], record['label'])].append(record)
   summary = {}
   for key, group in groups.items():
     accuracies = [a for record in group for a in record['accuracies']]

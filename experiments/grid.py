@@ -35,7 +35,9 @@ def main(argv):
   records = grid.run_grid(runs, _ROOT.value)
   for record in records:
     cells = '; '.join(
-      f'{row["label"]} {row["mean"]:.2f} +- {row["std"]:.2f}' for row in record['rows']
+      f'{row["label"]} {row["mean"]:.2f} +- {row["std"]:.2f}'
+      + (' (validation)' if row.get('split') == 'validation' else '')
+      for row in record['rows']
     )
     print(f'{record["name"]}: {cells}')
 

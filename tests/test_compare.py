@@ -7,20 +7,35 @@ import pytest
 
 from dd_jax import compare
 from dd_jax import config as config_lib
+from dd_jax import data as data_lib
 
 
 def test_method_labels(tiny_config):
   config = tiny_config()
-  assert compare.method_label(config) == 'DM + IID'
+  assert compare.method_label(config) == 'DM + IID (reference)'
   assert compare.method_label(config_lib.variant_config(config, 'dm')) == 'DM'
   assert compare.method_label(config_lib.variant_config(config, 'dm_cm')) == 'DM + CM'
   idm_config = tiny_config(
     method='idm', **{'constraints.cc.weight': 0.0, 'constraints.cm.weight': 0.0}
   )
   assert compare.method_label(idm_config) == 'IDM'
-  assert compare.method_label(config_lib.variant_config(idm_config, 'idm_iid')) == 'IDM + IID'
+  assert (
+    compare.method_label(config_lib.variant_config(idm_config, 'idm_iid'))
+    == 'IDM + IID (reference)'
+  )
   pooled = tiny_config(**{'constraints.cc.extractor': 'pool'})
-  assert compare.method_label(pooled).startswith('DM + IID (CC on pool: 1000 ResNet18')
+  assert compare.method_label(pooled).startswith('DM + IID (reference, CC on pool: 1000 ResNet18')
+  scale_free = {
+    ('relative', 0.1, 1.0): 'DM + IID (CC relative 0.1)',
+    ('threshold', 1.0, 0.5): 'DM + IID (CC threshold 1 tau 0.5)',
+    ('calibrated', 0.3, 1.0): 'DM + IID (CC calibrated rho 0.3)',
+  }
+  for (form, weight, tau), label in scale_free.items():
+    overrides = {'constraints.cc.form': form, 'constraints.cc.weight': weight}
+    assert compare.method_label(tiny_config(**overrides, **{'constraints.cc.tau': tau})) == label
+  assert compare.method_label(tiny_config(**{'constraints.cm.weight': 0.02})) == (
+    'DM + IID (CM 0.02)'
+  )
 
 
 def test_run_with_baselines_prints_table(tmp_path, capsys, tiny_config):
@@ -37,17 +52,37 @@ def test_run_with_baselines_prints_table(tmp_path, capsys, tiny_config):
   assert [row['label'] for row in comparison['rows']] == [
     'random real (ipc 2)',
     'DM',
-    'DM + IID',
+    'DM + IID (reference)',
     'full training set (1347 images, 1 epochs, 1 networks)',
   ]
   assert comparison['rows'][1]['mean'] == pytest.approx(
     np.mean(comparison['rows'][1]['accuracies'])
   )
-  for label in ('random real (ipc 2)', '| DM |', '| DM + IID |', 'full training set'):
+  for label in ('random real (ipc 2)', '| DM |', '| DM + IID (reference) |', 'full training set'):
     assert label in table
   assert table in capsys.readouterr().out
   assert (tmp_path / 'table.md').exists()
   assert os.path.exists(tmp_path / 'compare' / 'dm' / 'synthetic.npz')
+
+
+def test_a_validation_run_reports_validation_accuracy_and_trains_without_it(tmp_path, tiny_config):
+  config = tiny_config(
+    **{
+      'compare.variants': '',
+      'compare.random_real': False,
+      'compare.full_train_epochs': 1,
+      'compare.full_train_num_eval': 1,
+      'dataset.validation_fraction': 0.1,
+    }
+  )
+  comparison = compare.run_with_baselines(config, str(tmp_path))
+  assert '| method | validation accuracy (%) |' in comparison['table']
+  assert {row['split'] for row in comparison['rows']} == {'validation'}
+  # digits has 1347 training images; 10% of each class, rounded, is held out.
+  counts = data_lib.load_dataset('digits').train_class_counts()
+  kept = int(sum(counts - np.round(0.1 * counts)))
+  assert kept < 1347 - 100
+  assert comparison['rows'][-1]['label'].startswith(f'full training set ({kept} images')
 
 
 def test_a_variant_of_another_method_is_refused_before_work(tmp_path, tiny_config):

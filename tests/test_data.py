@@ -337,6 +337,82 @@ def test_check_ipc():
       check_ipc(ds, bad)
 
 
+# ---------------------------------------------------------------------------- validation split
+
+
+def _indexed_dataset(train_counts=(5, 10, 20), test_per_class=3):
+  """A Dataset whose every image's pixels hold its own index: train 0.., test 200.."""
+  train_labels = np.repeat(np.arange(len(train_counts)), train_counts)
+  np.random.default_rng(0).shuffle(train_labels)
+  test_labels = np.repeat(np.arange(len(train_counts)), test_per_class)
+  index_images = lambda first, n: np.broadcast_to(
+    np.arange(first, first + n, dtype=np.uint8)[:, None, None, None], (n, 2, 2, 1)
+  )
+  return data.Dataset(
+    name='indexed',
+    train_images=index_images(0, len(train_labels)),
+    train_labels=train_labels,
+    test_images=index_images(200, len(test_labels)),
+    test_labels=test_labels,
+    class_names=tuple(f'c{k}' for k in range(len(train_counts))),
+    mean=(0.5,),
+    std=(0.25,),
+  )
+
+
+def _ids(images):
+  return images[:, 0, 0, 0].astype(int)
+
+
+def test_validation_split_is_stratified_disjoint_from_train_and_test_and_deterministic():
+  dataset = _indexed_dataset()
+  split = data.hold_out_validation(dataset, 0.2, jax.random.key(0))
+  assert split.held_out == 'validation' and 'validation=(7, 2, 2, 1)' in repr(split)
+  train_ids, validation_ids = _ids(split.train_images), _ids(split.test_images)
+  # Disjoint, together exactly the training split, and no test image anywhere.
+  assert not set(train_ids) & set(validation_ids)
+  assert sorted([*train_ids, *validation_ids]) == list(range(35))
+  assert max(validation_ids) < 200 and max(train_ids) < 200
+  # Labels travel with their images.
+  np.testing.assert_array_equal(split.train_labels, dataset.train_labels[train_ids])
+  np.testing.assert_array_equal(split.test_labels, dataset.train_labels[validation_ids])
+  # Stratified: round(0.2 * n_k) of each class.
+  np.testing.assert_array_equal(np.bincount(split.test_labels), [1, 2, 4])
+  again = data.hold_out_validation(dataset, 0.2, jax.random.key(0))
+  np.testing.assert_array_equal(_ids(again.test_images), validation_ids)
+  other = data.hold_out_validation(dataset, 0.2, jax.random.key(1))
+  assert set(_ids(other.test_images)) != set(validation_ids)
+
+
+def test_validation_split_keeps_one_image_each_side_of_a_small_class():
+  dataset = _indexed_dataset(train_counts=(2, 10))
+  np.testing.assert_array_equal(
+    np.bincount(data.hold_out_validation(dataset, 0.01, jax.random.key(0)).test_labels), [1, 1]
+  )
+  np.testing.assert_array_equal(
+    np.bincount(data.hold_out_validation(dataset, 0.9, jax.random.key(0)).train_labels), [1, 1]
+  )
+
+
+@pytest.mark.parametrize('fraction', [0.0, 1.0, -0.1])
+def test_validation_fraction_outside_the_open_interval_is_refused(fraction):
+  with pytest.raises(
+    DataError, match=r'config.dataset.validation_fraction=.* must lie in \(0, 1\)'
+  ):
+    data.hold_out_validation(_indexed_dataset(), fraction, jax.random.key(0))
+
+
+def test_a_class_of_one_image_cannot_give_validation_data():
+  with pytest.raises(DataError, match=r"class 0 \('c0'\) has 1 training image"):
+    data.hold_out_validation(_indexed_dataset(train_counts=(1, 4)), 0.5, jax.random.key(0))
+
+
+def test_a_split_dataset_is_not_split_again():
+  split = data.hold_out_validation(_indexed_dataset(), 0.2, jax.random.key(0))
+  with pytest.raises(DataError, match='already held out'):
+    data.hold_out_validation(split, 0.2, jax.random.key(0))
+
+
 # ---------------------------------------------------------------------------- sampler
 
 

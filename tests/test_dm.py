@@ -17,7 +17,15 @@ STRATEGY = 'color_crop_cutout_scale_rotate'
 
 
 def _settings(**fields):
-  defaults = dict(ipc=2, batch_real=8, strategy=STRATEGY, model='ConvNetW32', lr=1.0, momentum=0.5)
+  defaults = dict(
+    ipc=2,
+    batch_real=8,
+    strategy=STRATEGY,
+    model='ConvNetW32',
+    lr=1.0,
+    momentum=0.5,
+    weights=losses.ObjectiveWeights.reference_iid(),
+  )
   return base.DistillSettings(**{**defaults, **fields})
 
 
@@ -147,7 +155,7 @@ def test_batchnorm_step_pools_all_classes_statistics(digits):
 def test_ipc1_constraints_vanish(digits):
   """At IPC 1 the synthetic covariance is 0 and CC is 0, so DM + IID == DM."""
   results = []
-  for weights in (losses.ObjectiveWeights(), losses.ObjectiveWeights(cc=0.0, cm=0.0)):
+  for weights in (losses.ObjectiveWeights.reference_iid(), losses.ObjectiveWeights()):
     settings = dataclasses.replace(_settings(ipc=1, strategy='none'), weights=weights)
     step = dm.make_dm_step(models.get_network('ConvNetW32', 10), settings, base.DataSpec.of(digits))
     state = base.init_state(

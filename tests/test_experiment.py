@@ -44,6 +44,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('compare.full_train_num_eval', 0, r'config.compare.full_train_num_eval=0 must be > 0'),
     ('compare.variants', 'dm,idm', r"'idm' is not a variant of a method='dm' config"),
     ('idm.ce_weight', -1.0, r'config.idm.ce_weight=-1.0 must be >= 0'),
+    ('dataset.validation_fraction', 1.0, r'validation_fraction=1.0 must lie in \[0, 1\)'),
+    ('constraints.cc.tau', -1.0, r'config.constraints.cc.tau=-1.0 must be >= 0'),
   ],
 )
 def test_validate_config_names_the_field(field, value, message):

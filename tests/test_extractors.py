@@ -1,5 +1,7 @@
 """Class centralization's extractors (dd_jax.extractors): the pool's draw, host against device."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +120,49 @@ def test_steps_receive_only_the_drawn_members_and_match_a_draw_inside_jit(
   assert len(set(np.round(runs['host'][1], 4))) > 1  # members (and images) change every step
   np.testing.assert_allclose(runs['host'][1], runs['inside'][1], rtol=1e-5)
   np.testing.assert_allclose(runs['host'][0], runs['inside'][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['dm', 'idm'])
+def test_scale_free_forms_take_the_real_spread_under_the_cc_extractor(pool, tiny_dataset, method):
+  """A pool extractor whose features are scaled by 10 leaves a 'relative' run unchanged (the
+  real batch goes through the same drawn member) and changes a 'squared' one. Fails if the unit
+  came from another feature space (e.g. the matching network's real features)."""
+  dataset = tiny_dataset
+  host = extractors.pool_extractor(pool)
+  scaled = dataclasses.replace(host, features=lambda *args: 10.0 * host.features(*args))
+  net, spec, num_classes = pool.net, base.DataSpec.of(dataset), dataset.num_classes
+  ipc = 2 if method == 'dm' else 1
+  labels = np.repeat(np.arange(num_classes), ipc)
+  images = jax.random.normal(jax.random.key(0), (num_classes * ipc, 8, 8, 1))
+  sampler = data_lib.ClassSampler.from_dataset(dataset)
+
+  def final_images(form, extractor):
+    common = dict(
+      ipc=ipc,
+      batch_real=4,
+      strategy='color_crop_cutout',
+      weights=losses.ObjectiveWeights(cc=1.0, cc_form=form),
+      model=net.name,
+      lr=0.1,
+    )
+    if method == 'dm':
+      settings = base.DistillSettings(**common)
+      step = dm.make_dm_step(net, settings, spec, extractor)
+      state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
+    else:
+      settings = idm.IDMSettings(
+        queue_capacity=3, train_steps=1, queue_recipe=train_lib.SGDRecipe(batch_size=4), **common
+      )
+      step = idm.make_idm_step(net, settings, spec, extractor)
+      state = idm.init_idm_state(
+        images, labels, net, settings, jax.random.key(1), jax.random.key(2)
+      )
+    for _ in range(3):
+      state, metrics = step(state, sampler)
+      assert np.isfinite(float(metrics['cc'])) and float(metrics['cc']) > 0
+    return np.asarray(state.images)
+
+  np.testing.assert_allclose(
+    final_images('relative', scaled), final_images('relative', host), rtol=1e-4, atol=1e-5
+  )
+  assert not np.allclose(final_images('squared', scaled), final_images('squared', host), atol=1e-3)

@@ -92,7 +92,7 @@ def test_grid_skips_finished_runs_and_resumes_the_rest(tmp_path, monkeypatch, ca
   assert calls == [os.path.join(root, 'iid')]  # the finished run was not touched
   assert f'Resuming {os.path.join(root, "iid")} from step 1.' in capsys.readouterr().out
   assert [r['name'] for r in records] == ['dm', 'iid']
-  assert [r['rows'][-1]['label'] for r in records] == ['DM', 'DM + IID']
+  assert [r['rows'][-1]['label'] for r in records] == ['DM', 'DM + IID (reference)']
   assert all(len(r['rows'][-1]['accuracies']) == 1 for r in records)
   assert len(workdir_lib.read_metrics(results_path)) == 2
   # A third call does nothing.

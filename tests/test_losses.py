@@ -98,7 +98,7 @@ def test_class_objective_weights_terms():
   cc_features = jnp.asarray(rng.normal(size=(3, 4)))
   weights = losses.ObjectiveWeights(cc=0.5, cm=0.25)
   terms = losses.class_objective(
-    real_map.reshape(6, -1), real_map, syn_map.reshape(3, -1), syn_map, cc_features, weights
+    real_map.reshape(6, -1), real_map, syn_map.reshape(3, -1), syn_map, weights, cc_features
   )
   np.testing.assert_allclose(
     terms.dm, losses.mean_matching(real_map.reshape(6, -1), syn_map.reshape(3, -1)), rtol=1e-6
@@ -111,8 +111,8 @@ def test_class_objective_weights_terms():
     real_map,
     syn_map.reshape(3, -1),
     syn_map,
-    cc_features,
     losses.ObjectiveWeights(cc=0.0, cm=0.0),
+    cc_features,
   )
   np.testing.assert_allclose(zero.total, terms.dm, rtol=1e-6)
 
@@ -124,13 +124,13 @@ def test_classwise_objective_sums_per_class_objectives():
   cc_features = jnp.asarray(rng.normal(size=(4, 2, 6)), jnp.float32)
   real_features = real_map.reshape(4, 5, -1)
   syn_features = syn_map.reshape(4, 2, -1)
-  weights = losses.ObjectiveWeights()
-  batched = jax.jit(lambda *a: losses.classwise_objective(*a, weights))(
+  weights = losses.ObjectiveWeights.reference_iid()
+  batched = jax.jit(lambda *a: losses.classwise_objective(*a[:4], weights, a[4]))(
     real_features, real_map, syn_features, syn_map, cc_features
   )
   looped = [
     losses.class_objective(
-      real_features[c], real_map[c], syn_features[c], syn_map[c], cc_features[c], weights
+      real_features[c], real_map[c], syn_features[c], syn_map[c], weights, cc_features[c]
     )
     for c in range(4)
   ]
@@ -147,7 +147,11 @@ def test_real_side_gets_no_gradient():
 
   def total(real_map, syn_map):
     return losses.class_objective(
-      real_map.reshape(5, -1), real_map, syn_map.reshape(3, -1), syn_map, syn_map.reshape(3, -1)
+      real_map.reshape(5, -1),
+      real_map,
+      syn_map.reshape(3, -1),
+      syn_map,
+      losses.ObjectiveWeights(cc=0.5, cm=0.5, cc_form='relative'),
     ).total
 
   real_grad, syn_grad = jax.grad(total, argnums=(0, 1))(real_map, syn_map)
@@ -188,9 +192,142 @@ def test_gradients_match_finite_differences_in_float64(name):
           real_map,
           s.reshape(3, -1),
           s,
-          s.reshape(3, -1) ** 2,
           losses.ObjectiveWeights(cc=0.3, cm=0.7),
+          s.reshape(3, -1) ** 2,
         ).total
       ),
     }
     _finite_difference_check(fns[name], syn_map)
+
+
+# Three synthetic features of one class (mean (1, 1), squared distances 2, 2, 4) and a real batch
+# whose within-class spread is (2 + 2) / 2 = 2 (mean (1, 1), both points at squared distance 2).
+_SYN = [[0.0, 0.0], [2.0, 0.0], [1.0, 3.0]]
+_REAL = [[0.0, 0.0], [2.0, 2.0]]
+
+
+def test_within_class_spread_hand_computed():
+  np.testing.assert_allclose(losses.within_class_spread(jnp.array(_REAL)), 2.0, atol=1e-6)
+  grad = jax.grad(lambda r: losses.within_class_spread(r))(jnp.array(_REAL))
+  np.testing.assert_array_equal(grad, np.zeros((2, 2)))  # real data: no gradient
+
+
+def test_scale_free_forms_hand_computed():
+  syn, real = jnp.array(_SYN), jnp.array(_REAL)
+  relative = losses.class_centralization(syn, 'relative', real_features=real)
+  np.testing.assert_allclose(relative, (2 + 2 + 4) / 2, atol=1e-6)
+  # d^2 / s = 1, 1, 2: tau 1.5 penalises only the third sample, by 0.5.
+  threshold = losses.class_centralization(syn, 'threshold', real_features=real, tau=1.5)
+  np.testing.assert_allclose(threshold, 0.5, atol=1e-6)
+  np.testing.assert_allclose(
+    losses.class_centralization(syn, 'threshold', real_features=real, tau=0.5), 0.5 + 0.5 + 1.5
+  )
+  np.testing.assert_allclose(
+    losses.class_centralization(syn, 'threshold', real_features=real, tau=3.0), 0.0
+  )
+  with pytest.raises(ValueError, match='real_features'):
+    losses.class_centralization(syn, 'relative')
+
+
+def test_calibrated_form_contributes_rho_times_dm_with_a_stop_gradient_weight():
+  syn, real = jnp.array(_SYN), jnp.array(_REAL)
+  real_map, syn_map = real.reshape(2, 1, 1, 2), syn.reshape(3, 1, 1, 2)
+  weights = losses.ObjectiveWeights(cc=0.25, cc_form='calibrated')
+  # Both batches have mean (1, 1), so DM would be 0: shift the real batch by (1, 0), DM = 1.
+  shifted = real + jnp.array([1.0, 0.0])
+  terms = losses.class_objective(shifted, real_map, syn, syn_map, weights)
+  np.testing.assert_allclose(terms.dm, 1.0, atol=1e-6)
+  np.testing.assert_allclose(terms.cc, 8.0, atol=1e-6)  # the 'squared' value is reported
+  np.testing.assert_allclose(terms.total, 1.0 + 0.25 * 1.0, atol=1e-6)
+  # Gradient: d DM + rho * (DM / CC) d CC, the ratio held fixed.
+  grad = jax.grad(lambda s: losses.class_objective(shifted, real_map, s, syn_map, weights).total)(
+    syn
+  )
+  expected = jax.grad(
+    lambda s: losses.mean_matching(shifted, s) + 0.25 * (1.0 / 8.0) * losses.class_centralization(s)
+  )(syn)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+  # One synthetic sample per class: CC = 0, and the weight stays finite.
+  single = losses.class_objective(shifted, real_map, syn[:1], syn_map[:1], weights)
+  assert np.isfinite(float(single.total))
+
+
+@pytest.mark.parametrize('form', ['relative', 'threshold', 'calibrated', 'squared'])
+def test_scale_free_forms_ignore_the_extractor_scale(form):
+  """Features x10: relative / threshold values and the calibrated contribution are unchanged; the
+  reference 'squared' value grows 100-fold (this test fails for a form that is not scale-free)."""
+  rng = np.random.default_rng(7)
+  real_map = jnp.asarray(rng.normal(size=(8, 2, 2, 3)), jnp.float32)
+  syn_map = jnp.asarray(rng.normal(size=(4, 2, 2, 3)), jnp.float32)
+  real_features, syn_features = real_map.reshape(8, -1), syn_map.reshape(4, -1)
+  cc_syn = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+  cc_real = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
+  weights = losses.ObjectiveWeights(cc=0.3, cc_form=form, cc_tau=0.5)
+
+  def contribution(scale):
+    terms = losses.class_objective(
+      real_features, real_map, syn_features, syn_map, weights, scale * cc_syn, scale * cc_real
+    )
+    return float(terms.cc), float(terms.total - terms.dm)
+
+  (value, weighted), (value10, weighted10) = contribution(1.0), contribution(10.0)
+  assert weighted > 0
+  if form == 'squared':
+    np.testing.assert_allclose(weighted10, 100 * weighted, rtol=1e-4)
+  elif form == 'calibrated':
+    np.testing.assert_allclose(weighted10, weighted, rtol=1e-5)
+    np.testing.assert_allclose(value10, 100 * value, rtol=1e-4)  # the raw value does scale
+  else:
+    np.testing.assert_allclose(value10, value, rtol=1e-5)
+    np.testing.assert_allclose(weighted10, weighted, rtol=1e-5)
+
+
+@pytest.mark.parametrize('form', ['relative', 'threshold'])
+def test_scale_free_form_gradients_match_finite_differences_in_float64(form):
+  with float64():
+    rng = np.random.default_rng(8)
+    real = jnp.asarray(rng.normal(size=(6, 5)))
+    syn = jnp.asarray(rng.normal(size=(4, 5)))
+    fn = lambda s: losses.class_centralization(s, form, real_features=real, tau=0.8)
+    distances = np.sum(np.square(syn - syn.mean(0)), -1) / losses.within_class_spread(real)
+    assert np.min(np.abs(distances - 0.8)) > 0.05  # away from the threshold's kink
+    assert float(fn(syn)) > 0
+    _finite_difference_check(fn, syn)
+    # The real batch is data: its gradient is zero.
+    real_grad = jax.grad(
+      lambda r: losses.class_centralization(syn, form, real_features=r, tau=0.8)
+    )(real)
+    np.testing.assert_array_equal(real_grad, np.zeros_like(real_grad))
+
+
+def test_calibrated_gradient_matches_finite_differences_of_the_fixed_ratio_objective_in_float64():
+  with float64():
+    rng = np.random.default_rng(9)
+    real_map = jnp.asarray(rng.normal(size=(6, 2, 3, 4)))
+    syn_map = jnp.asarray(rng.normal(size=(3, 2, 3, 4)))
+    real, syn = real_map.reshape(6, -1), syn_map.reshape(3, -1)
+    weights = losses.ObjectiveWeights(cc=0.4, cm=0.1, cc_form='calibrated')
+    terms = losses.class_objective(real, real_map, syn, syn_map, weights)
+    ratio = terms.dm / terms.cc  # the stop-gradient weight at this point
+
+    def fixed(s):
+      return (
+        losses.mean_matching(real, s.reshape(3, -1))
+        + 0.4 * ratio * losses.class_centralization(s.reshape(3, -1))
+        + 0.1 * losses.covariance_matching(real_map, s)
+      )
+
+    grad = jax.grad(
+      lambda s: losses.class_objective(real, real_map, s.reshape(3, -1), s, weights).total
+    )(syn_map)
+    np.testing.assert_allclose(grad, jax.grad(fixed)(syn_map), rtol=1e-10)
+    _finite_difference_check(fixed, syn_map)
+
+
+def test_objective_weights_defaults_are_plain_dm():
+  assert losses.ObjectiveWeights().cc == 0 and losses.ObjectiveWeights().cm == 0
+  reference = losses.ObjectiveWeights.reference_iid()
+  assert (reference.cc, reference.cm, reference.cc_form) == (0.05, 0.01, 'squared')
+  assert losses.ObjectiveWeights(cc=1.0, cc_form='relative').needs_real_cc_features
+  assert not losses.ObjectiveWeights(cc=0.0, cc_form='relative').needs_real_cc_features
+  assert not losses.ObjectiveWeights(cc=1.0, cc_form='calibrated').needs_real_cc_features

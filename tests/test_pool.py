@@ -161,6 +161,10 @@ def test_default_pool_dir(tmp_path):
   assert pool_lib.default_pool_dir(config) != directory
   config.dataset.name = 'tfds:cifar10'
   assert os.path.basename(pool_lib.default_pool_dir(config)).startswith('cifar10-')
+  # A pool trained without a validation split's images is another pool.
+  whole = pool_lib.default_pool_dir(config)
+  config.dataset.validation_fraction = 0.1
+  assert pool_lib.default_pool_dir(config) == whole + '_val0.1s0'
 
 
 def test_get_or_train_pool_trains_once_then_reuses(pool, dataset, tmp_path, monkeypatch):

@@ -96,6 +96,32 @@ def test_ablation_settings_with_one_label_are_told_apart(tmp_path):
   assert summary[('digits', 10, 'random real')]['networks'] == 2  # once per seed, not per run
 
 
+def test_validation_rows_are_reported_apart_from_test_rows(tmp_path):
+  root = str(tmp_path / 'grid')
+  records = []
+  for name, fraction, split, accuracy in (
+    ('val', 0.1, 'validation', 80.0),
+    ('test', 0.0, 'test', 90.0),
+  ):
+    workdir_lib.write_json(
+      os.path.join(root, name, 'config.json'),
+      {'dataset': {'name': 'digits', 'validation_fraction': fraction}, 'ipc': 3, 'seed': 0},
+    )
+    rows = [
+      {'label': 'random real (ipc 3)', 'accuracies': [accuracy - 5], 'split': split},
+      {'label': 'DM', 'accuracies': [accuracy], 'split': split},
+    ]
+    records.append({'name': name, 'spec': '', 'seconds': 1.0, 'rows': rows})
+  workdir_lib.write_metrics(os.path.join(root, 'results.jsonl'), records)
+  summary = report.summarize(report.collect([root]))
+  assert {key: value['mean'] for key, value in summary.items()} == {
+    ('digits (validation)', 3, 'random real'): 75.0,
+    ('digits (validation)', 3, 'DM'): 80.0,
+    ('digits', 3, 'random real'): 85.0,
+    ('digits', 3, 'DM'): 90.0,
+  }
+
+
 def test_not_a_grid_root(tmp_path):
   with pytest.raises(ValueError, match='no results.jsonl'):
     report.build_report([str(tmp_path)], str(tmp_path / 'out'))

@@ -1,12 +1,14 @@
 """Datasets (sklearn digits, TFDS, image folders, npz), normalisation, class-balanced sampling."""
 
 from dd_jax.data.dataset import (
+  HELD_OUT_SPLITS,
   KNOWN_STATS,
   DataError,
   Dataset,
   check_ipc,
   compute_channel_stats,
   denormalize,
+  hold_out_validation,
   known_dataset_key,
   normalize,
 )
@@ -25,12 +27,14 @@ __all__ = [
   'KNOWN_STATS',
   'SOURCES',
   'ClassSampler',
+  'HELD_OUT_SPLITS',
   'DataError',
   'Dataset',
   'check_ipc',
   'compute_channel_stats',
   'default_cache_dir',
   'denormalize',
+  'hold_out_validation',
   'known_dataset_key',
   'load_dataset',
   'normalize',

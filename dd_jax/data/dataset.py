@@ -14,6 +14,8 @@ class DataError(ValueError):
   """A data source or dataset setting is unusable; the message says what is wrong and the fix."""
 
 
+HELD_OUT_SPLITS = ('test', 'validation')
+
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # Per-channel (mean, std) in [0, 1] pixel units, exactly as in the reference code.
@@ -121,6 +123,8 @@ class Dataset:
     class_names: K names; label k is `class_names[k]`.
     mean: C per-channel means in [0, 1] pixel units, used by `normalize`.
     std: C per-channel standard deviations in [0, 1] pixel units.
+    held_out: what test_images are: 'test' (the dataset's test split) or 'validation' (a part
+      of its training split held out by `hold_out_validation`).
   """
 
   name: str
@@ -131,6 +135,7 @@ class Dataset:
   class_names: tuple[str, ...]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  held_out: str = 'test'
 
   def __post_init__(self):
     set_field = lambda field, value: object.__setattr__(self, field, value)  # frozen
@@ -168,11 +173,15 @@ class Dataset:
       )
     if min(self.std) <= 0:
       raise DataError(f'{self.name}: std must be positive, got {self.std}')
+    if self.held_out not in HELD_OUT_SPLITS:
+      raise DataError(
+        f'{self.name}: held_out must be one of {HELD_OUT_SPLITS}, got {self.held_out}'
+      )
 
   def __repr__(self) -> str:  # the default repr would print the arrays
     return (
       f'Dataset(name={self.name!r}, train={self.train_images.shape}, '
-      f'test={self.test_images.shape}, num_classes={self.num_classes}, '
+      f'{self.held_out}={self.test_images.shape}, num_classes={self.num_classes}, '
       f'mean={self.mean}, std={self.std})'
     )
 
@@ -214,3 +223,58 @@ def check_ipc(dataset: Dataset, ipc: int) -> None:
       f'({dataset.class_names[smallest]!r}), the smallest class of {dataset.name!r}; '
       f'use ipc <= {counts[smallest]}'
     )
+
+
+def hold_out_validation(dataset: Dataset, fraction: float, key: jax.Array) -> Dataset:
+  """The dataset with a stratified, seeded part of its training split held out for validation.
+
+  Class k keeps round(fraction * n_k) of its n_k training images (at least 1, at most n_k - 1)
+  as validation data, drawn by a permutation from fold_in(key, k); the rest stay training data.
+  The test split is dropped, so nothing computed on the result can see it. Normalisation stays
+  the dataset's (for 'computed' statistics, those of the whole training split: a per-channel
+  mean and std, not a choice tuned on the validation data).
+
+  Args:
+    dataset: a dataset whose test images are its test split.
+    fraction: in (0, 1).
+    key: PRNG key of the split (the same key gives the same split).
+
+  Returns:
+    A Dataset with held_out='validation': train_* the remaining training images (original
+    order), test_* the validation images (class by class).
+
+  Raises:
+    DataError: a fraction outside (0, 1), a dataset already split, or a class with fewer than
+      2 training images.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise DataError(
+      f'config.dataset.validation_fraction={fraction!r} must lie in (0, 1) (0 disables it).'
+    )
+  if dataset.held_out != 'test':
+    raise DataError(f'{dataset.name}: a validation split is already held out.')
+  counts = dataset.train_class_counts()
+  if counts.min() < 2:
+    smallest = int(np.argmin(counts))
+    raise DataError(
+      f'config.dataset.validation_fraction: class {smallest} '
+      f'({dataset.class_names[smallest]!r}) has {counts[smallest]} training image(s), too few '
+      'to hold one out; use validation_fraction=0.'
+    )
+  held = []
+  for class_id, count in enumerate(counts):
+    members = np.flatnonzero(dataset.train_labels == class_id)
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, class_id), len(members)))
+    size = min(max(int(round(fraction * count)), 1), int(count) - 1)
+    held.append(members[order[:size]])
+  held = np.concatenate(held)
+  keep = np.ones(len(dataset.train_labels), bool)
+  keep[held] = False
+  return dataclasses.replace(
+    dataset,
+    train_images=dataset.train_images[keep],
+    train_labels=dataset.train_labels[keep],
+    test_images=dataset.train_images[held],
+    test_labels=dataset.train_labels[held],
+    held_out='validation',
+  )

@@ -123,7 +123,7 @@ class DataSpec:
 def objective_weights(config: ml_collections.ConfigDict) -> losses.ObjectiveWeights:
   """The loss weights of config.constraints, checked (messages name the config field)."""
   cc, cm = config.constraints.cc, config.constraints.cm
-  for path, value in (('cc.weight', cc.weight), ('cm.weight', cm.weight)):
+  for path, value in (('cc.weight', cc.weight), ('cm.weight', cm.weight), ('cc.tau', cc.tau)):
     if value < 0:
       raise ValueError(f'config.constraints.{path}={value!r} must be >= 0.')
   for path, value, choices in (
@@ -140,6 +140,7 @@ def objective_weights(config: ml_collections.ConfigDict) -> losses.ObjectiveWeig
     cc_form=cc.form,
     cc_alpha=float(cc.alpha),
     cc_beta=float(cc.beta),
+    cc_tau=float(cc.tau),
     cm_grouping=cm.grouping,
   )
 

@@ -116,13 +116,27 @@ def make_dm_step(
       cc_features = extractor.features(
         network_extractor_params, network_cc_key, syn_flat, syn_features
       )
+      cc_real_features = None
+      if settings.weights.needs_real_cc_features:
+        # The unit of the scale-free CC forms: the real batch under the CC extractor (the
+        # matching network's features as they are; a pool member embeds the real batch).
+        cc_real_features = per_class(
+          extractor.features(
+            network_extractor_params,
+            network_cc_key,
+            real.reshape(num_classes * batch_real, *image_shape),
+            real_features.reshape(num_classes * batch_real, -1),
+          ),
+          batch_real,
+        )
       return losses.classwise_objective(
         real_features,
         real_map,
         per_class(syn_features, ipc),
         per_class(syn_map, ipc),
-        per_class(cc_features, ipc),
         settings.weights,
+        per_class(cc_features, ipc),
+        cc_real_features,
       )
 
     network_keys = jax.random.split(keys_lib.stream(key, 'networks'), settings.num_nets)

@@ -514,8 +514,17 @@ def make_idm_step(
       real_features, real_map = net.embed(variables, real)
       syn_features, syn_map, logits = net.embed_with_logits(variables, syn)
       cc_features = extractor.features(extractor_params, cc_key, syn, syn_features)
+      cc_real_features = None
+      if settings.weights.needs_real_cc_features:  # the scale-free CC forms' unit
+        cc_real_features = extractor.features(extractor_params, cc_key, real, real_features)
       terms = losses.class_objective(
-        real_features, real_map, syn_features, syn_map, cc_features, settings.weights
+        real_features,
+        real_map,
+        syn_features,
+        syn_map,
+        settings.weights,
+        cc_features,
+        cc_real_features,
       )
       ce = train_lib.cross_entropy(logits, jnp.full((syn.shape[0],), class_id))
       total = terms.total + settings.ce_weight * accuracy * ce

@@ -40,7 +40,7 @@ class PreparedData:
 
   dataset: data_lib.Dataset
   sampler: data_lib.ClassSampler
-  test_images: jax.Array  # normalised float32 [M, H, W, C]
+  test_images: jax.Array  # normalised float32 [M, H, W, C]: dataset.held_out, test or validation
   # Pretrained pools loaded for this dataset, by directory: runs sharing the data share them.
   pools: dict[str, pool_lib.Pool] = dataclasses.field(default_factory=dict)
 
@@ -56,6 +56,12 @@ def prepare_data(
     cache_dir=config.dataset.cache_dir or None,
     normalization=config.dataset.normalization,
   )
+  if config.dataset.validation_fraction:
+    dataset = data_lib.hold_out_validation(
+      dataset,
+      config.dataset.validation_fraction,
+      keys_lib.run_key(config.dataset.validation_seed, 'validation'),
+    )
   settings.method.check_data(settings.distill, dataset)
   return PreparedData(
     dataset=dataset,
@@ -87,6 +93,7 @@ def evaluate_images(
     'mean': float(np.mean(accuracies)),
     'std': float(np.std(accuracies)),
     'model': settings.model,
+    'split': data.dataset.held_out,
   }
 
 
@@ -363,9 +370,9 @@ def _evaluate_and_record(
   )
   seconds = time.perf_counter() - start
   print(
-    f'step {step}: {evaluation["model"]} test accuracy {evaluation["mean"]:.2f} +- '
-    f'{evaluation["std"]:.2f} over {len(evaluation["accuracies"])} networks '
-    f'({seconds:.0f}s)',
+    f'step {step}: {evaluation["model"]} {evaluation["split"]} accuracy '
+    f'{evaluation["mean"]:.2f} +- {evaluation["std"]:.2f} over '
+    f'{len(evaluation["accuracies"])} networks ({seconds:.0f}s)',
     flush=True,
   )
   workdir_lib.append_metrics(
