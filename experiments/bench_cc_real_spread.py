@@ -14,8 +14,10 @@ randomly initialised ConvNets (trained weights cost the same).
 """
 
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 
 import jax
@@ -32,7 +34,9 @@ _BATCH_REAL = flags.DEFINE_integer('batch_real', 64, 'Real images per class per 
 _POOL = flags.DEFINE_integer('pool', 2, 'Pool members (randomly initialised ConvNets).')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per setting (after one warm-up).')
 _OUT = flags.DEFINE_string(
-  'out', 'experiments/results/cc_real_spread_cost.json', 'Results file (JSON).'
+  'out',
+  os.path.join(tempfile.gettempdir(), 'dd_jax_cc_real_spread_cost.json'),
+  'Results file (JSON; the committed record: --out=experiments/results/cc_real_spread_cost.json).',
 )
 
 
@@ -128,6 +132,7 @@ def main(argv):
       f,
       indent=1,
     )
+  print(f'wrote {_OUT.value}')
 
 
 if __name__ == '__main__':

@@ -50,7 +50,11 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (medi
 _NUM_EVAL = flags.DEFINE_integer('num_eval', 5, 'Evaluation networks.')
 _EVAL_IMAGES = flags.DEFINE_integer('eval_images', 500, 'Images the evaluation trains on.')
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
-_OUT = flags.DEFINE_string('out', 'experiments/results/bench_speed.json', 'Results file.')
+_OUT = flags.DEFINE_string(
+  'out',
+  os.path.join(tempfile.gettempdir(), 'dd_jax_bench_speed.json'),
+  'Results file (the committed record: --out=experiments/results/bench_speed.json).',
+)
 
 NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
 
@@ -207,6 +211,7 @@ def main(argv):
     json.dump(results, f, indent=2)
     f.write('\n')
   print(format_table(results))
+  print(f'wrote {_OUT.value}')
 
 
 def format_table(results: dict) -> str:

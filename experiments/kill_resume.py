@@ -35,8 +35,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the kill delays.')
 _MAX_ATTEMPTS = flags.DEFINE_integer('max_attempts', 200, 'Give up after this many launches.')
 _RESULTS = flags.DEFINE_string(
   'results',
-  'experiments/results/kill_resume.json',
-  'Summary file (relative to the repository root); empty: none.',
+  '',
+  'Summary file (relative to the repository root; the committed record:\n'
+  '--results=experiments/results/kill_resume.json); empty: none.',
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
