@@ -6,7 +6,39 @@ Library entry points (pure, jit/vmap/grad-safe):
   from dd_jax import augment     # DSA: augment(key, images, strategy, siamese=...)
   from dd_jax import data        # load_dataset(spec), ClassSampler, sample_all_classes
   from dd_jax.distill import methods, dm, idm   # the registered methods and their steps
+`import dd_jax` alone also reaches them (`dd_jax.losses`), imported on first use so that
+`import dd_jax` stays cheap.
 Runs: `python -m dd_jax.main --config=configs/digits.py --workdir=/tmp/dd_digits`.
 """
 
+import importlib
+
 __version__ = '0.1.0'
+
+# The public modules, in import order (each imports only modules above it or outside dd_jax).
+_PUBLIC_MODULES = (
+  'config',
+  'keys',
+  'losses',
+  'models',
+  'augment',
+  'data',
+  'extractors',
+  'evaluate',
+  'distill',
+  'compare',
+  'experiment',
+  'grid',
+  'report',
+)
+__all__ = list(_PUBLIC_MODULES)
+
+
+def __getattr__(name: str):
+  if name in _PUBLIC_MODULES:
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_PUBLIC_MODULES))
