@@ -15,12 +15,12 @@ import os
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from dd_jax import config as config_lib
 from dd_jax import data as data_lib
-from dd_jax import experiment
+from dd_jax import experiment, stats
 from dd_jax import keys as keys_lib
+from dd_jax import train as train_lib
 from dd_jax import workdir as workdir_lib
 from dd_jax.distill import loop
 
@@ -160,19 +160,13 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
   print(table, flush=True)
   with workdir_lib.atomic_write(os.path.join(workdir, 'table.md'), 'w') as f:
     f.write(table + '\n')
-  return {
-    'table': table,
-    'rows': [
-      {
-        'label': label,
-        'accuracies': list(evaluation['accuracies']),
-        'mean': float(np.mean(evaluation['accuracies'])),
-        'std': float(np.std(evaluation['accuracies'])),
-        'split': dataset.held_out,
-      }
-      for label, evaluation in rows
-    ],
-  }
+  return {'table': table, 'rows': [_row(label, e, dataset.held_out) for label, e in rows]}
+
+
+def _row(label: str, evaluation: dict[str, Any], split: str) -> dict[str, Any]:
+  mean, std = stats.mean_std(evaluation['accuracies'])
+  accuracies = list(evaluation['accuracies'])
+  return {'label': label, 'accuracies': accuracies, 'mean': mean, 'std': std, 'split': split}
 
 
 def format_table(
@@ -181,16 +175,17 @@ def format_table(
   config: ml_collections.ConfigDict,
   split: str = 'test',
 ) -> str:
-  """Markdown table of mean +- std accuracy per row, on `split` ('test' or 'validation')."""
+  """Markdown table of mean +- sample std accuracy per row, on `split` ('test' or 'validation')."""
+  epochs_trained, _ = train_lib.epoch_plan(config.eval.epochs, config.eval.schedule)
   lines = [
     f'{dataset_name}, ipc {config.ipc}, {config.distill.iterations} iterations; '
-    f'{config.eval.model} trained {config.eval.epochs} epochs, mean +- std over '
+    f'{config.eval.model} trained {epochs_trained} epochs, mean +- sample std over '
     f'{config.eval.num_eval} networks:',
     '',
     f'| method | {split} accuracy (%) |',
     '|---|---|',
   ]
   for label, evaluation in rows:
-    accuracies = np.asarray(evaluation['accuracies'])
-    lines.append(f'| {label} | {accuracies.mean():.2f} +- {accuracies.std():.2f} |')
+    mean, std = stats.mean_std(evaluation['accuracies'])
+    lines.append(f'| {label} | {mean:.2f} +- {std:.2f} |')
   return '\n'.join(lines)

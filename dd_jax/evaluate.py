@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from dd_jax import augment as augment_lib
-from dd_jax import models
+from dd_jax import models, stats
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 
@@ -167,11 +167,8 @@ def cross_architecture(
     except ValueError as error:
       results[name] = {'error': str(error)}
       continue
-    results[name] = {
-      'accuracies': [float(a) for a in accuracies],
-      'mean': float(np.mean(accuracies)),
-      'std': float(np.std(accuracies)),
-    }
+    mean, std = stats.mean_std(accuracies)
+    results[name] = {'accuracies': [float(a) for a in accuracies], 'mean': mean, 'std': std}
   largest_drop = None
   if 'mean' in results[reference]:
     drops = {

@@ -5,7 +5,7 @@
 Reads each root's results.jsonl (written by `dd_jax.grid.run_grid`) and each run's config.json
 and metrics.jsonl, and writes into the output folder:
 
-    summary.md          mean +- std per (dataset, IPC) and method row, over seeds x networks
+    summary.md          mean +- sample std per (dataset, IPC) and method row, over seeds x networks
     accuracy_vs_ipc.png one panel per dataset: accuracy against IPC, a line per method row
     rows_<dataset>.png  bars of every row at each IPC (ablations side by side)
     losses_<run>.png    the loss terms of a run and its variants against the step (log scale)
@@ -25,6 +25,7 @@ matplotlib.use('Agg')  # files only; no display
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from dd_jax import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LOSS_TERMS = ('dm', 'cc', 'cm', 'ce')
@@ -104,9 +105,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[tuple[str, int, str], dict[
   summary = {}
   for key, group in groups.items():
     accuracies = [a for record in group for a in record['accuracies']]
+    mean, std = stats.mean_std(accuracies)
     summary[key] = {
-      'mean': float(np.mean(accuracies)),
-      'std': float(np.std(accuracies)),
+      'mean': mean,
+      'std': std,
       'seeds': len({record['seed'] for record in group}),
       'networks': len(accuracies),
     }
@@ -141,7 +143,9 @@ def summary_markdown(summary: dict[tuple[str, int, str], dict[str, Any]]) -> str
         )
       lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     lines.append('')
-  lines.append('Cells: mean +- std over (seeds x evaluation networks), (seeds x networks).')
+  lines.append(
+    'Cells: mean +- sample std (n - 1) over seeds x evaluation networks, (seeds x networks).'
+  )
   return '\n'.join(lines)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dd_jax import report
+from dd_jax import report, stats
 from dd_jax import workdir as workdir_lib
 
 
@@ -46,11 +46,11 @@ def test_report_aggregates_and_draws(tmp_path):
   dm_ipc10 = summary[('cifar10', 10, 'DM')]
   expected = [30.0, 32.0, 31.0, 33.0]  # seeds 0 and 1, two networks each
   assert dm_ipc10['mean'] == pytest.approx(np.mean(expected))
-  assert dm_ipc10['std'] == pytest.approx(np.std(expected))
+  assert dm_ipc10['std'] == pytest.approx(np.std(expected, ddof=1))
   assert (dm_ipc10['seeds'], dm_ipc10['networks']) == (2, 4)
   assert ('cifar10', 1, 'random real') in summary  # the IPC moves to the column
   markdown = open(written['summary_md']).read()
-  assert '| DM | 22.50 +- 1.12 (2x2) | 31.50 +- 1.12 (2x2) |' in markdown
+  assert '| DM | 22.50 +- 1.29 (2x2) | 31.50 +- 1.29 (2x2) |' in markdown
   assert markdown.index('random real') < markdown.index('| DM |')
   names = sorted(os.path.basename(p) for p in written['figures'])
   assert names == [
@@ -125,3 +125,12 @@ def test_validation_rows_are_reported_apart_from_test_rows(tmp_path):
 def test_not_a_grid_root(tmp_path):
   with pytest.raises(ValueError, match='no results.jsonl'):
     report.build_report([str(tmp_path)], str(tmp_path / 'out'))
+
+
+def test_mean_std_is_the_sample_std():
+  mean, std = stats.mean_std([1.0, 2.0, 3.0, 4.0])
+  assert mean == 2.5
+  assert std == pytest.approx((5.0 / 3.0) ** 0.5)  # sum of squares 5 over n - 1 = 3
+  assert stats.mean_std([7.0]) == (7.0, 0.0)
+  with pytest.raises(ValueError, match='no values'):
+    stats.mean_std([])

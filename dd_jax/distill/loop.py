@@ -25,7 +25,7 @@ import numpy as np
 from dd_jax import checkpoint as checkpoint_lib
 from dd_jax import data as data_lib
 from dd_jax import evaluate as evaluate_lib
-from dd_jax import experiment
+from dd_jax import experiment, stats
 from dd_jax import extractors as extractors_lib
 from dd_jax import keys as keys_lib
 from dd_jax import pool as pool_lib
@@ -88,10 +88,11 @@ def evaluate_images(
     data.dataset.num_classes,
     settings,
   )
+  mean, std = stats.mean_std(accuracies)
   return {
     'accuracies': [float(a) for a in accuracies],
-    'mean': float(np.mean(accuracies)),
-    'std': float(np.std(accuracies)),
+    'mean': mean,
+    'std': std,
     'model': settings.model,
     'split': data.dataset.held_out,
   }
