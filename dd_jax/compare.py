@@ -25,40 +25,6 @@ from dd_jax import workdir as workdir_lib
 from dd_jax.distill import loop
 
 
-def method_label(config: ml_collections.ConfigDict) -> str:
-  """The table's name of a config's method, from the method and its constraints.
-
-  E.g. 'DM', 'DM + CM', 'DM + IID (reference)' (the reference code's weights and CC form),
-  'DM + IID (CC relative 0.1)', 'DM + IID (CC threshold 0.1 tau 1)', 'DM + IID (CC calibrated
-  rho 0.1, CM 0.02)', 'DM + CC (CC on pool: 10 ConvNet x 10 ep)'.
-  """
-  cc, cm = config.constraints.cc, config.constraints.cm
-  cc_on, cm_on = cc.weight > 0, cm.weight > 0
-  suffix = {
-    (False, False): '',
-    (True, False): ' + CC',
-    (False, True): ' + CM',
-    (True, True): ' + IID',
-  }
-  label = config.method.upper() + suffix[cc_on, cm_on]
-  reference_cc, reference_cm = config_lib.IID_WEIGHTS[config.method]
-  details = []
-  if cc_on and not (cc.form == 'squared' and cc.weight == reference_cc):
-    if cc.form == 'calibrated':
-      details.append(f'CC calibrated rho {cc.weight:g}')
-    else:
-      details.append(
-        f'CC {cc.form} {cc.weight:g}' + (f' tau {cc.tau:g}' if cc.form == 'threshold' else '')
-      )
-  if cm_on and cm.weight != reference_cm:
-    details.append(f'CM {cm.weight:g}')
-  if cc_on and cm_on and not details:
-    details.append('reference')
-  if cc_on and cc.extractor == 'pool':
-    details.append(f'CC on pool: {config.pool.size} {config.pool.model} x {config.pool.epochs} ep')
-  return label + (f' ({", ".join(details)})' if details else '')
-
-
 def _cached(path: str, compute) -> dict[str, Any]:
   if os.path.exists(path):
     return workdir_lib.read_json(path)
@@ -119,12 +85,12 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   for variant in settings.compare.variants:
     derived = config_lib.variant_config(config, variant)
-    print(f'--- variant {variant}: {method_label(derived)} ---', flush=True)
+    print(f'--- variant {variant}: {config_lib.method_label(derived)} ---', flush=True)
     results = loop.run(derived, os.path.join(compare_dir, variant), data)
-    rows.append((method_label(derived), results['eval']))
+    rows.append((config_lib.method_label(derived), results['eval']))
 
-  print(f'--- {method_label(config)} ---', flush=True)
-  rows.append((method_label(config), loop.run(config, workdir, data)['eval']))
+  print(f'--- {config_lib.method_label(config)} ---', flush=True)
+  rows.append((config_lib.method_label(config), loop.run(config, workdir, data)['eval']))
 
   if config.compare.full_train_epochs:
 

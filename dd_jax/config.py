@@ -236,6 +236,40 @@ def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collectio
   return derived
 
 
+def method_label(config: ml_collections.ConfigDict) -> str:
+  """The table's name of a config's method, from the method and its constraints.
+
+  E.g. 'DM', 'DM + CM', 'DM + IID (reference)' (the reference code's weights and CC form),
+  'DM + IID (CC relative 0.1)', 'DM + IID (CC threshold 0.1 tau 1)', 'DM + IID (CC calibrated
+  rho 0.1, CM 0.02)', 'DM + CC (CC on pool: 10 ConvNet x 10 ep)'.
+  """
+  cc, cm = config.constraints.cc, config.constraints.cm
+  cc_on, cm_on = cc.weight > 0, cm.weight > 0
+  suffix = {
+    (False, False): '',
+    (True, False): ' + CC',
+    (False, True): ' + CM',
+    (True, True): ' + IID',
+  }
+  label = config.method.upper() + suffix[cc_on, cm_on]
+  reference_cc, reference_cm = IID_WEIGHTS[config.method]
+  details = []
+  if cc_on and not (cc.form == 'squared' and cc.weight == reference_cc):
+    if cc.form == 'calibrated':
+      details.append(f'CC calibrated rho {cc.weight:g}')
+    else:
+      details.append(
+        f'CC {cc.form} {cc.weight:g}' + (f' tau {cc.tau:g}' if cc.form == 'threshold' else '')
+      )
+  if cm_on and cm.weight != reference_cm:
+    details.append(f'CM {cm.weight:g}')
+  if cc_on and cm_on and not details:
+    details.append('reference')
+  if cc_on and cc.extractor == 'pool':
+    details.append(f'CC on pool: {config.pool.size} {config.pool.model} x {config.pool.epochs} ep')
+  return label + (f' ({", ".join(details)})' if details else '')
+
+
 def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
   """The reduced budget for 2-core CPUs: 400 iterations, real batch 64
   per class (IDM queue networks also train on batches of 64), 300-epoch evaluation of 3

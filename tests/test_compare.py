@@ -12,19 +12,21 @@ from dd_jax import data as data_lib
 
 def test_method_labels(tiny_config):
   config = tiny_config()
-  assert compare.method_label(config) == 'DM + IID (reference)'
-  assert compare.method_label(config_lib.variant_config(config, 'dm')) == 'DM'
-  assert compare.method_label(config_lib.variant_config(config, 'dm_cm')) == 'DM + CM'
+  assert config_lib.method_label(config) == 'DM + IID (reference)'
+  assert config_lib.method_label(config_lib.variant_config(config, 'dm')) == 'DM'
+  assert config_lib.method_label(config_lib.variant_config(config, 'dm_cm')) == 'DM + CM'
   idm_config = tiny_config(
     method='idm', **{'constraints.cc.weight': 0.0, 'constraints.cm.weight': 0.0}
   )
-  assert compare.method_label(idm_config) == 'IDM'
+  assert config_lib.method_label(idm_config) == 'IDM'
   assert (
-    compare.method_label(config_lib.variant_config(idm_config, 'idm_iid'))
+    config_lib.method_label(config_lib.variant_config(idm_config, 'idm_iid'))
     == 'IDM + IID (reference)'
   )
   pooled = tiny_config(**{'constraints.cc.extractor': 'pool'})
-  assert compare.method_label(pooled).startswith('DM + IID (reference, CC on pool: 1000 ResNet18')
+  assert config_lib.method_label(pooled).startswith(
+    'DM + IID (reference, CC on pool: 1000 ResNet18'
+  )
   scale_free = {
     ('relative', 0.1, 1.0): 'DM + IID (CC relative 0.1)',
     ('threshold', 1.0, 0.5): 'DM + IID (CC threshold 1 tau 0.5)',
@@ -32,8 +34,8 @@ def test_method_labels(tiny_config):
   }
   for (form, weight, tau), label in scale_free.items():
     overrides = {'constraints.cc.form': form, 'constraints.cc.weight': weight}
-    assert compare.method_label(tiny_config(**overrides, **{'constraints.cc.tau': tau})) == label
-  assert compare.method_label(tiny_config(**{'constraints.cm.weight': 0.02})) == (
+    assert config_lib.method_label(tiny_config(**overrides, **{'constraints.cc.tau': tau})) == label
+  assert config_lib.method_label(tiny_config(**{'constraints.cm.weight': 0.02})) == (
     'DM + IID (CM 0.02)'
   )
 

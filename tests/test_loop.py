@@ -19,7 +19,7 @@ def test_run_writes_workdir_and_resumes_to_the_same_synthetic_set(
   config = tiny_config()
   reference = loop.run(config, str(tmp_path / 'uninterrupted'))
   assert set(reference['eval']) >= {'accuracies', 'mean', 'std'}
-  assert reference['method'] == 'dm'
+  assert (reference['method'], reference['base_method']) == ('DM + IID (reference)', 'dm')
   workdir = tmp_path / 'uninterrupted'
   for name in (
     'config.json',

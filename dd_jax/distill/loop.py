@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from dd_jax import checkpoint as checkpoint_lib
+from dd_jax import config as config_lib
 from dd_jax import data as data_lib
 from dd_jax import evaluate as evaluate_lib
 from dd_jax import experiment, stats
@@ -296,7 +297,8 @@ def run(
   )
   results = {
     'dataset': dataset.name,
-    'method': settings.method.name,
+    'method': config_lib.method_label(config),  # as the tables name it, e.g. 'DM + IID (reference)'
+    'base_method': settings.method.name,
     'ipc': distill.ipc,
     'iterations': total,
     'weights': distill.weights._asdict(),
