@@ -1,5 +1,6 @@
 """Tests for dd_jax.data: sources, normalisation, errors and the class-balanced sampler."""
 
+import dataclasses
 import os
 
 import jax
@@ -232,6 +233,37 @@ def test_npz_missing_key(tmp_path):
     load_dataset(f'npz:{path}')
 
 
+@pytest.mark.parametrize(
+  'y_train, y_test, class_names, message',
+  [
+    # 1-based labels without class_names: class 0 would exist with no images.
+    (
+      [1, 2, 3, 1, 2, 3],
+      [1, 2, 3],
+      None,
+      r'1 of the 4 classes have no images in y_train '
+      r'\(classes \[0\]; the labels present are \[1, 2, 3\]\).*remap them',
+    ),
+    ([0, 1, 2, 0, 1, 2], [0, 1, 1], None, r'no images in y_test \(classes \[2\]'),
+    ([0, 1, 0, 1, 0, 1], [0, 1, 0], ['a', 'b', 'c'], r'1 of the 3 classes .* y_train'),
+    ([0, 1, 5, 0, 1, 5], [0, 1, 5], ['a', 'b'], r'labels in \[0, 5\] but there are 2 class_names'),
+  ],
+)
+def test_npz_labels_must_cover_every_class(tmp_path, y_train, y_test, class_names, message):
+  path = tmp_path / 'labels.npz'
+  arrays = dict(
+    x_train=np.zeros((6, 4, 4), np.uint8),
+    y_train=np.array(y_train),
+    x_test=np.zeros((3, 4, 4), np.uint8),
+    y_test=np.array(y_test),
+  )
+  if class_names:
+    arrays['class_names'] = np.array(class_names)
+  np.savez(path, **arrays)
+  with pytest.raises(DataError, match=message):
+    load_dataset(f'npz:{path}')
+
+
 # ---------------------------------------------------------------------------- normalisation
 
 
@@ -335,6 +367,13 @@ def test_check_ipc():
   for bad in (0, -3):
     with pytest.raises(DataError, match='positive integer'):
       check_ipc(ds, bad)
+  no_class_9 = dataclasses.replace(
+    ds,
+    train_images=ds.train_images[ds.train_labels != 9],
+    train_labels=ds.train_labels[ds.train_labels != 9],
+  )
+  with pytest.raises(DataError, match=r"class 9 \('9'\) of 'digits' has no training images"):
+    check_ipc(no_class_9, 1)
 
 
 # ---------------------------------------------------------------------------- validation split

@@ -217,6 +217,11 @@ def check_ipc(dataset: Dataset, ipc: int) -> None:
     raise DataError(f'ipc must be a positive integer (images per class), got {ipc!r}')
   counts = dataset.train_class_counts()
   smallest = int(np.argmin(counts))
+  if counts[smallest] == 0:
+    raise DataError(
+      f'class {smallest} ({dataset.class_names[smallest]!r}) of {dataset.name!r} has no training '
+      'images: every class needs some (are the labels 0..K-1?)'
+    )
   if ipc > counts[smallest]:
     raise DataError(
       f'ipc={ipc} is larger than the {counts[smallest]} training images of class {smallest} '

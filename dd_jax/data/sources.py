@@ -145,6 +145,36 @@ def _load_digits() -> _Loaded:
   return _Loaded('digits', class_names, x_train, y_train, x_test, y_test)
 
 
+def _check_every_class_present(path, class_names, y_train, y_test) -> None:
+  """Raises `DataError` naming the classes without training or test images.
+
+  Without it, labels that are not 0..K-1 (1-based, or a gap) surface later as a class with 0
+  images, e.g. in an `ipc` message that suggests ipc <= 0.
+  """
+  for split, labels in (('y_train', y_train), ('y_test', y_test)):
+    if labels.size == 0:
+      raise DataError(f'{path}: {split} is empty')
+    if labels.min() < 0 or labels.max() >= len(class_names):
+      raise DataError(
+        f'{path}: {split} holds labels in [{labels.min()}, {labels.max()}] but there are '
+        f'{len(class_names)} class_names; labels must be 0..{len(class_names) - 1}'
+      )
+    counts = np.bincount(labels, minlength=len(class_names))
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+      present = np.flatnonzero(counts)
+      raise DataError(
+        f'{path}: {len(empty)} of the {len(class_names)} classes have no images in {split} '
+        f'(classes {_head(empty)}; the labels present are {_head(present)}). Labels must be '
+        '0..K-1 with every class in both splits: remap them (e.g. 1-based labels to 0-based), '
+        'or give class_names that list only the classes present.'
+      )
+
+
+def _head(values: np.ndarray, count: int = 10) -> str:
+  return str(values[:count].tolist())[:-1] + (', ...]' if values.size > count else ']')
+
+
 def _as_nhwc_uint8(images: np.ndarray, what: str) -> np.ndarray:
   if images.ndim == 3:  # [N, H, W] grayscale
     images = images[..., None]
@@ -177,6 +207,7 @@ def _load_npz(path: str) -> _Loaded:
       class_names = tuple(str(c) for c in arrays['class_names'])
     else:
       class_names = tuple(str(c) for c in range(int(max(y_train.max(), y_test.max())) + 1))
+    _check_every_class_present(path, class_names, y_train, y_test)
     stored_stats = None
     if 'mean' in arrays.files and 'std' in arrays.files:
       stored_stats = (tuple(arrays['mean'].tolist()), tuple(arrays['std'].tolist()))
