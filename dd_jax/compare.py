@@ -11,6 +11,7 @@ when already finished. Prints a markdown table and writes it to `workdir/table.m
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -25,10 +26,40 @@ from dd_jax import workdir as workdir_lib
 from dd_jax.distill import loop
 
 
-def _cached(path: str, compute) -> dict[str, Any]:
+def baseline_settings(config: ml_collections.ConfigDict, **extra: Any) -> dict[str, Any]:
+  """What a baseline's accuracies depend on: data, seed, ipc and the evaluation protocol.
+
+  `extra` adds baseline-specific fields. Returned in its JSON form (lists, not tuples), so it
+  compares equal to the copy stored beside a cached result.
+  """
+  dataset = {k: v for k, v in config.dataset.to_dict().items() if k != 'cache_dir'}
+  settings = {
+    'dataset': dataset,
+    'seed': config.seed,
+    'ipc': config.ipc,
+    'eval': config.eval.to_dict(),
+    **extra,
+  }
+  return json.loads(json.dumps(settings))
+
+
+def _cached(path: str, settings: dict[str, Any], compute) -> dict[str, Any]:
+  """`compute()`'s result, reused from `path` only if it was computed with `settings`."""
   if os.path.exists(path):
-    return workdir_lib.read_json(path)
-  result = compute()
+    cached = workdir_lib.read_json(path)
+    if cached.get('settings') == settings:
+      return cached
+    changed = sorted(
+      key
+      for key in set(settings) | set(cached.get('settings', {}))
+      if settings.get(key) != cached.get('settings', {}).get(key)
+    )
+    print(
+      f'{os.path.basename(path)}: computed with other settings (differing: '
+      f'{", ".join(changed)}); recomputing.',
+      flush=True,
+    )
+  result = {**compute(), 'settings': settings}
   workdir_lib.write_json(path, result)
   return result
 
@@ -78,6 +109,7 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f'random real (ipc {config.ipc})',
         _cached(
           os.path.join(compare_dir, 'random_real.json'),
+          baseline_settings(config),
           lambda: evaluate_random_real(config, settings, data),
         ),
       )
@@ -118,7 +150,15 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f'full training set ({len(dataset.train_labels)} images, '
         f'{config.compare.full_train_epochs} epochs, '
         f'{config.compare.full_train_num_eval} networks)',
-        _cached(os.path.join(compare_dir, 'full_train.json'), full_train),
+        _cached(
+          os.path.join(compare_dir, 'full_train.json'),
+          baseline_settings(
+            config,
+            full_train_epochs=config.compare.full_train_epochs,
+            full_train_num_eval=config.compare.full_train_num_eval,
+          ),
+          full_train,
+        ),
       )
     )
 

@@ -67,6 +67,24 @@ def test_run_with_baselines_prints_table(tmp_path, capsys, tiny_config):
   assert os.path.exists(tmp_path / 'compare' / 'dm' / 'synthetic.npz')
 
 
+def test_cached_baselines_are_recomputed_when_their_settings_change(tmp_path, capsys, tiny_config):
+  overrides = {'compare.random_real': True, 'compare.full_train_epochs': 1}
+  first = compare.run_with_baselines(
+    tiny_config(**overrides, **{'compare.full_train_num_eval': 1}), str(tmp_path)
+  )
+  assert [len(row['accuracies']) for row in first['rows']] == [2, 2, 1]
+  capsys.readouterr()
+  again = compare.run_with_baselines(
+    tiny_config(**overrides, **{'compare.full_train_num_eval': 2}), str(tmp_path)
+  )
+  out = capsys.readouterr().out
+  assert 'full_train.json: computed with other settings (differing: full_train_num_eval)' in out
+  assert 'random_real.json' not in out  # its settings did not change: reused
+  assert again['rows'][0] == first['rows'][0]
+  assert again['rows'][-1]['label'] == 'full training set (1347 images, 1 epochs, 2 networks)'
+  assert len(again['rows'][-1]['accuracies']) == 2  # recomputed, not the cached single network
+
+
 def test_a_validation_run_reports_validation_accuracy_and_trains_without_it(tmp_path, tiny_config):
   config = tiny_config(
     **{
