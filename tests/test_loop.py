@@ -169,3 +169,34 @@ def test_unwritable_workdir_is_refused_before_work(tmp_path, tiny_config):
     locked.mkdir(mode=0o500)
     with pytest.raises(ValueError, match='locked is not writable'):
       loop.run(tiny_config(), str(locked))
+
+
+def test_image_overshoot_in_pixel_ranges():
+  mean, std = (0.5,), (0.25,)
+  normalised = lambda pixels: (jnp.asarray(pixels, jnp.float32)[..., None] - 0.5) / 0.25
+  assert loop.image_overshoot(normalised([0.0, 0.3, 1.0]), mean, std) == 0.0
+  assert loop.image_overshoot(normalised([0.2, 3.5]), mean, std) == pytest.approx(2.5)
+  assert loop.image_overshoot(normalised([-4.0, 0.5]), mean, std) == pytest.approx(4.0)
+
+
+def test_divergence_warnings_and_error():
+  assert loop.divergence_warnings(2.0, 150.0, 5.0, 40, 1.0) == {}
+  warnings = loop.divergence_warnings(2.0, 250.0, 20.0, 40, 1.0)
+  assert set(warnings) == {'images', 'loss'}
+  assert 'from 2 to 250 (x125)' in warnings['loss'] and 'distill.lr=1' in warnings['loss']
+  assert 'reach 20 times' in warnings['images']
+  with pytest.raises(loop.DivergenceError, match=r'step 40: .* 2e\+03 times .*distill.lr=1e\+30'):
+    loop.divergence_warnings(2.0, 2.0, 2e3, 40, 1e30)
+
+
+def test_chance_level_warning():
+  assert loop.chance_level_warning([10.0, 10.5, 12.0], 10, 'x') is None
+  warning = loop.chance_level_warning([10.0, 10.0, 10.9], 10, '20 training images')
+  assert '20 training images' in warning and 'chance 10.00%' in warning and 'eval.lr' in warning
+
+
+def test_a_diverging_image_optimiser_stops_with_the_fix(tmp_path, tiny_config, capsys):
+  config = tiny_config(**{'distill.lr': 1e6, 'constraints.cc.weight': 0.0})
+  with pytest.raises((loop.DivergenceError, FloatingPointError), match='distill.lr'):
+    loop.run(config, str(tmp_path))
+  assert not (tmp_path / 'results.json').exists()

@@ -90,6 +90,11 @@ def evaluate_images(
     settings,
   )
   mean, std = stats.mean_std(accuracies)
+  warning = chance_level_warning(
+    [float(a) for a in accuracies], data.dataset.num_classes, f'{len(images)} training images'
+  )
+  if warning:
+    print(warning, flush=True)
   return {
     'accuracies': [float(a) for a in accuracies],
     'mean': mean,
@@ -250,6 +255,9 @@ def run(
       flush=True,
     )
   last_evaluation = None
+  logged = [m for m in workdir_lib.read_metrics(metrics_path) if 'loss' in m]
+  first_loss = logged[0]['loss'] if logged else None  # the divergence guard's reference
+  warned = set()
   for step in range(start_step + 1, total + 1):
     state, metrics = prepared.step(state, data.sampler)
     window.append(metrics)
@@ -272,6 +280,13 @@ def run(
       )
       workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
       window, window_start = [], time.perf_counter()
+      first_loss = means['loss'] if first_loss is None else first_loss
+      overshoot = image_overshoot(state.images, dataset.mean, dataset.std)
+      warnings = divergence_warnings(first_loss, means['loss'], overshoot, step, distill.lr)
+      for kind, warning in warnings.items():
+        if kind not in warned:  # each kind once per run
+          warned.add(kind)
+          print(warning, flush=True)
     if evaluate_now:
       last_evaluation = record(step, state)
     if save_now:
@@ -354,6 +369,81 @@ def check_finite(
   raise FloatingPointError(
     f'Stopped: {problem}; {resume}. Lower distill.lr or the constraint weights '
     '(constraints.cc.weight, constraints.cm.weight) and rerun in a new --workdir.'
+  )
+
+
+# Divergence guard. DM's images overshoot [0, 1] by a fraction of the range and losses fall or
+# wander by small factors; these margins are orders of magnitude beyond that.
+IMAGE_OVERSHOOT_WARNING = 10.0  # pixels this many ranges outside [0, 1]: warn
+IMAGE_OVERSHOOT_ERROR = 1e3  # ... this many: stop, nothing useful can come of the run
+LOSS_GROWTH_WARNING = 100.0  # a logged loss this many times the first one: warn
+
+
+class DivergenceError(RuntimeError):
+  """The synthetic images left any plausible range: the image optimiser diverged."""
+
+
+def image_overshoot(images: jax.Array, mean, std) -> float:
+  """How far normalised images reach outside the pixel range [0, 1], in units of that range.
+
+  Args:
+    images: float [..., C], normalised with per-channel `mean` / `std` (C values each).
+
+  Returns:
+    max(max pixel - 1, -min pixel, 0) over all pixels of the denormalised images.
+  """
+  pixels = images * jnp.asarray(std, images.dtype) + jnp.asarray(mean, images.dtype)
+  return float(jnp.maximum(jnp.maximum(jnp.max(pixels) - 1.0, -jnp.min(pixels)), 0.0))
+
+
+def divergence_warnings(
+  first_loss: float, loss: float, overshoot: float, step: int, distill_lr: float
+) -> dict[str, str]:
+  """The divergence guard's verdict on one log window.
+
+  Args:
+    first_loss: the mean loss of the run's first log window.
+    loss: the mean loss of this window.
+    overshoot: `image_overshoot` of the synthetic images after `step`.
+    step: the step just logged.
+    distill_lr: config.distill.lr, named in the messages.
+
+  Returns:
+    {kind: warning} (possibly empty), kinds 'images' (more than IMAGE_OVERSHOOT_WARNING ranges
+    outside [0, 1]) and 'loss' (grown by more than LOSS_GROWTH_WARNING times).
+
+  Raises:
+    DivergenceError: images more than IMAGE_OVERSHOOT_ERROR ranges outside [0, 1].
+  """
+  advice = f'distill.lr={distill_lr:g} is probably too large; lower it and rerun in a new --workdir'
+  if overshoot > IMAGE_OVERSHOOT_ERROR:
+    raise DivergenceError(
+      f'Stopped at step {step}: the synthetic pixels reach {overshoot:.3g} times the pixel '
+      f'range outside [0, 1]: the image optimiser diverged. {advice}.'
+    )
+  warnings = {}
+  if overshoot > IMAGE_OVERSHOOT_WARNING:
+    warnings['images'] = (
+      f'WARNING step {step}: the synthetic pixels reach {overshoot:.3g} times the pixel range '
+      f'outside [0, 1]; {advice}.'
+    )
+  if first_loss > 0 and loss > LOSS_GROWTH_WARNING * first_loss:
+    warnings['loss'] = (
+      f'WARNING step {step}: the loss grew from {first_loss:.4g} to {loss:.4g} '
+      f'(x{loss / first_loss:.3g}); {advice}.'
+    )
+  return warnings
+
+
+def chance_level_warning(accuracies: list[float], num_classes: int, what: str) -> str | None:
+  """A warning when every network of an evaluation scored at most chance (+ 1 point)."""
+  chance = 100.0 / num_classes
+  if max(accuracies) > chance + 1.0:
+    return None
+  return (
+    f'WARNING: {what}: every evaluation network is at chance level ({max(accuracies):.2f}% '
+    f'at best, chance {chance:.2f}%): they did not learn. Check eval.lr (too large diverges, '
+    'too small does not move) and, for a distilled set, the synthetic images (distill.lr).'
   )
 
 
