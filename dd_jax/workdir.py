@@ -168,14 +168,24 @@ IGNORED_ON_RESUME = ('compare.',)
 
 
 def snapshot_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json, or checks that an existing one is the same run.
+  """Writes config.json, or checks (`check_config`) that an existing one is the same run."""
+  if not check_config(workdir, config):
+    write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> bool:
+  """Checks that `workdir` holds no run of another config; writes nothing.
 
   Differences in IGNORED_ON_RESUME fields are accepted (the snapshot keeps the first values), and
   so are fields the snapshot lacks (added to dd_jax after the run started; a warning lists them):
   the run so far was computed without them.
 
+  Returns:
+    Whether `workdir` holds a config.json (of this run).
+
   Raises:
-    ValueError: the workdir holds a run of a different config (listing the differing fields).
+    ValueError: the workdir holds a run of a different config (listing the differing fields and
+      naming the directory to delete or the flag to change).
   """
   path = os.path.join(workdir, 'config.json')
   current = json.loads(config.to_json())
@@ -197,12 +207,12 @@ def snapshot_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     differences = [line for line in differences if line not in added]
     if differences:
       raise ValueError(
-        f'--workdir={workdir} holds a run of a different config:\n  '
+        f'{workdir} holds a run of a different config:\n  '
         + '\n  '.join(differences)
-        + '\nUse a new --workdir, or delete this one to start over.'
+        + f'\nUse a new --workdir, or delete {workdir} (everything in it) to start over.'
       )
-    return
-  write_json(path, current)
+    return True
+  return False
 
 
 def image_grid(images: np.ndarray, rows: int) -> np.ndarray:

@@ -109,3 +109,29 @@ def test_a_variant_of_another_method_is_refused_before_work(tmp_path, tiny_confi
   with pytest.raises(ValueError, match=r"'idm' is not a variant of a method='dm' config"):
     compare.run_with_baselines(tiny_config(**{'compare.variants': 'idm'}), str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def test_an_unwritable_workdir_is_refused_before_the_baselines(tmp_path, capsys, tiny_config):
+  (tmp_path / 'a_file').write_text('not a directory')
+  config = tiny_config(**{'compare.random_real': True, 'compare.variants': 'dm'})
+  with pytest.raises(ValueError, match=r'a_file/run is not writable'):
+    compare.run_with_baselines(config, str(tmp_path / 'a_file' / 'run'))
+  assert 'random real' not in capsys.readouterr().out
+
+
+def test_an_evaluation_network_too_small_is_refused_before_work(tmp_path, capsys, tiny_config):
+  config = tiny_config(**{'compare.random_real': True, 'eval.model': 'LeNet'})
+  with pytest.raises(ValueError, match=r"config.eval.model='LeNet' cannot take the 8x8x1 images"):
+    compare.run_with_baselines(config, str(tmp_path))
+  assert 'random real' not in capsys.readouterr().out
+  assert not (tmp_path / 'config.json').exists()  # the workdir stays reusable
+
+
+def test_a_changed_config_names_the_whole_workdir_before_work(tmp_path, capsys, tiny_config):
+  compare.run_with_baselines(tiny_config(**{'compare.variants': 'dm'}), str(tmp_path))
+  capsys.readouterr()
+  changed = tiny_config(**{'compare.variants': 'dm', 'distill.lr': 2.0})
+  with pytest.raises(ValueError, match=rf'delete {tmp_path} \(everything in it\)') as error:
+    compare.run_with_baselines(changed, str(tmp_path))
+  assert 'distill.lr' in str(error.value) and 'compare' not in str(error.value)
+  assert 'Distilling' not in capsys.readouterr().out

@@ -26,7 +26,7 @@ from dd_jax import checkpoint as checkpoint_lib
 from dd_jax import config as config_lib
 from dd_jax import data as data_lib
 from dd_jax import evaluate as evaluate_lib
-from dd_jax import experiment, stats
+from dd_jax import experiment, models, stats
 from dd_jax import extractors as extractors_lib
 from dd_jax import keys as keys_lib
 from dd_jax import pool as pool_lib
@@ -64,6 +64,13 @@ def prepare_data(
       keys_lib.run_key(config.dataset.validation_seed, 'validation'),
     )
   settings.method.check_data(settings.distill, dataset)
+  # Both networks must take the images: the evaluation one otherwise fails only after distilling.
+  settings.method.network(settings.distill, dataset.num_classes).check_input_shape(
+    dataset.image_shape, 'config.model.name'
+  )
+  models.get_network(settings.eval.model, dataset.num_classes).check_input_shape(
+    dataset.image_shape, 'config.eval.model'
+  )
   return PreparedData(
     dataset=dataset,
     sampler=data_lib.ClassSampler.from_dataset(dataset),
@@ -220,13 +227,15 @@ def run(
     data = prepare_data(config, settings)
   else:
     settings.method.check_data(distill, data.dataset)
-  workdir_lib.snapshot_config(workdir, config)
+  workdir_lib.check_config(workdir, config)
   dataset = data.dataset
   results_path = os.path.join(workdir, 'results.json')
 
   prepared = build_method(config, settings, data, config.seed)
   state = prepared.state
   check_free_space(workdir, prepared)
+  # Written only now: a run refused by any check above leaves its workdir reusable.
+  workdir_lib.snapshot_config(workdir, config)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   restored = checkpointer.restore_latest(state)

@@ -53,6 +53,21 @@ class Network:
       input_shape = (1, *input_shape)
     return self.module.init(key, jnp.zeros(input_shape, jnp.float32))
 
+  def check_input_shape(self, image_shape: tuple[int, int, int], field: str) -> None:
+    """Raises ValueError (naming the config `field`) unless the network takes these images.
+
+    Traces `init` abstractly (no FLOPs, no memory), so a network whose pooling shrinks the image
+    to nothing is refused before any work rather than after distillation.
+    """
+    try:
+      jax.eval_shape(lambda: self.init(jax.random.key(0), (1, *image_shape)))
+    except ValueError as error:
+      height, width, channels = image_shape
+      raise ValueError(
+        f'{field}={self.name!r} cannot take the {height}x{width}x{channels} images of this '
+        f'dataset: {error}'
+      ) from None
+
   def apply(self, variables: Variables, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Logits [N, K]. With `train=True` batch norm uses batch statistics (updates discarded)."""
     if train and self.has_batch_stats:
