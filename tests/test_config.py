@@ -1,8 +1,10 @@
 """Config files, config strings, validation and the locked command line."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -124,9 +126,39 @@ def _main(*args):
 
 def test_cli_rejects_misspelled_override(tmp_path):
   result = _main('--config=configs/digits.py', f'--workdir={tmp_path}/run', '--config.ipcc=3')
-  assert result.returncode != 0
-  assert 'ipcc' in result.stderr
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
+    "dd_jax: error: the config has no field 'ipcc' (a --config.<field>=<value> override). "
+    'Did you mean "ipc" instead of "ipcc"?'
+  )
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_cli_refusal_is_one_message_and_traceback_is_optional(tmp_path):
+  args = ('--config=configs/digits.py', f'--workdir={tmp_path}/run', '--config.eval.model=LeNet')
+  result = _main(*args)
+  assert result.returncode == 2
+  assert result.stderr.startswith("dd_jax: error: config.eval.model='LeNet' cannot take the 8x8x1")
+  assert 'Traceback' not in result.stderr and len(result.stderr.splitlines()) == 2
+  with_traceback = _main(*args, '--traceback')
+  assert with_traceback.returncode != 0 and 'Traceback' in with_traceback.stderr
+
+
+def test_cli_interrupt_exits_at_once_with_the_resume_message(tmp_path):
+  process = subprocess.Popen(
+    [sys.executable, '-m', 'dd_jax.main', '--config=configs/digits.py', f'--workdir={tmp_path}/r'],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  assert process.stdout.readline()  # the run has started (first progress line)
+  process.send_signal(signal.SIGINT)
+  start = time.monotonic()
+  _, stderr = process.communicate(timeout=60)
+  assert time.monotonic() - start < 10  # not after the running XLA call finishes
+  assert process.returncode == 130
+  assert 'Rerun the same command to resume from the last checkpoint' in stderr
 
 
 def test_cli_rejects_bad_value_before_work(tmp_path):
