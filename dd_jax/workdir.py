@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +34,54 @@ def is_primary() -> bool:
   """Whether this process writes the run's files: process 0 of a multi-process run (and the
   only process otherwise). The others compute the same values and discard their writes."""
   return jax.process_index() == 0
+
+
+class TensorBoardLog:
+  """A run's scalars as TensorBoard event files in <workdir>/tensorboard, beside metrics.jsonl.
+
+  Written by process 0 only, synchronously (tensorboardX's SummaryWriter queues events for a
+  thread, so a kill would lose the last ones). A resumed run purges the events after the step it
+  resumes from, as metrics.jsonl drops its lines (`tensorboard --logdir <workdir>` then shows one
+  clean curve). An event file is an append-only log: a kill can cut its last record, which
+  readers skip.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
+    self._directory = os.path.join(workdir, 'tensorboard')
+    self._purge_step = None if resume_step is None else resume_step + 1
+    self._writer = None  # opened at the first scalar: a finished run's rerun writes no file
+
+  def scalars(self, step: int, values: dict[str, float], prefix: str = '') -> None:
+    """Logs `{prefix}{name}` = value at `step` for every item, and flushes to disk."""
+    if not is_primary():
+      return
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2, summary_pb2
+
+    if self._writer is None:
+      os.makedirs(self._directory, exist_ok=True)
+      # The name holds whole seconds only; the suffix keeps two segments of a run apart.
+      self._writer = EventsWriter(
+        os.path.join(self._directory, 'events'), filename_suffix=f'.{time.time_ns()}'
+      )
+      if self._purge_step is not None:
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._writer.write_event(
+          event_pb2.Event(wall_time=time.time(), step=self._purge_step, session_log=start)
+        )
+    summary = summary_pb2.Summary(
+      value=[
+        summary_pb2.Summary.Value(tag=f'{prefix}{name}', simple_value=float(value))
+        for name, value in values.items()
+      ]
+    )
+    self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from dd_jax import experiment
+from dd_jax import workdir as workdir_lib
 from dd_jax.distill import loop
 
 
@@ -200,3 +202,42 @@ def test_a_diverging_image_optimiser_stops_with_the_fix(tmp_path, tiny_config, c
   with pytest.raises((loop.DivergenceError, FloatingPointError), match='distill.lr'):
     loop.run(config, str(tmp_path))
   assert not (tmp_path / 'results.json').exists()
+
+
+def _tensorboard_scalars(directory):
+  """{tag: [(step, value), ...]} from every event file in `directory` (TFRecord framing:
+  8-byte length, 4-byte CRC, the Event proto, 4-byte CRC), honouring purge markers."""
+  from tensorboardX.proto import event_pb2
+
+  scalars = {}
+  for path in sorted(directory.glob('events.out.tfevents.*')):
+    data = path.read_bytes()
+    offset = 0
+    while offset + 12 <= len(data):
+      (length,) = struct.unpack('<Q', data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4
+      if event.HasField('session_log') and event.session_log.status == event.session_log.START:
+        for tag in scalars:  # a resumed run: forget what it is about to recompute
+          scalars[tag] = [(s, v) for s, v in scalars[tag] if s < event.step]
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_tensorboard_holds_the_loss_terms_and_accuracies_once_after_a_resume(
+  tmp_path, tiny_config, wrap_steps, interrupt
+):
+  config = tiny_config()
+  wrap_steps(interrupt(5))
+  with pytest.raises(KeyboardInterrupt):
+    loop.run(config, str(tmp_path))
+  wrap_steps(None)
+  loop.run(config, str(tmp_path))
+  scalars = _tensorboard_scalars(tmp_path / 'tensorboard')
+  assert {'distill/loss', 'distill/dm', 'distill/cc', 'distill/cm'} <= set(scalars)
+  assert [step for step, _ in scalars['distill/loss']] == [2, 4, 6]  # no duplicate after resume
+  logged = [m for m in workdir_lib.read_metrics(str(tmp_path / 'metrics.jsonl')) if 'loss' in m]
+  np.testing.assert_allclose([v for _, v in scalars['distill/dm']], [m['dm'] for m in logged])
+  results = workdir_lib.read_json(str(tmp_path / 'results.json'))
+  assert scalars['eval/test_accuracy'][-1] == (6, pytest.approx(results['eval']['mean']))

@@ -249,8 +249,9 @@ def run(
   total = distill.iterations
   evaluation_steps = _evaluation_steps(distill)
   evaluate_key = keys_lib.run_key(config.seed, 'evaluate')
+  tensorboard = workdir_lib.TensorBoardLog(workdir, int(state.step) if restored else None)
   record = lambda step, state: _evaluate_and_record(
-    settings.eval, data, prepared, state, step, evaluate_key, workdir
+    settings.eval, data, prepared, state, step, evaluate_key, workdir, tensorboard
   )
   window, window_start = [], time.perf_counter()  # per-step metrics since the last log line
   start_step = int(state.step)
@@ -288,6 +289,7 @@ def run(
         flush=True,
       )
       workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
+      tensorboard.scalars(step, {**means, 'its_per_s': rate}, prefix='distill/')
       window, window_start = [], time.perf_counter()
       first_loss = means['loss'] if first_loss is None else first_loss
       overshoot = image_overshoot(state.images, dataset.mean, dataset.std)
@@ -304,9 +306,11 @@ def run(
   checkpointer.close()
 
   if last_evaluation is None and os.path.exists(results_path):
+    tensorboard.close()
     return workdir_lib.read_json(results_path)  # already finished
   if last_evaluation is None:  # resumed exactly at the end without a results file
     last_evaluation = record(total, state)
+  tensorboard.close()
   images, labels = map(sharding_lib.to_host, prepared.training_set(state))
   pixels = lambda x: np.asarray(dataset.denormalize(sharding_lib.to_host(x), clip=True))
   stored = settings.method.stored_images(state)
@@ -464,6 +468,7 @@ def _evaluate_and_record(
   step: int,
   evaluate_key: jax.Array,
   workdir: str,
+  tensorboard: workdir_lib.TensorBoardLog,
 ) -> dict[str, Any]:
   start = time.perf_counter()
   images, labels = map(sharding_lib.to_host, prepared.training_set(state))
@@ -480,6 +485,12 @@ def _evaluate_and_record(
   workdir_lib.append_metrics(
     os.path.join(workdir, 'metrics.jsonl'),
     {'step': step, 'eval': evaluation, 'eval_seconds': seconds},
+  )
+  split = evaluation['split']
+  tensorboard.scalars(
+    step,
+    {f'{split}_accuracy': evaluation['mean'], f'{split}_accuracy_std': evaluation['std']},
+    'eval/',
   )
   dataset = data.dataset
   pixels = np.asarray(dataset.denormalize(sharding_lib.to_host(state.images), clip=True))
