@@ -10,6 +10,10 @@ This module imports no other part of dd_jax, so config files stay cheap to load.
 
 from __future__ import annotations
 
+import ast
+import inspect
+import io
+import tokenize
 from collections.abc import Sequence
 
 import ml_collections
@@ -35,9 +39,9 @@ def default_config() -> ml_collections.ConfigDict:
   Presets override what differs: configs/digits.py (the offline main job) and configs/paper.py.
   """
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0  # the run's seed: every random stream (dd_jax.keys) derives from it
   config.method = 'dm'  # dm | idm (dd_jax.distill.methods; presets in configs/paper.py)
-  config.ipc = 10
+  config.ipc = 10  # synthetic images per class
 
   config.dataset = ml_collections.ConfigDict()
   # digits | tfds:<name> | folder:<path> | npz:<path>
@@ -64,11 +68,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.augment.strategy = 'color_crop_cutout_flip_scale_rotate'
 
   config.distill = ml_collections.ConfigDict()
-  config.distill.iterations = 20_000
-  config.distill.batch_real = 256
+  config.distill.iterations = 20_000  # distillation steps
+  config.distill.batch_real = 256  # real images per class per step
   config.distill.init = 'real'  # real | noise
-  config.distill.lr = 1.0
-  config.distill.momentum = 0.5
+  config.distill.lr = 1.0  # SGD learning rate of the synthetic images
+  config.distill.momentum = 0.5  # SGD momentum of the synthetic images
   config.distill.num_nets = 1  # random networks matched per step (vmap over networks)
   # DM: devices the step's classes (and networks) are split across (dd_jax.sharding); 0: all
   # that jax sees (every host's, after jax.distributed.initialize), 1: one device.
@@ -76,13 +80,13 @@ def default_config() -> ml_collections.ConfigDict:
   # DM: real images embedded at once (a loop over chunks; results do not depend on it). 0: the
   # largest divisor of classes x batch_real up to 64 on CPU (cache-friendly), a class elsewhere.
   config.distill.real_chunk = 0
-  config.distill.eval_every = 2_000
-  config.distill.checkpoint_every = 500
-  config.distill.log_every = 100
+  config.distill.eval_every = 2_000  # evaluate the synthetic set every N steps (and at the end)
+  config.distill.checkpoint_every = 500  # checkpoint every N steps (and at evaluations)
+  config.distill.log_every = 100  # progress line, metrics.jsonl and TensorBoard every N steps
 
   config.constraints = ml_collections.ConfigDict()
   config.constraints.cc = ml_collections.ConfigDict()
-  config.constraints.cc.weight = 0.05
+  config.constraints.cc.weight = 0.05  # class centralization (CC) weight; 0: off
   # How CC measures a synthetic sample's squared distance d^2 to its class mean (dd_jax.losses):
   # squared (reference code): sum d^2, in the extractor's units, so a weight belongs to one
   # extractor (0.05: the reference's pretrained ResNet18 pool); exp (paper): max(0,
@@ -91,8 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
   # threshold: sum max(0, d^2 / s - tau); calibrated: weight = the fraction of the DM term
   # that CC contributes, every step.
   config.constraints.cc.form = 'squared'
-  config.constraints.cc.alpha = 0.02
-  config.constraints.cc.beta = 0.0
+  config.constraints.cc.alpha = 0.02  # exp form: alpha
+  config.constraints.cc.beta = 0.0  # exp form: beta
   config.constraints.cc.tau = 1.0  # threshold form: real spreads a sample may lie from its mean
   # Whose features CC acts on: 'matching_net' (the random matching network itself, no extra
   # cost) or 'pool' (one member of a pretrained pool per iteration, the reference; see
@@ -100,7 +104,7 @@ def default_config() -> ml_collections.ConfigDict:
   # al., CVPR 2024); on the random matching network's features CC dominates DM at this weight.
   config.constraints.cc.extractor = 'matching_net'
   config.constraints.cm = ml_collections.ConfigDict()
-  config.constraints.cm.weight = 0.01
+  config.constraints.cm.weight = 0.01  # local covariance matching (CM) weight; 0: off
   config.constraints.cm.grouping = 'channel'  # channel | channel_row
 
   # The pretrained pool of class-centralization extractors (used when cc.extractor='pool').
@@ -108,13 +112,13 @@ def default_config() -> ml_collections.ConfigDict:
   # momentum 0.9 wd 5e-4, batch 256, no augmentation. Built once, reused while its metadata
   # matches.
   config.pool = ml_collections.ConfigDict()
-  config.pool.model = 'ResNet18'
-  config.pool.size = 1000
-  config.pool.epochs = 40
-  config.pool.batch_size = 256
-  config.pool.lr = 0.01
-  config.pool.momentum = 0.9
-  config.pool.weight_decay = 5e-4
+  config.pool.model = 'ResNet18'  # pool members' network
+  config.pool.size = 1000  # pool members
+  config.pool.epochs = 40  # training epochs per member
+  config.pool.batch_size = 256  # members' SGD batch size
+  config.pool.lr = 0.01  # members' SGD learning rate
+  config.pool.momentum = 0.9  # members' SGD momentum
+  config.pool.weight_decay = 5e-4  # members' SGD weight decay
   config.pool.parallel = 8  # members trained in one program; lower it if memory runs out
   config.pool.seed = 0  # independent of config.seed, so runs of every seed share one pool
   # '' = <cache>/pools/<dataset>_<model>_<size>x<epochs>_seed<seed>, where <cache> is
@@ -130,27 +134,29 @@ def default_config() -> ml_collections.ConfigDict:
   config.idm.train_nets = 2  # fetch_net_num: queue networks trained after each step
   config.idm.train_steps = 10  # model_train_steps: SGD steps per trained network
   config.idm.train_batch_size = 256  # real images (uniform over the training set) per SGD step
-  config.idm.train_lr = 0.01
-  config.idm.train_momentum = 0.9
-  config.idm.train_weight_decay = 5e-4
+  config.idm.train_lr = 0.01  # queue networks' SGD learning rate
+  config.idm.train_momentum = 0.9  # queue networks' SGD momentum
+  config.idm.train_weight_decay = 5e-4  # queue networks' SGD weight decay
   # Class-aware regulariser: ce_weight x (matching network's running training accuracy in
   # percent) x CE(syn). The accuracies restart every `accuracy_window` steps (the reference
   # resets them at its evaluation points, every 100 iterations).
   config.idm.ce_weight = 0.5
-  config.idm.accuracy_window = 100
+  config.idm.accuracy_window = 100  # see ce_weight
   # Comma-separated iterations at which the accuracies restart instead (the IID paper's IDM
   # script evaluates, and so restarts them, at 2000,5000,10000,20000); '' = every window.
   config.idm.accuracy_restarts = ''
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.model = 'ConvNet'
-  config.eval.num_eval = 5
-  config.eval.epochs = 1000
-  config.eval.batch_size = 256
-  config.eval.lr = 0.01
-  config.eval.momentum = 0.9
-  config.eval.weight_decay = 5e-4
-  config.eval.augment_strategy = 'color_crop_cutout_flip_scale_rotate'
+  config.eval.model = 'ConvNet'  # evaluation network (see `python -m dd_jax.info`)
+  config.eval.num_eval = 5  # evaluation networks trained from scratch on the synthetic set
+  config.eval.epochs = 1000  # evaluation training epochs (see schedule)
+  config.eval.batch_size = 256  # evaluation minibatch size
+  config.eval.lr = 0.01  # evaluation SGD learning rate
+  config.eval.momentum = 0.9  # evaluation SGD momentum
+  config.eval.weight_decay = 5e-4  # evaluation SGD weight decay
+  config.eval.augment_strategy = (
+    'color_crop_cutout_flip_scale_rotate'  # DSA ops during evaluation training
+  )
   # 'reference': epochs + 1 epochs with the lr x0.1 (and a fresh momentum buffer) from epoch
   # epochs // 2 + 2 on, as the reference's `range(Epoch + 1)` loop (1000: 502 + 499 epochs);
   # 'halves': epochs // 2 + epochs - epochs // 2 (dd_jax before 2026-12).
@@ -169,6 +175,32 @@ def default_config() -> ml_collections.ConfigDict:
   config.compare.full_train_epochs = 0  # > 0: also train on the full training set this long
   config.compare.full_train_num_eval = 2  # networks trained on the full set
   return config
+
+
+def field_docs() -> dict[str, str]:
+  """Each config field's documentation: the comments on and directly above its line in
+  `default_config` (the one place fields are documented), e.g. {'distill.lr': '...'}."""
+  source = inspect.getsource(default_config)
+  comments = {}  # line number -> comment text
+  for token in tokenize.generate_tokens(io.StringIO(source).readline):
+    if token.type == tokenize.COMMENT:
+      comments[token.start[0]] = token.string.lstrip('#').strip()
+  lines = source.splitlines()
+  docs = {}
+  for node in ast.walk(ast.parse(source)):
+    if not isinstance(node, ast.Assign) or not isinstance(node.targets[0], ast.Attribute):
+      continue
+    name = ast.unparse(node.targets[0])
+    if not name.startswith('config.') or isinstance(node.value, ast.Call):
+      continue  # sub-sections (ConfigDict()) carry no value
+    above = []
+    line = node.lineno - 1
+    while line >= 1 and lines[line - 1].strip().startswith('#'):
+      above.insert(0, comments[line])
+      line -= 1
+    inline = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+    docs[name.removeprefix('config.')] = ' '.join(above + inline)
+  return docs
 
 
 def split_variant(name: str) -> tuple[str, bool, bool]:

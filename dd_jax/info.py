@@ -1,14 +1,58 @@
-"""Lists what dd_jax provides: networks (with parameter counts), data sources, DSA ops.
+"""What dd_jax provides, and what a config resolves to.
 
-python -m dd_jax.info
+  python -m dd_jax.info                                   # networks, data sources, DSA ops
+  python -m dd_jax.info --config=configs/digits.py:ipc=10 --config.distill.lr=2
+      # every config field: its resolved value and its documentation
+
+Without --config the fields listed are those of dd_jax.config.default_config().
 """
 
+import textwrap
+
 import jax
+import ml_collections
+from absl import app
+from ml_collections import config_flags
 
 from dd_jax import augment, data, models
+from dd_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'A config file to resolve (with overrides), as for dd_jax.main.', lock_config=True
+)
 
 
-def main() -> None:
+def config_fields(config: ml_collections.ConfigDict) -> list[tuple[str, object, str]]:
+  """(field, value, documentation) for every leaf field of `config`, sorted by name."""
+  docs = config_lib.field_docs()
+  fields = []
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, f'{prefix}{key}.')
+      else:
+        fields.append((f'{prefix}{key}', value, docs.get(f'{prefix}{key}', '')))
+
+  walk(config, '')
+  return fields
+
+
+def format_fields(config: ml_collections.ConfigDict) -> str:
+  lines = []
+  for name, value, doc in config_fields(config):
+    lines.append(f'  config.{name} = {value!r}')
+    lines += textwrap.wrap(doc, 96, initial_indent=' ' * 6, subsequent_indent=' ' * 6)
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is not None:
+    print('Config fields (override any with --config.<field>=<value>):')
+    print(format_fields(_CONFIG.value))
+    return
   print('Networks (parameters for a 32x32x3 input, 10 classes):')
   for name in models.network_names():
     net = models.get_network(name, 10)
@@ -18,7 +62,9 @@ def main() -> None:
   print('Data sources (config.dataset.name):')
   print('  ' + ', '.join(data.SOURCES) + '  (see dd_jax.data.load_dataset)')
   print(f'DSA ops (config.augment.strategy, joined by "_"): {", ".join(augment.VALID_OPS)}')
+  print('Config fields of dd_jax.config.default_config() (--config=<file> resolves a preset):')
+  print(format_fields(config_lib.default_config()))
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

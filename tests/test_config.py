@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dd_jax import config as config_lib
-from dd_jax import experiment
+from dd_jax import experiment, info
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,3 +185,31 @@ def test_cli_rejects_wrong_types_before_work(tmp_path, override, message):
   assert result.returncode != 0
   assert message in result.stderr
   assert not os.path.exists(tmp_path / 'run')
+
+
+def test_every_config_field_is_documented():
+  docs = config_lib.field_docs()
+  fields = {name for name, _, _ in info.config_fields(config_lib.default_config())}
+  assert fields == set(docs)
+  assert not [name for name in fields if not docs[name]], 'undocumented config fields'
+  assert 'SGD learning rate of the synthetic images' in docs['distill.lr']
+  assert docs['dataset.validation_fraction'].startswith('> 0: hold out this fraction')
+
+
+def test_info_resolves_a_config_with_overrides():
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'dd_jax.info',
+      '--config=configs/digits.py:ipc=10',
+      '--config.distill.lr=2',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=True,
+  )
+  assert '  config.ipc = 10\n      synthetic images per class\n' in result.stdout
+  assert '  config.distill.lr = 2.0\n' in result.stdout
