@@ -4,9 +4,9 @@ Config string: `dataset=<mnist|fashion_mnist|svhn|cifar10|cifar100|tinyimagenet>
 ipc=<1|10|50>,method=<dm|dm_iid|idm|idm_iid>,budget=<paper|cpu>` (defaults cifar10, 10, dm_iid,
 paper). For example:
 
-  python -m dd_jax.main --config=configs/paper.py:dataset=cifar10,ipc=10,method=dm_iid \
+  python -m dd_jax.main --config=configs/paper.py:dataset=cifar10,ipc=10,method=dm_iid \\
       --workdir=/tmp/c10_ipc10_dm_iid
-  python -m dd_jax.main --config=configs/paper.py:dataset=cifar100,ipc=10,method=idm \
+  python -m dd_jax.main --config=configs/paper.py:dataset=cifar100,ipc=10,method=idm \\
       --workdir=/tmp/c100_ipc10_idm
 
 Data: `tfds:<name>` (prepare once: `python -m dd_jax.data.prepare_tfds cifar10`), or for

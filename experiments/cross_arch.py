@@ -1,7 +1,7 @@
 """Cross-architecture evaluation of a saved synthetic set (synthetic.npz of any run).
 
-  python experiments/cross_arch.py --synthetic=/tmp/dd_digits/synthetic.npz \
-      --dataset=digits --architectures=ConvNet,AlexNet,VGG11,ResNet18,MLP,LeNet \
+  python experiments/cross_arch.py --synthetic=/tmp/dd_digits/synthetic.npz \\
+      --dataset=digits --architectures=ConvNet,AlexNet,VGG11,ResNet18,MLP,LeNet \\
       --out=/tmp/cross_arch.json
 
 Trains --num_eval fresh networks of every architecture on the set with the evaluation protocol

@@ -1,7 +1,7 @@
 """Digits benchmark: random real, DM (+ CC / CM / IID), IDM (+ IID) over IPCs and seeds.
 
   python experiments/digits_benchmark.py --workdir=/tmp/digits_benchmark
-  python experiments/digits_benchmark.py --workdir=/tmp/digits_pool_idm --ipcs=1,10 \
+  python experiments/digits_benchmark.py --workdir=/tmp/digits_pool_idm --ipcs=1,10 \\
       --methods=dm_iid,dm_iid_pool,idm,idm_iid --iterations=100
 
 Every (ipc, seed, method) is a resumable run in its own sub-workdir (finished ones are skipped);

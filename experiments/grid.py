@@ -1,8 +1,8 @@
 """Runs a grid of configs, one resumable workdir each, results in one JSON-lines file.
 
-  python experiments/grid.py --grid=experiments/grids/cifar10_cpu.txt --root=/tmp/grid \
+  python experiments/grid.py --grid=experiments/grids/cifar10_cpu.txt --root=/tmp/grid \\
       --extra="--config.dataset.name=folder:/data/cifar10"
-  python experiments/grid.py --root=/tmp/grid \
+  python experiments/grid.py --root=/tmp/grid \\
       --run="configs/paper.py:dataset=cifar10,ipc=10,method=dm --config.seed=1"
 
 A grid file has one run per line, written like the main command's flags without --workdir

@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -38,3 +39,18 @@ def test_no_default_output_inside_the_committed_results(path):
       f'{path.name}: --{name} defaults to {text}, which overwrites a committed record; '
       'default to a temporary path and name the record in the help text.'
     )
+
+
+MODULES = sorted(
+  [*EXPERIMENTS.glob('*.py'), *(EXPERIMENTS.parent / 'configs').glob('*.py')]
+  + list((EXPERIMENTS.parent / 'dd_jax').rglob('*.py'))
+)
+
+
+@pytest.mark.parametrize('path', MODULES, ids=lambda path: path.name)
+def test_docstring_commands_keep_their_line_breaks(path):
+  # A lone backslash at a line end inside a docstring joins the lines (--help then prints
+  # '... --root=/tmp/grid       --extra=...'); write it as '\\' so the text shows '\'.
+  docstring = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ''
+  joined = re.search(r'\S {4,}--', docstring)
+  assert joined is None, f'{path.name}: a docstring command lost its line break: {joined.group()}'
