@@ -2,7 +2,7 @@
 
   python experiments/cross_arch.py --synthetic=/tmp/dd_digits/synthetic.npz \\
       --dataset=digits --architectures=ConvNet,AlexNet,VGG11,ResNet18,MLP,LeNet \\
-      --out=/tmp/cross_arch.json
+      --augment_strategy=color_crop_cutout_scale_rotate --out=/tmp/cross_arch.json
 
 Trains --num_eval fresh networks of every architecture on the set with the evaluation protocol
 (dd_jax.evaluate, after DatasetCondensation's evaluate_synset: --epochs with the --schedule lr
