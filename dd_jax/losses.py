@@ -250,6 +250,22 @@ def class_objective(
   return LossTerms(total=dm + cc_weight * cc + weights.cm * cm, dm=dm, cc=cc, cm=cm)
 
 
+def by_class(x: jax.Array, num_classes: int) -> jax.Array:
+  """A class-blocked batch [K * N, ...] (N of class 0, then N of class 1, ...) as [K, N, ...].
+
+  The layout `classwise_objective` takes; `data.sample_all_classes` and the methods'
+  `initial_images` produce class-blocked batches, and so does `net.embed` on them.
+
+  Raises:
+    ValueError: the leading axis is not a multiple of `num_classes`.
+  """
+  if x.shape[0] % num_classes:
+    raise ValueError(
+      f'by_class: a leading axis of {x.shape[0]} does not split into {num_classes} equal classes.'
+    )
+  return x.reshape(num_classes, x.shape[0] // num_classes, *x.shape[1:])
+
+
 def classwise_objective(
   real_features: jax.Array,
   real_map: jax.Array,

@@ -331,3 +331,10 @@ def test_objective_weights_defaults_are_plain_dm():
   assert losses.ObjectiveWeights(cc=1.0, cc_form='relative').needs_real_cc_features
   assert not losses.ObjectiveWeights(cc=0.0, cc_form='relative').needs_real_cc_features
   assert not losses.ObjectiveWeights(cc=1.0, cc_form='calibrated').needs_real_cc_features
+
+
+def test_by_class_splits_a_class_blocked_batch():
+  x = jnp.arange(12.0).reshape(6, 2)  # classes 0, 1, 2 with two rows each
+  np.testing.assert_array_equal(losses.by_class(x, 3)[1], [[4.0, 5.0], [6.0, 7.0]])
+  with pytest.raises(ValueError, match='leading axis of 6 does not split into 4'):
+    losses.by_class(x, 4)

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
 
 
@@ -13,3 +15,5 @@ def test_library_snippet_runs():
   exec(snippet.group(1), namespace)  # noqa: S102  (the README's own code)
   assert set(namespace['metrics']) == {'loss', 'dm', 'cc', 'cm', 'grad_norm'}
   assert namespace['cov'].shape == (128, 128)
+  terms = namespace['terms']
+  assert float(terms.total) == pytest.approx(float(terms.dm + 0.05 * terms.cc + 0.01 * terms.cm))

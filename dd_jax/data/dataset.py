@@ -95,19 +95,21 @@ def normalize(images: jax.Array | np.ndarray, mean, std) -> jax.Array:
 
 
 def denormalize(x: jax.Array | np.ndarray, mean, std, *, clip: bool = False) -> jax.Array:
-  """Inverse of `normalize` up to the /255: normalised float -> pixel values in [0, 1] units.
+  """The inverse of `normalize`: normalised float -> pixel values 0..255 (float32).
+
+  `denormalize(normalize(u8), mean, std)` equals `u8` (as float) to rounding.
 
   Args:
     x: float [..., C] in normalised space.
     mean, std: C floats in [0, 1] pixel units.
-    clip: clip to [0, 1] (for display or saving; synthetic images can leave the range).
+    clip: clip to [0, 255] (for display or saving; synthetic images can leave the range).
 
   Returns:
     float32 array with the shape of `x`.
   """
   std, mean = jnp.asarray(std, jnp.float32), jnp.asarray(mean, jnp.float32)
-  pixels = jnp.asarray(x, jnp.float32) * std + mean
-  return jnp.clip(pixels, 0.0, 1.0) if clip else pixels
+  pixels = (jnp.asarray(x, jnp.float32) * std + mean) * 255.0
+  return jnp.clip(pixels, 0.0, 255.0) if clip else pixels
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -203,7 +205,7 @@ class Dataset:
     return normalize(images, self.mean, self.std)
 
   def denormalize(self, x: jax.Array | np.ndarray, *, clip: bool = False) -> jax.Array:
-    """Normalised float [..., C] -> pixels in [0, 1] units (jit-safe)."""
+    """Normalised float [..., C] -> pixel values 0..255, the inverse of `normalize` (jit-safe)."""
     return denormalize(x, self.mean, self.std, clip=clip)
 
 

@@ -312,7 +312,7 @@ def run(
     last_evaluation = record(total, state)
   tensorboard.close()
   images, labels = map(sharding_lib.to_host, prepared.training_set(state))
-  pixels = lambda x: np.asarray(dataset.denormalize(sharding_lib.to_host(x), clip=True))
+  pixels = lambda x: np.asarray(dataset.denormalize(sharding_lib.to_host(x), clip=True)) / 255.0
   stored = settings.method.stored_images(state)
   workdir_lib.export_synthetic(
     os.path.join(workdir, 'synthetic.npz'),
@@ -493,7 +493,7 @@ def _evaluate_and_record(
     'eval/',
   )
   dataset = data.dataset
-  pixels = np.asarray(dataset.denormalize(sharding_lib.to_host(state.images), clip=True))
+  pixels = np.asarray(dataset.denormalize(sharding_lib.to_host(state.images), clip=True)) / 255.0
   workdir_lib.write_png(
     os.path.join(workdir, 'images', f'step_{step:06d}.png'),
     workdir_lib.image_grid(pixels, rows=dataset.num_classes),
