@@ -43,5 +43,5 @@ def get_config(arg=None):
   config.idm.push_every = 10
   config.idm.accuracy_window = 50
   config.idm.train_batch_size = 64
-  config.idm.ce_weight = 0.05  # measured sweep (README); the reference 0.5 saturates the images
+  config.idm.ce_weight = 0.05  # measured sweep (docs/results.md); the reference 0.5 saturates
   return config

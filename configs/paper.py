@@ -27,7 +27,7 @@ cost is printed by `experiments/bench_speed.py`.
 
 `budget=cpu`: one reduced budget for 2-core CPUs, the same for every method (400 iterations,
 real batch 64, 300-epoch evaluation of 3 networks; CC on the random matching network unless
-overridden), see dd_jax.config.set_cpu_budget and the README's CIFAR-10 CPU benchmark.
+overridden), see dd_jax.config.set_cpu_budget and the CIFAR-10 CPU benchmark in docs/results.md.
 
 Published ConvNet accuracy (the papers), IPC 1 / 10 / 50:
   DM:   CIFAR-10 26.0 / 48.9 / 63.0, CIFAR-100 11.4 / 29.7 / 43.6, TinyImageNet 3.9 / 12.9 / 24.1

@@ -9,7 +9,7 @@ value and documentation: `python -m dd_jax.info --config=<the same config and ov
 A refused run (config, data, workdir, a diverging optimiser) prints one message and exits with
 status 2 (`--traceback` shows where it was raised). Ctrl-C stops at once (status 130);
 rerunning a command resumes its workdir from the last checkpoint. Several hosts: start the same
-command in every process with `--distributed` (README, "Several devices and hosts").
+command in every process with `--distributed` (docs/operations.md).
 """
 
 import os

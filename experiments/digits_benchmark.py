@@ -44,7 +44,7 @@ RUNS = {
   'dm_iid_pool': ('dm_iid', 'dm_iid', 'pool', {}),
   'idm': ('idm', 'idm', 'matching_net', {'idm.ce_weight': 0.5}),
   'idm_iid': ('idm_iid', 'idm_iid', 'pool', {'idm.ce_weight': 0.5}),
-  # The class-aware CE weight sweep (the reference 0.5 degrades digits, see the README).
+  # The class-aware CE weight sweep (the reference 0.5 degrades digits, see docs/results.md).
   'idm_ce0.05': ('idm', 'idm', 'matching_net', {'idm.ce_weight': 0.05}),
   'idm_ce0': ('idm', 'idm', 'matching_net', {'idm.ce_weight': 0.0}),
   'idm_iid_ce0.05': ('idm_iid', 'idm_iid', 'pool', {'idm.ce_weight': 0.05}),
