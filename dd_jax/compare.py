@@ -98,6 +98,7 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
      the full-training-set row}.
   """
   settings = experiment.validate_config(config)
+  data = loop.prepare_data(config, settings)  # data, labels and networks checked: nothing written
   compare_dir = os.path.join(workdir, 'compare')
   # Every run's workdir is checked (writable, no other config inside) before any work: the main
   # run first, so that a changed config names the whole workdir rather than one variant's.
@@ -108,7 +109,6 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for run_dir, run_config in runs:
     workdir_lib.check_writable(run_dir)
     workdir_lib.check_config(run_dir, run_config)
-  data = loop.prepare_data(config, settings)
   dataset = data.dataset
   rows = []  # (label, evaluation)
 

@@ -122,9 +122,9 @@ def test_an_unwritable_workdir_is_refused_before_the_baselines(tmp_path, capsys,
 def test_an_evaluation_network_too_small_is_refused_before_work(tmp_path, capsys, tiny_config):
   config = tiny_config(**{'compare.random_real': True, 'eval.model': 'LeNet'})
   with pytest.raises(ValueError, match=r"config.eval.model='LeNet' cannot take the 8x8x1 images"):
-    compare.run_with_baselines(config, str(tmp_path))
+    compare.run_with_baselines(config, str(tmp_path / 'run'))
   assert 'random real' not in capsys.readouterr().out
-  assert not (tmp_path / 'config.json').exists()  # the workdir stays reusable
+  assert not (tmp_path / 'run').exists()  # nothing written: the workdir stays free
 
 
 def test_a_changed_config_names_the_whole_workdir_before_work(tmp_path, capsys, tiny_config):
