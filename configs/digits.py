@@ -3,8 +3,10 @@
 Run (about 3.5 minutes on 2 CPU cores, printing random real / DM / DM + IID / full training set):
   python -m dd_jax.main --config=configs/digits.py --workdir=/tmp/dd_digits
 
-Config string: `ipc=<n>,method=<dm|dm_iid|idm|idm_iid>,cc=<matching_net|pool>` (defaults ipc=3,
-method=dm_iid, cc=matching_net). `cc=pool` runs class centralization on a pool of ConvNets
+Config string: `ipc=<n>,method=<dm|dm_iid|idm|idm_iid>,cc=<matching_net|pool>,
+iid=<default|reference>` (defaults ipc=3, method=dm_iid, cc=matching_net, iid=default).
+`iid=default` is dd_jax's scale-free CC (dd_jax.config.IID_SETTINGS), `iid=reference` the IID
+code's CC form and weights, which hurt on these extractors. `cc=pool` runs class centralization on a pool of ConvNets
 pretrained on the digits (10 members x 10 epochs, trained in seconds and cached under
 <cache>/pools; 8x8 inputs are too small for the reference ResNet18). IDM presets use the reference
 IDM settings (Zhao et al., CVPR 2023) scaled to the 200-iteration CPU budget (a new queue network
@@ -16,7 +18,9 @@ from dd_jax import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_config_string(arg, {'ipc': 3, 'method': 'dm_iid', 'cc': 'matching_net'})
+  args = config_lib.parse_config_string(
+    arg, {'ipc': 3, 'method': 'dm_iid', 'cc': 'matching_net', 'iid': 'default'}
+  )
   config = config_lib.default_config()
   config.dataset.name = 'digits'
   config.ipc = args['ipc']
@@ -29,7 +33,7 @@ def get_config(arg=None):
   config.distill.log_every = 20
   config.distill.checkpoint_every = 100
   config.eval.epochs = 300
-  config_lib.set_method(config, args['method'])
+  config_lib.set_method(config, args['method'], args['iid'])
   config.compare.variants = config.method  # the same method without constraints
   config.compare.random_real = True
   config.compare.full_train_epochs = 20

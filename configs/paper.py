@@ -1,8 +1,10 @@
 """The paper settings: every dataset x IPC x method of DM, IDM and their IID versions.
 
 Config string: `dataset=<mnist|fashion_mnist|svhn|cifar10|cifar100|tinyimagenet>,
-ipc=<1|10|50>,method=<dm|dm_iid|idm|idm_iid>,budget=<paper|cpu>` (defaults cifar10, 10, dm_iid,
-paper). For example:
+ipc=<1|10|50>,method=<dm|dm_iid|idm|idm_iid>,budget=<paper|cpu>,iid=<reference|default>`
+(defaults cifar10, 10, dm_iid, paper, reference). `iid=reference` is the IID code's CC form and
+weights (faithful with the reference pool); `iid=default` is dd_jax's scale-free CC
+(dd_jax.config.IID_SETTINGS, experiments/results/iid_scale_free.md). For example:
 
   python -m dd_jax.main --config=configs/paper.py:dataset=cifar10,ipc=10,method=dm_iid \\
       --workdir=/tmp/c10_ipc10_dm_iid
@@ -86,7 +88,8 @@ def _choose(args: dict, field: str, choices: tuple) -> None:
 
 def get_config(arg=None):
   args = config_lib.parse_config_string(
-    arg, {'dataset': 'cifar10', 'ipc': 10, 'method': 'dm_iid', 'budget': 'paper'}
+    arg,
+    {'dataset': 'cifar10', 'ipc': 10, 'method': 'dm_iid', 'budget': 'paper', 'iid': 'reference'},
   )
   _choose(args, 'dataset', tuple(DATASETS))
   _choose(args, 'ipc', IPCS)
@@ -96,7 +99,7 @@ def get_config(arg=None):
   config = config_lib.default_config()
   config.dataset.name = DATASETS[dataset]
   config.ipc = ipc
-  config_lib.set_method(config, method)
+  config_lib.set_method(config, method, args['iid'])
   if dataset in DIGIT_DATASETS:
     config.augment.strategy = 'color_crop_cutout_scale_rotate'
     config.eval.augment_strategy = 'color_crop_cutout_scale_rotate'

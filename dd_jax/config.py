@@ -15,13 +15,38 @@ import inspect
 import io
 import tokenize
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-# The reference (lambda_CC, lambda_CM) of each method's IID variant (Deng et al., CVPR 2024).
-IID_WEIGHTS = {'dm': (0.05, 0.01), 'idm': (0.01, 0.03)}
+
+class IIDSetting(NamedTuple):
+  """The constraints of an IID variant: CC's form, weight and tau (threshold form), CM's weight."""
+
+  cc_form: str
+  cc_weight: float
+  cc_tau: float
+  cm_weight: float
+
+
+# Named IID settings of each method (config strings: iid=<name>).
+# 'reference': the reference code's (Deng et al., CVPR 2024): CC 'squared' at a weight that belongs
+#   to a pretrained ResNet18 pool's 512-d features; on any other extractor it outweighs DM.
+# 'default': dd_jax's, chosen on validation data (experiments/results/iid_scale_free.md): DM takes
+#   the scale-free 'calibrated' CC form; IDM keeps the reference until measured.
+IID_SETTINGS = {
+  'reference': {
+    'dm': IIDSetting('squared', 0.05, 1.0, 0.01),
+    'idm': IIDSetting('squared', 0.01, 1.0, 0.03),
+  },
+  'default': {
+    'dm': IIDSetting('calibrated', 0.3, 1.0, 0.01),
+    'idm': IIDSetting('squared', 0.01, 1.0, 0.03),
+  },
+}
+METHODS = ('dm', 'idm')
 # The reference image learning rate (SGD, momentum 0.5) of each method.
 IMAGE_LR = {'dm': 1.0, 'idm': 0.2}
 # A variant name is a method name plus one of these suffixes: which constraints it uses.
@@ -207,41 +232,52 @@ def split_variant(name: str) -> tuple[str, bool, bool]:
   """'dm_iid' -> ('dm', True, True): the method and whether CC and CM are on.
 
   Raises:
-    ValueError: not a method name (of IID_WEIGHTS) plus '', '_cc', '_cm' or '_iid'.
+    ValueError: not a method name (of METHODS) plus '', '_cc', '_cm' or '_iid'.
   """
-  for method in IID_WEIGHTS:
+  for method in METHODS:
     for suffix, (cc_on, cm_on) in CONSTRAINT_SUFFIXES.items():
       if name == method + suffix:
         return method, cc_on, cm_on
-  valid = [m + suffix for m in IID_WEIGHTS for suffix in CONSTRAINT_SUFFIXES]
+  valid = [m + suffix for m in METHODS for suffix in CONSTRAINT_SUFFIXES]
   raise ValueError(f'{name!r} is not a method variant; choose one of {valid}.')
 
 
+def iid_setting(method: str, iid: str) -> IIDSetting:
+  """The IID setting named `iid` ('default' or 'reference') of `method`."""
+  if iid not in IID_SETTINGS:
+    raise ValueError(f'iid={iid!r}: choose one of {sorted(IID_SETTINGS)}.')
+  return IID_SETTINGS[iid][method]
+
+
 def _set_constraints(
-  config: ml_collections.ConfigDict, cc_on: bool, cm_on: bool, weights: tuple[float, float]
+  config: ml_collections.ConfigDict, cc_on: bool, cm_on: bool, setting: IIDSetting
 ) -> None:
-  config.constraints.cc.weight = weights[0] if cc_on else 0.0
-  config.constraints.cm.weight = weights[1] if cm_on else 0.0
+  cc = config.constraints.cc
+  if cc_on:
+    cc.form, cc.weight, cc.tau = setting.cc_form, setting.cc_weight, setting.cc_tau
+  else:
+    cc.weight = 0.0
+  config.constraints.cm.weight = setting.cm_weight if cm_on else 0.0
 
 
-def set_method(config: ml_collections.ConfigDict, name: str) -> None:
+def set_method(config: ml_collections.ConfigDict, name: str, iid: str = 'default') -> None:
   """Sets a preset's method: 'dm', 'dm_iid', 'idm', 'idm_iid' (or '_cc' / '_cm' variants).
 
   The image lr is the method's reference (IMAGE_LR: DM 1.0, IDM 0.2); the constraints in use
-  take the method's reference weights (IID_WEIGHTS), the others are zeroed.
+  take the method's IID setting named `iid` (IID_SETTINGS), the others are zeroed.
   """
   method, cc_on, cm_on = split_variant(name)
   config.method = method
   config.distill.lr = IMAGE_LR[method]
-  _set_constraints(config, cc_on, cm_on, IID_WEIGHTS[method])
+  _set_constraints(config, cc_on, cm_on, iid_setting(method, iid))
 
 
 def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """A copy of `config` with the constraints of variant `name` of its own method.
 
-  A term the variant uses keeps the config's weight, or the method's reference weight if the
-  config has it at 0 (so 'dm_iid' of a plain-DM config uses 0.05 / 0.01); the others are zeroed.
-  The copy runs no comparison of its own.
+  A term the variant uses keeps the config's setting (CC form, weight and tau; CM weight), or
+  takes the method's default IID setting if the config has it at 0 (so 'dm_iid' of a plain-DM
+  config is the default DM + IID); the others are zeroed. The copy runs no comparison of its own.
 
   Raises:
     ValueError: `name` is not a variant of `config.method`.
@@ -253,15 +289,17 @@ def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collectio
       f'method={config.method!r} config; choose from {valid}.'
     )
   _, cc_on, cm_on = split_variant(name)
-  reference_cc, reference_cm = IID_WEIGHTS[config.method]
+  default = iid_setting(config.method, 'default')
+  cc = config.constraints.cc
+  configured = IIDSetting(
+    cc.form if cc.weight else default.cc_form,
+    cc.weight or default.cc_weight,
+    cc.tau if cc.weight else default.cc_tau,
+    config.constraints.cm.weight or default.cm_weight,
+  )
   derived = config.copy_and_resolve_references()
   with derived.unlocked():
-    _set_constraints(
-      derived,
-      cc_on,
-      cm_on,
-      (config.constraints.cc.weight or reference_cc, config.constraints.cm.weight or reference_cm),
-    )
+    _set_constraints(derived, cc_on, cm_on, configured)
     derived.compare.variants = ''
     derived.compare.random_real = False
     derived.compare.full_train_epochs = 0
@@ -284,9 +322,10 @@ def method_label(config: ml_collections.ConfigDict) -> str:
     (True, True): ' + IID',
   }
   label = config.method.upper() + suffix[cc_on, cm_on]
-  reference_cc, reference_cm = IID_WEIGHTS[config.method]
+  reference = iid_setting(config.method, 'reference')
+  reference_cc, reference_cm = reference.cc_weight, reference.cm_weight
   details = []
-  if cc_on and not (cc.form == 'squared' and cc.weight == reference_cc):
+  if cc_on and not (cc.form == reference.cc_form and cc.weight == reference_cc):
     if cc.form == 'calibrated':
       details.append(f'CC calibrated rho {cc.weight:g}')
     else:

@@ -76,7 +76,7 @@ def test_method_variants_take_reference_or_configured_weights():
   assert (cm_only.constraints.cc.weight, cm_only.constraints.cm.weight) == (0.0, 0.5)
   plain = config_lib.variant_config(config, 'idm')
   assert (plain.constraints.cc.weight, plain.constraints.cm.weight) == (0.0, 0.0)
-  # A variant of a plain config takes the method's reference weights.
+  # A variant of a plain config takes the method's default IID setting.
   assert config_lib.variant_config(plain, 'idm_cc').constraints.cc.weight == 0.01
   with pytest.raises(ValueError, match=r"'dm' is not a variant of a method='idm' config"):
     config_lib.variant_config(config, 'dm')
@@ -213,3 +213,30 @@ def test_info_resolves_a_config_with_overrides():
   )
   assert '  config.ipc = 10\n      synthetic images per class\n' in result.stdout
   assert '  config.distill.lr = 2.0\n' in result.stdout
+
+
+def test_iid_settings_default_and_reference():
+  digits = _load_config_file('configs/digits.py', '')
+  default = config_lib.IID_SETTINGS['default']['dm']
+  cc = digits.constraints.cc
+  assert (cc.form, cc.weight, digits.constraints.cm.weight) == (
+    default.cc_form,
+    default.cc_weight,
+    default.cm_weight,
+  )
+  assert config_lib.method_label(digits) != 'DM + IID (reference)'
+  reference = _load_config_file('configs/digits.py', 'iid=reference')
+  assert config_lib.method_label(reference) == 'DM + IID (reference)'
+  assert (reference.constraints.cc.form, reference.constraints.cc.weight) == ('squared', 0.05)
+  # The paper presets reproduce the paper unless asked otherwise.
+  paper = _load_config_file('configs/paper.py', 'budget=cpu')
+  assert config_lib.method_label(paper) == 'DM + IID (reference)'
+  paper_default = _load_config_file('configs/paper.py', 'budget=cpu,iid=default')
+  assert paper_default.constraints.cc.form == default.cc_form
+  # The plain-DM variant of the default zeroes both terms; its IID variant restores the default.
+  plain = config_lib.variant_config(digits, 'dm')
+  assert (plain.constraints.cc.weight, plain.constraints.cm.weight) == (0.0, 0.0)
+  restored = config_lib.variant_config(plain, 'dm_iid').constraints.cc
+  assert (restored.form, restored.weight) == (default.cc_form, default.cc_weight)
+  with pytest.raises(ValueError, match=r"iid='best': choose one of \['default', 'reference'\]"):
+    _load_config_file('configs/digits.py', 'iid=best')
