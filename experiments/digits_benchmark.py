@@ -69,7 +69,8 @@ def digits_config(ipc: int, seed: int, method: str = 'dm'):
   preset, variant, extractor, overrides = RUNS.get(method, RUNS['dm'])
   config = config_lib.variant_config(
     config_lib.load_config(
-      os.path.join(REPO, 'configs', 'digits.py') + f':ipc={ipc},method={preset},cc={extractor}',
+      os.path.join(REPO, 'configs', 'digits.py')
+      + f':ipc={ipc},method={preset},cc={extractor},iid=reference',
       [f'--config.{key}={value}' for key, value in overrides.items()],
     ),
     variant,
