@@ -61,7 +61,7 @@ def test_grid_skips_finished_runs_and_resumes_the_rest(tmp_path, monkeypatch, ca
   grid_file = tmp_path / 'grid.txt'
   grid_file.write_text(
     f'# two tiny digits runs\nname=dm configs/digits.py:ipc=1,method=dm {TINY}\n'
-    f'name=iid configs/digits.py:ipc=2,method=dm_iid {TINY}  # DM + IID\n'
+    f'name=iid configs/digits.py:ipc=2,method=dm_iid,iid=reference {TINY}  # DM + IID\n'
   )
   runs = grid.read_grid(str(grid_file))
   root = str(tmp_path / 'grid')
