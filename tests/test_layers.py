@@ -15,6 +15,7 @@ LAYERS = (
   # Nothing from dd_jax: settings, key streams, config, files, losses, building blocks.
   (
     'settings',
+    'stats',
     'keys',
     'config',
     'flops',
