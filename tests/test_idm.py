@@ -252,7 +252,7 @@ def test_idm_run_exports_the_expanded_set_and_resumes(tmp_path, tiny_config, wra
   assert exported['stored_images'].shape == (10, 8, 8, 1)
   np.testing.assert_array_equal(exported['labels'], np.repeat(np.arange(10), 4))
 
-  assert reference['method'] == 'idm'
+  assert (reference['method'], reference['base_method']) == ('IDM + IID (reference)', 'idm')
   wrap_steps(interrupt(3))
   with pytest.raises(KeyboardInterrupt):
     loop.run(config, str(tmp_path / 'resumed'))
