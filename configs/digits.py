@@ -1,18 +1,21 @@
 """The main job: DM + IID on scikit-learn's bundled 8x8 digits, small enough for a laptop CPU.
 
-Run (about 3.5 minutes on 2 CPU cores, printing random real / DM / DM + IID / full training set):
+Run (about 2.5 minutes alone on 2 CPU cores):
   python -m dd_jax.main --config=configs/digits.py --workdir=/tmp/dd_digits
+Expected table (2026-12-04, 5 networks of one seed, test accuracy %): random real 85.11 +- 0.94,
+DM 95.82 +- 0.37, DM + IID (CC calibrated rho 0.3) 95.64 +- 0.60, full training set 97.78.
 
 Config string: `ipc=<n>,method=<dm|dm_iid|idm|idm_iid>,cc=<matching_net|pool>,
 iid=<default|reference>` (defaults ipc=3, method=dm_iid, cc=matching_net, iid=default).
 `iid=default` is dd_jax's scale-free CC (dd_jax.config.IID_SETTINGS), `iid=reference` the IID
-code's CC form and weights, which hurt on these extractors. `cc=pool` runs class centralization on a pool of ConvNets
-pretrained on the digits (10 members x 10 epochs, trained in seconds and cached under
-<cache>/pools; 8x8 inputs are too small for the reference ResNet18). IDM presets use the reference
-IDM settings (Zhao et al., CVPR 2023) scaled to the 200-iteration CPU budget (a new queue network
-every 10 steps, accuracy window 50, queue networks trained on real batches of 64) and a CE weight
-of 0.05: the reference 0.5 degrades digits (measured, docs/results.md: IPC 1 67.7 -> 82.6, IPC 10
-70.7 -> 81.0). IDM stays far below DM on 8x8 digits: its 2x2 partition stores 4x4 images."""
+code's CC form and weights, which hurt on these extractors. `cc=pool` runs class centralization
+on a pool of ConvNets pretrained on the digits (10 members x 10 epochs, trained in seconds and
+cached under <cache>/pools; 8x8 inputs are too small for the reference ResNet18). IDM presets use
+the reference IDM settings (Zhao et al., CVPR 2023) scaled to the 200-iteration CPU budget (a new
+queue network every 10 steps, accuracy window 50, queue networks trained on real batches of 64)
+and a CE weight of 0.05: the reference 0.5 degrades digits (measured, docs/results.md: IPC 1
+67.7 -> 82.6, IPC 10 70.7 -> 81.0). IDM stays far below DM on 8x8 digits: its 2x2 partition
+stores 4x4 images."""
 
 from dd_jax import config as config_lib
 
