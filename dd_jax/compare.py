@@ -109,6 +109,8 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for run_dir, run_config in runs:
     workdir_lib.check_writable(run_dir)
     workdir_lib.check_config(run_dir, run_config)
+  if settings.uses_pool:  # a pool built for other data is refused (or the pool built) up front
+    loop.centralization_extractor(config, settings, data)
   dataset = data.dataset
   rows = []  # (label, evaluation)
 

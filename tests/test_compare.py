@@ -8,6 +8,7 @@ import pytest
 from dd_jax import compare
 from dd_jax import config as config_lib
 from dd_jax import data as data_lib
+from dd_jax import pool as pool_lib
 
 
 def test_method_labels(tiny_config):
@@ -135,3 +136,16 @@ def test_a_changed_config_names_the_whole_workdir_before_work(tmp_path, capsys, 
     compare.run_with_baselines(changed, str(tmp_path))
   assert 'distill.lr' in str(error.value) and 'compare' not in str(error.value)
   assert 'Distilling' not in capsys.readouterr().out
+
+
+def test_a_pool_for_other_data_is_refused_before_the_baselines(
+  tmp_path, capsys, monkeypatch, tiny_config
+):
+  def refuse(*args, **kwargs):
+    raise ValueError('/pools/x holds a pool built for different data or settings')
+
+  monkeypatch.setattr(pool_lib, 'get_or_train_pool', refuse)
+  config = tiny_config(**{'compare.random_real': True, 'constraints.cc.extractor': 'pool'})
+  with pytest.raises(ValueError, match='built for different data'):
+    compare.run_with_baselines(config, str(tmp_path))
+  assert 'random real' not in capsys.readouterr().out
