@@ -44,8 +44,9 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 
 # What a run refuses with: a config, data or workdir problem (ValueError and its subclasses,
-# e.g. dd_jax.data.DataError) or a diverging optimiser. Anything else is a bug: full traceback.
-REFUSALS = (ValueError, FloatingPointError, loop.DivergenceError)
+# e.g. dd_jax.data.DataError; OSError, e.g. too little disk) or a diverging optimiser. Anything
+# else is a bug: full traceback.
+REFUSALS = (ValueError, OSError, FloatingPointError, loop.DivergenceError)
 INTERRUPTED = 'Interrupted. Rerun the same command to resume from the last checkpoint.'
 
 
