@@ -109,6 +109,19 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for run_dir, run_config in runs:
     workdir_lib.check_writable(run_dir)
     workdir_lib.check_config(run_dir, run_config)
+  unfinished = [
+    (run_dir, run_config)
+    for run_dir, run_config in runs
+    if not os.path.exists(os.path.join(run_dir, 'results.json'))
+  ]
+  loop.check_free_space(
+    workdir,
+    sum(
+      loop.disk_needed(run_config, experiment.validate_config(run_config), data)
+      for _, run_config in unfinished
+    ),
+    what=f'the {len(unfinished)} unfinished run(s) of this comparison',
+  )
   if settings.uses_pool:  # a pool built for other data is refused (or the pool built) up front
     loop.centralization_extractor(config, settings, data)
   dataset = data.dataset

@@ -1,6 +1,7 @@
 """The run-and-baselines table (dd_jax.compare)."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from dd_jax import compare
 from dd_jax import config as config_lib
 from dd_jax import data as data_lib
 from dd_jax import pool as pool_lib
+from dd_jax.distill import loop
 
 
 def test_method_labels(tiny_config):
@@ -118,6 +120,18 @@ def test_an_unwritable_workdir_is_refused_before_the_baselines(tmp_path, capsys,
   with pytest.raises(ValueError, match=r'a_file/run is not writable'):
     compare.run_with_baselines(config, str(tmp_path / 'a_file' / 'run'))
   assert 'random real' not in capsys.readouterr().out
+
+
+def test_too_little_disk_is_refused_before_the_baselines(
+  tmp_path, capsys, monkeypatch, tiny_config
+):
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(loop.shutil, 'disk_usage', lambda path: usage._replace(free=1000))
+  config = tiny_config(**{'compare.random_real': True, 'compare.variants': 'dm'})
+  with pytest.raises(OSError, match=r'the 2 unfinished run\(s\) of this comparison need about'):
+    compare.run_with_baselines(config, str(tmp_path / 'run'))
+  assert 'random real' not in capsys.readouterr().out
+  assert not (tmp_path / 'run' / 'config.json').exists()  # the workdir stays reusable
 
 
 def test_an_evaluation_network_too_small_is_refused_before_work(tmp_path, capsys, tiny_config):

@@ -123,6 +123,17 @@ def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch, tiny_conf
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
+@pytest.mark.parametrize('method', ['dm', 'idm'])
+def test_disk_needed_counts_the_state_and_the_export(method, tiny_config):
+  config = tiny_config(method=method)
+  settings = experiment.validate_config(config)
+  data = loop.prepare_data(config, settings)
+  prepared = loop.build_method(config, settings, data, config.seed)
+  state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(prepared.state))
+  image_bytes = prepared.training_set(prepared.state)[0].nbytes
+  assert loop.disk_needed(config, settings, data) == int(1.1 * (3 * state_bytes + 2 * image_bytes))
+
+
 @pytest.mark.parametrize('poison', ['loss_term', 'images'])
 def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
   tmp_path, tiny_config, wrap_steps, poison

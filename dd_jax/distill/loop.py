@@ -188,20 +188,52 @@ def build_method(
   )
 
 
-def check_free_space(workdir: str, prepared: Prepared, checkpoints_kept: int = 2) -> None:
-  """Refuses to start when the workdir's disk cannot hold the checkpoints and the export.
+def disk_needed(
+  config: ml_collections.ConfigDict,
+  settings: experiment.ExperimentSettings,
+  data: PreparedData,
+  checkpoints_kept: int = 2,
+) -> int:
+  """Bytes a run's checkpoints and export need, from the shapes of its state (nothing computed).
 
   Needed: (checkpoints_kept + 1) copies of the state (Orbax writes a new step before deleting
   the oldest), two copies of the exported training set (synthetic.npz, PNG grids), 10% margin.
   """
-  state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(prepared.state))
-  image_bytes = prepared.training_set(prepared.state)[0].nbytes
-  needed = int(1.1 * ((checkpoints_kept + 1) * state_bytes + 2 * image_bytes))
+  method, distill = settings.method, settings.distill
+  num_classes = data.dataset.num_classes
+  net = method.network(distill, num_classes)
+  images, labels = method.initial_images(
+    distill, data.dataset, keys_lib.run_key(config.seed, 'init')
+  )
+
+  def initial_state():
+    state = method.init_state(
+      distill,
+      images,
+      labels,
+      net,
+      keys_lib.run_key(config.seed, 'distill'),
+      keys_lib.run_key(config.seed, 'queue'),
+    )
+    return state, method.training_set(state, num_classes)[0]
+
+  state, training_images = jax.eval_shape(initial_state)
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+  image_bytes = training_images.size * training_images.dtype.itemsize
+  return int(1.1 * ((checkpoints_kept + 1) * state_bytes + 2 * image_bytes))
+
+
+def check_free_space(workdir: str, needed: int, what: str = 'this run') -> None:
+  """Refuses to start when the disk of `workdir` has fewer than `needed` bytes free.
+
+  Raises:
+    OSError: naming the workdir, the free and the needed space, and the fix.
+  """
   free = shutil.disk_usage(workdir).free
   if free < needed:
     raise OSError(
       f'--workdir={workdir} has {free / 2**20:.1f} MiB free, but checkpoints and the '
-      f'export of this run need about {needed / 2**20:.1f} MiB; free some space or '
+      f'export of {what} need about {needed / 2**20:.1f} MiB; free some space or '
       'choose a workdir on another disk.'
     )
 
@@ -231,9 +263,10 @@ def run(
   dataset = data.dataset
   results_path = os.path.join(workdir, 'results.json')
 
+  if not os.path.exists(results_path):  # a finished run writes nothing more
+    check_free_space(workdir, disk_needed(config, settings, data))
   prepared = build_method(config, settings, data, config.seed)
   state = prepared.state
-  check_free_space(workdir, prepared)
   # Written only now: a run refused by any check above leaves its workdir reusable.
   workdir_lib.snapshot_config(workdir, config)
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
