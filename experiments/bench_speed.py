@@ -2,6 +2,7 @@
 
   python experiments/bench_speed.py                       # DM, DM + IID, IDM + IID x IPC 1/10/50
   python experiments/bench_speed.py --ipcs=10 --methods=dm_iid --repeats=3
+  python experiments/bench_speed.py --pytorch --ipcs=10     # and the PyTorch baseline, side by side
 
 Data: random uint8 images shaped like CIFAR-10 (10 classes x `--per_class` 32x32x3 images; the
 speed does not depend on the pixels), written once as an npz dataset so the steps are built by
@@ -19,6 +20,12 @@ device's measured peak where the backend reports one (GPU).
 Evaluation: one epoch of --num_eval networks trained together (train.over_networks: vmap on
 accelerators, a loop on CPU; each network draws its own DSA ops) vs the same networks one at a
 time, on --eval_images synthetic images (default 500 = IPC 50), median of repeats.
+
+--pytorch (needs the `bench` extra: pip install -e '.[bench]'): the same steps and the same
+evaluation epoch in a straightforward PyTorch implementation of the reference code's per-class
+loops (experiments/torch_baseline.py, same shapes and work, all cores), each timed right after
+its dd_jax counterpart in this run; the table gives both and the ratio PyTorch / dd_jax. DM + IID
+uses the reference weights on both sides (the squared CC form).
 
 Writes --out (JSON) and prints a markdown table.
 """
@@ -50,6 +57,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (medi
 _NUM_EVAL = flags.DEFINE_integer('num_eval', 5, 'Evaluation networks.')
 _EVAL_IMAGES = flags.DEFINE_integer('eval_images', 500, 'Images the evaluation trains on.')
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
+_PYTORCH = flags.DEFINE_bool(
+  'pytorch', False, 'Also time the PyTorch baseline (experiments/torch_baseline.py; bench extra).'
+)
 _OUT = flags.DEFINE_string(
   'out',
   os.path.join(tempfile.gettempdir(), 'dd_jax_bench_speed.json'),
@@ -121,15 +131,14 @@ def _config(dataset_path: str, method: str, ipc: int):
   config.dataset.name = f'npz:{dataset_path}'
   config.dataset.normalization = 'cifar10'
   config.ipc = ipc
-  config_lib.set_method(config, method)
+  config_lib.set_method(config, method, iid='reference')
   config.constraints.cc.extractor = 'matching_net'
   config.distill.batch_real = _BATCH_REAL.value
   config.idm.train_batch_size = _BATCH_REAL.value
   return config
 
 
-def time_step(dataset_path: str, method: str, ipc: int) -> dict:
-  config = _config(dataset_path, method, ipc)
+def time_step(config, method: str, ipc: int) -> dict:
   settings = experiment.validate_config(config)
   data = loop.prepare_data(config, settings)
   method_obj = loop.build_method(config, settings, data, seed=0)
@@ -176,6 +185,79 @@ def time_evaluation(repeats: int) -> dict:
   }
 
 
+# ------------------------------------------------------------------------- PyTorch baseline
+
+
+def _torch_median_seconds(fn, repeats):
+  fn()  # warm up (allocator, thread pool)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def time_torch_step(config, method: str, ipc: int) -> dict:
+  """The PyTorch baseline's step of `method` at `ipc` on random data of the bench's shapes."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch_baseline  # pylint: disable=import-outside-toplevel
+
+  generator = torch.Generator().manual_seed(0)
+  real_by_class = [
+    torch.randn(_PER_CLASS.value, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2], generator=generator)
+    for _ in range(NUM_CLASSES)
+  ]
+  images = torch.randn(NUM_CLASSES * ipc, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2], generator=generator)
+  images.requires_grad_(True)
+  cc, cm = config.constraints.cc.weight, config.constraints.cm.weight
+  weights = torch_baseline.Weights(cc=cc, cm=cm)
+  if method.startswith('idm'):
+    optimizer = torch.optim.SGD([images], lr=config.distill.lr, momentum=config.distill.momentum)
+    queue = [
+      torch_baseline.queue_net(IMAGE_SHAPE[2], NUM_CLASSES, IMAGE_SHAPE[0])
+      for _ in range(config.idm.queue_init)
+    ]
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(_PER_CLASS.value)
+    step = lambda: torch_baseline.idm_step(
+      images,
+      optimizer,
+      real_by_class,
+      (torch.cat(real_by_class), labels),
+      queue,
+      _BATCH_REAL.value,
+      weights,
+      generator,
+      ce_weight=config.idm.ce_weight,
+      train_nets=config.idm.train_nets,
+      train_steps=config.idm.train_steps,
+      train_batch=config.idm.train_batch_size,
+    )
+  else:
+    optimizer = torch.optim.SGD([images], lr=config.distill.lr, momentum=config.distill.momentum)
+    step = lambda: torch_baseline.dm_step(
+      images, optimizer, real_by_class, _BATCH_REAL.value, weights, generator
+    )
+  seconds = _torch_median_seconds(step, _REPEATS.value)
+  return {'method': method, 'ipc': ipc, 'ms_per_step': 1e3 * seconds}
+
+
+def time_torch_evaluation(repeats: int) -> dict:
+  """One evaluation epoch of one ConvNet in the PyTorch baseline (per network-epoch)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch_baseline  # pylint: disable=import-outside-toplevel
+
+  generator = torch.Generator().manual_seed(0)
+  images = torch.randn(_EVAL_IMAGES.value, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2], generator=generator)
+  labels = torch.arange(_EVAL_IMAGES.value) % NUM_CLASSES
+  net = torch_baseline.ConvNet(IMAGE_SHAPE[2], NUM_CLASSES, image_size=IMAGE_SHAPE[0])
+  optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+  seconds = _torch_median_seconds(
+    lambda: torch_baseline.evaluation_epoch(net, optimizer, images, labels, generator), repeats
+  )
+  return {'images': _EVAL_IMAGES.value, 's_per_network_epoch': seconds}
+
+
 def main(argv):
   del argv
   ceiling, size = matmul_ceiling(_REPEATS.value)
@@ -199,14 +281,22 @@ def main(argv):
     dataset_path = _dataset_npz(directory)
     for method in _METHODS.value:
       for ipc in map(int, _IPCS.value):
-        record = time_step(dataset_path, method, ipc)
+        config = _config(dataset_path, method, ipc)
+        record = time_step(config, method, ipc)
         if 'flop_per_s' in record:
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
         results['steps'].append(record)
         print(json.dumps(record), flush=True)
+        if _PYTORCH.value:
+          record = time_torch_step(config, method, ipc)
+          results.setdefault('pytorch_steps', []).append(record)
+          print(json.dumps({'pytorch': record}), flush=True)
   if not _SKIP_EVAL.value:
     results['evaluation'] = time_evaluation(max(2, _REPEATS.value // 2))
     print(json.dumps(results['evaluation']), flush=True)
+    if _PYTORCH.value:
+      results['pytorch_evaluation'] = time_torch_evaluation(max(2, _REPEATS.value // 2))
+      print(json.dumps({'pytorch': results['pytorch_evaluation']}), flush=True)
   with open(_OUT.value, 'w') as f:
     json.dump(results, f, indent=2)
     f.write('\n')
@@ -244,6 +334,28 @@ def format_table(results: dict) -> str:
       f'together {e["together_s_per_epoch"]:.2f} s, one at a time '
       f'{e["one_at_a_time_s_per_epoch"]:.2f} s ({e["speedup"]:.2f}x).',
     ]
+  if 'pytorch_steps' in results:
+    lines += [
+      '',
+      'PyTorch baseline (experiments/torch_baseline.py) on the same machine, same run:',
+      '',
+      '| workload | PyTorch | dd_jax | PyTorch / dd_jax |',
+      '|---|---|---|---|',
+    ]
+    for torch_record, record in zip(results['pytorch_steps'], results['steps']):
+      theirs, ours = torch_record['ms_per_step'], record['ms_per_step']
+      lines.append(
+        f'| {record["method"]} step, IPC {record["ipc"]} | {theirs:.0f} ms | {ours:.0f} ms | '
+        f'{theirs / ours:.2f}x |'
+      )
+    if 'pytorch_evaluation' in results and 'evaluation' in results:
+      e, torch_e = results['evaluation'], results['pytorch_evaluation']
+      ours = e['one_at_a_time_s_per_epoch'] / e['num_eval']
+      lines.append(
+        f'| evaluation, {e["images"]} images, per network-epoch (one at a time) | '
+        f'{torch_e["s_per_network_epoch"]:.3f} s | {ours:.3f} s | '
+        f'{torch_e["s_per_network_epoch"] / ours:.2f}x |'
+      )
   return '\n'.join(lines)
 
 

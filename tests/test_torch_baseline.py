@@ -1,0 +1,123 @@
+"""The PyTorch speed baseline computes what dd_jax computes (experiments/torch_baseline.py).
+
+Skipped without the optional `bench` extra (torch). On identical weights and images, without
+augmentation, the baseline's network, DM + CC + CM objective and its gradient with respect to the
+synthetic images equal dd_jax's: the benchmark times the same work.
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dd_jax import losses, models
+
+torch = pytest.importorskip('torch')
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'torch_baseline.py'
+_SPEC = importlib.util.spec_from_file_location('torch_baseline', _PATH)
+torch_baseline = importlib.util.module_from_spec(_SPEC)
+sys.modules['torch_baseline'] = torch_baseline  # dataclasses look their module up by name
+_SPEC.loader.exec_module(torch_baseline)
+
+WIDTH, SIDE, CLASSES = 8, 16, 3
+
+
+def _torch_net_from(params) -> 'torch_baseline.ConvNet':
+  """The dd_jax ConvNet's weights in the baseline's layout (HWIO -> OIHW; NHWC flattening)."""
+  net = torch_baseline.ConvNet(3, CLASSES, width=WIDTH, image_size=SIDE)
+  convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+  norms = [m for m in net.features if isinstance(m, torch.nn.GroupNorm)]
+  as_tensor = lambda x: torch.from_numpy(np.asarray(x).copy())
+  with torch.no_grad():
+    for i, (conv, norm) in enumerate(zip(convs, norms)):
+      conv.weight.copy_(as_tensor(params[f'conv{i}']['kernel']).permute(3, 2, 0, 1))
+      conv.bias.copy_(as_tensor(params[f'conv{i}']['bias']))
+      norm.weight.copy_(as_tensor(params[f'norm{i}']['scale']))
+      norm.bias.copy_(as_tensor(params[f'norm{i}']['bias']))
+    side = SIDE // 8
+    kernel = as_tensor(params['classifier']['kernel'])  # rows in (h, w, c) order
+    kernel = kernel.reshape(side, side, WIDTH, CLASSES).permute(3, 2, 0, 1).reshape(CLASSES, -1)
+    net.classifier.weight.copy_(kernel)
+    net.classifier.bias.copy_(as_tensor(params['classifier']['bias']))
+  return net
+
+
+@pytest.fixture(name='pair')
+def _pair():
+  network = models.get_network('ConvNet', CLASSES, width=WIDTH)
+  variables = network.init(jax.random.key(0), (SIDE, SIDE, 3))
+  return network, variables, _torch_net_from(variables['params'])
+
+
+def test_network_embedding_and_logits_match(pair):
+  network, variables, torch_net = pair
+  images = np.random.default_rng(0).normal(size=(4, SIDE, SIDE, 3)).astype(np.float32)
+  _, feature_map, logits = network.embed_with_logits(variables, jnp.asarray(images))
+  nchw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    torch_map = torch_net.embed(nchw).permute(0, 2, 3, 1).numpy()
+    torch_logits = torch_net(nchw).numpy()
+  np.testing.assert_allclose(torch_map, feature_map, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(torch_logits, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_objective_and_its_gradient_match_dd_jax(pair):
+  network, variables, torch_net = pair
+  rng = np.random.default_rng(1)
+  real = rng.normal(size=(6, SIDE, SIDE, 3)).astype(np.float32)
+  syn = rng.normal(size=(3, SIDE, SIDE, 3)).astype(np.float32)
+  weights = losses.ObjectiveWeights.reference_iid()
+
+  def jax_objective(syn_images):
+    real_features, real_map = network.embed(variables, jnp.asarray(real))
+    syn_features, syn_map = network.embed(variables, syn_images)
+    return losses.class_objective(real_features, real_map, syn_features, syn_map, weights).total
+
+  value, gradient = jax.value_and_grad(jax_objective)(jnp.asarray(syn))
+  torch_syn = torch.from_numpy(syn.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+  torch_real = torch.from_numpy(real.transpose(0, 3, 1, 2).copy())
+  torch_value = torch_baseline.class_objective(
+    torch_net.embed(torch_real),
+    torch_net.embed(torch_syn),
+    torch_baseline.Weights(cc=0.05, cm=0.01),
+  )
+  torch_value.backward()
+  np.testing.assert_allclose(float(torch_value.detach()), float(value), rtol=1e-4)
+  np.testing.assert_allclose(
+    torch_syn.grad.numpy().transpose(0, 2, 3, 1), gradient, rtol=1e-3, atol=1e-6
+  )
+
+
+def test_steps_update_the_images_and_keep_shapes():
+  generator = torch.Generator().manual_seed(0)
+  real_by_class = [torch.randn(8, 3, SIDE, SIDE) for _ in range(CLASSES)]
+  labels = torch.arange(CLASSES).repeat_interleave(8)
+  for op in torch_baseline.STRATEGY:
+    out = torch_baseline.augment(real_by_class[0], op, generator, siamese=False)
+    assert out.shape == real_by_class[0].shape and torch.isfinite(out).all(), op
+  images = torch.randn(CLASSES * 2, 3, SIDE, SIDE, requires_grad=True)
+  before = images.detach().clone()
+  optimizer = torch.optim.SGD([images], lr=1.0, momentum=0.5)
+  torch_baseline.dm_step(images, optimizer, real_by_class, 4, torch_baseline.Weights(), generator)
+  assert not torch.equal(images.detach(), before)
+  queue = [torch_baseline.queue_net(3, CLASSES, SIDE) for _ in range(2)]
+  queue_before = queue[0].net.classifier.weight.detach().clone()
+  torch_baseline.idm_step(
+    images,
+    torch.optim.SGD([images], lr=0.2, momentum=0.5),
+    real_by_class,
+    (torch.cat(real_by_class), labels),
+    queue,
+    4,
+    torch_baseline.Weights(cc=0.01, cm=0.03),
+    generator,
+    train_steps=2,
+    train_batch=4,
+  )
+  assert not torch.equal(queue[0].net.classifier.weight, queue_before)
+  assert torch_baseline.expand(images.detach()).shape == (4 * CLASSES * 2, 3, SIDE, SIDE)
