@@ -61,7 +61,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except flags.Error as error:
     _refuse(f'{error}\nSee --helpfull for the flags.')
-  except AttributeError as error:  # ml_collections: an override names no field of the config
+  except (AttributeError, KeyError) as error:
+    # ml_collections: an override names no field of the config (KeyError: no such section).
     cause = error.args[0] if error.args else error
     text = str(cause.args[0] if isinstance(cause, Exception) and cause.args else cause)
     field, *hint = text.splitlines()

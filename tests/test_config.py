@@ -124,12 +124,20 @@ def _main(*args):
   )
 
 
-def test_cli_rejects_misspelled_override(tmp_path):
-  result = _main('--config=configs/digits.py', f'--workdir={tmp_path}/run', '--config.ipcc=3')
+@pytest.mark.parametrize(
+  'override, field, suggestion',
+  [
+    ('ipcc=3', 'ipcc', 'ipc'),  # a top-level field
+    ('distill.lrr=1', 'lrr', 'lr'),  # a field of a section
+    ('distil.lr=1', 'distil', 'distill'),  # a section (ml_collections raises KeyError)
+  ],
+)
+def test_cli_rejects_misspelled_override(tmp_path, override, field, suggestion):
+  result = _main('--config=configs/digits.py', f'--workdir={tmp_path}/run', f'--config.{override}')
   assert result.returncode == 2
   assert result.stderr.strip() == (
-    "dd_jax: error: the config has no field 'ipcc' (a --config.<field>=<value> override). "
-    'Did you mean "ipc" instead of "ipcc"?'
+    f"dd_jax: error: the config has no field '{field}' (a --config.<field>=<value> override). "
+    f'Did you mean "{suggestion}" instead of "{field}"?'
   )
   assert not os.path.exists(tmp_path / 'run')
 
