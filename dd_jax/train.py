@@ -354,6 +354,9 @@ def accuracies(
   batch_size: int = 1000,
 ) -> jax.Array:
   """Test accuracy in [0, 1] of each of the stacked networks (leading axis P); jit-able."""
+  # Host (NumPy) weights, e.g. a stored pool's, as jax arrays: vmapped NumPy leaves would reach
+  # the instance norm's custom VJP as constants it refuses.
+  variables = jax.tree_util.tree_map(jnp.asarray, variables)
   num_test = test_images.shape[0]
   batch_size = min(batch_size, num_test)
   num_batches = -(-num_test // batch_size)

@@ -4,6 +4,7 @@ Test programs are tiny, so compile time dominates: optimisation level 0 halves i
 7.1 s -> 3.5 s for a small evaluation program) without changing results beyond float rounding.
 """
 
+import contextlib
 import functools
 import os
 
@@ -38,6 +39,20 @@ TINY_POOL = pool_lib.PoolSettings(
   seed=0,
   recipe=train_lib.SGDRecipe(batch_size=6, lr=0.01, momentum=0.9, weight_decay=5e-4),
 )
+
+
+@contextlib.contextmanager
+def float64():
+  """Enables float64 inside the block (for finite-difference checks), on every jax version."""
+  enable = getattr(jax, 'enable_x64', None)
+  if enable is None:  # older jax
+    from jax.experimental import enable_x64 as enable  # pylint: disable=g-import-not-at-top
+
+    with enable():
+      yield
+  else:
+    with enable(True):
+      yield
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -1,27 +1,13 @@
 """Losses against hand-computed values, their definitions, and float64 finite differences."""
 
-import contextlib
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import float64
 
 from dd_jax import losses
-
-
-@contextlib.contextmanager
-def float64():
-  enable = getattr(jax, 'enable_x64', None)
-  if enable is None:  # older jax
-    from jax.experimental import enable_x64 as enable  # pylint: disable=g-import-not-at-top
-
-    with enable():
-      yield
-  else:
-    with enable(True):
-      yield
 
 
 def test_mean_matching_hand_computed():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import float64
 
 from dd_jax import models
 from dd_jax.models import layers
@@ -104,6 +105,53 @@ def test_instance_norm_equals_its_formula():
   expected = (x64 - mean) / np.sqrt(var + 1e-5) * np.asarray(scale) + np.asarray(bias)
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
   assert variables['params']['scale'].shape == (6,)
+
+
+def _instance_norm_case(dtype):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 4, 3, 5)) * 3.0 + 1.5, dtype)
+  scale = jnp.asarray(rng.normal(size=(5,)), dtype)
+  bias = jnp.asarray(rng.normal(size=(5,)), dtype)
+  weights = jnp.asarray(rng.normal(size=x.shape), dtype)  # a loss that weighs every output
+  return x, scale, bias, weights
+
+
+def test_instance_norm_equals_flax_group_norm_in_value_and_gradient():
+  # The hand-written backward must equal autodiff of Flax's GroupNorm(one group per channel).
+  x, scale, bias, weights = _instance_norm_case(jnp.float32)
+  group_norm = nn.GroupNorm(num_groups=5, epsilon=1e-5, use_fast_variance=False)
+
+  def flax_loss(x, scale, bias):
+    return jnp.sum(weights * group_norm.apply({'params': {'scale': scale, 'bias': bias}}, x))
+
+  def ours_loss(x, scale, bias):
+    return jnp.sum(weights * layers.instance_norm(x, scale, bias))
+
+  np.testing.assert_allclose(ours_loss(x, scale, bias), flax_loss(x, scale, bias), rtol=1e-5)
+  ours = jax.grad(ours_loss, argnums=(0, 1, 2))(x, scale, bias)
+  expected = jax.grad(flax_loss, argnums=(0, 1, 2))(x, scale, bias)
+  for got, want in zip(ours, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(ours[0]).max()) > 0.1
+
+
+def test_instance_norm_gradient_matches_finite_differences_in_float64():
+  with float64():
+    x, scale, bias, weights = _instance_norm_case(jnp.float64)
+    assert x.dtype == jnp.float64
+
+    def loss(x, scale, bias):
+      return jnp.sum(weights * jnp.tanh(layers.instance_norm(x, scale, bias)))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+    rng = np.random.default_rng(4)
+    eps = 1e-6
+    for _ in range(3):
+      directions = [jnp.asarray(rng.normal(size=a.shape)) for a in (x, scale, bias)]
+      plus = loss(*(a + eps * d for a, d in zip((x, scale, bias), directions)))
+      minus = loss(*(a - eps * d for a, d in zip((x, scale, bias), directions)))
+      analytic = sum(jnp.vdot(g, d) for g, d in zip(grads, directions))
+      np.testing.assert_allclose(analytic, (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-8)
 
 
 def test_eps_matters_for_small_variance():

@@ -139,14 +139,81 @@ def dense(features: int, in_features: int, *, name: str | None = None) -> nn.Den
   return nn.Dense(features, kernel_init=init, bias_init=init, name=name)
 
 
+def _instance_norm_forward(x, scale, bias):
+  mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+  centered = x - mean
+  # Two-pass (biased) variance, like PyTorch and Flax's use_fast_variance=False.
+  variance = jnp.mean(centered * centered, axis=(1, 2), keepdims=True)
+  inverse_std = jax.lax.rsqrt(variance + NORM_EPS)
+  normalized = centered * inverse_std
+  return normalized * scale + bias, (normalized, inverse_std, scale)
+
+
+def _instance_norm_backward(residuals, grad_out):
+  normalized, inverse_std, scale = residuals
+  grad_normalized = grad_out * scale
+  # d/dx of (x - mean) / std per sample and channel: the gradient minus its spatial mean and
+  # minus its spatial correlation with the normalized map, over std.
+  mean_grad = jnp.mean(grad_normalized, axis=(1, 2), keepdims=True)
+  mean_grad_dot = jnp.mean(grad_normalized * normalized, axis=(1, 2), keepdims=True)
+  grad_x = inverse_std * (grad_normalized - mean_grad - normalized * mean_grad_dot)
+  grad_scale = jnp.sum(grad_out * normalized, axis=(0, 1, 2))
+  grad_bias = jnp.sum(grad_out, axis=(0, 1, 2))
+  return grad_x, grad_scale, grad_bias
+
+
+@jax.custom_vjp
+def _instance_norm(x, scale, bias):
+  return _instance_norm_forward(x, scale, bias)[0]
+
+
+_instance_norm.defvjp(_instance_norm_forward, _instance_norm_backward)
+
+
+def instance_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """Instance norm of NHWC maps with a per-channel affine, and a hand-written backward pass.
+
+  Args:
+    x: [N, H, W, C].
+    scale: [C].
+    bias: [C].
+
+  Returns:
+    [N, H, W, C]: (x - mean) / sqrt(var + 1e-5) * scale + bias, with the mean and the biased
+    variance over (H, W) of each sample and channel. Equal to group norm with one group per
+    channel up to float rounding. Against autodiff of Flax's GroupNorm, the analytic backward
+    saves XLA:CPU a tenth of a ConvNet training step and a fifth of a DM image gradient, and
+    its float32 image gradient is ~1000x closer to float64 (`experiments/bench_norm.py`).
+    Reverse mode only (`jax.custom_vjp`).
+  """
+  # As jax arrays: custom_vjp refuses NumPy constants (a pool member's host-side weights).
+  return _instance_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+
+
+class InstanceNorm(nn.Module):
+  """`instance_norm` with learnt scale (ones) and bias (zeros) of shape [C], as in PyTorch's
+  GroupNorm(C, C); the parameter names are Flax GroupNorm's, so stored networks load unchanged.
+  """
+
+  epsilon = NORM_EPS  # fixed, as in every norm here
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (channels,))
+    bias = self.param('bias', nn.initializers.zeros, (channels,))
+    return instance_norm(x, scale, bias)
+
+
 def norm_layer(kind: str, channels: int, *, train: bool, name: str | None = None):
   """Returns a callable norm layer for NHWC maps, or the identity for 'none'.
 
   Args:
-    kind: one of NORMS. 'instancenorm' is group norm with one group per channel (affine, no
-      running statistics, so train and eval are identical); 'groupnorm' uses 4 groups;
-      'layernorm' normalises over (H, W, C) with an element-wise affine of shape (H, W, C) like
-      PyTorch's LayerNorm(shape_feat); 'batchnorm' keeps running statistics in `batch_stats`.
+    kind: one of NORMS. 'instancenorm' is `InstanceNorm`, group norm with one group per channel
+      (affine, no running statistics, so train and eval are identical); 'groupnorm' uses 4
+      groups; 'layernorm' normalises over (H, W, C) with an element-wise affine of shape
+      (H, W, C) like PyTorch's LayerNorm(shape_feat); 'batchnorm' keeps running statistics in
+      `batch_stats`.
     channels: number of channels C.
     train: batch norm uses batch statistics (and updates running ones) when True.
     name: optional submodule name.
@@ -154,7 +221,7 @@ def norm_layer(kind: str, channels: int, *, train: bool, name: str | None = None
   if kind == 'none':
     return lambda x: x
   if kind == 'instancenorm':
-    return nn.GroupNorm(num_groups=channels, epsilon=NORM_EPS, use_fast_variance=False, name=name)
+    return InstanceNorm(name=name)
   if kind == 'groupnorm':
     return nn.GroupNorm(num_groups=4, epsilon=NORM_EPS, use_fast_variance=False, name=name)
   if kind == 'layernorm':
