@@ -40,6 +40,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing  # experiments/timing.py (the script's folder is on sys.path)
 from absl import app, flags
 
 from dd_jax import config as config_lib
@@ -70,28 +71,6 @@ NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
 
 
 # ----------------------------------------------------------------------------------- timing
-
-
-def _median_seconds(fn, repeats):
-  jax.block_until_ready(fn())  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def matmul_ceiling(repeats: int) -> tuple[float, int]:
-  """The best dense float32 matmul FLOP/s over a few square sizes, and that size."""
-  best = (0.0, 0)
-  for n in (512, 1024, 2048):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    seconds = _median_seconds(lambda: matmul(a, b), repeats)
-    best = max(best, (2.0 * n**3 / seconds, n))
-  return best
 
 
 def _memory(compiled) -> float | None:
@@ -149,7 +128,7 @@ def time_step(config, method: str, ipc: int) -> dict:
     calls['state'], metrics = method_obj.step(calls['state'], data.sampler)
     return metrics
 
-  seconds = _median_seconds(one_step, _REPEATS.value)
+  seconds = timing.median_seconds(one_step, _REPEATS.value)
   record = {
     'method': method,
     'ipc': ipc,
@@ -174,8 +153,8 @@ def time_evaluation(repeats: int) -> dict:
   labels = jnp.arange(_EVAL_IMAGES.value) % NUM_CLASSES
   keys = jax.random.split(jax.random.key(1), _NUM_EVAL.value)
   train = jax.jit(lambda k: train_lib.train_networks(k, images, labels, net, settings))
-  together = _median_seconds(lambda: train(keys), repeats)
-  alone = _NUM_EVAL.value * _median_seconds(lambda: train(keys[:1]), repeats)
+  together = timing.median_seconds(lambda: train(keys), repeats)
+  alone = _NUM_EVAL.value * timing.median_seconds(lambda: train(keys[:1]), repeats)
   return {
     'num_eval': _NUM_EVAL.value,
     'images': _EVAL_IMAGES.value,
@@ -260,7 +239,7 @@ def time_torch_evaluation(repeats: int) -> dict:
 
 def main(argv):
   del argv
-  ceiling, size = matmul_ceiling(_REPEATS.value)
+  ceiling, size = timing.matmul_ceiling(_REPEATS.value)
   device = jax.devices()[0]
   results = {
     'date': time.strftime('%Y-%m-%d'),

@@ -1,10 +1,17 @@
-"""The experiment scripts never write over committed records by default."""
+"""The experiment scripts: no default output over committed records; their FLOP counts hold."""
 
 import ast
+import importlib.util
 import pathlib
 import re
+import sys
 
+import jax
+import jax.numpy as jnp
+import optax
 import pytest
+
+from dd_jax import flops, models, train
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / 'experiments'
 SCRIPTS = sorted(EXPERIMENTS.glob('*.py'))
@@ -54,3 +61,34 @@ def test_docstring_commands_keep_their_line_breaks(path):
   docstring = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ''
   joined = re.search(r'\S {4,}--', docstring)
   assert joined is None, f'{path.name}: a docstring command lost its line break: {joined.group()}'
+
+
+def _load(name: str):
+  sys.path.insert(0, str(EXPERIMENTS))  # the scripts import their sibling `timing`
+  try:
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(EXPERIMENTS))
+  return module
+
+
+def test_bench_train_gemms_counts_the_products_of_the_real_step():
+  # The benchmark's bound is the sum of the step's matrix products at the shapes it lists: they
+  # must be the products the im2col SGD step actually runs (the counter reads its jaxpr), which
+  # add only the classifier's forward, weight and feature gradients.
+  bench = _load('bench_train_gemms')
+  images = 3
+  net = models.get_network('ConvNet', 10, conv_impl='im2col')
+  variables = net.init(jax.random.key(0), (1, 32, 32, 3))
+  optimizer = optax.sgd(0.01, momentum=0.9)
+  x, y = jnp.ones((images, 32, 32, 3)), jnp.arange(images)
+
+  def step(variables, opt_state):
+    return train.sgd_step(net, optimizer, variables, opt_state, x, y)[:2]
+
+  counted = flops.count(step, variables, optimizer.init(variables['params']))
+  listed = sum(2 * m * k * n for _, m, k, n in bench.step_gemms(images))
+  classifier = 3 * 2 * images * 2048 * 10
+  assert counted == listed + classifier
