@@ -105,6 +105,10 @@ def default_config() -> ml_collections.ConfigDict:
   # DM: real images embedded at once (a loop over chunks; results do not depend on it). 0: the
   # largest divisor of classes x batch_real up to 64 on CPU (cache-friendly), a class elsewhere.
   config.distill.real_chunk = 0
+  # DM: synthetic images embedded at once (unrolled chunks; results do not depend on it; ignored
+  # with batch norm or a mesh). 0: on CPU the largest divisor of classes x ipc up to 64 (or a
+  # tenth of them), all at once elsewhere.
+  config.distill.syn_chunk = 0
   config.distill.eval_every = 2_000  # evaluate the synthetic set every N steps (and at the end)
   config.distill.checkpoint_every = 500  # checkpoint every N steps (and at evaluations)
   config.distill.log_every = 100  # progress line, metrics.jsonl and TensorBoard every N steps

@@ -57,6 +57,12 @@ _PER_CLASS = flags.DEFINE_integer('per_class', 300, 'Random training images per 
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median).')
 _NUM_EVAL = flags.DEFINE_integer('num_eval', 5, 'Evaluation networks.')
 _EVAL_IMAGES = flags.DEFINE_integer('eval_images', 500, 'Images the evaluation trains on.')
+_SYN_ONE_PASS = flags.DEFINE_bool(
+  'syn_one_pass',
+  False,
+  'DM steps embed the synthetic images in one pass (distill.syn_chunk = all), not in the '
+  "CPU default's chunks: the code before chunking.",
+)
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
 _PYTORCH = flags.DEFINE_bool(
   'pytorch', False, 'Also time the PyTorch baseline (experiments/torch_baseline.py; bench extra).'
@@ -114,6 +120,8 @@ def _config(dataset_path: str, method: str, ipc: int):
   config.constraints.cc.extractor = 'matching_net'
   config.distill.batch_real = _BATCH_REAL.value
   config.idm.train_batch_size = _BATCH_REAL.value
+  if _SYN_ONE_PASS.value:
+    config.distill.syn_chunk = NUM_CLASSES * ipc
   return config
 
 
@@ -247,6 +255,7 @@ def main(argv):
     'host': f'{platform.machine()}, {os.cpu_count()} cores',
     'jax': jax.__version__,
     'batch_real': _BATCH_REAL.value,
+    'syn_one_pass': _SYN_ONE_PASS.value,
     'matmul_flop_per_s': ceiling,
     'matmul_size': size,
     'steps': [],

@@ -190,6 +190,33 @@ def test_fast_real_embedding_equals_the_straightforward_one(digits):
     )
 
 
+def test_synthetic_images_in_chunks_equal_one_pass(digits):
+  """Synthetic images embedded (and differentiated) in unrolled chunks == all at once."""
+  outcomes = []
+  for syn_chunk in (40, 4, 20):  # 10 classes x ipc 4: one pass, 10 chunks, 2 chunks
+    step, state, sampler = _setup(digits, ipc=4, syn_chunk=syn_chunk)
+    for _ in range(2):
+      state, metrics = step(state, sampler)
+    outcomes.append((np.asarray(state.images), {k: float(v) for k, v in metrics.items()}))
+  (images, metrics), *chunked = outcomes
+  for chunked_images, chunked_metrics in chunked:
+    np.testing.assert_allclose(chunked_images, images, atol=2e-5)
+    for name, value in metrics.items():
+      assert chunked_metrics[name] == pytest.approx(value, rel=2e-5), name
+  with pytest.raises(ValueError, match='syn_chunk=3 must divide the 10 x 2 synthetic images'):
+    dm.make_dm_step(
+      models.get_network('ConvNetW32', 10), _settings(syn_chunk=3), base.DataSpec.of(digits)
+    )
+
+
+@pytest.mark.parametrize(
+  'ipc, classes, expected', [(1, 10, 10), (10, 10, 50), (50, 10, 50), (50, 100, 500), (7, 3, 21)]
+)
+def test_default_synthetic_chunk_on_cpu(ipc, classes, expected):
+  # At most 64 images per pass, or a tenth of them: never more than 10 unrolled passes.
+  assert dm.resolve_syn_chunk(_settings(ipc=ipc), classes) == expected
+
+
 def test_siamese_augmentation_is_shared_by_real_and_synthetic_images_of_a_class(digits):
   """The step applies one DSA draw per class to both sides: with identical real and synthetic
   images the DM term is exactly 0 under any augmentation."""

@@ -173,6 +173,8 @@ class DistillSettings(settings_lib.Settings):
     num_nets: random networks matched per step (losses averaged over them).
     devices: devices the DM step splits classes (and networks) across; 0 = all.
     real_chunk: real images embedded at once (0: automatic); results do not depend on it.
+    syn_chunk: synthetic images embedded at once, no batch norm (0: automatic); results do not
+      depend on it.
     eval_every: steps between evaluations (the last step is always evaluated).
     checkpoint_every: steps between checkpoints.
     log_every: steps between progress lines; divides eval_every and checkpoint_every, so a
@@ -192,6 +194,7 @@ class DistillSettings(settings_lib.Settings):
   num_nets: int = field(1, check=POSITIVE)
   devices: int = field(0, check=NON_NEGATIVE)
   real_chunk: int = field(0, check=NON_NEGATIVE)
+  syn_chunk: int = field(0, check=NON_NEGATIVE)
   eval_every: int = field(2_000, check=POSITIVE)
   checkpoint_every: int = field(500, check=POSITIVE)
   log_every: int = field(100, check=POSITIVE)

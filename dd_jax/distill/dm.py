@@ -7,8 +7,8 @@
 Inside the step: a brand-new randomly initialised backbone (or `num_nets` of them, vmapped) is
 built from the step's 'networks' stream; every class draws `batch_real` real images on device;
 each class gets one siamese DSA draw applied to its real and synthetic images; the real images of
-all classes go through the network in chunks (batch norm: all classes as one batch, as the
-reference's batch-norm branch), the synthetic images of all classes as one batch; the losses are
+all classes go through the network in chunks, and so do the synthetic ones on CPU (batch norm:
+all classes as one batch, as the reference's batch-norm branch); the losses are
 vmapped over classes and summed; one optimizer step updates all synthetic images.
 """
 
@@ -31,6 +31,18 @@ from dd_jax import sharding as sharding_lib
 from dd_jax.distill import base
 
 
+def _chunk(configured: int, total: int, field: str, what: str, cpu_default: int) -> int:
+  if configured:
+    if total % configured:
+      raise ValueError(f'config.distill.{field}={configured} must divide the {what}.')
+    return configured
+  return cpu_default
+
+
+def _largest_divisor_up_to(total: int, bound: int) -> int:
+  return max(d for d in range(1, min(total, bound) + 1) if total % d == 0)
+
+
 def resolve_real_chunk(settings: base.DistillSettings, num_classes: int) -> int:
   """settings.real_chunk, or its default: the largest divisor of the step's real images up to 64
   on CPU (measured fastest: cache-sized working sets), one class elsewhere.
@@ -39,16 +51,28 @@ def resolve_real_chunk(settings: base.DistillSettings, num_classes: int) -> int:
     ValueError: a configured real_chunk that does not divide num_classes x batch_real.
   """
   total = num_classes * settings.batch_real
-  if settings.real_chunk:
-    if total % settings.real_chunk:
-      raise ValueError(
-        f'config.distill.real_chunk={settings.real_chunk} must divide the '
-        f'{num_classes} x {settings.batch_real} real images of a step.'
-      )
-    return settings.real_chunk
+  what = f'{num_classes} x {settings.batch_real} real images of a step'
   if jax.default_backend() != 'cpu':
-    return settings.batch_real
-  return max(d for d in range(1, 65) if total % d == 0)
+    return _chunk(settings.real_chunk, total, 'real_chunk', what, settings.batch_real)
+  return _chunk(settings.real_chunk, total, 'real_chunk', what, _largest_divisor_up_to(total, 64))
+
+
+def resolve_syn_chunk(settings: base.DistillSettings, num_classes: int) -> int:
+  """settings.syn_chunk, or its default: on CPU the largest divisor of the synthetic images up to
+  64 (or up to a tenth of them, which bounds the unrolled passes at 10); all at once elsewhere.
+
+  On CPU, the image gradient of the mean embedding of 100 / 500 CIFAR-sized images took 0.86x /
+  0.75x the time in chunks of 50 than in one pass (cache-sized working sets, as for real_chunk).
+
+  Raises:
+    ValueError: a configured syn_chunk that does not divide num_classes x ipc.
+  """
+  total = num_classes * settings.ipc
+  what = f'{num_classes} x {settings.ipc} synthetic images'
+  if jax.default_backend() != 'cpu':
+    return _chunk(settings.syn_chunk, total, 'syn_chunk', what, total)
+  default = _largest_divisor_up_to(total, max(64, total // 10))
+  return _chunk(settings.syn_chunk, total, 'syn_chunk', what, default)
 
 
 def make_dm_step(
@@ -63,7 +87,7 @@ def make_dm_step(
   Args:
     net: the matching network architecture.
     settings: the step settings (ipc, batch_real, num_nets, strategy, weights, lr, momentum,
-      real_chunk).
+      real_chunk, syn_chunk).
     spec: the dataset's class count and normalisation.
     extractor: where class centralization takes its features.
     mesh: a `sharding.class_mesh`: classes (and networks) split across its devices; the state
@@ -75,6 +99,7 @@ def make_dm_step(
   """
   num_classes, ipc, batch_real = spec.num_classes, settings.ipc, settings.batch_real
   real_chunk = resolve_real_chunk(settings, num_classes)
+  syn_chunk = resolve_syn_chunk(settings, num_classes)
   optimizer = settings.image_optimizer()
   by_class = lambda x: sharding_lib.constrain_by_class(x, mesh)
 
@@ -112,7 +137,12 @@ def make_dm_step(
       else:
         # Split across devices, each embeds its own classes at once (a loop would not split).
         real_features, real_map = by_class(jax.vmap(embed)(real))
-      syn_features, syn_map = embed(syn_flat)
+      if net.has_batch_stats or mesh is not None or syn_chunk == num_classes * ipc:
+        syn_features, syn_map = embed(syn_flat)
+      else:
+        # Unrolled rather than a loop: XLA:CPU runs convolution backward passes slowly in loops.
+        parts = [embed(part) for part in jnp.split(syn_flat, num_classes * ipc // syn_chunk)]
+        syn_features, syn_map = (jnp.concatenate(pieces) for pieces in zip(*parts))
       cc_features = extractor.features(
         network_extractor_params, network_cc_key, syn_flat, syn_features
       )
