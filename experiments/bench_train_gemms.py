@@ -17,6 +17,12 @@ This times, interleaved repeat by repeat in one process so that a load change hi
   and the IDM queue run them (no DSA, which costs a few percent);
 - `step, XLA convolution, no loop`: one jitted SGD step with `lax.conv_general_dilated`, called
   from Python: the way around XLA:CPU's slow convolution backward inside loops;
+- `step, XLA conv forward and input gradient, im2col weight gradient, in a scan`: the scanned step
+  with a custom VJP (`conv_xla_im2col_weight_grad`) that leaves the forward and the input gradient
+  to XLA's own convolution (on CPU jax 0.10 fuses both into YNNPACK kernels, fast inside loops;
+  the input gradient is a stride-1 convolution with the flipped kernel) and computes only the
+  weight gradient, the convolution XLA:CPU is slow at in loops, as patches^T @ dy. It removes
+  the patch gradient and its scatter back to the image;
 - each of the eight matrix products alone at its shape (random operands), and their sum. No
   im2col step can be faster than that sum, whatever the rest costs;
 - `2.0 * x` of the first layer's activation ([images, 32, 32, 128]): the memory bandwidth the
@@ -29,6 +35,8 @@ over its time; the ceiling is the dense float32 matmul FLOP/s measured in the sa
 Prints a markdown table and writes --out (JSON: date, jax version, machine, load, the figures).
 """
 
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -44,6 +52,7 @@ from absl import app, flags
 
 from dd_jax import models
 from dd_jax import train as train_lib
+from dd_jax.models import layers
 
 _IMAGES = flags.DEFINE_integer('images', 100, 'Images per SGD step (CIFAR-shaped, 32x32x3).')
 _STEPS = flags.DEFINE_integer('steps', 4, 'SGD steps per timed call of the scanned step.')
@@ -59,6 +68,7 @@ _OUT = flags.DEFINE_string(
 
 NUM_CLASSES, IMAGE_SHAPE, WIDTH, DEPTH = 10, (32, 32, 3), 128, 3
 COPY = 'memory: 2 x the layer-1 activation'
+HYBRID = 'step, XLA conv forward and input gradient, im2col weight gradient, in a scan'
 
 
 def step_gemms(images: int) -> list[tuple[str, int, int, int]]:
@@ -73,6 +83,55 @@ def step_gemms(images: int) -> list[tuple[str, int, int, int]]:
       shapes.append((f'conv{layer} input gradient', pixels, WIDTH, patch))
     side, channels = side // 2, WIDTH
   return shapes
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), ((padding, padding),) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_xla_im2col_weight_grad(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+  """Stride-1 NHWC convolution: XLA's forward and input gradient, an im2col weight gradient."""
+  return _xla_conv(x, kernel, padding)
+
+
+def _conv_forward(x, kernel, padding):
+  return _xla_conv(x, kernel, padding), (x, kernel)
+
+
+def _conv_backward(padding, residuals, dy):
+  x, kernel = residuals
+  kh, kw, c_in, c_out = kernel.shape
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  dx = _xla_conv(dy, flipped, kh - 1 - padding)
+  padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  h, w = dy.shape[1:3]
+  patches = jnp.concatenate(
+    [padded[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)], axis=-1
+  )
+  dkernel = jnp.einsum('nhwk,nhwo->ko', patches, dy).reshape(kh, kw, c_in, c_out)
+  return dx, dkernel
+
+
+conv_xla_im2col_weight_grad.defvjp(_conv_forward, _conv_backward)
+
+
+@contextlib.contextmanager
+def _im2col_replaced_by_hybrid():
+  """While tracing, the im2col ConvNet's convolutions take conv_xla_im2col_weight_grad."""
+  original = layers.conv2d_im2col
+
+  def hybrid(x, kernel, stride, padding):
+    assert stride == 1, 'the ConvNet has stride-1 convolutions only'
+    return conv_xla_im2col_weight_grad(x, kernel, padding)
+
+  layers.conv2d_im2col = hybrid
+  try:
+    yield
+  finally:
+    layers.conv2d_im2col = original
 
 
 def _sgd_step_fn(net: models.Network, images: jax.Array, labels: jax.Array):
@@ -92,14 +151,19 @@ def make_calls(images: jax.Array, labels: jax.Array) -> dict[str, tuple]:
   step, optimizer = _sgd_step_fn(im2col_net, images, labels)
   opt_state = optimizer.init(variables['params'])
 
-  @jax.jit
-  def scanned(variables, opt_state):
+  def scan_steps(variables, opt_state):
     carry, _ = jax.lax.scan(
       lambda c, _: (step(*c), None), (variables, opt_state), None, _STEPS.value
     )
     return carry
 
+  scanned = jax.jit(scan_steps)
   calls['step, im2col in a scan'] = (lambda: scanned(variables, opt_state), _STEPS.value)
+  # Traced and compiled while the replacement is in place; a new function object, so that jax
+  # cannot reuse the im2col trace.
+  with _im2col_replaced_by_hybrid():
+    hybrid = jax.jit(lambda v, o: scan_steps(v, o)).lower(variables, opt_state).compile()
+  calls[HYBRID] = (lambda: hybrid(variables, opt_state), _STEPS.value)
   xla_net = models.get_network('ConvNet', NUM_CLASSES, conv_impl='xla')
   xla_step = jax.jit(_sgd_step_fn(xla_net, images, labels)[0])
   calls['step, XLA convolution, no loop'] = (lambda: xla_step(variables, opt_state), 1)

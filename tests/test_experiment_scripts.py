@@ -1,6 +1,7 @@
 """The experiment scripts: no default output over committed records; their FLOP counts hold."""
 
 import ast
+import functools
 import importlib.util
 import pathlib
 import re
@@ -8,8 +9,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
+from conftest import float64
 
 from dd_jax import flops, models, train
 
@@ -63,6 +66,7 @@ def test_docstring_commands_keep_their_line_breaks(path):
   assert joined is None, f'{path.name}: a docstring command lost its line break: {joined.group()}'
 
 
+@functools.cache  # once per script: a second import would define its absl flags twice
 def _load(name: str):
   sys.path.insert(0, str(EXPERIMENTS))  # the scripts import their sibling `timing`
   try:
@@ -92,3 +96,22 @@ def test_bench_train_gemms_counts_the_products_of_the_real_step():
   listed = sum(2 * m * k * n for _, m, k, n in bench.step_gemms(images))
   classifier = 3 * 2 * images * 2048 * 10
   assert counted == listed + classifier
+
+
+def test_bench_train_gemms_hybrid_convolution_has_the_gradients_of_xla_convolution():
+  # The benchmark's alternative step must compute the same convolution and gradients as XLA's
+  # (float64 so that a wrong flip or padding cannot hide in rounding).
+  bench = _load('bench_train_gemms')
+  with float64():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3), jnp.float64)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.float64)
+    dy = jax.random.normal(jax.random.key(2), (2, 6, 5, 4), jnp.float64)
+    for padding in (0, 1):
+      dy_p = dy[:, : 6 - 2 * (1 - padding), : 5 - 2 * (1 - padding)]
+      y, vjp = jax.vjp(
+        lambda a, b, p=padding: bench.conv_xla_im2col_weight_grad(a, b, p), x, kernel
+      )
+      y_ref, vjp_ref = jax.vjp(lambda a, b, p=padding: bench._xla_conv(a, b, p), x, kernel)
+      np.testing.assert_allclose(y, y_ref, rtol=1e-12)
+      for got, want in zip(vjp(dy_p), vjp_ref(dy_p)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
