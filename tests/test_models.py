@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import float64
 
-from dd_jax import models
+from dd_jax import flops, models
 from dd_jax.models import layers
 
 
@@ -285,13 +285,113 @@ def test_im2col_convolution_equals_xla(kernel_size, stride, padding):
 def test_conv_impls_give_the_same_network():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   outputs = []
-  for conv_impl in ('xla', 'im2col'):
+  for conv_impl in ('xla', 'im2col', 'winograd'):
     net = models.get_network('ResNet18', 10, conv_impl=conv_impl)
     variables = jax.jit(lambda key: net.init(key, x.shape))(jax.random.key(1))
     outputs.append(jax.jit(lambda v: net.apply(v, x))(variables))
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outputs[0], outputs[2], rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match='conv_impl'):
-    models.get_network('ConvNet', 10, conv_impl='winograd')
+    models.get_network('ConvNet', 10, conv_impl='fft')
+
+
+def _xla_same_conv(x, kernel):
+  return jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+
+def _conv_and_gradients(conv, x, kernel, dy):
+  y, vjp = jax.vjp(conv, x, kernel)
+  return (y, *vjp(dy))
+
+
+def test_winograd_convolution_equals_xla_in_float64():
+  # Non-square maps, channel counts that are not multiples of anything, a 2x2 map (one tile).
+  with float64():
+    for shape, c_out in (((2, 6, 4, 5), 7), ((3, 2, 2, 16), 3)):
+      x = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+      kernel = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], c_out), jnp.float64)
+      dy = jax.random.normal(jax.random.key(2), (*shape[:3], c_out), jnp.float64)
+      expected = _conv_and_gradients(_xla_same_conv, x, kernel, dy)
+      got = _conv_and_gradients(layers.conv2d_winograd, x, kernel, dy)
+      for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), got, expected):
+        assert a.dtype == jnp.float64
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_winograd_float32_error_is_that_of_im2col():
+  # Both against a float64 reference: Winograd's transforms must not amplify rounding (its
+  # F(4x4, 3x3) cousin would, by ~5x).
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 32))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 32, 16)) / 17
+  dy = jax.random.normal(jax.random.key(2), (4, 8, 8, 16))
+  with float64():
+    reference = [
+      np.asarray(a)
+      for a in _conv_and_gradients(
+        _xla_same_conv, *(np.asarray(a, np.float64) for a in (x, kernel, dy))
+      )
+    ]
+  im2col = _conv_and_gradients(lambda a, b: layers.conv2d_im2col(a, b, 1, 1), x, kernel, dy)
+  winograd = _conv_and_gradients(layers.conv2d_winograd, x, kernel, dy)
+  for name, w, i, r in zip(
+    ('output', 'input gradient', 'kernel gradient'), winograd, im2col, reference
+  ):
+    assert w.dtype == jnp.float32
+    relative = lambda a: float(np.linalg.norm(np.asarray(a, np.float64) - r) / np.linalg.norm(r))
+    assert relative(w) < max(3 * relative(i), 1e-7), (name, relative(w), relative(i))
+
+
+def test_winograd_applies_to_same_3x3_convolutions_with_channels():
+  assert layers.winograd_applies((8, 16, 16, 128), (3, 3, 128, 128), 1, 1)
+  assert not layers.winograd_applies((8, 32, 32, 3), (3, 3, 3, 128), 1, 1)  # few channels
+  assert not layers.winograd_applies((8, 7, 8, 64), (3, 3, 64, 64), 1, 1)  # odd height
+  assert not layers.winograd_applies((8, 8, 8, 64), (3, 3, 64, 64), 2, 1)  # stride
+  assert not layers.winograd_applies((8, 8, 8, 64), (3, 3, 64, 64), 1, 0)  # 'valid'
+  assert not layers.winograd_applies((8, 8, 8, 64), (5, 5, 64, 64), 1, 2)
+  with pytest.raises(ValueError, match='even map sides'):
+    layers.conv2d_winograd(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 2)))
+
+
+def test_convnet_training_gradient_is_the_same_with_winograd():
+  # The CPU default: layers 2 and 3 by Winograd, layer 1 (3 channels) by im2col.
+  x = jax.random.normal(jax.random.key(0), (6, 16, 16, 3))
+  labels = jnp.arange(6) % 4
+  gradients, forward_flops = [], []
+  for conv_impl in ('xla', 'winograd'):
+    net = models.get_network('ConvNet', 4, conv_impl=conv_impl)
+    variables = net.init(jax.random.key(1), x.shape)
+    forward_flops.append(flops.count(lambda v: net.apply(v, x), variables))
+
+    def loss(params):
+      logits = net.apply({'params': params}, x)
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+    gradients.append(jax.jit(jax.grad(loss))(variables['params']))
+  for path, a, b in zip(
+    jax.tree_util.tree_leaves_with_path(gradients[0]), *map(jax.tree.leaves, gradients)
+  ):
+    # Conv biases before instance norm have a zero gradient: only rounding is compared there.
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path[0]))
+  # Winograd ran: layers 2 and 3 (8x8 and 4x4 maps) do 16 instead of 36 products per 2x2 tile,
+  # plus the kernel transforms (G g G^T as two small products, 168 C_in C_out FLOPs).
+  conv1_and_classifier = 2 * 6 * (16 * 16 * 27 * 128 + 2 * 2 * 128 * 4)
+  layers_2_and_3 = forward_flops[0] - conv1_and_classifier
+  expected = conv1_and_classifier + layers_2_and_3 * 16 / 36 + 2 * 168 * 128 * 128
+  assert forward_flops[1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_auto_conv_impl_sets_what_auto_means_while_tracing():
+  default = layers.resolve_conv_impl('auto')
+  assert default == ('winograd' if jax.default_backend() == 'cpu' else 'xla')
+  with layers.auto_conv_impl('im2col'):
+    assert layers.resolve_conv_impl('auto') == 'im2col'
+    assert layers.resolve_conv_impl('xla') == 'xla'
+  assert layers.resolve_conv_impl('auto') == default
+  with pytest.raises(ValueError, match='auto_conv_impl'):
+    with layers.auto_conv_impl('auto'):
+      pass
 
 
 def test_too_small_input_is_a_clear_error():
