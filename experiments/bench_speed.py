@@ -11,11 +11,12 @@ train); everything else is the config's (ConvNet, DSA, batch_real).
 
 Per method and IPC: milliseconds per step (median of --repeats after one warm-up call that
 compiles), real images embedded per second, the step's dense FLOPs (dot products and
-convolutions counted from its jaxpr, scans multiplied out: the backbone's FLOPs on real and
-synthetic images, forward and backward) and achieved FLOP/s; the ceiling is the dense float32
-matmul FLOP/s measured in the same run (median over a few square sizes, best size reported);
-peak memory is XLA's compile-time estimate (arguments + outputs + temporaries), and the
-device's measured peak where the backend reports one (GPU).
+convolutions counted from its jaxpr traced with im2col convolutions, scans multiplied out: the
+backbone's FLOPs on real and synthetic images, forward and backward, as direct convolution
+does them; Winograd layers multiply less, so their FLOP/s are effective ones) and FLOP/s; the
+ceiling is the dense float32 matmul FLOP/s measured in the same run (median over a few square
+sizes, best size reported); peak memory is XLA's compile-time estimate (arguments + outputs +
+temporaries), and the device's measured peak where the backend reports one (GPU).
 
 Evaluation: one epoch of --num_eval networks trained together (train.over_networks: vmap on
 accelerators, a loop on CPU; each network draws its own DSA ops) vs the same networks one at a
@@ -27,9 +28,13 @@ loops (experiments/torch_baseline.py, same shapes and work, all cores), each tim
 its dd_jax counterpart in this run; the table gives both and the ratio PyTorch / dd_jax. DM + IID
 uses the reference weights on both sides (the squared CC form).
 
+--before_conv_impl=im2col: the IDM steps and the evaluation again, in the same run, with the
+networks' 'auto' convolutions traced as im2col (the CPU code before Winograd layers).
+
 Writes --out (JSON) and prints a markdown table.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -49,6 +54,7 @@ from dd_jax import experiment, models
 from dd_jax import flops as flops_lib
 from dd_jax import train as train_lib
 from dd_jax.distill import loop
+from dd_jax.models import layers
 
 _IPCS = flags.DEFINE_list('ipcs', ['1', '10', '50'], 'Images per class.')
 _METHODS = flags.DEFINE_list('methods', ['dm', 'dm_iid', 'idm_iid'], 'Step variants to time.')
@@ -62,6 +68,12 @@ _SYN_ONE_PASS = flags.DEFINE_bool(
   False,
   'DM steps embed the synthetic images in one pass (distill.syn_chunk = all), not in the '
   "CPU default's chunks: the code before chunking.",
+)
+_BEFORE_CONV_IMPL = flags.DEFINE_string(
+  'before_conv_impl',
+  None,
+  "Also time the IDM steps and the evaluation with the networks' conv_impl 'auto' traced as "
+  "this one ('im2col': the CPU code before Winograd), in the same run; the table gives both.",
 )
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
 _PYTORCH = flags.DEFINE_bool(
@@ -77,6 +89,23 @@ NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
 
 
 # ----------------------------------------------------------------------------------- timing
+
+
+@contextlib.contextmanager
+def _traced_as(conv_impl: str | None):
+  """Programs traced in the block take `conv_impl` for the networks' 'auto' (None: the default).
+
+  jax caches traces by function, not by this setting: the caches are cleared on entry and exit.
+  """
+  if conv_impl is None:
+    yield
+    return
+  jax.clear_caches()
+  try:
+    with layers.auto_conv_impl(conv_impl):
+      yield
+  finally:
+    jax.clear_caches()
 
 
 def _memory(compiled) -> float | None:
@@ -125,33 +154,44 @@ def _config(dataset_path: str, method: str, ipc: int):
   return config
 
 
-def time_step(config, method: str, ipc: int) -> dict:
+def time_step(config, method: str, ipc: int, conv_impl: str | None = None) -> dict:
   settings = experiment.validate_config(config)
   data = loop.prepare_data(config, settings)
-  method_obj = loop.build_method(config, settings, data, seed=0)
-  state = method_obj.state
-  calls = {'state': state}
+  with _traced_as(conv_impl):
+    method_obj = loop.build_method(config, settings, data, seed=0)
+    state = method_obj.state
+    calls = {'state': state}
 
-  def one_step():
-    calls['state'], metrics = method_obj.step(calls['state'], data.sampler)
-    return metrics
+    def one_step():
+      calls['state'], metrics = method_obj.step(calls['state'], data.sampler)
+      return metrics
 
-  seconds = timing.median_seconds(one_step, _REPEATS.value)
+    seconds = timing.median_seconds(one_step, _REPEATS.value)
+    jitted, args = method_obj.step.jitted, method_obj.step.arguments(calls['state'], data.sampler)
+    compiled_bytes = _memory(jitted.lower(*args).compile())
   record = {
     'method': method,
     'ipc': ipc,
+    'conv_impl': conv_impl or layers.resolve_conv_impl('auto'),
     'ms_per_step': 1e3 * seconds,
     'real_images_per_s': NUM_CLASSES * _BATCH_REAL.value / seconds,
   }
-  jitted, args = method_obj.step.jitted, method_obj.step.arguments(calls['state'], data.sampler)
-  record['flops'] = flops_lib.dense_flops(jax.make_jaxpr(jitted)(*args))
+  # The work of direct convolutions, whatever the implementation: Winograd's products are fewer
+  # (its FLOP/s are effective ones).
+  with _traced_as('im2col'):
+    record['flops'] = flops_lib.dense_flops(jax.make_jaxpr(jitted)(*args))
   record['flop_per_s'] = record['flops'] / seconds
-  record['compiled_bytes'] = _memory(jitted.lower(*args).compile())
+  record['compiled_bytes'] = compiled_bytes
   record['device_peak_bytes'] = _device_peak()
   return record
 
 
-def time_evaluation(repeats: int) -> dict:
+def time_evaluation(repeats: int, conv_impl: str | None = None) -> dict:
+  with _traced_as(conv_impl):
+    return _time_evaluation(repeats) | {'conv_impl': conv_impl or layers.resolve_conv_impl('auto')}
+
+
+def _time_evaluation(repeats: int) -> dict:
   net = models.get_network('ConvNet', NUM_CLASSES)
   # One epoch at a constant lr (the evaluation's own schedule trains epochs + 1).
   settings = evaluate_lib.EvalSettings(
@@ -275,6 +315,11 @@ def main(argv):
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
         results['steps'].append(record)
         print(json.dumps(record), flush=True)
+        if _BEFORE_CONV_IMPL.value and method.startswith('idm'):
+          record = time_step(config, method, ipc, _BEFORE_CONV_IMPL.value)
+          record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
+          results.setdefault('before_steps', []).append(record)
+          print(json.dumps({'before': record}), flush=True)
         if _PYTORCH.value:
           record = time_torch_step(config, method, ipc)
           results.setdefault('pytorch_steps', []).append(record)
@@ -282,6 +327,11 @@ def main(argv):
   if not _SKIP_EVAL.value:
     results['evaluation'] = time_evaluation(max(2, _REPEATS.value // 2))
     print(json.dumps(results['evaluation']), flush=True)
+    if _BEFORE_CONV_IMPL.value:
+      results['before_evaluation'] = time_evaluation(
+        max(2, _REPEATS.value // 2), _BEFORE_CONV_IMPL.value
+      )
+      print(json.dumps({'before': results['before_evaluation']}), flush=True)
     if _PYTORCH.value:
       results['pytorch_evaluation'] = time_torch_evaluation(max(2, _REPEATS.value // 2))
       print(json.dumps({'pytorch': results['pytorch_evaluation']}), flush=True)
@@ -302,11 +352,12 @@ def format_table(results: dict) -> str:
     'memory (XLA est.) |',
     '|---|---|---|---|---|---|---|---|',
   ]
-  for r in results['steps']:
+  for r in results['steps'] + results.get('before_steps', []):
     flops = r.get('flops')
     memory = r.get('compiled_bytes')
     lines.append(
-      f'| {r["method"]} | {r["ipc"]} | {r["ms_per_step"]:.0f} | {r["real_images_per_s"]:.0f} | '
+      f'| {r["method"]} ({r.get("conv_impl", "?")}) | {r["ipc"]} | {r["ms_per_step"]:.0f} | '
+      f'{r["real_images_per_s"]:.0f} | '
       + (
         f'{flops / 1e9:.1f} | {r["flop_per_s"] / 1e9:.1f} | {100 * r["fraction_of_matmul"]:.0f}% | '
         if flops
@@ -322,6 +373,13 @@ def format_table(results: dict) -> str:
       f'together {e["together_s_per_epoch"]:.2f} s, one at a time '
       f'{e["one_at_a_time_s_per_epoch"]:.2f} s ({e["speedup"]:.2f}x).',
     ]
+  for key in ('evaluation', 'before_evaluation'):
+    if key in results:
+      e = results[key]
+      lines.append(
+        f'Evaluation with conv_impl {e.get("conv_impl", "?")}: '
+        f'{e["one_at_a_time_s_per_epoch"] / e["num_eval"]:.3f} s per network-epoch.'
+      )
   if 'pytorch_steps' in results:
     lines += [
       '',

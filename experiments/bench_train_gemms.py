@@ -15,6 +15,10 @@ This times, interleaved repeat by repeat in one process so that a load change hi
 
 - `step, im2col in a scan`: --steps SGD steps (momentum 0.9) in one `lax.scan`, as evaluation
   and the IDM queue run them (no DSA, which costs a few percent);
+- `step, Winograd layers 2 and 3`: the same scan with conv_impl 'winograd', dd_jax's CPU default
+  (`models.layers.conv2d_winograd` for the 16x16 and 8x8 layers, im2col for the first, whose 3
+  input channels leave nothing to save). Its FLOP/s are effective: the direct convolution's
+  FLOPs over its time (Winograd does 16 instead of 36 products per 2x2 output tile);
 - `step, XLA convolution, no loop`: one jitted SGD step with `lax.conv_general_dilated`, called
   from Python: the way around XLA:CPU's slow convolution backward inside loops;
 - `step, XLA conv forward and input gradient, im2col weight gradient, in a scan`: the scanned step
@@ -68,6 +72,7 @@ _OUT = flags.DEFINE_string(
 
 NUM_CLASSES, IMAGE_SHAPE, WIDTH, DEPTH = 10, (32, 32, 3), 128, 3
 COPY = 'memory: 2 x the layer-1 activation'
+WINOGRAD = "step, Winograd layers 2 and 3 (conv_impl 'winograd', the CPU default), in a scan"
 HYBRID = 'step, XLA conv forward and input gradient, im2col weight gradient, in a scan'
 
 
@@ -148,17 +153,27 @@ def make_calls(images: jax.Array, labels: jax.Array) -> dict[str, tuple]:
   calls = {}
   im2col_net = models.get_network('ConvNet', NUM_CLASSES, conv_impl='im2col')
   variables = im2col_net.init(jax.random.key(1), (1, *IMAGE_SHAPE))
-  step, optimizer = _sgd_step_fn(im2col_net, images, labels)
+  optimizer = _sgd_step_fn(im2col_net, images, labels)[1]
   opt_state = optimizer.init(variables['params'])
 
-  def scan_steps(variables, opt_state):
-    carry, _ = jax.lax.scan(
-      lambda c, _: (step(*c), None), (variables, opt_state), None, _STEPS.value
-    )
-    return carry
+  def scanned_steps(conv_impl):
+    step = _sgd_step_fn(
+      models.get_network('ConvNet', NUM_CLASSES, conv_impl=conv_impl), images, labels
+    )[0]
 
+    def scan_steps(variables, opt_state):
+      carry, _ = jax.lax.scan(
+        lambda c, _: (step(*c), None), (variables, opt_state), None, _STEPS.value
+      )
+      return carry
+
+    return scan_steps
+
+  scan_steps = scanned_steps('im2col')
   scanned = jax.jit(scan_steps)
   calls['step, im2col in a scan'] = (lambda: scanned(variables, opt_state), _STEPS.value)
+  winograd = jax.jit(scanned_steps('winograd'))
+  calls[WINOGRAD] = (lambda: winograd(variables, opt_state), _STEPS.value)
   # Traced and compiled while the replacement is in place; a new function object, so that jax
   # cannot reuse the im2col trace.
   with _im2col_replaced_by_hybrid():

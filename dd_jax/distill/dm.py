@@ -237,7 +237,8 @@ class DM(base.Method):
 
   def network(self, settings: base.DistillSettings, num_classes: int) -> models.Network:
     # The DM step runs no convolution backward inside a loop, so XLA's own convolution is right
-    # everywhere (im2col, the CPU default, exists for loops: see models.layers.resolve_conv_impl).
+    # everywhere (the CPU default, Winograd and im2col layers, exists for loops: see
+    # models.layers.resolve_conv_impl).
     return models.get_network(settings.model, num_classes, conv_impl='xla')
 
   def initial_images(self, settings, dataset, key):

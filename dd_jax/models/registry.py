@@ -160,8 +160,9 @@ def get_network(
   Args:
     name: a registry name, see `network_names()`.
     num_classes: K, the classifier width.
-    conv_impl: convolution lowering, 'auto' (im2col on CPU, XLA's elsewhere), 'xla' or
-      'im2col'; see `dd_jax.models.layers.resolve_conv_impl`. Results agree to float rounding.
+    conv_impl: convolution lowering, 'auto' ('winograd' on CPU, XLA's elsewhere), 'xla',
+      'im2col' or 'winograd'; see `dd_jax.models.layers.resolve_conv_impl`. Results agree to
+      float rounding.
     **convnet_overrides: for ConvNet names only, fields overriding the preset (width, depth, act,
       norm, pooling), e.g. `get_network('ConvNet', 200, depth=4)`.
 
