@@ -49,8 +49,8 @@ def resolve_conv_impl(conv_impl: str) -> str:
   the evaluation program) than outside it (jax-ml/jax#12868; measured here on a 3-layer ConvNet:
   12.8 s vs 0.25 s per step at 32x32). As patches + one matmul ('im2col'), the backward is a
   matmul too, and the loop penalty disappears. 'winograd' is im2col except for the 3x3 layers
-  `winograd_applies` to, which take `conv2d_winograd` (2.25x fewer multiplications, a quarter
-  less time per ConvNet training step on CPU: `experiments/bench_train_gemms.py`).
+  `winograd_applies` to, which take `conv2d_winograd` (2.25x fewer multiplications, 15-25% less
+  time per ConvNet training step on CPU: `experiments/bench_train_gemms.py`).
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'Unknown conv_impl {conv_impl!r}; choose one of {CONV_IMPLS}.')
@@ -66,7 +66,8 @@ def auto_conv_impl(conv_impl: str) -> Iterator[None]:
   """Within the block, convolutions built with conv_impl='auto' are traced as `conv_impl`.
 
   For benchmarks and side-by-side checks of the implementations in one process. It acts when a
-  network is traced: a jitted function traced before the block keeps what it was traced with.
+  network is traced: a jitted function traced before the block keeps what it was traced with
+  (jax caches traces by function; `jax.clear_caches()` makes it trace again).
   """
   global _auto_conv_impl
   if conv_impl not in CONV_IMPLS or conv_impl == 'auto':
