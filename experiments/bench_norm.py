@@ -4,13 +4,13 @@
   python experiments/bench_norm.py --out=experiments/results/bench_norm.json
 
 dd_jax's instance norm (`models.layers.instance_norm`) has a hand-written backward pass. This
-times the reference ConvNet (3 x [conv 128, instance norm, ReLU, avg pool], the conv as im2col
-as on CPU) with three norms, each on the same weights and data, interleaved repeat by repeat in
+times the reference ConvNet (3 x [conv 128, instance norm, ReLU, avg pool], the CPU default
+convolutions) with three norms, each on the same weights and data, interleaved repeat by repeat in
 one process so that a busy machine slows all of them alike:
 
-- `instance_norm`: dd_jax's layer (custom VJP);
-- `flax_group_norm`: Flax's `GroupNorm(num_groups=C)` differentiated by autodiff (dd_jax before
-  the custom VJP), swapped in with `flax.linen.intercept_methods`;
+- `instance_norm`: dd_jax's layer (custom VJP; ConvNet's ReLU inside it);
+- `flax_group_norm`: Flax's `GroupNorm(num_groups=C)` and `nn.relu` differentiated by autodiff
+  (dd_jax before the custom VJP), swapped in with `flax.linen.intercept_methods`;
 - `none`: no norm at all, the bound on what any norm implementation could save.
 
 Two workloads: `train`, --steps SGD steps (momentum 0.9) on --images images in one `lax.scan`
@@ -59,7 +59,9 @@ def _flax_group_norm(next_fun, args, kwargs, context):
   group_norm = nn.GroupNorm(
     num_groups=x.shape[-1], epsilon=layers.NORM_EPS, use_fast_variance=False
   )
-  return group_norm.apply({'params': context.module.variables['params']}, x)
+  y = group_norm.apply({'params': context.module.variables['params']}, x)
+  # ConvNet fuses its ReLU into the norm (InstanceNorm(relu=True)): autodiff's ReLU here.
+  return nn.relu(y) if context.module.relu else y
 
 
 def _network(norm: str) -> models.Network:

@@ -3,8 +3,10 @@
 import ast
 import functools
 import importlib.util
+import json
 import pathlib
 import re
+import subprocess
 import sys
 
 import jax
@@ -115,3 +117,33 @@ def test_bench_train_gemms_hybrid_convolution_has_the_gradients_of_xla_convoluti
       np.testing.assert_allclose(y, y_ref, rtol=1e-12)
       for got, want in zip(vjp(dy_p), vjp_ref(dy_p)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_profile_train_step_attributes_the_step_time_to_its_ops(tmp_path):
+  # The profile is read back from jax.profiler's trace: every op it lists is a compiled op of
+  # the step with its shape and jax operation, and the first norm's forward is among them.
+  out = tmp_path / 'profile.json'
+  completed = subprocess.run(
+    [
+      sys.executable,
+      str(EXPERIMENTS / 'profile_train_step.py'),
+      '--images=4',
+      '--image_size=8',
+      '--steps=2',
+      f'--out={out}',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  assert '| ms per step | share | op |' in completed.stdout
+  results = json.loads(out.read_text())
+  assert results['step_ms'] > 0 and results['ops_ms_sum'] > 0
+  ops = results['ops']
+  assert all(
+    op['ms_per_step'] >= 0 and op['shape'].startswith(('f32', 's32', 'u32', '(')) for op in ops
+  )
+  assert any(op['jax_op'].startswith('jvp(ConvNet)/norm0') for op in ops)
+  assert any(op['jax_op'].startswith('transpose(jvp(ConvNet))') for op in ops)

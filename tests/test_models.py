@@ -116,16 +116,20 @@ def _instance_norm_case(dtype):
   return x, scale, bias, weights
 
 
-def test_instance_norm_equals_flax_group_norm_in_value_and_gradient():
-  # The hand-written backward must equal autodiff of Flax's GroupNorm(one group per channel).
+@pytest.mark.parametrize('relu', [False, True])
+def test_instance_norm_equals_flax_group_norm_in_value_and_gradient(relu):
+  # The hand-written backward must equal autodiff of Flax's GroupNorm(one group per channel),
+  # followed by nn.relu for the fused variant.
   x, scale, bias, weights = _instance_norm_case(jnp.float32)
   group_norm = nn.GroupNorm(num_groups=5, epsilon=1e-5, use_fast_variance=False)
+  act = nn.relu if relu else (lambda y: y)
 
   def flax_loss(x, scale, bias):
-    return jnp.sum(weights * group_norm.apply({'params': {'scale': scale, 'bias': bias}}, x))
+    y = group_norm.apply({'params': {'scale': scale, 'bias': bias}}, x)
+    return jnp.sum(weights * act(y))
 
   def ours_loss(x, scale, bias):
-    return jnp.sum(weights * layers.instance_norm(x, scale, bias))
+    return jnp.sum(weights * layers.instance_norm(x, scale, bias, relu=relu))
 
   np.testing.assert_allclose(ours_loss(x, scale, bias), flax_loss(x, scale, bias), rtol=1e-5)
   ours = jax.grad(ours_loss, argnums=(0, 1, 2))(x, scale, bias)
@@ -135,13 +139,14 @@ def test_instance_norm_equals_flax_group_norm_in_value_and_gradient():
   assert float(jnp.abs(ours[0]).max()) > 0.1
 
 
-def test_instance_norm_gradient_matches_finite_differences_in_float64():
+@pytest.mark.parametrize('relu', [False, True])
+def test_instance_norm_gradient_matches_finite_differences_in_float64(relu):
   with float64():
     x, scale, bias, weights = _instance_norm_case(jnp.float64)
     assert x.dtype == jnp.float64
 
     def loss(x, scale, bias):
-      return jnp.sum(weights * jnp.tanh(layers.instance_norm(x, scale, bias)))
+      return jnp.sum(weights * jnp.tanh(layers.instance_norm(x, scale, bias, relu=relu)))
 
     grads = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
     rng = np.random.default_rng(4)
@@ -380,6 +385,38 @@ def test_convnet_training_gradient_is_the_same_with_winograd():
   layers_2_and_3 = forward_flops[0] - conv1_and_classifier
   expected = conv1_and_classifier + layers_2_and_3 * 16 / 36 + 2 * 168 * 128 * 128
   assert forward_flops[1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_convnet_with_fused_norm_and_relu_equals_the_layers_one_by_one_in_float64():
+  # ConvNet runs instance norm + ReLU as one VJP; the same weights through the separate layers
+  # (norm, then nn.relu differentiated by autodiff) must agree in value and every gradient.
+  net = models.get_network('ConvNet', 4, conv_impl='xla', depth=2)
+  params32 = net.init(jax.random.key(1), (3, 8, 8, 3))['params']
+  with float64():
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3), jnp.float64)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params32)
+
+    def layer_by_layer(params, x):
+      for d in range(2):
+        conv = params[f'conv{d}']
+        x = jax.lax.conv_general_dilated(
+          x, conv['kernel'], (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+        )
+        norm = params[f'norm{d}']
+        x = nn.relu(layers.instance_norm(x + conv['bias'], norm['scale'], norm['bias']))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      dense = params['classifier']
+      return x.reshape(x.shape[0], -1) @ dense['kernel'] + dense['bias']
+
+    def loss(forward):
+      return lambda params, x: jnp.sum(jnp.sin(forward(params, x)))
+
+    fused = loss(lambda params, x: net.apply({'params': params}, x))
+    np.testing.assert_allclose(fused(params, x), loss(layer_by_layer)(params, x), rtol=1e-12)
+    got = jax.grad(fused, argnums=(0, 1))(params, x)
+    want = jax.grad(loss(layer_by_layer), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_auto_conv_impl_sets_what_auto_means_while_tracing():

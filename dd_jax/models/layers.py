@@ -8,6 +8,7 @@ dense weights and biases are drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as in
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
 
@@ -330,55 +331,76 @@ def dense(features: int, in_features: int, *, name: str | None = None) -> nn.Den
   return nn.Dense(features, kernel_init=init, bias_init=init, name=name)
 
 
-def _instance_norm_forward(x, scale, bias):
+def _instance_norm_statistics(x):
   mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+  # Two-pass (biased) variance, like PyTorch and Flax's use_fast_variance=False; the centred map
+  # is fused into the reduction, not stored.
   centered = x - mean
-  # Two-pass (biased) variance, like PyTorch and Flax's use_fast_variance=False.
   variance = jnp.mean(centered * centered, axis=(1, 2), keepdims=True)
-  inverse_std = jax.lax.rsqrt(variance + NORM_EPS)
-  normalized = centered * inverse_std
-  return normalized * scale + bias, (normalized, inverse_std, scale)
+  return mean, jax.lax.rsqrt(variance + NORM_EPS)
 
 
-def _instance_norm_backward(residuals, grad_out):
-  normalized, inverse_std, scale = residuals
-  grad_normalized = grad_out * scale
-  # d/dx of (x - mean) / std per sample and channel: the gradient minus its spatial mean and
-  # minus its spatial correlation with the normalized map, over std.
-  mean_grad = jnp.mean(grad_normalized, axis=(1, 2), keepdims=True)
-  mean_grad_dot = jnp.mean(grad_normalized * normalized, axis=(1, 2), keepdims=True)
-  grad_x = inverse_std * (grad_normalized - mean_grad - normalized * mean_grad_dot)
-  grad_scale = jnp.sum(grad_out * normalized, axis=(0, 1, 2))
-  grad_bias = jnp.sum(grad_out, axis=(0, 1, 2))
+def _instance_norm_forward(x, scale, bias, relu):
+  mean, inverse_std = _instance_norm_statistics(x)
+  # One per-sample, per-channel affine map: the output is a single pass over x.
+  gain = inverse_std * scale
+  y = x * gain + (bias - mean * gain)
+  if relu:
+    y = jnp.maximum(y, 0.0)
+  # The input and [N, 1, 1, C] statistics are the residuals: the backward pass recomputes the
+  # normalized map (and the ReLU mask) inside its fused loops instead of storing them.
+  return y, (x, mean, inverse_std, scale, bias)
+
+
+def _instance_norm_backward(relu, residuals, grad_out):
+  x, mean, inverse_std, scale, bias = residuals
+  gain = inverse_std * scale
+  if relu:
+    grad_out = jnp.where(x * gain + (bias - mean * gain) > 0, grad_out, 0.0)
+  # d/dx of scale * (x - mean) / std per sample and channel: the gradient minus its spatial mean
+  # and minus its spatial correlation with the normalized map, times scale / std. Both spatial
+  # sums come from one pass over (grad_out, x); grad_x is then one elementwise pass.
+  size = x.shape[1] * x.shape[2]
+  sum_grad = jnp.sum(grad_out, axis=(1, 2), keepdims=True)
+  sum_grad_centered = jnp.sum(grad_out * (x - mean), axis=(1, 2), keepdims=True)
+  centered_coefficient = gain * inverse_std * inverse_std * sum_grad_centered / size
+  grad_x = gain * grad_out - gain * sum_grad / size - (x - mean) * centered_coefficient
+  grad_scale = jnp.sum(inverse_std * sum_grad_centered, axis=(0, 1, 2))
+  grad_bias = jnp.sum(sum_grad, axis=(0, 1, 2))
   return grad_x, grad_scale, grad_bias
 
 
-@jax.custom_vjp
-def _instance_norm(x, scale, bias):
-  return _instance_norm_forward(x, scale, bias)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _instance_norm(x, scale, bias, relu):
+  return _instance_norm_forward(x, scale, bias, relu)[0]
 
 
 _instance_norm.defvjp(_instance_norm_forward, _instance_norm_backward)
 
 
-def instance_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+def instance_norm(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, *, relu: bool = False
+) -> jax.Array:
   """Instance norm of NHWC maps with a per-channel affine, and a hand-written backward pass.
 
   Args:
     x: [N, H, W, C].
     scale: [C].
     bias: [C].
+    relu: apply a ReLU to the output inside the same VJP (its mask is recomputed from x in the
+      backward pass rather than stored).
 
   Returns:
     [N, H, W, C]: (x - mean) / sqrt(var + 1e-5) * scale + bias, with the mean and the biased
-    variance over (H, W) of each sample and channel. Equal to group norm with one group per
-    channel up to float rounding. Against autodiff of Flax's GroupNorm, the analytic backward
-    saves XLA:CPU a tenth of a ConvNet training step and a fifth of a DM image gradient, and
-    its float32 image gradient is ~1000x closer to float64 (`experiments/bench_norm.py`).
-    Reverse mode only (`jax.custom_vjp`).
+    variance over (H, W) of each sample and channel, then max(., 0) if `relu`. Equal to group
+    norm with one group per channel up to float rounding. The backward pass keeps only x and
+    the [N, 1, 1, C] statistics and reads them in two fused passes; against autodiff of Flax's
+    GroupNorm it saves XLA:CPU a sixth of a ConvNet training step, and its float32 image
+    gradient is ~1000x closer to float64 (`experiments/bench_norm.py`). Reverse mode only
+    (`jax.custom_vjp`).
   """
   # As jax arrays: custom_vjp refuses NumPy constants (a pool member's host-side weights).
-  return _instance_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+  return _instance_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias), relu)
 
 
 class InstanceNorm(nn.Module):
@@ -387,13 +409,14 @@ class InstanceNorm(nn.Module):
   """
 
   epsilon = NORM_EPS  # fixed, as in every norm here
+  relu: bool = False  # a ReLU after the norm, inside its VJP (`instance_norm(relu=True)`)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (channels,))
     bias = self.param('bias', nn.initializers.zeros, (channels,))
-    return instance_norm(x, scale, bias)
+    return instance_norm(x, scale, bias, relu=self.relu)
 
 
 def norm_layer(kind: str, channels: int, *, train: bool, name: str | None = None):

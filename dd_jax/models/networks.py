@@ -56,8 +56,11 @@ class ConvNet(nn.Module):
     for d in range(self.depth):
       padding = _first_padding(x, 1, 3) if d == 0 else 1
       x = layers.Conv(self.width, 3, padding=padding, name=f'conv{d}', conv_impl=self.conv_impl)(x)
-      x = layers.norm_layer(self.norm, self.width, train=train, name=f'norm{d}')(x)
-      x = activation(x)
+      if self.norm == 'instancenorm' and self.act == 'relu':
+        # The ReLU inside the norm's VJP: its mask is recomputed there, not stored.
+        x = layers.InstanceNorm(relu=True, name=f'norm{d}')(x)
+      else:
+        x = activation(layers.norm_layer(self.norm, self.width, train=train, name=f'norm{d}')(x))
       x = layers.pool(self.pooling, x)
     features = _flatten(x)
     logits = layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)

@@ -1,0 +1,170 @@
+"""Where a ConvNet training step's time goes, op by op (XLA's own profile of the compiled step).
+
+  python experiments/profile_train_step.py                # 100 images, the CPU default layers
+  python experiments/profile_train_step.py --images=256 --top=40
+  python experiments/profile_train_step.py --out=experiments/results/profile_train_step.json
+
+Runs --steps SGD steps of the reference ConvNet (as evaluation and the IDM queue run them: one
+`lax.scan`, momentum 0.9, no DSA) once under `jax.profiler.trace` and reads the trace back: the
+time of every compiled op (an XLA fusion, a matrix product, a concatenation), summed over the
+steps and divided by them, with the op's output shape and the jax operation it came from (its
+`op_name` metadata: `jvp(ConvNet)/norm0/...` is the forward of the first norm, `transpose(...)`
+its backward). bench_train_gemms.py says how far a step is from its matrix products; this says
+which ops take the rest.
+
+The ops' times overlap where the runtime runs independent ops at once, and the profiler adds a
+little to each, so their sum exceeds the step's wall time (printed beside it, timed without the
+profiler). Prints a markdown table of the --top ops and writes --out (JSON: date, jax version,
+machine, the step time and every op).
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags
+
+from dd_jax import models
+from dd_jax import train as train_lib
+
+_IMAGES = flags.DEFINE_integer('images', 100, 'Images per SGD step.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Side of the (square, RGB) images.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'SGD steps in the profiled call (one lax.scan).')
+_CONV_IMPL = flags.DEFINE_string('conv_impl', 'auto', 'The ConvNet convolutions (CONV_IMPLS).')
+_TOP = flags.DEFINE_integer('top', 25, 'Ops printed (all are written to --out).')
+_OUT = flags.DEFINE_string(
+  'out',
+  os.path.join(tempfile.gettempdir(), 'dd_jax_profile_train_step.json'),
+  'Results file (the committed record: --out=experiments/results/profile_train_step.json).',
+)
+
+NUM_CLASSES = 10
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.-]+) = (\S+) ([\w-]+)\(')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def scanned_steps(images: jax.Array, labels: jax.Array, conv_impl: str):
+  """(compiled call, its arguments): --steps SGD steps of a fresh ConvNet in one lax.scan."""
+  net = models.get_network('ConvNet', NUM_CLASSES, conv_impl=conv_impl)
+  variables = net.init(jax.random.key(1), (1, *images.shape[1:]))
+  optimizer = optax.sgd(0.01, momentum=0.9)
+  opt_state = optimizer.init(variables['params'])
+
+  def steps(variables, opt_state):
+    def step(carry, _):
+      return train_lib.sgd_step(net, optimizer, *carry, images, labels)[:2], None
+
+    return jax.lax.scan(step, (variables, opt_state), None, _STEPS.value)[0]
+
+  return jax.jit(steps).lower(variables, opt_state).compile(), (variables, opt_state)
+
+
+def entry_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+  """Instruction name -> (output shape, opcode, jax op_name) over the module's computations."""
+  instructions = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      op_name = _OP_NAME.search(line)
+      name = op_name.group(1) if op_name else ''
+      # The enclosing jit, scan and step are the same for every op.
+      name = re.sub(r'^jit\([^)]*\)/(while/body/closed_call/)*', '', name)
+      instructions[match.group(1)] = (match.group(2), match.group(3), name)
+  return instructions
+
+
+def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
+  """(name -> total microseconds, name -> calls) of the complete events in the profile."""
+  paths = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+  if not paths:
+    raise RuntimeError(f'jax.profiler wrote no trace under {trace_dir}.')
+  with gzip.open(paths[0]) as f:
+    events = json.load(f)['traceEvents']
+  total, calls = collections.Counter(), collections.Counter()
+  for event in events:
+    if event.get('ph') == 'X':
+      total[event['name']] += event['dur']
+      calls[event['name']] += 1
+  return total, calls
+
+
+def main(argv):
+  del argv
+  shape = (_IMAGES.value, _IMAGE_SIZE.value, _IMAGE_SIZE.value, 3)
+  images = jax.random.normal(jax.random.key(0), shape)
+  labels = jnp.arange(_IMAGES.value) % NUM_CLASSES
+  compiled, args = scanned_steps(images, labels, _CONV_IMPL.value)
+  jax.block_until_ready(compiled(*args))
+  seconds = []
+  for _ in range(3):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    seconds.append(time.perf_counter() - start)
+  step_ms = 1e3 * statistics.median(seconds) / _STEPS.value
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      jax.block_until_ready(compiled(*args))
+    total, calls = op_times(trace_dir)
+  instructions = entry_instructions(compiled.as_text())
+  ops = []
+  for name, microseconds in total.items():
+    # Only compiled ops; the loops (whose events span their bodies) and runtime events are not.
+    if name not in instructions or instructions[name][1] == 'while':
+      continue
+    shape_text, opcode, op_name = instructions[name]
+    ops.append(
+      {
+        'op': name,
+        'opcode': opcode,
+        'shape': shape_text,
+        'jax_op': op_name,
+        'ms_per_step': microseconds / 1e3 / _STEPS.value,
+        'calls_per_step': calls[name] / _STEPS.value,
+      }
+    )
+  if not ops:
+    raise RuntimeError('The profile holds no event of a compiled op (a jax version change?).')
+  ops.sort(key=lambda op: -op['ms_per_step'])
+  ops_ms = sum(op['ms_per_step'] for op in ops)
+  device = jax.devices()[0]
+  results = {
+    'date': time.strftime('%Y-%m-%d %H:%M'),
+    'jax': jax.__version__,
+    'device': f'{device.platform}: {device.device_kind}',
+    'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+    'images': _IMAGES.value,
+    'image_size': _IMAGE_SIZE.value,
+    'conv_impl': _CONV_IMPL.value,
+    'steps': _STEPS.value,
+    'step_ms': step_ms,
+    'ops_ms_sum': ops_ms,
+    'ops': ops,
+  }
+  print(
+    f'ConvNet SGD step, {shape[0]} images {shape[1]}x{shape[2]}x3, conv_impl '
+    f'{_CONV_IMPL.value!r}: {step_ms:.1f} ms per step unprofiled; the ops below sum to '
+    f'{ops_ms:.1f} ms per step profiled.\n\n'
+    '| ms per step | share | op | output | jax operation |\n|---|---|---|---|---|'
+  )
+  for op in ops[: _TOP.value]:
+    print(
+      f'| {op["ms_per_step"]:.1f} | {100 * op["ms_per_step"] / ops_ms:.0f}% | {op["op"]} | '
+      f'{op["shape"].split("{")[0]} | {op["jax_op"]} |'
+    )
+  with open(_OUT.value, 'w') as f:
+    json.dump(results, f, indent=2)
+  print(f'\nwrote {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
