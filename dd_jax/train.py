@@ -22,8 +22,9 @@ per-network op turns `lax.switch` into computing every op, a shared one keeps it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -41,6 +42,11 @@ TrainCarry = tuple[Any, optax.OptState, jax.Array]
 SCHEDULES = ('constant', 'reference', 'halves')
 # The lr factor from the schedule's drop epoch on.
 LR_DROP_FACTOR = 0.1
+# Images per gradient pass of an SGD step on CPU (`resolve_microbatch`). Measured, not modelled
+# (experiments/bench_microbatch.py): 16 beat 4-64 at 64-256 images per step, likely because a
+# pass's activations (8 MiB per 32x32x128 map at 16 images) stay in cache between ops.
+MICROBATCH_CPU = 16
+_auto_microbatch: int | None = None  # set by `auto_microbatch`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +156,98 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+def resolve_microbatch(net: models.Network, batch_size: int, microbatch: int | None = None) -> int:
+  """The images per gradient pass of an SGD step on `batch_size` images (`sgd_step`).
+
+  Args:
+    net: the network; one with batch-norm statistics takes the whole batch (its statistics are
+      over the batch, so a split batch would change the step).
+    batch_size: images in the step.
+    microbatch: images per pass; None: `MICROBATCH_CPU` on CPU for networks without batch norm
+      (or what `auto_microbatch` set), the whole batch elsewhere; 0: the whole batch.
+
+  Returns:
+    An int in [1, batch_size]; `batch_size` means one pass.
+
+  Raises:
+    ValueError: a negative `microbatch`, or one below `batch_size` for a batch-norm network.
+  """
+  if microbatch is None:
+    if net.has_batch_stats:
+      return batch_size
+    microbatch = _auto_microbatch
+    if microbatch is None:
+      microbatch = MICROBATCH_CPU if jax.default_backend() == 'cpu' else 0
+  if microbatch < 0:
+    raise ValueError(f'microbatch must be >= 0 (0: the whole batch), got {microbatch}.')
+  if microbatch == 0 or microbatch >= batch_size:
+    return batch_size
+  if net.has_batch_stats:
+    raise ValueError(
+      f'microbatch={microbatch} splits a batch of {batch_size}, but the network has batch-norm '
+      'statistics over the whole batch: use microbatch=0 (or None).'
+    )
+  return microbatch
+
+
+@contextlib.contextmanager
+def auto_microbatch(microbatch: int) -> Iterator[None]:
+  """Within the block, `sgd_step(microbatch=None)` takes `microbatch` (networks without batch norm).
+
+  For benchmarks and side-by-side checks (0: the whole batch, as before micro-batching). It
+  acts when a step is traced: a jitted function traced before the block keeps what it was traced
+  with.
+  """
+  global _auto_microbatch
+  if microbatch < 0:
+    raise ValueError(f'auto_microbatch takes a size >= 0 (0: the whole batch), not {microbatch}.')
+  previous, _auto_microbatch = _auto_microbatch, microbatch
+  try:
+    yield
+  finally:
+    _auto_microbatch = previous
+
+
+def _microbatched_gradient(
+  net: models.Network, variables: Any, images: jax.Array, labels: jax.Array, microbatch: int
+) -> tuple[Any, jax.Array]:
+  """(gradient of the mean cross-entropy, [N, K] logits), summed over passes of `microbatch` images.
+
+  Full passes run in a `lax.scan`, a last partial one after it. Only for networks whose every
+  layer acts per sample (no batch norm): the gradient is then the whole batch's to float rounding.
+  """
+  num_images = images.shape[0]
+  params = variables['params']
+
+  def summed_loss(params, images, labels):
+    logits, _ = net.apply_train({**variables, 'params': params}, images)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return jnp.sum(losses) / num_images, logits
+
+  gradient = jax.grad(summed_loss, has_aux=True)
+  num_full, remainder = divmod(num_images, microbatch)
+  in_full = num_full * microbatch
+
+  def add_pass(total, batch):
+    grads, logits = gradient(params, *batch)
+    return jax.tree_util.tree_map(jnp.add, total, grads), logits
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  grads, logits = jax.lax.scan(
+    add_pass,
+    zeros,
+    (
+      images[:in_full].reshape(num_full, microbatch, *images.shape[1:]),
+      labels[:in_full].reshape(num_full, microbatch),
+    ),
+  )
+  logits = logits.reshape(in_full, -1)
+  if remainder:
+    grads, last_logits = add_pass(grads, (images[in_full:], labels[in_full:]))
+    logits = jnp.concatenate([logits, last_logits])
+  return grads, logits
+
+
 def sgd_step(
   net: models.Network,
   optimizer: optax.GradientTransformation,
@@ -157,6 +255,8 @@ def sgd_step(
   opt_state: optax.OptState,
   images: jax.Array,
   labels: jax.Array,
+  *,
+  microbatch: int | None = None,
 ) -> tuple[Any, optax.OptState, jax.Array]:
   """One cross-entropy SGD step of one network.
 
@@ -167,16 +267,24 @@ def sgd_step(
     opt_state: the optimizer state of variables['params'].
     images: [N, H, W, C] normalised minibatch.
     labels: [N] int labels.
+    microbatch: images per forward-backward pass, their gradients summed (`resolve_microbatch`;
+      None: 16 on CPU, where it is faster, the whole batch elsewhere). The step is the same to
+      float rounding; it is not micro-batching of the *update*: one update per call.
 
   Returns:
     (new variables, new optimizer state, the [N, K] training-mode logits before the update).
   """
+  microbatch = resolve_microbatch(net, images.shape[0], microbatch)
+  if microbatch < images.shape[0]:
+    grads, logits = _microbatched_gradient(net, variables, images, labels, microbatch)
+    new_variables = variables
+  else:
 
-  def loss_fn(params):
-    logits, new_variables = net.apply_train({**variables, 'params': params}, images)
-    return cross_entropy(logits, labels), (new_variables, logits)
+    def loss_fn(params):
+      logits, new_variables = net.apply_train({**variables, 'params': params}, images)
+      return cross_entropy(logits, labels), (new_variables, logits)
 
-  grads, (new_variables, logits) = jax.grad(loss_fn, has_aux=True)(variables['params'])
+    grads, (new_variables, logits) = jax.grad(loss_fn, has_aux=True)(variables['params'])
   updates, opt_state = optimizer.update(grads, opt_state, variables['params'])
   params = optax.apply_updates(variables['params'], updates)
   return {**new_variables, 'params': params}, opt_state, logits

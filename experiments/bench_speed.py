@@ -30,6 +30,8 @@ uses the reference weights on both sides (the squared CC form).
 
 --before_conv_impl=im2col: the IDM steps and the evaluation again, in the same run, with the
 networks' 'auto' convolutions traced as im2col (the CPU code before Winograd layers).
+--before_microbatch=0: the same, with every SGD step's gradient in one pass over its batch (the
+CPU code before micro-batching, `train.sgd_step`). The two flags combine.
 
 Writes --out (JSON) and prints a markdown table.
 """
@@ -75,6 +77,12 @@ _BEFORE_CONV_IMPL = flags.DEFINE_string(
   "Also time the IDM steps and the evaluation with the networks' conv_impl 'auto' traced as "
   "this one ('im2col': the CPU code before Winograd), in the same run; the table gives both.",
 )
+_BEFORE_MICROBATCH = flags.DEFINE_integer(
+  'before_microbatch',
+  None,
+  'Also time the IDM steps and the evaluation with this many images per gradient pass of the '
+  "networks' SGD steps (0: the whole batch, the code before micro-batching), in the same run.",
+)
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
 _PYTORCH = flags.DEFINE_bool(
   'pytorch', False, 'Also time the PyTorch baseline (experiments/torch_baseline.py; bench extra).'
@@ -92,20 +100,38 @@ NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
 
 
 @contextlib.contextmanager
-def _traced_as(conv_impl: str | None):
-  """Programs traced in the block take `conv_impl` for the networks' 'auto' (None: the default).
+def _traced_as(conv_impl: str | None = None, microbatch: int | None = None):
+  """Programs traced in the block take `conv_impl` for the networks' 'auto' and `microbatch` for
+  their SGD steps' default (None: the library's default).
 
-  jax caches traces by function, not by this setting: the caches are cleared on entry and exit.
+  jax caches traces by function, not by these settings: the caches are cleared on entry and exit.
   """
-  if conv_impl is None:
+  if conv_impl is None and microbatch is None:
     yield
     return
   jax.clear_caches()
   try:
-    with layers.auto_conv_impl(conv_impl):
+    with contextlib.ExitStack() as stack:
+      if conv_impl is not None:
+        stack.enter_context(layers.auto_conv_impl(conv_impl))
+      if microbatch is not None:
+        stack.enter_context(train_lib.auto_microbatch(microbatch))
       yield
   finally:
     jax.clear_caches()
+
+
+def _before() -> dict:
+  """The `_traced_as` arguments of the 'before' timings (the --before_* flags)."""
+  return {'conv_impl': _BEFORE_CONV_IMPL.value, 'microbatch': _BEFORE_MICROBATCH.value}
+
+
+def _variant(conv_impl: str | None, microbatch: int | None) -> dict:
+  """The record's description of what a program was traced with."""
+  return {
+    'conv_impl': conv_impl or layers.resolve_conv_impl('auto'),
+    'microbatch': 'default' if microbatch is None else microbatch,
+  }
 
 
 def _memory(compiled) -> float | None:
@@ -154,10 +180,12 @@ def _config(dataset_path: str, method: str, ipc: int):
   return config
 
 
-def time_step(config, method: str, ipc: int, conv_impl: str | None = None) -> dict:
+def time_step(
+  config, method: str, ipc: int, conv_impl: str | None = None, microbatch: int | None = None
+) -> dict:
   settings = experiment.validate_config(config)
   data = loop.prepare_data(config, settings)
-  with _traced_as(conv_impl):
+  with _traced_as(conv_impl, microbatch):
     method_obj = loop.build_method(config, settings, data, seed=0)
     state = method_obj.state
     calls = {'state': state}
@@ -172,7 +200,7 @@ def time_step(config, method: str, ipc: int, conv_impl: str | None = None) -> di
   record = {
     'method': method,
     'ipc': ipc,
-    'conv_impl': conv_impl or layers.resolve_conv_impl('auto'),
+    **_variant(conv_impl, microbatch),
     'ms_per_step': 1e3 * seconds,
     'real_images_per_s': NUM_CLASSES * _BATCH_REAL.value / seconds,
   }
@@ -186,9 +214,11 @@ def time_step(config, method: str, ipc: int, conv_impl: str | None = None) -> di
   return record
 
 
-def time_evaluation(repeats: int, conv_impl: str | None = None) -> dict:
-  with _traced_as(conv_impl):
-    return _time_evaluation(repeats) | {'conv_impl': conv_impl or layers.resolve_conv_impl('auto')}
+def time_evaluation(
+  repeats: int, conv_impl: str | None = None, microbatch: int | None = None
+) -> dict:
+  with _traced_as(conv_impl, microbatch):
+    return _time_evaluation(repeats) | _variant(conv_impl, microbatch)
 
 
 def _time_evaluation(repeats: int) -> dict:
@@ -203,12 +233,17 @@ def _time_evaluation(repeats: int) -> dict:
   train = jax.jit(lambda k: train_lib.train_networks(k, images, labels, net, settings))
   together = timing.median_seconds(lambda: train(keys), repeats)
   alone = _NUM_EVAL.value * timing.median_seconds(lambda: train(keys[:1]), repeats)
+  # One network's epoch, as direct convolutions count it (as for the steps).
+  with _traced_as('im2col'):
+    flops = flops_lib.dense_flops(jax.make_jaxpr(train.__wrapped__)(keys[:1]))
   return {
     'num_eval': _NUM_EVAL.value,
     'images': _EVAL_IMAGES.value,
     'together_s_per_epoch': together,
     'one_at_a_time_s_per_epoch': alone,
     'speedup': alone / together,
+    'flops_per_network_epoch': flops,
+    'flop_per_s_one_at_a_time': flops * _NUM_EVAL.value / alone,
   }
 
 
@@ -315,8 +350,8 @@ def main(argv):
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
         results['steps'].append(record)
         print(json.dumps(record), flush=True)
-        if _BEFORE_CONV_IMPL.value and method.startswith('idm'):
-          record = time_step(config, method, ipc, _BEFORE_CONV_IMPL.value)
+        if any(value is not None for value in _before().values()) and method.startswith('idm'):
+          record = time_step(config, method, ipc, **_before())
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
           results.setdefault('before_steps', []).append(record)
           print(json.dumps({'before': record}), flush=True)
@@ -326,10 +361,14 @@ def main(argv):
           print(json.dumps({'pytorch': record}), flush=True)
   if not _SKIP_EVAL.value:
     results['evaluation'] = time_evaluation(max(2, _REPEATS.value // 2))
+    results['evaluation']['fraction_of_matmul'] = (
+      results['evaluation']['flop_per_s_one_at_a_time'] / ceiling
+    )
     print(json.dumps(results['evaluation']), flush=True)
-    if _BEFORE_CONV_IMPL.value:
-      results['before_evaluation'] = time_evaluation(
-        max(2, _REPEATS.value // 2), _BEFORE_CONV_IMPL.value
+    if any(value is not None for value in _before().values()):
+      results['before_evaluation'] = time_evaluation(max(2, _REPEATS.value // 2), **_before())
+      results['before_evaluation']['fraction_of_matmul'] = (
+        results['before_evaluation']['flop_per_s_one_at_a_time'] / ceiling
       )
       print(json.dumps({'before': results['before_evaluation']}), flush=True)
     if _PYTORCH.value:
@@ -356,7 +395,8 @@ def format_table(results: dict) -> str:
     flops = r.get('flops')
     memory = r.get('compiled_bytes')
     lines.append(
-      f'| {r["method"]} ({r.get("conv_impl", "?")}) | {r["ipc"]} | {r["ms_per_step"]:.0f} | '
+      f'| {r["method"]} ({r.get("conv_impl", "?")}, microbatch {r.get("microbatch", "?")}) | '
+      f'{r["ipc"]} | {r["ms_per_step"]:.0f} | '
       f'{r["real_images_per_s"]:.0f} | '
       + (
         f'{flops / 1e9:.1f} | {r["flop_per_s"] / 1e9:.1f} | {100 * r["fraction_of_matmul"]:.0f}% | '
@@ -377,8 +417,16 @@ def format_table(results: dict) -> str:
     if key in results:
       e = results[key]
       lines.append(
-        f'Evaluation with conv_impl {e.get("conv_impl", "?")}: '
-        f'{e["one_at_a_time_s_per_epoch"] / e["num_eval"]:.3f} s per network-epoch.'
+        f'Evaluation with conv_impl {e.get("conv_impl", "?")}, microbatch '
+        f'{e.get("microbatch", "?")}: '
+        f'{e["one_at_a_time_s_per_epoch"] / e["num_eval"]:.3f} s per network-epoch'
+        + (
+          f', {e["flops_per_network_epoch"] / 1e9:.1f} GFLOP, '
+          f'{e["flop_per_s_one_at_a_time"] / 1e9:.1f} GFLOP/s, '
+          f'{100 * e["fraction_of_matmul"]:.0f}% of matmul.'
+          if 'fraction_of_matmul' in e
+          else '.'
+        )
       )
   if 'pytorch_steps' in results:
     lines += [

@@ -41,6 +41,9 @@ _IMAGES = flags.DEFINE_integer('images', 100, 'Images per SGD step.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Side of the (square, RGB) images.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'SGD steps in the profiled call (one lax.scan).')
 _CONV_IMPL = flags.DEFINE_string('conv_impl', 'auto', 'The ConvNet convolutions (CONV_IMPLS).')
+_MICROBATCH = flags.DEFINE_integer(
+  'microbatch', None, 'Images per gradient pass (train.sgd_step; default: the library default).'
+)
 _TOP = flags.DEFINE_integer('top', 25, 'Ops printed (all are written to --out).')
 _OUT = flags.DEFINE_string(
   'out',
@@ -62,7 +65,10 @@ def scanned_steps(images: jax.Array, labels: jax.Array, conv_impl: str):
 
   def steps(variables, opt_state):
     def step(carry, _):
-      return train_lib.sgd_step(net, optimizer, *carry, images, labels)[:2], None
+      step = train_lib.sgd_step(
+        net, optimizer, *carry, images, labels, microbatch=_MICROBATCH.value
+      )
+      return step[:2], None
 
     return jax.lax.scan(step, (variables, opt_state), None, _STEPS.value)[0]
 
@@ -145,6 +151,9 @@ def main(argv):
     'images': _IMAGES.value,
     'image_size': _IMAGE_SIZE.value,
     'conv_impl': _CONV_IMPL.value,
+    'microbatch': train_lib.resolve_microbatch(
+      models.get_network('ConvNet', NUM_CLASSES), _IMAGES.value, _MICROBATCH.value
+    ),
     'steps': _STEPS.value,
     'step_ms': step_ms,
     'ops_ms_sum': ops_ms,
@@ -152,7 +161,8 @@ def main(argv):
   }
   print(
     f'ConvNet SGD step, {shape[0]} images {shape[1]}x{shape[2]}x3, conv_impl '
-    f'{_CONV_IMPL.value!r}: {step_ms:.1f} ms per step unprofiled; the ops below sum to '
+    f'{_CONV_IMPL.value!r}, {results["microbatch"]} images per gradient pass: {step_ms:.1f} ms '
+    'per step unprofiled; the ops below sum to '
     f'{ops_ms:.1f} ms per step profiled.\n\n'
     '| ms per step | share | op | output | jax operation |\n|---|---|---|---|---|'
   )

@@ -147,3 +147,30 @@ def test_profile_train_step_attributes_the_step_time_to_its_ops(tmp_path):
   )
   assert any(op['jax_op'].startswith('jvp(ConvNet)/norm0') for op in ops)
   assert any(op['jax_op'].startswith('transpose(jvp(ConvNet))') for op in ops)
+
+
+def test_bench_microbatch_times_the_split_steps_and_checks_them(tmp_path):
+  # 6 images in passes of 4: one full pass and a partial one, against the whole batch.
+  out = tmp_path / 'microbatch.json'
+  completed = subprocess.run(
+    [
+      sys.executable,
+      str(EXPERIMENTS / 'bench_microbatch.py'),
+      '--batches=6',
+      '--microbatches=0,4',
+      '--steps=1',
+      '--repeats=1',
+      f'--out={out}',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert completed.returncode == 0, completed.stderr[-2000:]
+  assert '| batch | images per pass | ms per step | vs whole batch |' in completed.stdout
+  rows = json.loads(out.read_text())['rows']
+  assert [(row['batch'], row['microbatch']) for row in rows] == [(6, 6), (6, 4)]
+  assert rows[0]['max_parameter_difference'] == 0
+  assert rows[1]['max_parameter_difference'] < 1e-5  # float rounding
+  assert all(row['step_ms'] > 0 for row in rows)

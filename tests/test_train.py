@@ -1,9 +1,12 @@
 """The trainer: PyTorch SGD semantics, the reference's epoch schedule, per-network DSA ops."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import float64
 
 from dd_jax import augment as augment_lib
 from dd_jax import config as config_lib
@@ -74,6 +77,64 @@ def test_trainer_equals_torch_sgd_reference(schedule):
     jax.tree_util.tree_leaves(first(trained)['params']), jax.tree_util.tree_leaves(expected)
   ):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _one_step(net, images, labels, microbatch):
+  """Parameters and logits after one momentum SGD step from fixed weights, jitted."""
+  variables = net.init(jax.random.key(1), (1, *images.shape[1:]))
+  variables = jax.tree_util.tree_map(lambda x: x.astype(images.dtype), variables)
+  optimizer = train_lib.SGDRecipe(lr=0.1, momentum=0.9, weight_decay=0.01).optimizer()
+  step = jax.jit(
+    lambda v, s: train_lib.sgd_step(net, optimizer, v, s, images, labels, microbatch=microbatch)
+  )
+  new_variables, _, logits = step(variables, optimizer.init(variables['params']))
+  return new_variables, logits
+
+
+@pytest.mark.parametrize('precision', ['float64', 'float32'])
+@pytest.mark.parametrize('microbatch', [3, 4])  # 2 full passes and a partial one; 2 full passes
+def test_microbatched_step_equals_the_whole_batch_step(precision, microbatch):
+  # Instance norm, ReLU and pooling act per image: the summed gradients are the whole batch's.
+  net = models.get_network('ConvNet', 3, width=8, depth=2)
+  images, labels = _data(num_images=8 if microbatch == 4 else 7)
+  with float64() if precision == 'float64' else contextlib.nullcontext():
+    if precision == 'float64':
+      images = images.astype(jnp.float64)
+    whole, whole_logits = _one_step(net, images, labels, microbatch=0)
+    split, split_logits = _one_step(net, images, labels, microbatch=microbatch)
+  tolerance = {'float64': 1e-12, 'float32': 2e-6}[precision]
+  np.testing.assert_allclose(split_logits, whole_logits, rtol=tolerance, atol=tolerance)
+  assert jax.tree_util.tree_structure(split) == jax.tree_util.tree_structure(whole)
+  for got, want in zip(jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(whole)):
+    np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+  initial = jax.tree_util.tree_leaves(net.init(jax.random.key(1), (1, *images.shape[1:])))
+  moved = [
+    np.max(np.abs(np.asarray(a) - np.asarray(b)))
+    for a, b in zip(jax.tree_util.tree_leaves(split), initial)
+  ]
+  assert min(moved) > 1e-4  # the step updated every parameter
+
+
+def test_microbatch_resolution_and_errors():
+  net = models.get_network('ConvNet', 3, width=8, depth=2)
+  batch_norm_net = models.get_network('ConvNet', 3, width=8, depth=2, norm='batchnorm')
+  on_cpu = jax.default_backend() == 'cpu'
+  assert train_lib.resolve_microbatch(net, 256) == (train_lib.MICROBATCH_CPU if on_cpu else 256)
+  default = train_lib.MICROBATCH_CPU
+  assert train_lib.resolve_microbatch(net, default) == default  # not above the default: one pass
+  assert train_lib.resolve_microbatch(net, 20, 8) == 8
+  assert train_lib.resolve_microbatch(net, 20, 0) == 20
+  assert train_lib.resolve_microbatch(batch_norm_net, 256) == 256
+  assert train_lib.resolve_microbatch(batch_norm_net, 256, 0) == 256
+  with train_lib.auto_microbatch(5):
+    assert train_lib.resolve_microbatch(net, 20) == 5
+    assert train_lib.resolve_microbatch(batch_norm_net, 20) == 20
+  with train_lib.auto_microbatch(0):
+    assert train_lib.resolve_microbatch(net, 256) == 256
+  with pytest.raises(ValueError, match='batch-norm.*microbatch=0'):
+    train_lib.resolve_microbatch(batch_norm_net, 20, 8)
+  with pytest.raises(ValueError, match='microbatch must be >= 0'):
+    train_lib.resolve_microbatch(net, 20, -1)
 
 
 def test_epoch_plan_and_learning_rates():
