@@ -2,15 +2,17 @@
 
   python experiments/bench_microbatch.py                       # batches 64, 100, 244, 256
   python experiments/bench_microbatch.py --batches=256 --microbatches=0,16,32,64
+  python experiments/bench_microbatch.py --image_size=8 --channels=1     # digits shapes
   python experiments/bench_microbatch.py --out=experiments/results/bench_microbatch.json
 
 For every batch size (the training shapes: IDM's real batch 64 and 256, evaluation's 100 images
 at IPC 10 and the 256 + 244 minibatches at IPC 50) and every micro-batch size (0: the whole batch
-in one pass, the step before micro-batching), --steps SGD steps of the reference ConvNet (CIFAR-10
-shapes, momentum 0.9, no DSA) in one `lax.scan`, as evaluation and the IDM queue run them, with
-the CPU default convolutions. The variants of one batch size are timed interleaved, --repeats
-times, median per step; each is checked against the whole-batch step (largest parameter
-difference after the steps: float rounding). Prints a markdown table and writes --out (JSON).
+in one pass, the step before micro-batching), --steps SGD steps of the reference ConvNet
+(CIFAR-10 shapes by default, momentum 0.9, no DSA) in one `lax.scan`, as evaluation and the IDM
+queue run them, with the CPU default convolutions. The variants of one batch size are timed
+interleaved, --repeats times, median per step; each is checked against the whole-batch step
+(largest parameter difference after the steps: float rounding). Prints a markdown table and
+writes --out (JSON).
 """
 
 import json
@@ -32,6 +34,8 @@ _BATCHES = flags.DEFINE_list('batches', ['64', '100', '244', '256'], 'Images per
 _MICROBATCHES = flags.DEFINE_list(
   'microbatches', ['0', '16', '25', '32', '50', '64'], 'Images per pass (0: the whole batch).'
 )
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Side of the square images (digits: 8).')
+_CHANNELS = flags.DEFINE_integer('channels', 3, 'Image channels (digits: 1).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'SGD steps per timed call (one lax.scan).')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per variant (median).')
 _OUT = flags.DEFINE_string(
@@ -41,12 +45,11 @@ _OUT = flags.DEFINE_string(
 )
 
 NUM_CLASSES = 10
-IMAGE_SHAPE = (32, 32, 3)
 
 
-def scanned_steps(net: models.Network, batch: int, microbatch: int):
+def scanned_steps(net: models.Network, batch: int, microbatch: int, image_shape: tuple[int, ...]):
   """A jitted call of --steps SGD steps on `batch` fixed images, `microbatch` images per pass."""
-  images = jax.random.normal(jax.random.key(0), (batch, *IMAGE_SHAPE))
+  images = jax.random.normal(jax.random.key(0), (batch, *image_shape))
   labels = jnp.arange(batch) % NUM_CLASSES
   optimizer = optax.sgd(0.01, momentum=0.9)
 
@@ -66,11 +69,12 @@ def scanned_steps(net: models.Network, batch: int, microbatch: int):
 def main(argv):
   del argv
   net = models.get_network('ConvNet', NUM_CLASSES)
-  variables = net.init(jax.random.key(1), (1, *IMAGE_SHAPE))
+  image_shape = (_IMAGE_SIZE.value, _IMAGE_SIZE.value, _CHANNELS.value)
+  variables = net.init(jax.random.key(1), (1, *image_shape))
   rows = []
   for batch in map(int, _BATCHES.value):
     sizes = sorted({min(int(m), batch) % batch for m in _MICROBATCHES.value})  # batch -> 0
-    calls = {size: scanned_steps(net, batch, size) for size in sizes}
+    calls = {size: scanned_steps(net, batch, size, image_shape) for size in sizes}
     outputs = {size: jax.block_until_ready(call(variables)) for size, call in calls.items()}
     times = {size: [] for size in sizes}
     for _ in range(_REPEATS.value):
@@ -108,6 +112,7 @@ def main(argv):
     'jax': jax.__version__,
     'device': f'{device.platform}: {device.device_kind}',
     'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+    'image_shape': image_shape,
     'steps': _STEPS.value,
     'repeats': _REPEATS.value,
     'rows': rows,
