@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,10 +43,11 @@ TrainCarry = tuple[Any, optax.OptState, jax.Array]
 SCHEDULES = ('constant', 'reference', 'halves')
 # The lr factor from the schedule's drop epoch on.
 LR_DROP_FACTOR = 0.1
-# Images per gradient pass of an SGD step on CPU (`resolve_microbatch`). Measured, not modelled
-# (experiments/bench_microbatch.py): 16 beat 4-64 at 64-256 images per step, likely because a
-# pass's activations (8 MiB per 32x32x128 map at 16 images) stay in cache between ops.
-MICROBATCH_CPU = 16
+# Input pixels per gradient pass of an SGD step on CPU (`resolve_microbatch`): 16 CIFAR-10 images.
+# Measured, not modelled (experiments/bench_microbatch.py): on 32x32 images 16 per pass beat 4-64
+# at 64-256 images per step, likely because a pass's activations (8 MiB per 32x32x128 map) stay in
+# cache between ops; on 8x8 digits passes of 16-32 were slower than whole batches of 100-256.
+MICROBATCH_CPU_PIXELS = 16 * 32 * 32
 _auto_microbatch: int | None = None  # set by `auto_microbatch`
 
 
@@ -156,15 +158,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def resolve_microbatch(net: models.Network, batch_size: int, microbatch: int | None = None) -> int:
-  """The images per gradient pass of an SGD step on `batch_size` images (`sgd_step`).
+def resolve_microbatch(
+  net: models.Network, images_shape: tuple[int, ...], microbatch: int | None = None
+) -> int:
+  """The images per gradient pass of an SGD step on images of `images_shape` (`sgd_step`).
 
   Args:
     net: the network; one with batch-norm statistics takes the whole batch (its statistics are
       over the batch, so a split batch would change the step).
-    batch_size: images in the step.
-    microbatch: images per pass; None: `MICROBATCH_CPU` on CPU for networks without batch norm
-      (or what `auto_microbatch` set), the whole batch elsewhere; 0: the whole batch.
+    images_shape: [N, H, W, C], the step's images.
+    microbatch: images per pass; None: on CPU, for networks without batch norm, as many images
+      as hold `MICROBATCH_CPU_PIXELS` input pixels (16 at 32x32, 20 at 28x28, 256 at 8x8), or what
+      `auto_microbatch` set; the whole batch elsewhere. 0: the whole batch.
 
   Returns:
     An int in [1, batch_size]; `batch_size` means one pass.
@@ -172,12 +177,15 @@ def resolve_microbatch(net: models.Network, batch_size: int, microbatch: int | N
   Raises:
     ValueError: a negative `microbatch`, or one below `batch_size` for a batch-norm network.
   """
+  batch_size = images_shape[0]
   if microbatch is None:
     if net.has_batch_stats:
       return batch_size
     microbatch = _auto_microbatch
-    if microbatch is None:
-      microbatch = MICROBATCH_CPU if jax.default_backend() == 'cpu' else 0
+    if microbatch is None and jax.default_backend() == 'cpu':
+      microbatch = max(1, MICROBATCH_CPU_PIXELS // math.prod(images_shape[1:-1]))
+    elif microbatch is None:
+      microbatch = 0
   if microbatch < 0:
     raise ValueError(f'microbatch must be >= 0 (0: the whole batch), got {microbatch}.')
   if microbatch == 0 or microbatch >= batch_size:
@@ -268,13 +276,14 @@ def sgd_step(
     images: [N, H, W, C] normalised minibatch.
     labels: [N] int labels.
     microbatch: images per forward-backward pass, their gradients summed (`resolve_microbatch`;
-      None: 16 on CPU, where it is faster, the whole batch elsewhere). The step is the same to
-      float rounding; it is not micro-batching of the *update*: one update per call.
+      None: 16 CIFAR-10 images on CPU, where it is faster, the whole batch elsewhere). The
+      step is the same to float rounding; it is not micro-batching of the *update*: one update
+      per call.
 
   Returns:
     (new variables, new optimizer state, the [N, K] training-mode logits before the update).
   """
-  microbatch = resolve_microbatch(net, images.shape[0], microbatch)
+  microbatch = resolve_microbatch(net, images.shape, microbatch)
   if microbatch < images.shape[0]:
     grads, logits = _microbatched_gradient(net, variables, images, labels, microbatch)
     new_variables = variables

@@ -152,7 +152,7 @@ def main(argv):
     'image_size': _IMAGE_SIZE.value,
     'conv_impl': _CONV_IMPL.value,
     'microbatch': train_lib.resolve_microbatch(
-      models.get_network('ConvNet', NUM_CLASSES), _IMAGES.value, _MICROBATCH.value
+      models.get_network('ConvNet', NUM_CLASSES), shape, _MICROBATCH.value
     ),
     'steps': _STEPS.value,
     'step_ms': step_ms,

@@ -119,22 +119,24 @@ def test_microbatch_resolution_and_errors():
   net = models.get_network('ConvNet', 3, width=8, depth=2)
   batch_norm_net = models.get_network('ConvNet', 3, width=8, depth=2, norm='batchnorm')
   on_cpu = jax.default_backend() == 'cpu'
-  assert train_lib.resolve_microbatch(net, 256) == (train_lib.MICROBATCH_CPU if on_cpu else 256)
-  default = train_lib.MICROBATCH_CPU
-  assert train_lib.resolve_microbatch(net, default) == default  # not above the default: one pass
-  assert train_lib.resolve_microbatch(net, 20, 8) == 8
-  assert train_lib.resolve_microbatch(net, 20, 0) == 20
-  assert train_lib.resolve_microbatch(batch_norm_net, 256) == 256
-  assert train_lib.resolve_microbatch(batch_norm_net, 256, 0) == 256
+  cifar, digits = (256, 32, 32, 3), (256, 8, 8, 1)
+  assert train_lib.resolve_microbatch(net, cifar) == (16 if on_cpu else 256)
+  assert train_lib.resolve_microbatch(net, (100, 28, 28, 1)) == (20 if on_cpu else 100)
+  assert train_lib.resolve_microbatch(net, digits) == 256  # small images: whole batches
+  assert train_lib.resolve_microbatch(net, (16, 32, 32, 3)) == 16  # not above: one pass
+  assert train_lib.resolve_microbatch(net, (20, 8, 8, 1), 8) == 8
+  assert train_lib.resolve_microbatch(net, cifar, 0) == 256
+  assert train_lib.resolve_microbatch(batch_norm_net, cifar) == 256
+  assert train_lib.resolve_microbatch(batch_norm_net, cifar, 0) == 256
   with train_lib.auto_microbatch(5):
-    assert train_lib.resolve_microbatch(net, 20) == 5
-    assert train_lib.resolve_microbatch(batch_norm_net, 20) == 20
+    assert train_lib.resolve_microbatch(net, digits) == 5
+    assert train_lib.resolve_microbatch(batch_norm_net, digits) == 256
   with train_lib.auto_microbatch(0):
-    assert train_lib.resolve_microbatch(net, 256) == 256
+    assert train_lib.resolve_microbatch(net, cifar) == 256
   with pytest.raises(ValueError, match='batch-norm.*microbatch=0'):
-    train_lib.resolve_microbatch(batch_norm_net, 20, 8)
+    train_lib.resolve_microbatch(batch_norm_net, (20, 8, 8, 1), 8)
   with pytest.raises(ValueError, match='microbatch must be >= 0'):
-    train_lib.resolve_microbatch(net, 20, -1)
+    train_lib.resolve_microbatch(net, (20, 8, 8, 1), -1)
 
 
 def test_epoch_plan_and_learning_rates():
