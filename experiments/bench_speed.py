@@ -428,7 +428,7 @@ def format_table(results: dict) -> str:
           else '.'
         )
       )
-  if 'pytorch_steps' in results:
+  if 'pytorch_steps' in results or 'pytorch_evaluation' in results:
     lines += [
       '',
       'PyTorch baseline (experiments/torch_baseline.py) on the same machine, same run:',
@@ -436,7 +436,7 @@ def format_table(results: dict) -> str:
       '| workload | PyTorch | dd_jax | PyTorch / dd_jax |',
       '|---|---|---|---|',
     ]
-    for torch_record, record in zip(results['pytorch_steps'], results['steps']):
+    for torch_record, record in zip(results.get('pytorch_steps', []), results['steps']):
       theirs, ours = torch_record['ms_per_step'], record['ms_per_step']
       lines.append(
         f'| {record["method"]} step, IPC {record["ipc"]} | {theirs:.0f} ms | {ours:.0f} ms | '
