@@ -16,13 +16,13 @@ Prints a markdown table and writes --out (JSON: date, jax version, machine, the 
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import timing  # experiments/timing.py (the script's folder is on sys.path)
 from absl import app, flags
 
 from dd_jax import augment as augment_lib
@@ -110,15 +110,11 @@ def time_ops_alone(images, batched: bool, shared: bool) -> tuple[float, float]:
 
 def main(argv):
   del argv
-  device = jax.devices()[0]
   net = models.get_network(_MODEL.value, NUM_CLASSES)
   images = jax.random.normal(jax.random.key(0), (_IMAGES.value, *IMAGE_SHAPE))
   labels = jnp.arange(_IMAGES.value) % NUM_CLASSES
   results = {
-    'date': time.strftime('%Y-%m-%d %H:%M'),
-    'jax': jax.__version__,
-    'device': f'{device.platform}: {device.device_kind}',
-    'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+    **timing.environment(),
     'load_average_at_start': os.getloadavg()[0] if hasattr(os, 'getloadavg') else None,
     'model': _MODEL.value,
     'num_eval': _NUM_EVAL.value,

@@ -15,9 +15,7 @@ interleaved, --repeats times, median per step; each is checked against the whole
 writes --out (JSON).
 """
 
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+import timing  # experiments/timing.py (the script's folder is on sys.path)
 from absl import app, flags
 
 from dd_jax import models
@@ -106,12 +105,8 @@ def main(argv):
         f'({step_ms / whole_ms:.2f}x the whole batch), parameters within {difference:.1e}',
         flush=True,
       )
-  device = jax.devices()[0]
   results = {
-    'date': time.strftime('%Y-%m-%d %H:%M'),
-    'jax': jax.__version__,
-    'device': f'{device.platform}: {device.device_kind}',
-    'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+    **timing.environment(),
     'image_shape': image_shape,
     'steps': _STEPS.value,
     'repeats': _REPEATS.value,
@@ -123,9 +118,7 @@ def main(argv):
       f'| {row["batch"]} | {row["microbatch"]} | {row["step_ms"]:.1f} | '
       f'{row["relative_to_whole_batch"]:.2f}x |'
     )
-  with open(_OUT.value, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'\nwrote {_OUT.value}')
+  timing.write_results(_OUT.value, results)
 
 
 if __name__ == '__main__':

@@ -21,9 +21,7 @@ one (relative error of the whole gradient).
 Prints a markdown table and writes --out (JSON: date, jax version, machine, load, the figures).
 """
 
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import timing  # experiments/timing.py (the script's folder is on sys.path)
 from absl import app, flags
 
 from dd_jax import models
@@ -173,12 +172,8 @@ def main(argv):
         'time_vs_flax_group_norm': per_call / baseline,
       }
     )
-  device = jax.devices()[0]
   results = {
-    'date': time.strftime('%Y-%m-%d %H:%M'),
-    'jax': jax.__version__,
-    'device': f'{device.platform}: {device.device_kind}',
-    'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+    **timing.environment(),
     'load_average_at_start': load,
     'images': _IMAGES.value,
     'steps': _STEPS.value,
@@ -195,9 +190,7 @@ def main(argv):
       f'| {row["workload"]} | {row["norm"]} | {row["ms_per_step"]:.1f} | '
       f'{row["time_vs_flax_group_norm"]:.3f} |'
     )
-  with open(_OUT.value, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'\nwrote {_OUT.value}')
+  timing.write_results(_OUT.value, results)
 
 
 if __name__ == '__main__':

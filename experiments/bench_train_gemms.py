@@ -41,9 +41,7 @@ Prints a markdown table and writes --out (JSON: date, jax version, machine, load
 
 import contextlib
 import functools
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -257,12 +255,8 @@ def main(argv):
       'fraction_of_matmul': step_flops / gemm_ms * 1e3 / ceiling,
     }
   )
-  device = jax.devices()[0]
   results = {
-    'date': time.strftime('%Y-%m-%d %H:%M'),
-    'jax': jax.__version__,
-    'device': f'{device.platform}: {device.device_kind}',
-    'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+    **timing.environment(),
     'load_average_at_start': load,
     'images': _IMAGES.value,
     'steps': _STEPS.value,
@@ -287,9 +281,7 @@ def main(argv):
     f'\nmemory bandwidth (2 x the layer-1 activation, {activation_bytes / 1e6:.0f} MB read and '
     f'written): {bandwidth / 1e9:.1f} GB/s'
   )
-  with open(_OUT.value, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'\nwrote {_OUT.value}')
+  timing.write_results(_OUT.value, results)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,6 @@ import glob
 import gzip
 import json
 import os
-import platform
 import re
 import statistics
 import tempfile
@@ -32,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+import timing  # experiments/timing.py (the script's folder is on sys.path)
 from absl import app, flags
 
 from dd_jax import models
@@ -142,12 +142,8 @@ def main(argv):
     raise RuntimeError('The profile holds no event of a compiled op (a jax version change?).')
   ops.sort(key=lambda op: -op['ms_per_step'])
   ops_ms = sum(op['ms_per_step'] for op in ops)
-  device = jax.devices()[0]
   results = {
-    'date': time.strftime('%Y-%m-%d %H:%M'),
-    'jax': jax.__version__,
-    'device': f'{device.platform}: {device.device_kind}',
-    'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+    **timing.environment(),
     'images': _IMAGES.value,
     'image_size': _IMAGE_SIZE.value,
     'conv_impl': _CONV_IMPL.value,
@@ -171,9 +167,7 @@ def main(argv):
       f'| {op["ms_per_step"]:.1f} | {100 * op["ms_per_step"] / ops_ms:.0f}% | {op["op"]} | '
       f'{op["shape"].split("{")[0]} | {op["jax_op"]} |'
     )
-  with open(_OUT.value, 'w') as f:
-    json.dump(results, f, indent=2)
-  print(f'\nwrote {_OUT.value}')
+  timing.write_results(_OUT.value, results)
 
 
 if __name__ == '__main__':

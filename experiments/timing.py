@@ -1,5 +1,8 @@
 """Timing helpers shared by the benchmark scripts (no flags: safe to import from any of them)."""
 
+import json
+import os
+import platform
 import statistics
 import time
 
@@ -28,3 +31,21 @@ def matmul_ceiling(repeats: int) -> tuple[float, int]:
     seconds = median_seconds(lambda: matmul(a, b), repeats)
     best = max(best, (2.0 * n**3 / seconds, n))
   return best
+
+
+def environment() -> dict:
+  """The fields every results file starts with: date, jax version, device and machine."""
+  device = jax.devices()[0]
+  return {
+    'date': time.strftime('%Y-%m-%d %H:%M'),
+    'jax': jax.__version__,
+    'device': f'{device.platform}: {device.device_kind}',
+    'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+  }
+
+
+def write_results(path: str, results: dict) -> None:
+  """Writes `results` to `path` as indented JSON and says where."""
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2)
+  print(f'\nwrote {path}')

@@ -119,25 +119,26 @@ def test_bench_train_gemms_hybrid_convolution_has_the_gradients_of_xla_convoluti
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_profile_train_step_attributes_the_step_time_to_its_ops(tmp_path):
-  # The profile is read back from jax.profiler's trace: every op it lists is a compiled op of
-  # the step with its shape and jax operation, and the first norm's forward is among them.
-  out = tmp_path / 'profile.json'
+def _run_script(name: str, *flags: str) -> subprocess.CompletedProcess:
+  """Runs experiments/`name` with `flags` in a subprocess; asserts that it exits 0."""
   completed = subprocess.run(
-    [
-      sys.executable,
-      str(EXPERIMENTS / 'profile_train_step.py'),
-      '--images=4',
-      '--image_size=8',
-      '--steps=2',
-      f'--out={out}',
-    ],
+    [sys.executable, str(EXPERIMENTS / name), *flags],
     capture_output=True,
     text=True,
     timeout=300,
     check=False,
   )
   assert completed.returncode == 0, completed.stderr[-2000:]
+  return completed
+
+
+def test_profile_train_step_attributes_the_step_time_to_its_ops(tmp_path):
+  # The profile is read back from jax.profiler's trace: every op it lists is a compiled op of
+  # the step with its shape and jax operation, and the first norm's forward is among them.
+  out = tmp_path / 'profile.json'
+  completed = _run_script(
+    'profile_train_step.py', '--images=4', '--image_size=8', '--steps=2', f'--out={out}'
+  )
   assert '| ms per step | share | op |' in completed.stdout
   results = json.loads(out.read_text())
   assert results['step_ms'] > 0 and results['ops_ms_sum'] > 0
@@ -152,22 +153,14 @@ def test_profile_train_step_attributes_the_step_time_to_its_ops(tmp_path):
 def test_bench_microbatch_times_the_split_steps_and_checks_them(tmp_path):
   # 6 images in passes of 4: one full pass and a partial one, against the whole batch.
   out = tmp_path / 'microbatch.json'
-  completed = subprocess.run(
-    [
-      sys.executable,
-      str(EXPERIMENTS / 'bench_microbatch.py'),
-      '--batches=6',
-      '--microbatches=0,4',
-      '--steps=1',
-      '--repeats=1',
-      f'--out={out}',
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
+  completed = _run_script(
+    'bench_microbatch.py',
+    '--batches=6',
+    '--microbatches=0,4',
+    '--steps=1',
+    '--repeats=1',
+    f'--out={out}',
   )
-  assert completed.returncode == 0, completed.stderr[-2000:]
   assert '| batch | images per pass | ms per step | vs whole batch |' in completed.stdout
   rows = json.loads(out.read_text())['rows']
   assert [(row['batch'], row['microbatch']) for row in rows] == [(6, 6), (6, 4)]
