@@ -31,7 +31,10 @@ uses the reference weights on both sides (the squared CC form).
 --before_conv_impl=im2col: the IDM steps and the evaluation again, in the same run, with the
 networks' 'auto' convolutions traced as im2col (the CPU code before Winograd layers).
 --before_microbatch=0: the same, with every SGD step's gradient in one pass over its batch (the
-CPU code before micro-batching, `train.sgd_step`). The two flags combine.
+CPU code before micro-batching, `train.sgd_step`).
+--before_fold_norm=false: every step (DM's too) and the evaluation again, with the first layer's
+instance norm applied to its output instead of folded into it (`layers.conv_instance_norm`).
+The three flags combine.
 
 Writes --out (JSON) and prints a markdown table.
 """
@@ -83,6 +86,12 @@ _BEFORE_MICROBATCH = flags.DEFINE_integer(
   'Also time the IDM steps and the evaluation with this many images per gradient pass of the '
   "networks' SGD steps (0: the whole batch, the code before micro-batching), in the same run.",
 )
+_BEFORE_FOLD_NORM = flags.DEFINE_bool(
+  'before_fold_norm',
+  None,
+  'Also time the steps and the evaluation with this `layers.fold_norm` setting (false: the '
+  "first layer's instance norm applied to its output, the code before folding), in the same run.",
+)
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
 _PYTORCH = flags.DEFINE_bool(
   'pytorch', False, 'Also time the PyTorch baseline (experiments/torch_baseline.py; bench extra).'
@@ -100,13 +109,15 @@ NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
 
 
 @contextlib.contextmanager
-def _traced_as(conv_impl: str | None = None, microbatch: int | None = None):
-  """Programs traced in the block take `conv_impl` for the networks' 'auto' and `microbatch` for
-  their SGD steps' default (None: the library's default).
+def _traced_as(
+  conv_impl: str | None = None, microbatch: int | None = None, fold_norm: bool | None = None
+):
+  """Programs traced in the block take `conv_impl` for the networks' 'auto', `microbatch` for
+  their SGD steps' default and `fold_norm` for `layers.fold_norm` (None: the library's default).
 
   jax caches traces by function, not by these settings: the caches are cleared on entry and exit.
   """
-  if conv_impl is None and microbatch is None:
+  if conv_impl is None and microbatch is None and fold_norm is None:
     yield
     return
   jax.clear_caches()
@@ -116,6 +127,8 @@ def _traced_as(conv_impl: str | None = None, microbatch: int | None = None):
         stack.enter_context(layers.auto_conv_impl(conv_impl))
       if microbatch is not None:
         stack.enter_context(train_lib.auto_microbatch(microbatch))
+      if fold_norm is not None:
+        stack.enter_context(layers.fold_norm(fold_norm))
       yield
   finally:
     jax.clear_caches()
@@ -123,14 +136,19 @@ def _traced_as(conv_impl: str | None = None, microbatch: int | None = None):
 
 def _before() -> dict:
   """The `_traced_as` arguments of the 'before' timings (the --before_* flags)."""
-  return {'conv_impl': _BEFORE_CONV_IMPL.value, 'microbatch': _BEFORE_MICROBATCH.value}
+  return {
+    'conv_impl': _BEFORE_CONV_IMPL.value,
+    'microbatch': _BEFORE_MICROBATCH.value,
+    'fold_norm': _BEFORE_FOLD_NORM.value,
+  }
 
 
-def _variant(conv_impl: str | None, microbatch: int | None) -> dict:
+def _variant(conv_impl: str | None, microbatch: int | None, fold_norm: bool | None) -> dict:
   """The record's description of what a program was traced with."""
   return {
     'conv_impl': conv_impl or layers.resolve_conv_impl('auto'),
     'microbatch': 'default' if microbatch is None else microbatch,
+    'fold_norm': True if fold_norm is None else fold_norm,
   }
 
 
@@ -181,11 +199,16 @@ def _config(dataset_path: str, method: str, ipc: int):
 
 
 def time_step(
-  config, method: str, ipc: int, conv_impl: str | None = None, microbatch: int | None = None
+  config,
+  method: str,
+  ipc: int,
+  conv_impl: str | None = None,
+  microbatch: int | None = None,
+  fold_norm: bool | None = None,
 ) -> dict:
   settings = experiment.validate_config(config)
   data = loop.prepare_data(config, settings)
-  with _traced_as(conv_impl, microbatch):
+  with _traced_as(conv_impl, microbatch, fold_norm):
     method_obj = loop.build_method(config, settings, data, seed=0)
     state = method_obj.state
     calls = {'state': state}
@@ -200,13 +223,13 @@ def time_step(
   record = {
     'method': method,
     'ipc': ipc,
-    **_variant(conv_impl, microbatch),
+    **_variant(conv_impl, microbatch, fold_norm),
     'ms_per_step': 1e3 * seconds,
     'real_images_per_s': NUM_CLASSES * _BATCH_REAL.value / seconds,
   }
   # The work of direct convolutions, whatever the implementation: Winograd's products are fewer
-  # (its FLOP/s are effective ones).
-  with _traced_as('im2col'):
+  # (its FLOP/s are effective ones), the folded norm adds a little.
+  with _traced_as('im2col', fold_norm=False):
     record['flops'] = flops_lib.dense_flops(jax.make_jaxpr(jitted)(*args))
   record['flop_per_s'] = record['flops'] / seconds
   record['compiled_bytes'] = compiled_bytes
@@ -215,10 +238,13 @@ def time_step(
 
 
 def time_evaluation(
-  repeats: int, conv_impl: str | None = None, microbatch: int | None = None
+  repeats: int,
+  conv_impl: str | None = None,
+  microbatch: int | None = None,
+  fold_norm: bool | None = None,
 ) -> dict:
-  with _traced_as(conv_impl, microbatch):
-    return _time_evaluation(repeats) | _variant(conv_impl, microbatch)
+  with _traced_as(conv_impl, microbatch, fold_norm):
+    return _time_evaluation(repeats) | _variant(conv_impl, microbatch, fold_norm)
 
 
 def _time_evaluation(repeats: int) -> dict:
@@ -234,7 +260,7 @@ def _time_evaluation(repeats: int) -> dict:
   together = timing.median_seconds(lambda: train(keys), repeats)
   alone = _NUM_EVAL.value * timing.median_seconds(lambda: train(keys[:1]), repeats)
   # One network's epoch, as direct convolutions count it (as for the steps).
-  with _traced_as('im2col'):
+  with _traced_as('im2col', fold_norm=False):
     flops = flops_lib.dense_flops(jax.make_jaxpr(train.__wrapped__)(keys[:1]))
   return {
     'num_eval': _NUM_EVAL.value,
@@ -350,7 +376,10 @@ def main(argv):
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
         results['steps'].append(record)
         print(json.dumps(record), flush=True)
-        if any(value is not None for value in _before().values()) and method.startswith('idm'):
+        # The conv_impl and microbatch only change the networks trained in IDM's steps.
+        if any(value is not None for value in _before().values()) and (
+          method.startswith('idm') or _BEFORE_FOLD_NORM.value is not None
+        ):
           record = time_step(config, method, ipc, **_before())
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
           results.setdefault('before_steps', []).append(record)
@@ -395,7 +424,8 @@ def format_table(results: dict) -> str:
     flops = r.get('flops')
     memory = r.get('compiled_bytes')
     lines.append(
-      f'| {r["method"]} ({r.get("conv_impl", "?")}, microbatch {r.get("microbatch", "?")}) | '
+      f'| {r["method"]} ({r.get("conv_impl", "?")}, microbatch {r.get("microbatch", "?")}, '
+      f'folded norm {r.get("fold_norm", "?")}) | '
       f'{r["ipc"]} | {r["ms_per_step"]:.0f} | '
       f'{r["real_images_per_s"]:.0f} | '
       + (
@@ -418,7 +448,7 @@ def format_table(results: dict) -> str:
       e = results[key]
       lines.append(
         f'Evaluation with conv_impl {e.get("conv_impl", "?")}, microbatch '
-        f'{e.get("microbatch", "?")}: '
+        f'{e.get("microbatch", "?")}, folded norm {e.get("fold_norm", "?")}: '
         f'{e["one_at_a_time_s_per_epoch"] / e["num_eval"]:.3f} s per network-epoch'
         + (
           f', {e["flops_per_network_epoch"] / 1e9:.1f} GFLOP, '

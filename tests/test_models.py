@@ -367,7 +367,8 @@ def test_convnet_training_gradient_is_the_same_with_winograd():
   for conv_impl in ('xla', 'winograd'):
     net = models.get_network('ConvNet', 4, conv_impl=conv_impl)
     variables = net.init(jax.random.key(1), x.shape)
-    forward_flops.append(flops.count(lambda v: net.apply(v, x), variables))
+    with layers.fold_norm(False):  # layer 1 as a plain im2col product (the fold is tested below)
+      forward_flops.append(flops.count(lambda v: net.apply(v, x), variables))
 
     def loss(params):
       logits = net.apply({'params': params}, x)
@@ -417,6 +418,76 @@ def test_convnet_with_fused_norm_and_relu_equals_the_layers_one_by_one_in_float6
     want = jax.grad(loss(layer_by_layer), argnums=(0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+  ('shape', 'stride', 'padding', 'relu'),
+  [((3, 9, 10, 3), 1, 1, True), ((2, 11, 8, 1), 2, 0, False), ((2, 6, 6, 2), 1, 3, True)],
+)
+def test_conv_instance_norm_equals_the_norm_of_the_convolution_in_float64(
+  shape, stride, padding, relu
+):
+  with float64():
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], shape, jnp.float64)
+    x = x.at[0].set(0.0)  # a blank image: zero variance, the output is the norm's bias
+    kernel = jax.random.normal(keys[1], (3, 3, shape[-1], 5), jnp.float64)
+    conv_bias = jax.random.normal(keys[2], (5,), jnp.float64)
+    scale = 1 + 0.3 * jax.random.normal(keys[3], (5,), jnp.float64)
+    bias = jax.random.normal(keys[4], (5,), jnp.float64)
+
+    def folded(x, kernel, scale, bias):
+      y = layers.conv_instance_norm(
+        x, kernel, scale, bias, stride=stride, padding=padding, relu=relu
+      )
+      return jnp.sum(jnp.sin(y))
+
+    def unfolded(x, kernel, conv_bias, scale, bias):
+      y = layers.conv2d_im2col(x, kernel, stride, padding) + conv_bias
+      return jnp.sum(jnp.sin(layers.instance_norm(y, scale, bias, relu=relu)))
+
+    np.testing.assert_allclose(
+      folded(x, kernel, scale, bias), unfolded(x, kernel, conv_bias, scale, bias), rtol=1e-12
+    )
+    got = jax.grad(folded, argnums=(0, 1, 2, 3))(x, kernel, scale, bias)
+    want = jax.grad(unfolded, argnums=(0, 1, 3, 4))(x, kernel, conv_bias, scale, bias)
+    # The blank image's input gradient is zero up to rounding amplified by 1 / sqrt(eps).
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('input_shape', [(3, 12, 12, 3), (2, 8, 8, 1)])
+def test_convnet_gradient_is_the_same_with_the_folded_first_norm_in_float64(input_shape):
+  net = models.get_network('ConvNet', 4, conv_impl='winograd', depth=2)
+  params32 = net.init(jax.random.key(1), input_shape)['params']
+  with float64():
+    x = jax.random.normal(jax.random.key(0), input_shape, jnp.float64)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params32)
+
+    def loss(params, x):
+      return jnp.sum(jnp.sin(net.apply({'params': params}, x)))
+
+    # Traced afresh in each setting: the fold is decided when the network is traced.
+    got = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    with layers.fold_norm(False):
+      want = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(want[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=jax.tree_util.keystr(path))
+    # The fold ran: the programs differ (fresh functions, as make_jaxpr caches traces).
+    folded_program = str(jax.make_jaxpr(lambda *args: loss(*args))(params, x))
+    with layers.fold_norm(False):
+      assert str(jax.make_jaxpr(lambda *args: loss(*args))(params, x)) != folded_program
+
+
+def test_folds_norm_only_on_narrow_im2col_convolutions():
+  assert layers.folds_norm('im2col', (3, 3, 3, 128))
+  assert layers.folds_norm('winograd', (3, 3, 7, 128))  # 63 values per patch
+  assert not layers.folds_norm('winograd', (3, 3, 8, 128))  # 72: the covariance costs too much
+  assert not layers.folds_norm('xla', (3, 3, 3, 128))
+  with layers.fold_norm(False):
+    assert not layers.folds_norm('im2col', (3, 3, 3, 128))
+  assert layers.folds_norm('im2col', (3, 3, 3, 128))
 
 
 def test_auto_conv_impl_sets_what_auto_means_while_tracing():

@@ -55,12 +55,14 @@ class ConvNet(nn.Module):
     activation = layers.activation(self.act)
     for d in range(self.depth):
       padding = _first_padding(x, 1, 3) if d == 0 else 1
-      x = layers.Conv(self.width, 3, padding=padding, name=f'conv{d}', conv_impl=self.conv_impl)(x)
+      conv = layers.Conv(self.width, 3, padding=padding, name=f'conv{d}', conv_impl=self.conv_impl)
       if self.norm == 'instancenorm' and self.act == 'relu':
-        # The ReLU inside the norm's VJP: its mask is recomputed there, not stored.
-        x = layers.InstanceNorm(relu=True, name=f'norm{d}')(x)
+        # The ReLU inside the norm's VJP (its mask recomputed there, not stored); the first
+        # layer folds the norm into its weights on CPU (`layers.conv_instance_norm`).
+        x = conv(x, norm=layers.InstanceNorm(self.width, relu=True, name=f'norm{d}'))
       else:
-        x = activation(layers.norm_layer(self.norm, self.width, train=train, name=f'norm{d}')(x))
+        norm = layers.norm_layer(self.norm, self.width, train=train, name=f'norm{d}')
+        x = activation(norm(conv(x)))
       x = layers.pool(self.pooling, x)
     features = _flatten(x)
     logits = layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
