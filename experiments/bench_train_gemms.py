@@ -34,6 +34,10 @@ This times, interleaved repeat by repeat in one process so that a load change hi
 - with --pytorch (the `bench` extra): one SGD step of the PyTorch baseline ConvNet
   (experiments/torch_baseline.py, oneDNN convolutions, all cores) on the same number of images.
 
+The steps are traced with the first layer's instance norm unfolded (`layers.fold_norm(False)`):
+the eight products above. dd_jax's default folds it into the first convolution
+(`layers.conv_instance_norm`), which `bench_speed.py --before_fold_norm=false` times against this.
+
 FLOP/s of a step are its matrix products' FLOPs (2 M K N each; the classifier's are < 0.1%)
 over its time; the ceiling is the dense float32 matmul FLOP/s measured in the same run.
 Prints a markdown table and writes --out (JSON: date, jax version, machine, load, the figures).
@@ -215,11 +219,12 @@ def main(argv):
   ceiling, size = timing.matmul_ceiling(_REPEATS.value)
   images = jax.random.normal(jax.random.key(0), (_IMAGES.value, *IMAGE_SHAPE))
   labels = jnp.arange(_IMAGES.value) % NUM_CLASSES
-  calls = make_calls(images, labels)
-  if _PYTORCH.value:
-    calls['step, PyTorch baseline'] = (_torch_step_call(_IMAGES.value), 1)
-  for call, _ in calls.values():
-    jax.block_until_ready(call())  # compiles / warms up
+  with layers.fold_norm(False):  # jax traces the steps at their first call, here
+    calls = make_calls(images, labels)
+    if _PYTORCH.value:
+      calls['step, PyTorch baseline'] = (_torch_step_call(_IMAGES.value), 1)
+    for call, _ in calls.values():
+      jax.block_until_ready(call())  # compiles / warms up
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
   times = {name: [] for name in calls}
   for _ in range(_REPEATS.value):

@@ -8,9 +8,10 @@ Runs --steps SGD steps of the reference ConvNet (as evaluation and the IDM queue
 `lax.scan`, momentum 0.9, no DSA) once under `jax.profiler.trace` and reads the trace back: the
 time of every compiled op (an XLA fusion, a matrix product, a concatenation), summed over the
 steps and divided by them, with the op's output shape and the jax operation it came from (its
-`op_name` metadata: `jvp(ConvNet)/norm0/...` is the forward of the first norm, `transpose(...)`
-its backward). bench_train_gemms.py says how far a step is from its matrix products; this says
-which ops take the rest.
+`op_name` metadata: `jvp(ConvNet)/conv1/...` is the forward of the second convolution,
+`transpose(...)` its backward; on CPU the first norm is folded into `conv0`).
+bench_train_gemms.py says how far a step is from its matrix products; this says which ops take
+the rest.
 
 The ops' times overlap where the runtime runs independent ops at once, and the profiler adds a
 little to each, so their sum exceeds the step's wall time (printed beside it, timed without the

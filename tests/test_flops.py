@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from dd_jax import flops, models
+from dd_jax.models import layers
 
 
 def test_matmul_conv_scan_and_cond():
@@ -31,5 +32,14 @@ def test_convnet_forward_matches_the_published_layer_shapes(conv_impl):
   variables = net.init(jax.random.key(0), (1, 32, 32, 3))
   expected_convs = 2 * (32 * 32 * 128 * 27 + 16 * 16 * 128 * 1152 + 8 * 8 * 128 * 1152)
   expected_classifier = 2 * 2048 * 10
-  counted = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
+  with layers.fold_norm(False):  # the published layers: convolution, then its instance norm
+    counted = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
   assert counted == 4 * (expected_convs + expected_classifier)
+  # On CPU the first norm is folded into its convolution (im2col only): the same product with
+  # per-sample weights, plus each sample's [27, 27] patch covariance over 32 x 32 positions,
+  # w^T C w per channel (as C w, then a per-channel dot) and the patch mean's product with w.
+  # (A new function: jax would reuse the trace of the same one.)
+  folded = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
+  patch, width = 27, 128
+  fold_extra = 2 * (32 * 32 * patch * patch + patch * patch * width + 2 * patch * width)
+  assert folded == counted + (4 * fold_extra if conv_impl == 'im2col' else 0)
