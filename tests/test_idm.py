@@ -130,6 +130,36 @@ def test_train_members_trains_only_the_picked_valid_networks(digits):
   assert float(idm.training_accuracy(trained, 1)) == 0.0  # never trained: weight 0
 
 
+def test_train_members_trains_the_same_networks_looped_and_batched(digits):
+  net = models.get_network('ConvNetD1', 10, width=8)
+  queue = idm.init_queue(jax.random.key(0), net, (8, 8, 1), 4, 3, RECIPE.optimizer())
+  sampler = data_lib.ClassSampler.from_dataset(digits)
+  slots, mask = jnp.array([2, 0]), jnp.array([True, True])
+  trained = [
+    idm.train_members(
+      queue,
+      slots,
+      mask,
+      jax.random.key(1),
+      sampler,
+      net,
+      RECIPE,
+      steps=3,
+      mean=digits.mean,
+      std=digits.std,
+      batched=batched,
+    )
+    for batched in (False, True)
+  ]
+  for looped, vmapped in zip(*(jax.tree.leaves(q.variables) for q in trained)):
+    np.testing.assert_allclose(looped, vmapped, rtol=1e-5, atol=1e-6)
+  # Trained at all, and the accuracy counts agree (argmax can only flip on a tie).
+  assert not np.allclose(
+    jax.tree.leaves(trained[0].variables)[0], jax.tree.leaves(queue.variables)[0]
+  )
+  np.testing.assert_array_equal(trained[0].correct, trained[1].correct)
+
+
 def test_three_per_class_unit_gradients_move_rows_by_175_150_100():
   images = jnp.zeros((3, 1))
   optimizer = optax.sgd(1.0, momentum=0.5)

@@ -244,12 +244,15 @@ def train_members(
   steps: int,
   mean: tuple[float, ...],
   std: tuple[float, ...],
+  batched: bool | None = None,
 ) -> ModelQueue:
   """`steps` SGD steps (`recipe`) for each network in `slots` (where `mask`), on uniform real
   batches of `recipe.batch_size`.
 
   No augmentation; training accuracy (from the logits before each update) is added to the
-  networks' running counts.
+  networks' running counts. The networks are trained as `train.over_networks(batched=batched)`
+  says: by default a loop on CPU (0.92x the time of vmap for an IDM step at real batch 64) and
+  vmap on accelerators; the same networks either way, up to float rounding.
   """
   if steps == 0:
     return queue
@@ -271,10 +274,12 @@ def train_members(
     return variables, opt_state, correct
 
   take = lambda x: x[slots]
-  variables, opt_state, correct = jax.vmap(train_one)(
-    jax.tree_util.tree_map(take, queue.variables),
-    jax.tree_util.tree_map(take, queue.opt_state),
-    jax.random.split(key, slots.shape[0]),
+  variables, opt_state, correct = train_lib.over_networks(lambda c: train_one(*c), batched)(
+    (
+      jax.tree_util.tree_map(take, queue.variables),
+      jax.tree_util.tree_map(take, queue.opt_state),
+      jax.random.split(key, slots.shape[0]),
+    )
   )
 
   def put(stacked, new):
