@@ -84,8 +84,9 @@ def entry_instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     if match:
       op_name = _OP_NAME.search(line)
       name = op_name.group(1) if op_name else ''
-      # The enclosing jit, scan and step are the same for every op.
-      name = re.sub(r'^jit\([^)]*\)/(while/body/closed_call/)*', '', name)
+      # The enclosing jit, scan and step are the same for every op (jax 0.10 names the scan
+      # body 'while/body/closed_call/', jax 0.12 'while/body/').
+      name = re.sub(r'^jit\([^)]*\)/(while/body/(closed_call/)?)*', '', name)
       instructions[match.group(1)] = (match.group(2), match.group(3), name)
   return instructions
 
