@@ -35,9 +35,10 @@ def test_convnet_forward_matches_the_published_layer_shapes(conv_impl):
   with layers.fold_norm(False):  # the published layers: convolution, then its instance norm
     counted = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
   assert counted == 4 * (expected_convs + expected_classifier)
-  # On CPU the first norm is folded into its convolution (im2col only): the same product with
-  # per-sample weights, plus each sample's [27, 27] patch covariance over 32 x 32 positions,
-  # w^T C w per channel (as C w, then a per-channel dot) and the patch mean's product with w.
+  # On CPU the first norm is folded into its convolution (im2col and Winograd layers, not XLA's
+  # convolution): the same product with per-sample weights, plus each sample's [27, 27] patch
+  # covariance over 32 x 32 positions, w^T C w per channel (as C w, then a per-channel dot) and
+  # the patch mean's product with w.
   # (A new function: jax would reuse the trace of the same one.)
   folded = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
   patch, width = 27, 128

@@ -103,12 +103,9 @@ def test_queue_push_pop_and_capacity():
   assert sorted(np.asarray(slots)[np.asarray(mask)].tolist()) == [0, 1]
 
 
-def test_train_members_trains_only_the_picked_valid_networks(digits):
-  net = models.get_network('ConvNetD1', 10, width=8)
-  queue = idm.init_queue(jax.random.key(0), net, (8, 8, 1), 4, 3, RECIPE.optimizer())
-  sampler = data_lib.ClassSampler.from_dataset(digits)
-  slots, mask = jnp.array([2, 0, 3]), jnp.array([True, True, False])
-  trained = idm.train_members(
+def _train_members(queue, slots, mask, sampler, net, digits, **options):
+  """Three SGD steps of the picked queue members on the digits (key 1)."""
+  return idm.train_members(
     queue,
     slots,
     mask,
@@ -119,7 +116,16 @@ def test_train_members_trains_only_the_picked_valid_networks(digits):
     steps=3,
     mean=digits.mean,
     std=digits.std,
+    **options,
   )
+
+
+def test_train_members_trains_only_the_picked_valid_networks(digits):
+  net = models.get_network('ConvNetD1', 10, width=8)
+  queue = idm.init_queue(jax.random.key(0), net, (8, 8, 1), 4, 3, RECIPE.optimizer())
+  sampler = data_lib.ClassSampler.from_dataset(digits)
+  slots, mask = jnp.array([2, 0, 3]), jnp.array([True, True, False])
+  trained = _train_members(queue, slots, mask, sampler, net, digits)
   kernel = lambda q, s: np.asarray(jax.tree_util.tree_leaves(idm.member(q, s))[0])
   for slot in (0, 2):
     assert not np.allclose(kernel(trained, slot), kernel(queue, slot))
@@ -136,19 +142,7 @@ def test_train_members_trains_the_same_networks_looped_and_batched(digits):
   sampler = data_lib.ClassSampler.from_dataset(digits)
   slots, mask = jnp.array([2, 0]), jnp.array([True, True])
   trained = [
-    idm.train_members(
-      queue,
-      slots,
-      mask,
-      jax.random.key(1),
-      sampler,
-      net,
-      RECIPE,
-      steps=3,
-      mean=digits.mean,
-      std=digits.std,
-      batched=batched,
-    )
+    _train_members(queue, slots, mask, sampler, net, digits, batched=batched)
     for batched in (False, True)
   ]
   for looped, vmapped in zip(*(jax.tree.leaves(q.variables) for q in trained)):
