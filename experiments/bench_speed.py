@@ -23,10 +23,12 @@ accelerators, a loop on CPU; each network draws its own DSA ops) vs the same net
 time, on --eval_images synthetic images (default 500 = IPC 50), median of repeats.
 
 --pytorch (needs the `bench` extra: pip install -e '.[bench]'): the same steps and the same
-evaluation epoch in a straightforward PyTorch implementation of the reference code's per-class
-loops (experiments/torch_baseline.py, same shapes and work, all cores), each timed right after
-its dd_jax counterpart in this run; the table gives both and the ratio PyTorch / dd_jax. DM + IID
-uses the reference weights on both sides (the squared CC form).
+evaluation epoch (one network) in a straightforward PyTorch implementation of the reference
+code's per-class loops (experiments/torch_baseline.py, same shapes and work, all cores), called
+alternately with their dd_jax counterparts, --repeats pairs each (`timing.alternate`: on a shared
+machine the speed drifts between batches of calls); the table gives both medians and the median
+ratio PyTorch / dd_jax over the pairs, with its lowest and highest. DM + IID uses the reference
+weights on both sides (the squared CC form).
 
 --before_conv_impl=im2col: the IDM steps and the evaluation again, in the same run, with the
 networks' 'auto' convolutions traced as im2col (the CPU code before Winograd layers).
@@ -43,9 +45,10 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -205,7 +208,8 @@ def time_step(
   conv_impl: str | None = None,
   microbatch: int | None = None,
   fold_norm: bool | None = None,
-) -> dict:
+) -> tuple[dict, Callable[[], Any]]:
+  """The step's record (ms per step, FLOPs, memory) and a function that runs one more step."""
   settings = experiment.validate_config(config)
   data = loop.prepare_data(config, settings)
   with _traced_as(conv_impl, microbatch, fold_norm):
@@ -234,7 +238,7 @@ def time_step(
   record['flop_per_s'] = record['flops'] / seconds
   record['compiled_bytes'] = compiled_bytes
   record['device_peak_bytes'] = _device_peak()
-  return record
+  return record, one_step
 
 
 def time_evaluation(
@@ -242,12 +246,14 @@ def time_evaluation(
   conv_impl: str | None = None,
   microbatch: int | None = None,
   fold_norm: bool | None = None,
-) -> dict:
+) -> tuple[dict, Callable[[], Any]]:
+  """The evaluation's record and a function that trains one network for one more epoch."""
   with _traced_as(conv_impl, microbatch, fold_norm):
-    return _time_evaluation(repeats) | _variant(conv_impl, microbatch, fold_norm)
+    record, one_network_epoch = _time_evaluation(repeats)
+    return record | _variant(conv_impl, microbatch, fold_norm), one_network_epoch
 
 
-def _time_evaluation(repeats: int) -> dict:
+def _time_evaluation(repeats: int) -> tuple[dict, Callable[[], Any]]:
   net = models.get_network('ConvNet', NUM_CLASSES)
   # One epoch at a constant lr (the evaluation's own schedule trains epochs + 1).
   settings = evaluate_lib.EvalSettings(
@@ -270,23 +276,13 @@ def _time_evaluation(repeats: int) -> dict:
     'speedup': alone / together,
     'flops_per_network_epoch': flops,
     'flop_per_s_one_at_a_time': flops * _NUM_EVAL.value / alone,
-  }
+  }, lambda: train(keys[:1])
 
 
 # ------------------------------------------------------------------------- PyTorch baseline
 
 
-def _torch_median_seconds(fn, repeats):
-  fn()  # warm up (allocator, thread pool)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def time_torch_step(config, method: str, ipc: int) -> dict:
+def torch_step(config, method: str, ipc: int) -> Callable[[], float]:
   """The PyTorch baseline's step of `method` at `ipc` on random data of the bench's shapes."""
   import torch  # pylint: disable=import-outside-toplevel
   import torch_baseline  # pylint: disable=import-outside-toplevel
@@ -326,11 +322,10 @@ def time_torch_step(config, method: str, ipc: int) -> dict:
     step = lambda: torch_baseline.dm_step(
       images, optimizer, real_by_class, _BATCH_REAL.value, weights, generator
     )
-  seconds = _torch_median_seconds(step, _REPEATS.value)
-  return {'method': method, 'ipc': ipc, 'ms_per_step': 1e3 * seconds}
+  return step
 
 
-def time_torch_evaluation(repeats: int) -> dict:
+def torch_evaluation_epoch() -> Callable[[], float]:
   """One evaluation epoch of one ConvNet in the PyTorch baseline (per network-epoch)."""
   import torch  # pylint: disable=import-outside-toplevel
   import torch_baseline  # pylint: disable=import-outside-toplevel
@@ -340,10 +335,7 @@ def time_torch_evaluation(repeats: int) -> dict:
   labels = torch.arange(_EVAL_IMAGES.value) % NUM_CLASSES
   net = torch_baseline.ConvNet(IMAGE_SHAPE[2], NUM_CLASSES, image_size=IMAGE_SHAPE[0])
   optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-  seconds = _torch_median_seconds(
-    lambda: torch_baseline.evaluation_epoch(net, optimizer, images, labels, generator), repeats
-  )
-  return {'images': _EVAL_IMAGES.value, 's_per_network_epoch': seconds}
+  return lambda: torch_baseline.evaluation_epoch(net, optimizer, images, labels, generator)
 
 
 def main(argv):
@@ -353,7 +345,7 @@ def main(argv):
   results = {
     'date': time.strftime('%Y-%m-%d'),
     'device': f'{device.platform}: {device.device_kind}',
-    'host': f'{platform.machine()}, {os.cpu_count()} cores',
+    'host': f'{platform.machine()}, {timing.cpu_name()}, {os.cpu_count()} cores',
     'jax': jax.__version__,
     'batch_real': _BATCH_REAL.value,
     'syn_one_pass': _SYN_ONE_PASS.value,
@@ -371,7 +363,7 @@ def main(argv):
     for method in _METHODS.value:
       for ipc in map(int, _IPCS.value):
         config = _config(dataset_path, method, ipc)
-        record = time_step(config, method, ipc)
+        record, one_step = time_step(config, method, ipc)
         if 'flop_per_s' in record:
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
         results['steps'].append(record)
@@ -380,34 +372,49 @@ def main(argv):
         if any(value is not None for value in _before().values()) and (
           method.startswith('idm') or _BEFORE_FOLD_NORM.value is not None
         ):
-          record = time_step(config, method, ipc, **_before())
+          record, _ = time_step(config, method, ipc, **_before())
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
           results.setdefault('before_steps', []).append(record)
           print(json.dumps({'before': record}), flush=True)
         if _PYTORCH.value:
-          record = time_torch_step(config, method, ipc)
+          pair = timing.alternate(one_step, torch_step(config, method, ipc), _REPEATS.value)
+          record = {'method': method, 'ipc': ipc, **_milliseconds(pair)}
           results.setdefault('pytorch_steps', []).append(record)
           print(json.dumps({'pytorch': record}), flush=True)
   if not _SKIP_EVAL.value:
-    results['evaluation'] = time_evaluation(max(2, _REPEATS.value // 2))
+    results['evaluation'], one_network_epoch = time_evaluation(max(2, _REPEATS.value // 2))
     results['evaluation']['fraction_of_matmul'] = (
       results['evaluation']['flop_per_s_one_at_a_time'] / ceiling
     )
     print(json.dumps(results['evaluation']), flush=True)
     if any(value is not None for value in _before().values()):
-      results['before_evaluation'] = time_evaluation(max(2, _REPEATS.value // 2), **_before())
+      results['before_evaluation'], _ = time_evaluation(max(2, _REPEATS.value // 2), **_before())
       results['before_evaluation']['fraction_of_matmul'] = (
         results['before_evaluation']['flop_per_s_one_at_a_time'] / ceiling
       )
       print(json.dumps({'before': results['before_evaluation']}), flush=True)
     if _PYTORCH.value:
-      results['pytorch_evaluation'] = time_torch_evaluation(max(2, _REPEATS.value // 2))
+      pair = timing.alternate(one_network_epoch, torch_evaluation_epoch(), _REPEATS.value)
+      results['pytorch_evaluation'] = {'images': _EVAL_IMAGES.value, **pair}
       print(json.dumps({'pytorch': results['pytorch_evaluation']}), flush=True)
   with open(_OUT.value, 'w') as f:
     json.dump(results, f, indent=2)
     f.write('\n')
   print(format_table(results))
   print(f'wrote {_OUT.value}')
+
+
+def _milliseconds(pair: dict) -> dict:
+  """A step's `timing.alternate` record in the table's units."""
+  return {
+    'ms_per_step': 1e3 * pair['theirs_s'],
+    'dd_jax_ms_per_step': 1e3 * pair['ours_s'],
+    **{key: pair[key] for key in ('ratio', 'ratio_min', 'ratio_max')},
+  }
+
+
+def _ratio_text(record: dict) -> str:
+  return f'{record["ratio"]:.2f}x ({record["ratio_min"]:.2f}-{record["ratio_max"]:.2f})'
 
 
 def format_table(results: dict) -> str:
@@ -463,22 +470,22 @@ def format_table(results: dict) -> str:
       '',
       'PyTorch baseline (experiments/torch_baseline.py) on the same machine, same run:',
       '',
+      'Calls alternated, dd_jax then PyTorch; medians, and the median ratio over the pairs '
+      '(lowest - highest).',
+      '',
       '| workload | PyTorch | dd_jax | PyTorch / dd_jax |',
       '|---|---|---|---|',
     ]
-    for torch_record, record in zip(results.get('pytorch_steps', []), results['steps']):
-      theirs, ours = torch_record['ms_per_step'], record['ms_per_step']
+    for r in results.get('pytorch_steps', []):
       lines.append(
-        f'| {record["method"]} step, IPC {record["ipc"]} | {theirs:.0f} ms | {ours:.0f} ms | '
-        f'{theirs / ours:.2f}x |'
+        f'| {r["method"]} step, IPC {r["ipc"]} | {r["ms_per_step"]:.0f} ms | '
+        f'{r["dd_jax_ms_per_step"]:.0f} ms | {_ratio_text(r)} |'
       )
-    if 'pytorch_evaluation' in results and 'evaluation' in results:
-      e, torch_e = results['evaluation'], results['pytorch_evaluation']
-      ours = e['one_at_a_time_s_per_epoch'] / e['num_eval']
+    if 'pytorch_evaluation' in results:
+      r = results['pytorch_evaluation']
       lines.append(
-        f'| evaluation, {e["images"]} images, per network-epoch (one at a time) | '
-        f'{torch_e["s_per_network_epoch"]:.3f} s | {ours:.3f} s | '
-        f'{torch_e["s_per_network_epoch"] / ours:.2f}x |'
+        f'| evaluation, {r["images"]} images, per network-epoch | {r["theirs_s"]:.3f} s | '
+        f'{r["ours_s"]:.3f} s | {_ratio_text(r)} |'
       )
   return '\n'.join(lines)
 

@@ -5,6 +5,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,41 @@ def median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
+def alternate(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> dict:
+  """Times dd_jax's and PyTorch's calls alternately, so that both see the same machine.
+
+  On a shared machine the speed drifts by more than the ratio's margin between one batch of
+  calls and the next; alternating puts each pair of calls within seconds of each other.
+
+  Args:
+    ours: one dd_jax call (compiled; its result is waited for).
+    theirs: one PyTorch call (synchronous on CPU).
+    repeats: pairs of timed calls, after one untimed call of each.
+
+  Returns:
+    'ours_s' and 'theirs_s', the medians; 'ratio', the median over pairs of theirs / ours; and
+    'ratio_min', 'ratio_max' over the pairs.
+  """
+  jax.block_until_ready(ours())
+  theirs()  # warm up (allocator, thread pool)
+  ours_s, theirs_s = [], []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(ours())
+    ours_s.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    theirs()
+    theirs_s.append(time.perf_counter() - start)
+  ratios = [t / o for o, t in zip(ours_s, theirs_s)]
+  return {
+    'ours_s': statistics.median(ours_s),
+    'theirs_s': statistics.median(theirs_s),
+    'ratio': statistics.median(ratios),
+    'ratio_min': min(ratios),
+    'ratio_max': max(ratios),
+  }
+
+
 def matmul_ceiling(repeats: int) -> tuple[float, int]:
   """The best dense float32 matmul FLOP/s over a few square sizes, and that size."""
   best = (0.0, 0)
@@ -33,6 +70,18 @@ def matmul_ceiling(repeats: int) -> tuple[float, int]:
   return best
 
 
+def cpu_name() -> str:
+  """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) ...'): ratios differ between CPUs."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or '?'
+
+
 def environment() -> dict:
   """The fields every results file starts with: date, jax version, device and machine."""
   device = jax.devices()[0]
@@ -40,7 +89,7 @@ def environment() -> dict:
     'date': time.strftime('%Y-%m-%d %H:%M'),
     'jax': jax.__version__,
     'device': f'{device.platform}: {device.device_kind}',
-    'machine': f'{platform.machine()}, {platform.processor() or "?"}, {os.cpu_count()} cores',
+    'machine': f'{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores',
   }
 
 

@@ -123,6 +123,33 @@ def test_bench_train_gemms_hybrid_convolution_has_the_gradients_of_xla_convoluti
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_timing_alternate_pairs_each_call_with_the_next_one(monkeypatch):
+  # A fake clock: each call advances it by its own duration. The ratios are those of the pairs
+  # (not of the medians), the calls alternate after one untimed call of each, and a drift that
+  # slows both sides alike leaves the ratio unchanged.
+  timing = _load('timing')
+  clock, calls = [0.0], []
+  ours_durations, theirs_durations = iter([9.0, 1.0, 2.0, 4.0]), iter([9.0, 2.0, 6.0, 12.0])
+
+  def call(name, durations):
+    calls.append(name)
+    clock[0] += next(durations)
+    return jnp.zeros(())
+
+  monkeypatch.setattr(timing.time, 'perf_counter', lambda: clock[0])
+  result = timing.alternate(
+    lambda: call('ours', ours_durations), lambda: call('theirs', theirs_durations), repeats=3
+  )
+  assert calls == ['ours', 'theirs'] * 4
+  assert result == {
+    'ours_s': 2.0,
+    'theirs_s': 6.0,
+    'ratio': 3.0,
+    'ratio_min': 2.0,
+    'ratio_max': 3.0,
+  }
+
+
 def _run_script(name: str, *flags: str) -> subprocess.CompletedProcess:
   """Runs experiments/`name` with `flags` in a subprocess; asserts that it exits 0."""
   completed = subprocess.run(
