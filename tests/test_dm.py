@@ -12,6 +12,7 @@ from dd_jax import data as data_lib
 from dd_jax import extractors, losses, models
 from dd_jax import keys as keys_lib
 from dd_jax.distill import base, dm
+from dd_jax.models import layers
 
 STRATEGY = 'color_crop_cutout_scale_rotate'
 
@@ -207,6 +208,27 @@ def test_synthetic_images_in_chunks_equal_one_pass(digits):
     dm.make_dm_step(
       models.get_network('ConvNetW32', 10), _settings(syn_chunk=3), base.DataSpec.of(digits)
     )
+
+
+def test_synthetic_images_fold_their_first_norm_into_their_first_convolution(digits):
+  """With XLA's convolutions on CPU, the synthetic images (not the real ones) take the first
+  layer as `layers.conv_instance_norm`: one XLA convolution fewer in the traced step, and the
+  same step as without the fold to float rounding."""
+  net = models.get_network('ConvNetW32', digits.num_classes, conv_impl='xla')
+  outcomes = []
+  for fold in (True, False):
+    with layers.fold_norm(fold):  # acts when the step is traced
+      step, state, sampler = _setup(digits, net=net, syn_chunk=4)
+      jaxpr = str(jax.make_jaxpr(step.jitted)(*step.arguments(state, sampler)))
+      for _ in range(2):
+        state, metrics = step(state, sampler)
+    outcomes.append((jaxpr.count('conv_general_dilated'), np.asarray(state.images), dict(metrics)))
+  (folded_convs, images, metrics), (plain_convs, plain_images, plain_metrics) = outcomes
+  # Per synthetic chunk (5 of 4 images): the first convolution's forward and image gradient.
+  assert plain_convs - folded_convs == 2 * 5
+  np.testing.assert_allclose(images, plain_images, atol=2e-5)
+  for name, value in plain_metrics.items():
+    assert float(metrics[name]) == pytest.approx(float(value), rel=2e-5), name
 
 
 @pytest.mark.parametrize(

@@ -490,6 +490,8 @@ def test_folds_norm_only_on_narrow_im2col_convolutions():
   assert layers.folds_norm('winograd', (3, 3, 7, 128))  # 63 values per patch
   assert not layers.folds_norm('winograd', (3, 3, 8, 128))  # 72: the covariance costs too much
   assert not layers.folds_norm('xla', (3, 3, 3, 128))
+  assert layers.folds_norm('xla_fold', (3, 3, 3, 128))  # XLA's convolutions elsewhere
+  assert not layers.folds_norm('xla_fold', (3, 3, 8, 128))
   with layers.fold_norm(False):
     assert not layers.folds_norm('im2col', (3, 3, 3, 128))
   assert layers.folds_norm('im2col', (3, 3, 3, 128))

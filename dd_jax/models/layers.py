@@ -39,7 +39,7 @@ def torch_uniform_init(fan_in: int) -> Callable[..., jax.Array]:
   return init
 
 
-CONV_IMPLS = ('auto', 'xla', 'im2col', 'winograd')
+CONV_IMPLS = ('auto', 'xla', 'xla_fold', 'im2col', 'winograd')
 _auto_conv_impl: str | None = None  # set by `auto_conv_impl`
 
 
@@ -51,7 +51,9 @@ def resolve_conv_impl(conv_impl: str) -> str:
   12.8 s vs 0.25 s per step at 32x32). As patches + one matmul ('im2col'), the backward is a
   matmul too, and the loop penalty disappears. 'winograd' is im2col except for the 3x3 layers
   `winograd_applies` to, which take `conv2d_winograd` (2.25x fewer multiplications, 15-25% less
-  time per ConvNet training step on CPU: `experiments/bench_train_gemms.py`).
+  time per ConvNet training step on CPU: `experiments/bench_train_gemms.py`). 'xla_fold' is
+  'xla' except for the layers that `folds_norm`, which take `conv_instance_norm` (the DM step's
+  synthetic images on CPU: `dd_jax.distill.dm.make_dm_step`).
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'Unknown conv_impl {conv_impl!r}; choose one of {CONV_IMPLS}.')
@@ -186,13 +188,13 @@ def folds_norm(conv_impl: str, kernel_shape: tuple[int, ...]) -> bool:
     kernel_shape: [kh, kw, C_in, C_out].
 
   Returns:
-    True where the convolution is im2col (not Winograd, not XLA's) with at most
+    True where the convolution is im2col (not Winograd, not XLA's) or 'xla_fold', with at most
     FOLD_NORM_MAX_PATCH values per patch, unless `fold_norm(False)` is in effect.
   """
   kh, kw, c_in, _ = kernel_shape
   return (
     _fold_norm
-    and resolve_conv_impl(conv_impl) in ('im2col', 'winograd')
+    and resolve_conv_impl(conv_impl) in ('im2col', 'winograd', 'xla_fold')
     and kh * kw * c_in <= FOLD_NORM_MAX_PATCH
   )
 
@@ -380,8 +382,9 @@ class Conv(nn.Module):
     stride: spatial stride.
     padding: symmetric zero padding.
     use_bias: add a bias (initialised like the weights).
-    conv_impl: 'auto', 'xla' (lax.conv_general_dilated), 'im2col' or 'winograd' (Winograd
-      where `winograd_applies`, else im2col); see resolve_conv_impl.
+    conv_impl: 'auto', 'xla' (lax.conv_general_dilated), 'xla_fold' (the same, except where
+      `folds_norm`), 'im2col' or 'winograd' (Winograd where `winograd_applies`, else im2col);
+      see resolve_conv_impl.
   """
 
   features: int

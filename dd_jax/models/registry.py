@@ -68,6 +68,16 @@ class Network:
         f'dataset: {error}'
       ) from None
 
+  @property
+  def conv_impl(self) -> str:
+    """The convolution lowering the module was built with (one of `layers.CONV_IMPLS`)."""
+    return self.module.conv_impl
+
+  def with_conv_impl(self, conv_impl: str) -> Network:
+    """The same network (same variables) with its convolutions lowered as `conv_impl`."""
+    layers.resolve_conv_impl(conv_impl)  # validates the name
+    return dataclasses.replace(self, module=self.module.clone(conv_impl=conv_impl))
+
   def apply(self, variables: Variables, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Logits [N, K]. With `train=True` batch norm uses batch statistics (updates discarded)."""
     if train and self.has_batch_stats:
@@ -161,8 +171,8 @@ def get_network(
     name: a registry name, see `network_names()`.
     num_classes: K, the classifier width.
     conv_impl: convolution lowering, 'auto' ('winograd' on CPU, XLA's elsewhere), 'xla',
-      'im2col' or 'winograd'; see `dd_jax.models.layers.resolve_conv_impl`. Results agree to
-      float rounding.
+      'xla_fold', 'im2col' or 'winograd'; see `dd_jax.models.layers.resolve_conv_impl`. Results
+      agree to float rounding.
     **convnet_overrides: for ConvNet names only, fields overriding the preset (width, depth, act,
       norm, pooling), e.g. `get_network('ConvNet', 200, depth=4)`.
 
@@ -183,9 +193,8 @@ def get_network(
     raise ValueError(
       f'Overrides {sorted(convnet_overrides)} only apply to ConvNet networks, not {name!r}.'
     )
-  layers.resolve_conv_impl(conv_impl)  # validates the name
-  module = _BUILDERS[name](num_classes).clone(conv_impl=conv_impl, **convnet_overrides)
-  return Network(name=name, module=module)
+  module = _BUILDERS[name](num_classes).clone(**convnet_overrides)
+  return Network(name=name, module=module).with_conv_impl(conv_impl)
 
 
 def param_count(variables: Variables) -> int:
