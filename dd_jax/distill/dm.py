@@ -119,8 +119,14 @@ def make_dm_step(
     # Siamese DSA: one draw per class, shared by that class's real and synthetic images.
     class_keys = jax.random.split(keys_lib.stream(key, 'augment'), num_classes)
     augment = lambda k, x: augment_lib.augment(k, x, settings.strategy, siamese=True)
-    real = jax.lax.stop_gradient(jax.vmap(augment)(class_keys, real))
-    syn = jax.vmap(augment)(class_keys, syn)
+    if mesh is None:
+      # One class at a time: each class's `lax.switch` then runs its drawn op alone (under vmap
+      # the op index is batched, and every op of the strategy runs on every class).
+      augment_classes = lambda x: jax.lax.map(lambda pair: augment(*pair), (class_keys, x))
+    else:
+      augment_classes = lambda x: jax.vmap(augment)(class_keys, x)  # split across devices
+    real = jax.lax.stop_gradient(augment_classes(real))
+    syn = augment_classes(syn)
     syn_flat = by_class(syn.reshape(num_classes * ipc, *image_shape))
     per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])  # [K * n, ...] -> [K, n, ...]
 
