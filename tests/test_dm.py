@@ -212,8 +212,8 @@ def test_synthetic_images_in_chunks_equal_one_pass(digits):
 
 def test_synthetic_images_fold_their_first_norm_into_their_first_convolution(digits):
   """With XLA's convolutions on CPU, the synthetic images (not the real ones) take the first
-  layer as `layers.conv_instance_norm`: one XLA convolution fewer in the traced step, and the
-  same step as without the fold to float rounding."""
+  layer as `layers.conv_instance_norm`: two XLA convolutions fewer per synthetic chunk in the
+  traced step, and the same step as without the fold to float rounding."""
   net = models.get_network('ConvNetW32', digits.num_classes, conv_impl='xla')
   outcomes = []
   for fold in (True, False):

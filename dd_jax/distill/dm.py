@@ -108,7 +108,7 @@ def make_dm_step(
     # (`layers.conv_instance_norm`): their gradient skips the norm's backward pass over the
     # [N, H, W, width] map and XLA:CPU's slow image gradient of a 3-channel convolution (the
     # layer's forward and backward on 50 CIFAR images: ~0.65x the time; the DM + IID step at
-    # batch 64: ~8% less). The real images, forward only, keep XLA's convolution: faster there.
+    # batch 64: ~9% less). The real images, forward only, keep XLA's convolution: faster there.
     syn_net = net.with_conv_impl('xla_fold')
 
   def loss_fn(images, key, sampler, extractor_params):
