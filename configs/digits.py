@@ -7,7 +7,7 @@ DM 95.82 +- 0.37, DM + IID (CC calibrated rho 0.3) 95.64 +- 0.60, full training 
 
 Config string: `ipc=<n>,method=<dm|dm_iid|idm|idm_iid>,cc=<matching_net|pool>,
 iid=<default|reference>` (defaults ipc=3, method=dm_iid, cc=matching_net, iid=default).
-`iid=default` is dd_jax's scale-free CC (dd_jax.config.IID_SETTINGS), `iid=reference` the IID
+`iid=default` is dd_jax's scale-free CC (the methods' `presets`), `iid=reference` the IID
 code's CC form and weights, which hurt on these extractors. `cc=pool` runs class centralization
 on a pool of ConvNets pretrained on the digits (10 members x 10 epochs, trained in seconds and
 cached under <cache>/pools; 8x8 inputs are too small for the reference ResNet18). IDM presets use
@@ -18,6 +18,7 @@ and a CE weight of 0.05: the reference 0.5 degrades digits (measured, docs/resul
 stores 4x4 images."""
 
 from dd_jax import config as config_lib
+from dd_jax import presets
 
 
 def get_config(arg=None):
@@ -36,7 +37,7 @@ def get_config(arg=None):
   config.distill.log_every = 20
   config.distill.checkpoint_every = 100
   config.eval.epochs = 300
-  config_lib.set_method(config, args['method'], args['iid'])
+  presets.set_method(config, args['method'], args['iid'])
   config.compare.variants = config.method  # the same method without constraints
   config.compare.random_real = True
   config.compare.full_train_epochs = 20

@@ -18,14 +18,14 @@ tiny-imagenet-200`, run from its parent directory by default).
 
 DM (Zhao & Bilen, WACV 2023): 20,000 iterations, a fresh random ConvNet per step, 256 real images
 per class, image SGD lr 1.0 momentum 0.5. IDM (Zhao et al., CVPR 2023): image SGD lr 0.2, one step
-per class, model queue, the per-(dataset, IPC) settings of IDM_SETTINGS (MNIST, FashionMNIST and
-SVHN are not in the IDM paper: they take CIFAR-10's, with 256 real images per class at IPC 1). IID
-(Deng et al., CVPR 2024): CC 0.05 / CM 0.01 on DM, CC 0.01 / CM 0.03 on IDM, CC on a pool of
-pretrained networks (reference: 1000 ResNet18 x 40 epochs, built once per dataset and cached;
-`--config.pool.size` trades fidelity for time and memory). Evaluation (the reference protocol): 5
-ConvNets x 1000 (+ 1) epochs. Digit datasets drop flip from DSA; TinyImageNet (64x64) uses the
-depth-4 ConvNet. Expected GPU runtime: not yet measured (no session has had a GPU); the step's
-cost is printed by `experiments/bench_speed.py`.
+per class, model queue, the per-(dataset, IPC) settings of `dd_jax.distill.idm.PAPER_SETTINGS`
+(MNIST, FashionMNIST and SVHN are not in the IDM paper: they take CIFAR-10's, with 256 real images
+per class at IPC 1). IID (Deng et al., CVPR 2024): CC 0.05 / CM 0.01 on DM, CC 0.01 / CM 0.03 on
+IDM, CC on a pool of pretrained networks (reference: 1000 ResNet18 x 40 epochs, built once per
+dataset and cached; `--config.pool.size` trades fidelity for time and memory). Evaluation (the
+reference protocol): 5 ConvNets x 1000 (+ 1) epochs. Digit datasets drop flip from DSA; TinyImageNet
+(64x64) uses the depth-4 ConvNet. Expected GPU runtime: not yet measured (no session has had a GPU);
+the step's cost is printed by `experiments/bench_speed.py`.
 
 `budget=cpu`: one reduced budget for 2-core CPUs, the same for every method (400 iterations,
 real batch 64, 300-epoch evaluation of 3 networks; CC on the random matching network unless
@@ -45,6 +45,8 @@ MNIST, FashionMNIST and SVHN have no published DM / IDM number (the IID paper re
 """
 
 from dd_jax import config as config_lib
+from dd_jax import presets
+from dd_jax.distill import methods
 
 DATASETS = {
   'mnist': 'tfds:mnist',
@@ -59,31 +61,8 @@ DIGIT_DATASETS = (
   'fashion_mnist',
 )  # no horizontal flip in DSA (DSA, Zhao & Bilen, ICML 2021)
 IPCS = (1, 10, 50)
-METHODS = ('dm', 'dm_iid', 'idm', 'idm_iid')
+METHODS = presets.variants(('', '_iid'))  # every registered method, without and with IID
 BUDGETS = ('paper', 'cpu')
-
-# (dataset, ipc) -> IDM settings of the reference commands: ce_weight, batch_real,
-# push_every (net_generate_interval), train_steps (model_train_steps), accuracy_window (the
-# reference's eval_interval, where the running accuracies restart; IDM + IID restarts them at
-# the IID script's evaluation points instead). CIFAR-100 IPC 50 lists
-# 10-40 train steps; 10 here.
-IDM_SETTINGS = {
-  ('cifar10', 1): (0.5, 5000, 5, 10, 100),
-  ('cifar10', 10): (0.5, 256, 30, 10, 100),
-  ('cifar10', 50): (0.1, 256, 30, 10, 500),
-  ('cifar100', 1): (0.5, 500, 5, 10, 100),
-  ('cifar100', 10): (0.1, 256, 30, 50, 100),
-  ('cifar100', 50): (0.1, 256, 30, 10, 500),
-  ('tinyimagenet', 1): (0.5, 256, 30, 10, 100),
-  ('tinyimagenet', 10): (0.5, 256, 30, 10, 500),
-  ('tinyimagenet', 50): (0.8, 256, 30, 50, 1000),
-}
-# Not in the IDM paper: CIFAR-10's settings, except 256 real images per class at IPC 1 (CIFAR-10
-# takes its whole class of 5000, more than SVHN's smallest class holds).
-for _name in ('mnist', 'fashion_mnist', 'svhn'):
-  for _ipc in IPCS:
-    IDM_SETTINGS[(_name, _ipc)] = IDM_SETTINGS[('cifar10', _ipc)]
-  IDM_SETTINGS[(_name, 1)] = (0.5, 256, 5, 10, 100)
 
 
 def _choose(args: dict, field: str, choices: tuple) -> None:
@@ -104,25 +83,17 @@ def get_config(arg=None):
   config = config_lib.default_config()
   config.dataset.name = DATASETS[dataset]
   config.ipc = ipc
-  config_lib.set_method(config, method, args['iid'])
+  presets.set_method(config, method, args['iid'])
   if dataset in DIGIT_DATASETS:
     config.augment.strategy = 'color_crop_cutout_scale_rotate'
     config.eval.augment_strategy = 'color_crop_cutout_scale_rotate'
   if dataset == 'tinyimagenet':  # 64x64: the depth-4 ConvNet of the references
     config.model.name = 'ConvNetD4'
     config.eval.model = 'ConvNetD4'
-  if method.startswith('idm'):
-    (
-      config.idm.ce_weight,
-      config.distill.batch_real,
-      config.idm.push_every,
-      config.idm.train_steps,
-      config.idm.accuracy_window,
-    ) = IDM_SETTINGS[(dataset, ipc)]
-  if method.endswith('_iid'):
+  with_iid = method.endswith('_iid')
+  methods.get(config.method).paper_preset(config, dataset, ipc, with_iid)
+  if with_iid:
     config.constraints.cc.extractor = 'pool'  # the reference: a pretrained ResNet18 pool
-    # The IID paper's IDM script restarts the class-aware accuracies at its evaluation points.
-    config.idm.accuracy_restarts = '2000,5000,10000,20000'
   if args['budget'] == 'cpu':
     config_lib.set_cpu_budget(config)
     config.constraints.cc.extractor = 'matching_net'

@@ -6,6 +6,8 @@ Library entry points (pure, jit/vmap/grad-safe):
   from dd_jax import augment     # DSA: augment(key, images, strategy, siamese=...)
   from dd_jax import data        # load_dataset(spec), ClassSampler, sample_all_classes
   from dd_jax.distill import methods, dm, idm   # the registered methods and their steps
+  from dd_jax import lowering    # resolve('auto'): the platform's programs, passed explicitly
+  from dd_jax import run         # run(config, workdir): a resumable distillation run
 `import dd_jax` alone also reaches them (`dd_jax.losses`), imported on first use so that
 `import dd_jax` stays cheap.
 Runs: `python -m dd_jax.main --config=configs/digits.py --workdir=/tmp/dd_digits`.
@@ -23,11 +25,14 @@ _PUBLIC_MODULES = (
   'models',
   'augment',
   'data',
+  'lowering',
   'extractors',
   'evaluate',
   'distill',
-  'compare',
+  'presets',
   'experiment',
+  'run',
+  'compare',
   'grid',
   'report',
 )

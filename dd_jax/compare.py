@@ -17,13 +17,12 @@ from typing import Any
 
 import ml_collections
 
-from dd_jax import config as config_lib
 from dd_jax import data as data_lib
-from dd_jax import experiment, stats
+from dd_jax import experiment, presets, stats
 from dd_jax import keys as keys_lib
+from dd_jax import run as run_lib
 from dd_jax import train as train_lib
 from dd_jax import workdir as workdir_lib
-from dd_jax.distill import loop
 
 
 def baseline_settings(config: ml_collections.ConfigDict, **extra: Any) -> dict[str, Any]:
@@ -65,31 +64,36 @@ def _cached(path: str, settings: dict[str, Any], compute) -> dict[str, Any]:
 
 
 def evaluate_random_real(
-  config: ml_collections.ConfigDict,
-  settings: experiment.ExperimentSettings,
-  data: loop.PreparedData,
+  settings: experiment.ExperimentSettings, data: run_lib.PreparedData
 ) -> dict[str, Any]:
-  """The random-real-subset baseline: `config.ipc` real images per class, same protocol.
+  """The random-real-subset baseline: `ipc` real images per class, same protocol.
 
   The subset is the one DM's `distill.init='real'` starts from (same seed), so the row shows what
   distillation adds to its own initialisation.
   """
-  dataset = data.dataset
+  dataset, ipc = data.dataset, settings.distill.ipc
   indices = data_lib.random_real_subset(
-    keys_lib.run_key(config.seed, 'init'), dataset.train_labels, config.ipc
+    keys_lib.run_key(settings.seed, 'init'), dataset.train_labels, ipc
   )
-  print(f'Evaluating a random real subset ({config.ipc} per class).', flush=True)
-  return loop.evaluate_images(
+  print(f'Evaluating a random real subset ({ipc} per class).', flush=True)
+  return run_lib.evaluate_images(
     settings.eval,
+    settings.lowering,
     data,
     dataset.normalize(dataset.train_images[indices]),
     dataset.train_labels[indices],
-    keys_lib.run_key(config.seed, 'evaluate'),
+    keys_lib.run_key(settings.seed, 'evaluate'),
   )
 
 
-def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run_with_baselines(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  settings: experiment.ExperimentSettings | None = None,
+) -> dict[str, Any]:
   """Runs the config, its comparison variants and baselines.
+
+  Every run's config is validated once (`settings`: the config's, if the caller has them).
 
   Returns:
     {'table': the markdown table (also printed and written to workdir/table.md),
@@ -97,33 +101,33 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
      'test', or 'validation' with config.dataset.validation_fraction > 0), the run last but for
      the full-training-set row}.
   """
-  settings = experiment.validate_config(config)
-  data = loop.prepare_data(config, settings)  # data, labels and networks checked: nothing written
+  settings = settings or experiment.validate_config(config)
+  data = run_lib.prepare_data(settings)  # data, labels and networks checked: nothing written
   compare_dir = os.path.join(workdir, 'compare')
   # Every run's workdir is checked (writable, no other config inside) before any work: the main
   # run first, so that a changed config names the whole workdir rather than one variant's.
-  runs = [(workdir, config)] + [
-    (os.path.join(compare_dir, variant), config_lib.variant_config(config, variant))
-    for variant in settings.compare.variants
+  variants = [
+    (variant, presets.variant_config(config, variant)) for variant in settings.compare.variants
   ]
-  for run_dir, run_config in runs:
+  runs = [(workdir, config, settings)] + [
+    (os.path.join(compare_dir, variant), derived, experiment.validate_config(derived))
+    for variant, derived in variants
+  ]
+  for run_dir, run_config, _ in runs:
     workdir_lib.check_writable(run_dir)
     workdir_lib.check_config(run_dir, run_config)
   unfinished = [
-    (run_dir, run_config)
-    for run_dir, run_config in runs
+    run_settings
+    for run_dir, _, run_settings in runs
     if not os.path.exists(os.path.join(run_dir, 'results.json'))
   ]
-  loop.check_free_space(
+  run_lib.check_free_space(
     workdir,
-    sum(
-      loop.disk_needed(run_config, experiment.validate_config(run_config), data)
-      for _, run_config in unfinished
-    ),
+    sum(run_lib.disk_needed(run_settings, data) for run_settings in unfinished),
     what=f'the {len(unfinished)} unfinished run(s) of this comparison',
   )
   if settings.uses_pool:  # a pool built for other data is refused (or the pool built) up front
-    loop.centralization_extractor(config, settings, data)
+    run_lib.centralization_extractor(settings, data)
   dataset = data.dataset
   rows = []  # (label, evaluation)
 
@@ -134,19 +138,18 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _cached(
           os.path.join(compare_dir, 'random_real.json'),
           baseline_settings(config),
-          lambda: evaluate_random_real(config, settings, data),
+          lambda: evaluate_random_real(settings, data),
         ),
       )
     )
 
-  for variant in settings.compare.variants:
-    derived = config_lib.variant_config(config, variant)
-    print(f'--- variant {variant}: {config_lib.method_label(derived)} ---', flush=True)
-    results = loop.run(derived, os.path.join(compare_dir, variant), data)
-    rows.append((config_lib.method_label(derived), results['eval']))
+  for (variant, derived), (run_dir, _, run_settings) in zip(variants, runs[1:]):
+    print(f'--- variant {variant}: {presets.method_label(derived)} ---', flush=True)
+    results = run_lib.run(derived, run_dir, data, run_settings)
+    rows.append((presets.method_label(derived), results['eval']))
 
-  print(f'--- {config_lib.method_label(config)} ---', flush=True)
-  rows.append((config_lib.method_label(config), loop.run(config, workdir, data)['eval']))
+  print(f'--- {presets.method_label(config)} ---', flush=True)
+  rows.append((presets.method_label(config), run_lib.run(config, workdir, data, settings)['eval']))
 
   if config.compare.full_train_epochs:
 
@@ -161,12 +164,13 @@ def run_with_baselines(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f'{full.epochs} epochs).',
         flush=True,
       )
-      return loop.evaluate_images(
+      return run_lib.evaluate_images(
         full,
+        settings.lowering,
         data,
         dataset.normalize(dataset.train_images),
         dataset.train_labels,
-        keys_lib.run_key(config.seed, 'evaluate'),
+        keys_lib.run_key(settings.seed, 'evaluate'),
       )
 
     rows.append(

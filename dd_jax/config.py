@@ -5,7 +5,8 @@ may want to ablate is a named field here (never a literal in method code). Overr
 the command line: `--config.constraints.cm.weight=0`. The fields are checked (each naming itself
 and the fix) when `dd_jax.experiment.validate_config` builds the settings objects from them.
 
-This module imports no other part of dd_jax, so config files stay cheap to load.
+This module imports no other part of dd_jax; what presets derive from the registered methods
+(method variants, IID settings, labels) is `dd_jax.presets`.
 """
 
 from __future__ import annotations
@@ -15,47 +16,10 @@ import inspect
 import io
 import tokenize
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
-
-
-class IIDSetting(NamedTuple):
-  """The constraints of an IID variant: CC's form, weight and tau (threshold form), CM's weight."""
-
-  cc_form: str
-  cc_weight: float
-  cc_tau: float
-  cm_weight: float
-
-
-# Named IID settings of each method (config strings: iid=<name>).
-# 'reference': the reference code's (Deng et al., CVPR 2024): CC 'squared' at a weight that belongs
-#   to a pretrained ResNet18 pool's 512-d features; on any other extractor it outweighs DM.
-# 'default': dd_jax's, chosen on validation data (experiments/results/iid_scale_free.md): DM takes
-#   the scale-free 'calibrated' CC form; IDM keeps the reference until measured.
-IID_SETTINGS = {
-  'reference': {
-    'dm': IIDSetting('squared', 0.05, 1.0, 0.01),
-    'idm': IIDSetting('squared', 0.01, 1.0, 0.03),
-  },
-  'default': {
-    'dm': IIDSetting('calibrated', 0.3, 1.0, 0.01),
-    'idm': IIDSetting('squared', 0.01, 1.0, 0.03),
-  },
-}
-METHODS = ('dm', 'idm')
-# The reference image learning rate (SGD, momentum 0.5) of each method.
-IMAGE_LR = {'dm': 1.0, 'idm': 0.2}
-# A variant name is a method name plus one of these suffixes: which constraints it uses.
-CONSTRAINT_SUFFIXES = {
-  '': (False, False),
-  '_cc': (True, False),
-  '_cm': (False, True),
-  '_iid': (True, True),
-}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -65,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict()
   config.seed = 0  # the run's seed: every random stream (dd_jax.keys) derives from it
-  config.method = 'dm'  # dm | idm (dd_jax.distill.methods; presets in configs/paper.py)
+  config.method = 'dm'  # a registered method: `python -m dd_jax.info` lists them
   config.ipc = 10  # synthetic images per class
 
   config.dataset = ml_collections.ConfigDict()
@@ -195,6 +159,17 @@ def default_config() -> ml_collections.ConfigDict:
   # but correlates the networks and understates the std).
   config.eval.share_augment_op = False
 
+  # How the computations are lowered (dd_jax.lowering; the numbers do not depend on it beyond
+  # float rounding): 'auto' (the backend's), 'cpu' (Winograd / im2col convolutions in training
+  # loops, folded first norms, micro-batched SGD steps, looped networks) or 'accelerator' (XLA's
+  # convolutions, vmapped networks and classes, whole batches).
+  config.compute = ml_collections.ConfigDict()
+  config.compute.lowering = 'auto'
+  # float32 matmul / convolution precision: 'auto' (accelerator: tensorfloat32; CPU: exact),
+  # 'default' (the platform's: TF32 on recent GPUs, one bfloat16 pass on TPUs), 'tensorfloat32',
+  # 'float32'.
+  config.compute.precision = 'auto'
+
   # Baselines run and tabulated next to the configured method (see dd_jax.compare).
   config.compare = ml_collections.ConfigDict()
   # Comma-separated constraint variants of config.method: dm, dm_cc, dm_cm, dm_iid (or idm,
@@ -230,119 +205,6 @@ def field_docs() -> dict[str, str]:
     inline = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
     docs[name.removeprefix('config.')] = ' '.join(above + inline)
   return docs
-
-
-def split_variant(name: str) -> tuple[str, bool, bool]:
-  """'dm_iid' -> ('dm', True, True): the method and whether CC and CM are on.
-
-  Raises:
-    ValueError: not a method name (of METHODS) plus '', '_cc', '_cm' or '_iid'.
-  """
-  for method in METHODS:
-    for suffix, (cc_on, cm_on) in CONSTRAINT_SUFFIXES.items():
-      if name == method + suffix:
-        return method, cc_on, cm_on
-  valid = [m + suffix for m in METHODS for suffix in CONSTRAINT_SUFFIXES]
-  raise ValueError(f'{name!r} is not a method variant; choose one of {valid}.')
-
-
-def iid_setting(method: str, iid: str) -> IIDSetting:
-  """The IID setting named `iid` ('default' or 'reference') of `method`."""
-  if iid not in IID_SETTINGS:
-    raise ValueError(f'iid={iid!r}: choose one of {sorted(IID_SETTINGS)}.')
-  return IID_SETTINGS[iid][method]
-
-
-def _set_constraints(
-  config: ml_collections.ConfigDict, cc_on: bool, cm_on: bool, setting: IIDSetting
-) -> None:
-  cc = config.constraints.cc
-  if cc_on:
-    cc.form, cc.weight, cc.tau = setting.cc_form, setting.cc_weight, setting.cc_tau
-  else:
-    cc.weight = 0.0
-  config.constraints.cm.weight = setting.cm_weight if cm_on else 0.0
-
-
-def set_method(config: ml_collections.ConfigDict, name: str, iid: str = 'default') -> None:
-  """Sets a preset's method: 'dm', 'dm_iid', 'idm', 'idm_iid' (or '_cc' / '_cm' variants).
-
-  The image lr is the method's reference (IMAGE_LR: DM 1.0, IDM 0.2); the constraints in use
-  take the method's IID setting named `iid` (IID_SETTINGS), the others are zeroed.
-  """
-  method, cc_on, cm_on = split_variant(name)
-  config.method = method
-  config.distill.lr = IMAGE_LR[method]
-  _set_constraints(config, cc_on, cm_on, iid_setting(method, iid))
-
-
-def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """A copy of `config` with the constraints of variant `name` of its own method.
-
-  A term the variant uses keeps the config's setting (CC form, weight and tau; CM weight), or
-  takes the method's default IID setting if the config has it at 0 (so 'dm_iid' of a plain-DM
-  config is the default DM + IID); the others are zeroed. The copy runs no comparison of its own.
-
-  Raises:
-    ValueError: `name` is not a variant of `config.method`.
-  """
-  valid = [config.method + suffix for suffix in CONSTRAINT_SUFFIXES]
-  if name not in valid:
-    raise ValueError(
-      f'config.compare.variants: {name!r} is not a variant of a '
-      f'method={config.method!r} config; choose from {valid}.'
-    )
-  _, cc_on, cm_on = split_variant(name)
-  default = iid_setting(config.method, 'default')
-  cc = config.constraints.cc
-  configured = IIDSetting(
-    cc.form if cc.weight else default.cc_form,
-    cc.weight or default.cc_weight,
-    cc.tau if cc.weight else default.cc_tau,
-    config.constraints.cm.weight or default.cm_weight,
-  )
-  derived = config.copy_and_resolve_references()
-  with derived.unlocked():
-    _set_constraints(derived, cc_on, cm_on, configured)
-    derived.compare.variants = ''
-    derived.compare.random_real = False
-    derived.compare.full_train_epochs = 0
-  return derived
-
-
-def method_label(config: ml_collections.ConfigDict) -> str:
-  """The table's name of a config's method, from the method and its constraints.
-
-  E.g. 'DM', 'DM + CM', 'DM + IID (reference)' (the reference code's weights and CC form),
-  'DM + IID (CC relative 0.1)', 'DM + IID (CC threshold 0.1 tau 1)', 'DM + IID (CC calibrated
-  rho 0.1, CM 0.02)', 'DM + CC (CC on pool: 10 ConvNet x 10 ep)'.
-  """
-  cc, cm = config.constraints.cc, config.constraints.cm
-  cc_on, cm_on = cc.weight > 0, cm.weight > 0
-  suffix = {
-    (False, False): '',
-    (True, False): ' + CC',
-    (False, True): ' + CM',
-    (True, True): ' + IID',
-  }
-  label = config.method.upper() + suffix[cc_on, cm_on]
-  reference = iid_setting(config.method, 'reference')
-  reference_cc, reference_cm = reference.cc_weight, reference.cm_weight
-  details = []
-  if cc_on and not (cc.form == reference.cc_form and cc.weight == reference_cc):
-    if cc.form == 'calibrated':
-      details.append(f'CC calibrated rho {cc.weight:g}')
-    else:
-      details.append(
-        f'CC {cc.form} {cc.weight:g}' + (f' tau {cc.tau:g}' if cc.form == 'threshold' else '')
-      )
-  if cm_on and cm.weight != reference_cm:
-    details.append(f'CM {cm.weight:g}')
-  if cc_on and cm_on and not details:
-    details.append('reference')
-  if cc_on and cc.extractor == 'pool':
-    details.append(f'CC on pool: {config.pool.size} {config.pool.model} x {config.pool.epochs} ep')
-  return label + (f' ({", ".join(details)})' if details else '')
 
 
 def set_cpu_budget(config: ml_collections.ConfigDict) -> None:

@@ -29,6 +29,7 @@ from dd_jax import augment as augment_lib
 from dd_jax import models, stats
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
+from dd_jax.lowering import Lowering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +80,21 @@ class EvalSettings(settings_lib.Settings):
     )
 
 
-@functools.partial(jax.jit, static_argnames=('net', 'settings'))
-def _train_and_test(key, images, labels, test_images, test_labels, net, settings):
+@functools.partial(jax.jit, static_argnames=('net', 'settings', 'lowering'))
+def _train_and_test(key, images, labels, test_images, test_labels, net, settings, lowering):
   net_keys = jax.random.split(jax.random.fold_in(key, 0), settings.num_eval)
   shared_op_key = jax.random.fold_in(key, 1) if settings.share_augment_op else None
-  variables = train_lib.train_networks(
-    net_keys, images, labels, net, settings.train_settings(), shared_op_key=shared_op_key
-  )
-  return train_lib.accuracies(variables, net, test_images, test_labels, settings.test_batch_size)
+  with lowering.precision_scope():
+    variables = train_lib.train_networks(
+      net_keys,
+      images,
+      labels,
+      net,
+      settings.train_settings(),
+      lowering,
+      shared_op_key=shared_op_key,
+    )
+    return train_lib.accuracies(variables, net, test_images, test_labels, settings.test_batch_size)
 
 
 def evaluate_set(
@@ -96,7 +104,8 @@ def evaluate_set(
   test_images: jax.Array,
   test_labels: jax.Array,
   num_classes: int,
-  settings: EvalSettings = EvalSettings(),
+  settings: EvalSettings,
+  lowering: Lowering,
 ) -> np.ndarray:
   """Trains `settings.num_eval` fresh networks on (images, labels) and tests them.
 
@@ -108,11 +117,12 @@ def evaluate_set(
     test_labels: [M] int labels.
     num_classes: K.
     settings: the protocol's hyper-parameters.
+    lowering: how the networks are computed and trained together (`dd_jax.lowering`).
 
   Returns:
     [num_eval] test accuracies in percent, one per network.
   """
-  net = models.get_network(settings.model, num_classes)
+  net = models.get_network(settings.model, num_classes, conv=lowering.train_conv)
   accuracies = _train_and_test(
     key,
     jnp.asarray(images, jnp.float32),
@@ -121,6 +131,7 @@ def evaluate_set(
     jnp.asarray(test_labels, jnp.int32),
     net,
     settings,
+    lowering,
   )
   return np.asarray(accuracies) * 100.0
 
@@ -133,7 +144,8 @@ def cross_architecture(
   test_labels: jax.Array,
   num_classes: int,
   architectures: tuple[str, ...],
-  settings: EvalSettings = EvalSettings(),
+  settings: EvalSettings,
+  lowering: Lowering,
   reference: str = 'ConvNet',
 ) -> dict[str, Any]:
   """The evaluation protocol on several architectures, and the largest drop from `reference`.
@@ -143,6 +155,7 @@ def cross_architecture(
     images, labels, test_images, test_labels, num_classes: as `evaluate_set`.
     architectures: registry names, e.g. ('ConvNet', 'AlexNet', 'VGG11', 'ResNet18').
     settings: the protocol; its `model` field is replaced by each architecture.
+    lowering: as `evaluate_set`.
     reference: the architecture drops are measured from (included if missing).
 
   Returns:
@@ -163,6 +176,7 @@ def cross_architecture(
         test_labels,
         num_classes,
         dataclasses.replace(settings, model=name),
+        lowering,
       )
     except ValueError as error:
       results[name] = {'error': str(error)}

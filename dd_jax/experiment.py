@@ -1,7 +1,8 @@
 """One path from a config to the settings of every part of a run, checked before any work.
 
     settings = validate_config(config)     # raises ValueError naming config.<section>.<field>
-    settings.method, settings.distill, settings.eval, settings.pool, settings.compare
+    settings.seed, settings.dataset, settings.method, settings.distill, settings.eval,
+    settings.pool, settings.compare, settings.lowering
 
 Each settings object is built by its own class from its config section (`dd_jax.settings`), so
 its range checks live beside its fields and no field is listed twice. Dataset-dependent checks
@@ -14,9 +15,11 @@ import dataclasses
 
 import ml_collections
 
-from dd_jax import config as config_lib
+from dd_jax import data as data_lib
 from dd_jax import evaluate as evaluate_lib
+from dd_jax import lowering as lowering_lib
 from dd_jax import pool as pool_lib
+from dd_jax import presets
 from dd_jax import settings as settings_lib
 from dd_jax.distill import base, methods
 from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
@@ -42,7 +45,7 @@ class CompareSettings(settings_lib.Settings):
   def from_config(cls, config: ml_collections.ConfigDict) -> CompareSettings:
     variants = tuple(filter(None, config.compare.variants.split(',')))
     for variant in variants:
-      config_lib.variant_config(config, variant)  # raises for a variant of another method
+      presets.variant_config(config, variant)  # raises for a variant of another method
     return settings_lib.from_section(cls, config.compare, 'compare', variants=variants)
 
 
@@ -51,18 +54,24 @@ class ExperimentSettings:
   """The checked settings of a run.
 
   Attributes:
+    seed: the run's seed (config.seed): every random stream derives from it.
+    dataset: the data.
     method: the registered method of config.method.
     distill: its settings (`base.DistillSettings` or the method's subclass).
     eval: the evaluation protocol.
-    pool: the pretrained pool of class centralization.
+    pool: the pretrained pool of class centralization, with its directory.
     compare: the baselines.
+    lowering: the platform's programs (config.compute), resolved once.
   """
 
+  seed: int
+  dataset: data_lib.DatasetSettings
   method: base.Method
   distill: base.DistillSettings
   eval: evaluate_lib.EvalSettings
   pool: pool_lib.PoolSettings
   compare: CompareSettings
+  lowering: lowering_lib.Lowering
 
   @property
   def uses_pool(self) -> bool:
@@ -76,17 +85,17 @@ def validate_config(config: ml_collections.ConfigDict) -> ExperimentSettings:
   Raises:
     ValueError: the first bad field, named `config.<section>.<field>`, with the fix.
   """
-  fraction = config.dataset.validation_fraction
-  if not 0.0 <= fraction < 1.0:
-    raise ValueError(
-      f'config.dataset.validation_fraction={fraction!r} must lie in [0, 1): the fraction of '
-      'each class held out for validation (e.g. 0.1), or 0 to evaluate on the test set.'
-    )
+  if not isinstance(config.seed, int) or config.seed < 0:
+    raise ValueError(f'config.seed={config.seed!r} must be an integer >= 0.')
+  dataset = data_lib.DatasetSettings.from_config(config)
   method = methods.get(config.method)
   return ExperimentSettings(
+    seed=config.seed,
+    dataset=dataset,
     method=method,
     distill=method.settings(config),
     eval=evaluate_lib.EvalSettings.from_config(config),
-    pool=pool_lib.PoolSettings.from_config(config),
+    pool=pool_lib.PoolSettings.from_config(config, dataset),
     compare=CompareSettings.from_config(config),
+    lowering=lowering_lib.resolve(config.compute.lowering, config.compute.precision),
   )

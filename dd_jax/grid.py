@@ -92,8 +92,10 @@ def read_grid(path: str, extra: str = '') -> list[GridRun]:
   return [parse_run(f'{line} {extra}') for line in lines if line]
 
 
-def load_config(run: GridRun, base_dir: str = '.') -> ml_collections.ConfigDict:
-  """The validated config of a run (its config file is relative to `base_dir`).
+def load_config(
+  run: GridRun, base_dir: str = '.'
+) -> tuple[ml_collections.ConfigDict, experiment.ExperimentSettings]:
+  """The config of a run and its settings (its config file is relative to `base_dir`).
 
   Raises:
     ValueError: a missing config file, an unknown field or a value of the wrong type, or an
@@ -107,10 +109,9 @@ def load_config(run: GridRun, base_dir: str = '.') -> ml_collections.ConfigDict:
     config_arg, [f'--config.{field}={value}' for field, value in run.overrides]
   )
   try:
-    experiment.validate_config(config)
+    return config, experiment.validate_config(config)
   except ValueError as error:
     raise ValueError(f'{run.spec}: {error}') from None
-  return config
 
 
 def run_grid(
@@ -150,7 +151,8 @@ def run_grid(
     log(f'grid [{index + 1}/{len(runs)}] {run.name}: {run.spec}')
     start = time.perf_counter()
     workdir = os.path.join(root, run.name)
-    rows = compare.run_with_baselines(configs[run.name], workdir)['rows']
+    config, settings = configs[run.name]
+    rows = compare.run_with_baselines(config, workdir, settings)['rows']
     record = {
       'name': run.name,
       'spec': run.spec,

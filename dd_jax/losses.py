@@ -1,4 +1,5 @@
-"""Distribution-matching losses: DM mean matching and the IID constraints (Deng et al., CVPR 2024).
+"""Distribution-matching losses: the matching terms (DM's mean matching) and the IID constraints
+(Deng et al., CVPR 2024).
 
 Pure functions of arrays, safe under `jax.jit`, `jax.vmap` and `jax.grad`. Every loss is a *sum*
 (over feature dimensions, matrix entries and samples), never a mean, so the reference learning
@@ -6,7 +7,8 @@ rates apply unchanged. Real-side inputs are wrapped in `stop_gradient`: the real
 data, only the synthetic images are optimised.
 
 Per-class functions take one class's arrays; `classwise_objective` vmaps the combined objective
-over a leading class axis and sums the classes.
+over a leading class axis and sums the classes. The objective's distribution term is an argument
+(a `MatchFn`: DM's `mean_matching` by default); the constraints act on top of any of them.
 
 Shapes: N real or synthetic samples of one class, D flattened feature size, NHWC feature maps
 [N, H, W, C] (C channels at P = H * W spatial positions).
@@ -14,10 +16,15 @@ Shapes: N real or synthetic samples of one class, D flattened feature size, NHWC
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+# A matching term of one class: (real_features [N_real, D], syn_features [N_syn, D]) -> scalar,
+# with no gradient into the real features.
+MatchFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 GROUPINGS = ('channel', 'channel_row')
 CC_FORMS = ('squared', 'exp', 'relative', 'threshold', 'calibrated')
@@ -160,10 +167,11 @@ def class_centralization(
 
 
 class ObjectiveWeights(NamedTuple):
-  """Weights and options of the objective L = DM + cc * CC + cm * CM (Deng et al., CVPR 2024).
+  """Weights and options of the objective L = match + cc * CC + cm * CM (Deng et al., CVPR 2024).
 
-  The default is plain DM (both weights 0); `reference_iid()` gives the reference IID weights.
-  For cc_form='calibrated', `cc` is the fraction rho of the DM term that CC contributes.
+  The default is the matching term alone (both weights 0); `reference_iid()` gives the reference
+  IID weights. For cc_form='calibrated', `cc` is the fraction rho of the matching term that CC
+  contributes.
   """
 
   cc: float = 0.0
@@ -186,10 +194,11 @@ class ObjectiveWeights(NamedTuple):
 
 
 class LossTerms(NamedTuple):
-  """Unweighted loss terms and the weighted total (all scalars)."""
+  """Unweighted loss terms and the weighted total (all scalars); `match` is the method's
+  distribution term (DM: mean matching)."""
 
   total: jax.Array
-  dm: jax.Array
+  match: jax.Array
   cc: jax.Array
   cm: jax.Array
 
@@ -202,8 +211,9 @@ def class_objective(
   weights: ObjectiveWeights = ObjectiveWeights(),
   cc_features: jax.Array | None = None,
   cc_real_features: jax.Array | None = None,
+  match: MatchFn = mean_matching,
 ) -> LossTerms:
-  """The DM + IID objective of one class.
+  """A matching term plus the IID constraints, for one class.
 
   Args:
     real_features: [N_real, D] matching-network features of the augmented real batch.
@@ -216,18 +226,20 @@ def class_objective(
       extractor's; None: the matching network's own (`syn_features`).
     cc_real_features: [N_real, D'] the real batch under the same extractor, for the forms that
       measure in units of the real spread; None with `cc_features` None: `real_features`.
+    match: the distribution term of (real_features, syn_features) (a `MatchFn`; default DM's
+      `mean_matching`).
 
   Returns:
-    LossTerms with total = dm + weights.cc * cc + weights.cm * cm, cc the form's value. For the
-    'calibrated' form the weight is weights.cc * stop_gradient(dm / cc), recomputed every step:
-    CC contributes exactly the fraction weights.cc of this step's DM term whatever the
-    extractor's scale, and no state is carried (a resumed run computes the same), while its
+    LossTerms with total = match + weights.cc * cc + weights.cm * cm, cc the form's value. For
+    the 'calibrated' form the weight is weights.cc * stop_gradient(match / cc), recomputed every
+    step: CC contributes exactly the fraction weights.cc of this step's matching term whatever
+    the extractor's scale, and no state is carried (a resumed run computes the same), while its
     gradient still pulls samples towards their class mean.
   """
   if cc_features is None:
     cc_features, cc_real_features = syn_features, real_features
-  dm = mean_matching(real_features, syn_features)
-  zero = jnp.zeros((), dm.dtype)
+  matched = match(real_features, syn_features)
+  zero = jnp.zeros((), matched.dtype)
   cm = covariance_matching(real_map, syn_map, weights.cm_grouping) if weights.cm else zero
   cc = (
     class_centralization(
@@ -245,9 +257,9 @@ def class_objective(
   if weights.cc_form == 'calibrated' and weights.cc:
     # cc = 0 (one sample per class): no centralization to weigh, and no inf * 0.
     positive = cc > 0
-    ratio = jnp.where(positive, dm / jnp.where(positive, cc, 1.0), 0.0)
+    ratio = jnp.where(positive, matched / jnp.where(positive, cc, 1.0), 0.0)
     cc_weight = weights.cc * jax.lax.stop_gradient(ratio)
-  return LossTerms(total=dm + cc_weight * cc + weights.cm * cm, dm=dm, cc=cc, cm=cm)
+  return LossTerms(total=matched + cc_weight * cc + weights.cm * cm, match=matched, cc=cc, cm=cm)
 
 
 def by_class(x: jax.Array, num_classes: int) -> jax.Array:
@@ -274,6 +286,7 @@ def classwise_objective(
   weights: ObjectiveWeights = ObjectiveWeights(),
   cc_features: jax.Array | None = None,
   cc_real_features: jax.Array | None = None,
+  match: MatchFn = mean_matching,
 ) -> LossTerms:
   """`class_objective` for all classes at once (vmap over a leading class axis), summed.
 
@@ -283,7 +296,7 @@ def classwise_objective(
   Returns:
     LossTerms, each term summed over the K classes.
   """
-  per_class = jax.vmap(lambda *arrays: class_objective(*arrays[:4], weights, *arrays[4:]))(
-    real_features, real_map, syn_features, syn_map, cc_features, cc_real_features
-  )
+  per_class = jax.vmap(
+    lambda *arrays: class_objective(*arrays[:4], weights, *arrays[4:], match=match)
+  )(real_features, real_map, syn_features, syn_map, cc_features, cc_real_features)
   return jax.tree_util.tree_map(jnp.sum, per_class)

@@ -22,8 +22,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dd_jax import compare, sharding
-from dd_jax.distill import loop
+from dd_jax import compare, guards, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Experiment config file (get_config).', lock_config=True
@@ -46,7 +45,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 # What a run refuses with: a config, data or workdir problem (ValueError and its subclasses,
 # e.g. dd_jax.data.DataError; OSError, e.g. too little disk) or a diverging optimiser. Anything
 # else is a bug: full traceback.
-REFUSALS = (ValueError, OSError, FloatingPointError, loop.DivergenceError)
+REFUSALS = (ValueError, OSError, FloatingPointError, guards.DivergenceError)
 INTERRUPTED = 'Interrupted. Rerun the same command to resume from the last checkpoint.'
 
 

@@ -1,6 +1,6 @@
 """The pretrained feature pool of class centralization: build once, store, reuse.
 
-    pool = get_or_train_pool(config, dataset)        # loads <pool dir> or trains and saves it
+    pool = get_or_train_pool(settings, dataset, lowering)  # loads settings.directory or trains
     extractor = extractors.pool_extractor(pool)      # draws members for a distillation step
 
 The reference (Deng et al., CVPR 2024) pretrains 1000 ResNet18 (instance norm) on the real
@@ -9,7 +9,8 @@ constant lr, no augmentation) and draws one member at random every distillation 
 class centralization acts on its pooled features (`embed`). Drawing is `dd_jax.extractors`'.
 
 Member i is trained from its own key fold_in(key(seed), i) alone, so the members do not depend
-on how many are trained together (`parallel`; see train.over_networks) beyond float rounding.
+on how many are trained together (`parallel`; see train.over_networks) or on the lowering beyond
+float rounding.
 
 Layout of a pool directory:
 
@@ -45,6 +46,7 @@ from dd_jax import models
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax import workdir as workdir_lib
+from dd_jax.lowering import Lowering
 
 # Version of the on-disk layout and of the training recipe; a change makes old pools mismatch.
 FORMAT_VERSION = 1
@@ -75,7 +77,7 @@ _MEMBERS_DIR = 'members'
 
 @dataclasses.dataclass(frozen=True)
 class PoolSettings(settings_lib.Settings):
-  """How the pool is trained (config section `pool`, less `dir`).
+  """How the pool is trained and where it is stored (config section `pool`).
 
   Attributes:
     model: registry name of the members' architecture (e.g. 'ResNet18').
@@ -85,6 +87,8 @@ class PoolSettings(settings_lib.Settings):
       is constant.
     parallel: members trained together (train.over_networks); does not change the members.
     seed: member i is trained from fold_in(key(seed), i).
+    directory: where the pool is stored (config field `dir`); '' until resolved by
+      `with_directory`.
   """
 
   model: str = settings_lib.field('ResNet18', choices=models.network_names)
@@ -93,16 +97,22 @@ class PoolSettings(settings_lib.Settings):
   recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
   parallel: int = settings_lib.field(8, check=settings_lib.POSITIVE)
   seed: int = settings_lib.field(0, check=settings_lib.NON_NEGATIVE)
+  directory: str = settings_lib.field('', config_name='dir')
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> PoolSettings:
-    """The settings of section `pool` of the experiment config (its `dir` is not a setting).
+  def from_config(
+    cls, config: ml_collections.ConfigDict, dataset: data_lib.DatasetSettings
+  ) -> PoolSettings:
+    """The settings of section `pool` of the experiment config; an empty `dir` becomes
+    `default_pool_dir` of the dataset.
 
     Raises:
       ValueError: a value out of range, naming it as `config.pool.<field>`.
     """
     recipe = settings_lib.from_section(train_lib.SGDRecipe, config.pool, 'pool')
-    return settings_lib.from_section(cls, config.pool, 'pool', recipe=recipe)
+    settings = settings_lib.from_section(cls, config.pool, 'pool', recipe=recipe)
+    directory = settings.directory or default_pool_dir(settings, dataset)
+    return dataclasses.replace(settings, directory=os.path.abspath(directory))
 
   def train_settings(self) -> train_lib.TrainSettings:
     """Per-member training: constant lr, no augmentation."""
@@ -186,7 +196,7 @@ def _init_chunk(
 
 # The images are arguments, not closed-over constants: a training set must not be baked into the
 # compiled program. The carry is donated (the previous epoch's state is never needed again).
-@functools.partial(jax.jit, static_argnames=('net', 'settings'), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=('net', 'settings', 'lowering'), donate_argnums=(0,))
 def _train_epoch(
   carry: train_lib.TrainCarry,
   epoch_index: jax.Array,
@@ -194,16 +204,23 @@ def _train_epoch(
   labels: jax.Array,
   net: models.Network,
   settings: train_lib.TrainSettings,
+  lowering: Lowering,
 ) -> train_lib.TrainCarry:
-  epoch = train_lib.over_networks(train_lib.make_epoch_fn(net, images, labels, settings))
-  return epoch(carry, epoch_index)
+  with lowering.precision_scope():
+    epoch = train_lib.make_epoch_fn(net, images, labels, settings, lowering)
+    return train_lib.over_networks(epoch, lowering.loop_networks)(carry, epoch_index)
 
 
-@functools.partial(jax.jit, static_argnames=('net',))
+@functools.partial(jax.jit, static_argnames=('net', 'lowering'))
 def _test_accuracies(
-  variables: Any, test_images: jax.Array, test_labels: jax.Array, net: models.Network
+  variables: Any,
+  test_images: jax.Array,
+  test_labels: jax.Array,
+  net: models.Network,
+  lowering: Lowering,
 ) -> jax.Array:
-  return train_lib.accuracies(variables, net, test_images, test_labels)
+  with lowering.precision_scope():
+    return train_lib.accuracies(variables, net, test_images, test_labels)
 
 
 def _abstract_chunk(net: models.Network, image_shape: tuple[int, ...], num_members: int) -> Any:
@@ -296,6 +313,7 @@ def _mark_complete(directory: str, metadata: dict[str, Any]) -> None:
 def train_pool(
   dataset: data_lib.Dataset,
   settings: PoolSettings,
+  lowering: Lowering,
   *,
   test_images: jax.Array | None = None,
   log: Callable[[str], Any] = print,
@@ -306,6 +324,7 @@ def train_pool(
   Args:
     dataset: the real dataset; all its training images (normalised) are the training set.
     settings: the pool settings.
+    lowering: how the members are computed and trained together (not what they are).
     test_images: [M, H, W, C] normalised test images (default: dataset.normalize(test_images));
       each member's test accuracy is recorded in the metadata.
     log: called with each progress line (members, epoch, seconds per epoch, ETA).
@@ -319,7 +338,7 @@ def train_pool(
   Raises:
     ValueError: `directory` holds chunks of a pool with different identifying metadata.
   """
-  net = models.get_network(settings.model, dataset.num_classes)
+  net = models.get_network(settings.model, dataset.num_classes, conv=lowering.train_conv)
   identity = pool_metadata(dataset, settings)
   train_settings = settings.train_settings()
   image_shape = tuple(dataset.image_shape)
@@ -350,7 +369,7 @@ def train_pool(
     for epoch in range(settings.epochs):
       epoch_start_time = time.perf_counter()
       carry = _train_epoch(
-        carry, jnp.asarray(epoch, jnp.int32), images, labels, net, train_settings
+        carry, jnp.asarray(epoch, jnp.int32), images, labels, net, train_settings, lowering
       )
       jax.block_until_ready(carry)
       epoch_seconds = time.perf_counter() - epoch_start_time
@@ -369,7 +388,7 @@ def train_pool(
     if test_images.shape[0]:
       chunk_accuracies = [
         round(100.0 * float(a), 4)
-        for a in _test_accuracies(variables, test_images, test_labels, net)
+        for a in _test_accuracies(variables, test_images, test_labels, net, lowering)
       ]
     else:
       chunk_accuracies = [None] * (end - start)
@@ -402,12 +421,13 @@ def train_pool(
   return Pool(net=net, variables=_stack_on_host(member_variables), metadata=metadata)
 
 
-def load_pool(directory: str, expected_metadata: dict[str, Any]) -> Pool | None:
+def load_pool(directory: str, expected_metadata: dict[str, Any], lowering: Lowering) -> Pool | None:
   """The complete pool saved under `directory`, or None if there is none.
 
   Args:
     directory: the pool directory.
     expected_metadata: `pool_metadata(dataset, settings)` of the pool wanted.
+    lowering: how the members' network is computed.
 
   Returns:
     The pool (variables on the host), or None when `directory` holds no complete
@@ -423,7 +443,7 @@ def load_pool(directory: str, expected_metadata: dict[str, Any]) -> Pool | None:
     return None
   metadata = workdir_lib.read_json(metadata_path)
   _check_identity(metadata, expected_metadata, directory, 'a pool')
-  net = models.get_network(metadata['model'], metadata['num_classes'])
+  net = models.get_network(metadata['model'], metadata['num_classes'], conv=lowering.train_conv)
   image_shape = tuple(metadata['image_shape'])
   chunks = [
     _restore_chunk(directory, start, end, net, image_shape) for start, end in metadata['chunks']
@@ -449,34 +469,37 @@ def _dataset_slug(spec: str) -> str:
   return f'{readable}-{hashlib.sha256(full.encode()).hexdigest()[:8]}'
 
 
-def default_pool_dir(config: ml_collections.ConfigDict) -> str:
+def default_pool_dir(settings: PoolSettings, dataset: data_lib.DatasetSettings) -> str:
   """<cache>/pools/<dataset-slug>_<model>_<size>x<epochs>_seed<seed>[_val<fraction>s<seed>].
 
-  <cache> is config.dataset.cache_dir, else $DD_JAX_CACHE, else ~/.cache/dd_jax. Settings not in
-  the name (lr, batch size, ...) are checked against the stored metadata when loading.
+  <cache> is dataset.cache_dir, else $DD_JAX_CACHE, else ~/.cache/dd_jax. Settings not in the
+  name (lr, batch size, ...) are checked against the stored metadata when loading.
   """
-  cache = config.dataset.cache_dir or data_lib.default_cache_dir()
-  pool = config.pool
+  cache = dataset.cache_dir or data_lib.default_cache_dir()
   name = (
-    f'{_dataset_slug(config.dataset.name)}_{pool.model}_{pool.size}x{pool.epochs}_seed{pool.seed}'
+    f'{_dataset_slug(dataset.name)}_{settings.model}_{settings.size}x{settings.epochs}'
+    f'_seed{settings.seed}'
   )
-  if config.dataset.validation_fraction:  # trained without the held-out part: another pool
-    name += f'_val{config.dataset.validation_fraction:g}s{config.dataset.validation_seed}'
+  if dataset.validation_fraction:  # trained without the held-out part: another pool
+    name += f'_val{dataset.validation_fraction:g}s{dataset.validation_seed}'
   return os.path.join(cache, 'pools', name)
 
 
 def get_or_train_pool(
-  config: ml_collections.ConfigDict,
+  settings: PoolSettings,
   dataset: data_lib.Dataset,
+  lowering: Lowering,
   log: Callable[[str], Any] = print,
   *,
   test_images: jax.Array | None = None,
 ) -> Pool:
-  """The pool of `config.pool` for `dataset`: loaded if saved, else trained (resumably) and saved.
+  """The pool of `settings` for `dataset`: loaded from `settings.directory` if saved there, else
+  trained (resumably) and saved there.
 
   Args:
-    config: the experiment config (sections `pool` and `dataset`).
+    settings: the pool settings, with their directory.
     dataset: the real dataset.
+    lowering: how the members are computed and trained.
     log: called with progress and summary lines.
     test_images: normalised test images, if already at hand (else normalised here).
 
@@ -486,10 +509,9 @@ def get_or_train_pool(
   Raises:
     ValueError: the pool directory holds a pool built for other data or settings.
   """
-  settings = PoolSettings.from_config(config)
-  directory = os.path.abspath(config.pool.dir or default_pool_dir(config))
+  directory = settings.directory
   expected = pool_metadata(dataset, settings)
-  pool = load_pool(directory, expected)
+  pool = load_pool(directory, expected, lowering)
   if pool is not None:
     log(
       f'pool: loaded {pool.size} {pool.net.name} members from {directory} '
@@ -500,7 +522,9 @@ def get_or_train_pool(
     f'pool: no complete pool at {directory}; training {settings.size} {settings.model} x '
     f'{settings.epochs} epochs on {dataset.name}, {settings.parallel} at a time'
   )
-  pool = train_pool(dataset, settings, test_images=test_images, log=log, directory=directory)
+  pool = train_pool(
+    dataset, settings, lowering, test_images=test_images, log=log, directory=directory
+  )
   log(
     f'pool: saved {pool.size} members to {directory} ({_accuracy_summary(pool.metadata)}, '
     f'trained in {workdir_lib.format_duration(pool.metadata["train_seconds"])})'

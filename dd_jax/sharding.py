@@ -8,7 +8,7 @@ scalar loss and nothing else. Network parameters are built from the step key on 
 
     mesh = class_mesh(num_nets=settings.num_nets)       # all local (or global) devices
     state = place_state(state, mesh)                     # images / optimizer state split by class
-    step = dm.make_dm_step(net, settings, spec, extractor, mesh=mesh)
+    step = dm.make_dm_step(net, settings, spec, lowering, extractor, mesh=mesh)
 
 Uneven splits (10 classes on 4 devices) are allowed: XLA pads the last shard.
 
@@ -92,6 +92,25 @@ def place_state(state: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Copies a pytree to every device of `mesh` (leaves already there are kept as they are)."""
   return jax.tree_util.tree_map(lambda x: _put(x, replicated(mesh)), tree)
+
+
+class Replicas:
+  """Copies of host values on every device of a mesh, made once per source object.
+
+  A step's host-side arguments (the dataset's sampler, fixed extractor parameters) are the same
+  objects step after step: `of(source, value)` copies `value` to the mesh the first time it sees
+  `source` (by identity) and returns that copy until another source comes.
+  """
+
+  def __init__(self, mesh: Mesh):
+    self._mesh = mesh
+    self._source = None
+    self._value = None
+
+  def of(self, source: Any, value: Any) -> Any:
+    if self._source is not source:
+      self._source, self._value = source, replicate(value, self._mesh)
+    return self._value
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -11,8 +11,12 @@ One implementation serves the three places dd_jax trains networks:
     optimizer = recipe.optimizer()
     variables, opt_state, logits = sgd_step(net, optimizer, variables, opt_state, x, y)
     settings = TrainSettings(epochs=1000, recipe=recipe, augment_strategy=..., schedule=...)
-    epoch = make_epoch_fn(net, images, labels, settings)  # (carry, epoch_index[, op key])
-    variables = train_networks(keys, images, labels, net, settings)
+    epoch = make_epoch_fn(net, images, labels, settings, lowering)  # (carry, epoch[, op key])
+    variables = train_networks(keys, images, labels, net, settings, lowering)
+
+How the networks are trained together (a loop or `vmap`) and how many images a gradient pass
+takes come from the run's `dd_jax.lowering.Lowering`; the trained networks do not depend on it
+beyond float rounding.
 
 Every network has its own initialisation, data order and augmentation parameters, and by default
 its own DSA op per minibatch (as independent runs would draw them). `share_augment_op=True` makes
@@ -22,10 +26,8 @@ per-network op turns `lax.switch` into computing every op, a shared one keeps it
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,6 +37,7 @@ import optax
 from dd_jax import augment as augment_lib
 from dd_jax import models
 from dd_jax import settings as settings_lib
+from dd_jax.lowering import Lowering
 
 # (variables, opt_state, loop_key) of one network.
 TrainCarry = tuple[Any, optax.OptState, jax.Array]
@@ -43,12 +46,6 @@ TrainCarry = tuple[Any, optax.OptState, jax.Array]
 SCHEDULES = ('constant', 'reference', 'halves')
 # The lr factor from the schedule's drop epoch on.
 LR_DROP_FACTOR = 0.1
-# Input pixels per gradient pass of an SGD step on CPU (`resolve_microbatch`): 16 CIFAR-10 images.
-# Measured, not modelled (experiments/bench_microbatch.py): on 32x32 images 16 per pass beat 4-64
-# at 64-256 images per step, likely because a pass's activations (8 MiB per 32x32x128 map) stay in
-# cache between ops; on 8x8 digits passes of 16-32 were slower than whole batches of 100-256.
-MICROBATCH_CPU_PIXELS = 16 * 32 * 32
-_auto_microbatch: int | None = None  # set by `auto_microbatch`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,64 +155,6 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def resolve_microbatch(
-  net: models.Network, images_shape: tuple[int, ...], microbatch: int | None = None
-) -> int:
-  """The images per gradient pass of an SGD step on images of `images_shape` (`sgd_step`).
-
-  Args:
-    net: the network; one with batch-norm statistics takes the whole batch (its statistics are
-      over the batch, so a split batch would change the step).
-    images_shape: [N, H, W, C], the step's images.
-    microbatch: images per pass; None: on CPU, for networks without batch norm, as many images
-      as hold `MICROBATCH_CPU_PIXELS` input pixels (16 at 32x32, 20 at 28x28, 256 at 8x8), or what
-      `auto_microbatch` set; the whole batch elsewhere. 0: the whole batch.
-
-  Returns:
-    An int in [1, batch_size]; `batch_size` means one pass.
-
-  Raises:
-    ValueError: a negative `microbatch`, or one below `batch_size` for a batch-norm network.
-  """
-  batch_size = images_shape[0]
-  if microbatch is None:
-    if net.has_batch_stats:
-      return batch_size
-    microbatch = _auto_microbatch
-    if microbatch is None and jax.default_backend() == 'cpu':
-      microbatch = max(1, MICROBATCH_CPU_PIXELS // math.prod(images_shape[1:-1]))
-    elif microbatch is None:
-      microbatch = 0
-  if microbatch < 0:
-    raise ValueError(f'microbatch must be >= 0 (0: the whole batch), got {microbatch}.')
-  if microbatch == 0 or microbatch >= batch_size:
-    return batch_size
-  if net.has_batch_stats:
-    raise ValueError(
-      f'microbatch={microbatch} splits a batch of {batch_size}, but the network has batch-norm '
-      'statistics over the whole batch: use microbatch=0 (or None).'
-    )
-  return microbatch
-
-
-@contextlib.contextmanager
-def auto_microbatch(microbatch: int) -> Iterator[None]:
-  """Within the block, `sgd_step(microbatch=None)` takes `microbatch` (networks without batch norm).
-
-  For benchmarks and side-by-side checks (0: the whole batch, as before micro-batching). It
-  acts when a step is traced: a jitted function traced before the block keeps what it was traced
-  with.
-  """
-  global _auto_microbatch
-  if microbatch < 0:
-    raise ValueError(f'auto_microbatch takes a size >= 0 (0: the whole batch), not {microbatch}.')
-  previous, _auto_microbatch = _auto_microbatch, microbatch
-  try:
-    yield
-  finally:
-    _auto_microbatch = previous
-
-
 def _microbatched_gradient(
   net: models.Network, variables: Any, images: jax.Array, labels: jax.Array, microbatch: int
 ) -> tuple[Any, jax.Array]:
@@ -264,7 +203,7 @@ def sgd_step(
   images: jax.Array,
   labels: jax.Array,
   *,
-  microbatch: int | None = None,
+  microbatch: int = 0,
 ) -> tuple[Any, optax.OptState, jax.Array]:
   """One cross-entropy SGD step of one network.
 
@@ -275,16 +214,26 @@ def sgd_step(
     opt_state: the optimizer state of variables['params'].
     images: [N, H, W, C] normalised minibatch.
     labels: [N] int labels.
-    microbatch: images per forward-backward pass, their gradients summed (`resolve_microbatch`;
-      None: 16 CIFAR-10 images on CPU, where it is faster, the whole batch elsewhere). The
-      step is the same to float rounding; it is not micro-batching of the *update*: one update
-      per call.
+    microbatch: images per forward-backward pass, their gradients summed (a run takes
+      `Lowering.microbatch`: 16 CIFAR-10 images on CPU, where it is faster); 0: the whole batch
+      in one pass. The step is the same to float rounding; it is not micro-batching of the
+      *update*: one update per call.
 
   Returns:
     (new variables, new optimizer state, the [N, K] training-mode logits before the update).
+
+  Raises:
+    ValueError: a negative `microbatch`, or one that splits the batch of a batch-norm network
+      (its statistics are over the whole batch).
   """
-  microbatch = resolve_microbatch(net, images.shape, microbatch)
-  if microbatch < images.shape[0]:
+  if microbatch < 0:
+    raise ValueError(f'microbatch must be >= 0 (0: the whole batch), got {microbatch}.')
+  if 0 < microbatch < images.shape[0] and net.has_batch_stats:
+    raise ValueError(
+      f'microbatch={microbatch} splits a batch of {images.shape[0]}, but the network has '
+      'batch-norm statistics over the whole batch: use microbatch=0.'
+    )
+  if 0 < microbatch < images.shape[0]:
     grads, logits = _microbatched_gradient(net, variables, images, labels, microbatch)
     new_variables = variables
   else:
@@ -316,7 +265,11 @@ def init_networks(
 
 
 def make_epoch_fn(
-  net: models.Network, images: jax.Array, labels: jax.Array, settings: TrainSettings
+  net: models.Network,
+  images: jax.Array,
+  labels: jax.Array,
+  settings: TrainSettings,
+  lowering: Lowering,
 ) -> Callable[..., TrainCarry]:
   """One epoch of one network: `(carry, epoch_index, shared_op_key=None) -> carry`.
 
@@ -329,6 +282,7 @@ def make_epoch_fn(
     images: [N, H, W, C] normalised training images (closed over: the same for every network).
     labels: [N] int labels.
     settings: the hyper-parameters.
+    lowering: the images per gradient pass of each minibatch step (`Lowering.microbatch`).
 
   Returns:
     The epoch function. `epoch_index` is 0-based (may be traced). `shared_op_key`, a PRNG key
@@ -343,13 +297,14 @@ def make_epoch_fn(
   augments = bool(augment_lib.parse_strategy(settings.augment_strategy))
   epochs_trained, first_low_lr_epoch = epoch_plan(settings.epochs, settings.schedule)
   lr_drops = first_low_lr_epoch < epochs_trained
+  microbatch = lowering.microbatch((batch_size, *images.shape[1:]), net.has_batch_stats)
 
   def minibatch_step(variables, opt_state, optimizer, batch_indices, op_key, param_key):
     batch = augment_lib.apply_random_op(
       op_key, param_key, images[batch_indices], settings.augment_strategy, siamese=False
     )
     variables, opt_state, _ = sgd_step(
-      net, optimizer, variables, opt_state, batch, labels[batch_indices]
+      net, optimizer, variables, opt_state, batch, labels[batch_indices], microbatch=microbatch
     )
     return variables, opt_state
 
@@ -399,23 +354,19 @@ def make_epoch_fn(
   return epoch
 
 
-def over_networks(fn: Callable[..., Any], batched: bool | None = None) -> Callable[..., Any]:
+def over_networks(fn: Callable[..., Any], loop: bool) -> Callable[..., Any]:
   """`fn(carry, *shared)` applied to a stack of networks' carries (leading axis), shared args
   unbatched.
 
   Args:
     fn: the function of one network's carry.
-    batched: True: `vmap` over the networks; False: a loop (`lax.map`); None (default): vmap on
-      accelerators, the loop on CPU, which XLA:CPU runs faster than the batched program
-      (5 ConvNets, 500 CIFAR-sized images: 18.2 s looped, 25.1 s batched, 19.2 s one network at
-      a time; same results to 1e-6).
+    loop: a loop over the networks (`lax.map`; `Lowering.loop_networks`, faster on XLA:CPU),
+      else `vmap`. The same results to float rounding.
 
   Returns:
     `(stacked carry, *shared) -> stacked result`.
   """
-  if batched is None:
-    batched = jax.default_backend() != 'cpu'
-  if batched:
+  if not loop:
     return lambda carry, *shared: jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(carry, *shared)
 
   def looped(carry, *shared):
@@ -430,6 +381,7 @@ def train_networks(
   labels: jax.Array,
   net: models.Network,
   settings: TrainSettings,
+  lowering: Lowering,
   shared_op_key: jax.Array | None = None,
 ) -> Any:
   """Trains len(keys) fresh networks together (`over_networks`) for all epochs; jit-able.
@@ -444,6 +396,7 @@ def train_networks(
     labels: [N] int labels.
     net: the architecture.
     settings: the hyper-parameters; `epoch_plan` gives the number of epochs.
+    lowering: a loop or vmap over the networks, images per gradient pass.
     shared_op_key: PRNG key of the DSA op draws shared by the networks; required when
       `settings.share_augment_op` and there is augmentation, ignored otherwise.
 
@@ -451,7 +404,7 @@ def train_networks(
     The stacked trained variables (leading axis P).
   """
   carry = init_networks(keys, net, images.shape[1:], settings.recipe.optimizer())
-  epoch = make_epoch_fn(net, images, labels, settings)
+  epoch = make_epoch_fn(net, images, labels, settings, lowering)
   epochs_trained, _ = epoch_plan(settings.epochs, settings.schedule)
 
   def all_epochs(one_carry, shared_op_key):
@@ -460,7 +413,7 @@ def train_networks(
     )
     return one_carry
 
-  return over_networks(all_epochs)(carry, shared_op_key)[0]
+  return over_networks(all_epochs, lowering.loop_networks)(carry, shared_op_key)[0]
 
 
 def accuracies(

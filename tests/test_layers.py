@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'dd_jax'
 
 # Lowest first. A module may import modules of strictly lower layers only.
 LAYERS = (
-  # Nothing from dd_jax: settings, key streams, config, files, losses, building blocks.
+  # Nothing from dd_jax: settings, key streams, config, files, losses, kernels, guards.
   (
     'settings',
     'stats',
@@ -23,22 +23,26 @@ LAYERS = (
     'checkpoint',
     'sharding',
     'losses',
+    'guards',
     'augment.ops',
-    'models.layers',
+    'models.kernels',
     'data.dataset',
     'data.prepare_tfds',
   ),
-  ('augment.dsa', 'models.networks', 'data.folder', 'data.sampler', 'report'),
-  ('augment', 'models.registry', 'data.sources'),
-  ('models', 'data'),
+  ('augment.dsa', 'models.layers', 'data.folder', 'data.sampler', 'report'),
+  ('augment', 'models.networks', 'data.sources'),
+  ('models.registry', 'data'),
+  ('models',),
+  ('lowering',),  # the platform's programs, resolved once per run
   ('train', 'info'),  # supervised training of networks (evaluation, pool, IDM queue)
   ('evaluate', 'pool'),
   ('extractors',),  # class centralization's feature sources
-  ('distill.base',),  # the method interface
+  ('distill.base', 'distill.model_queue'),  # the method interface; IDM's model queue
   ('distill.dm', 'distill.idm'),  # the methods
   ('distill.methods',),  # their registry
+  ('presets',),  # method variants and labels, from the registry
   ('experiment',),  # config -> every settings object
-  ('distill.loop',),  # a resumable run
+  ('run',),  # a resumable run
   ('compare',),  # a run and its baselines
   ('grid', 'main'),
 )

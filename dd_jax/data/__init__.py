@@ -21,7 +21,7 @@ from dd_jax.data.sampler import (
   sample_class_indices,
   sample_uniform,
 )
-from dd_jax.data.sources import SOURCES, load_dataset
+from dd_jax.data.sources import SOURCES, DatasetSettings, load_dataset, open_dataset
 
 __all__ = [
   'KNOWN_STATS',
@@ -30,6 +30,7 @@ __all__ = [
   'HELD_OUT_SPLITS',
   'DataError',
   'Dataset',
+  'DatasetSettings',
   'check_ipc',
   'compute_channel_stats',
   'default_cache_dir',
@@ -38,6 +39,7 @@ __all__ = [
   'known_dataset_key',
   'load_dataset',
   'normalize',
+  'open_dataset',
   'random_real_subset',
   'sample_all_classes',
   'sample_class',

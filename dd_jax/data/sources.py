@@ -1,20 +1,25 @@
-"""`load_dataset`: one entry point for every data source, selected by a spec string."""
+"""`load_dataset`: one entry point for every data source, selected by a spec string; and
+`open_dataset`, the dataset of a run's `DatasetSettings` (config section `dataset`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import zipfile
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from dd_jax import keys as keys_lib
+from dd_jax import settings as settings_lib
 from dd_jax.data.dataset import (
   KNOWN_STATS,
   DataError,
   Dataset,
   compute_channel_stats,
+  hold_out_validation,
   known_dataset_key,
 )
 from dd_jax.data.folder import load_folder
@@ -307,3 +312,55 @@ def _read_tfds_split(source, what: str) -> tuple[np.ndarray, np.ndarray]:
         labels[i] = record['label']
       progress.update(len(indices))
   return _as_nhwc_uint8(images, f'TFDS split {what} images'), labels
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSettings(settings_lib.Settings):
+  """Which data a run uses (config section `dataset`; see `dd_jax.config` for each field).
+
+  Attributes:
+    name: the source spec (`load_dataset`).
+    data_dir: TFDS data directory ('' = TFDS's default).
+    cache_dir: decoded-image and pool cache ('' = $DD_JAX_CACHE or ~/.cache/dd_jax).
+    normalization: 'auto', 'computed' or a known dataset's name.
+    validation_fraction: fraction of every training class held out as validation data, in
+      [0, 1); 0: accuracies are measured on the test set.
+    validation_seed: the split's seed.
+  """
+
+  name: str = 'tfds:cifar10'
+  data_dir: str = ''
+  cache_dir: str = ''
+  normalization: str = 'auto'
+  validation_fraction: float = 0.0
+  validation_seed: int = settings_lib.field(0, check=settings_lib.NON_NEGATIVE)
+
+  def check(self) -> None:
+    if not 0.0 <= self.validation_fraction < 1.0:
+      raise settings_lib.SettingError(
+        'validation_fraction',
+        self.validation_fraction,
+        'must lie in [0, 1): the fraction of each class held out for validation (e.g. 0.1), '
+        'or 0 to evaluate on the test set',
+      )
+
+  @classmethod
+  def from_config(cls, config: Any) -> DatasetSettings:
+    return settings_lib.from_section(cls, config.dataset, 'dataset')
+
+
+def open_dataset(settings: DatasetSettings) -> Dataset:
+  """The dataset of `settings`, with its validation split held out if asked for."""
+  dataset = load_dataset(
+    settings.name,
+    data_dir=settings.data_dir or None,
+    cache_dir=settings.cache_dir or None,
+    normalization=settings.normalization,
+  )
+  if settings.validation_fraction:
+    dataset = hold_out_validation(
+      dataset,
+      settings.validation_fraction,
+      keys_lib.run_key(settings.validation_seed, 'validation'),
+    )
+  return dataset

@@ -1,6 +1,6 @@
-"""Distillation methods (DM, IDM) behind one interface, and the resumable run around them.
+"""Distillation methods (DM, IDM) behind one interface (`base.Method`), registered by name.
 
-from dd_jax.distill import methods, loop
+from dd_jax.distill import methods
 method = methods.get('dm')
-results = loop.run(config, workdir)
+The resumable run around them: `dd_jax.run`.
 """

@@ -1,15 +1,16 @@
 """What every distillation method shares: settings, state, the step object, the method interface.
 
-A method (DM, IDM, ...) is a `Method` registered by name in `dd_jax.distill.methods`. The run
-loop and the comparison table see only this interface:
+A method (DM, IDM, ...) is a `Method` registered by name in `dd_jax.distill.methods`. The run,
+the presets and the comparison table see only this interface:
 
     method = methods.get(config.method)
+    method.presets                                      # reference image lr, IID settings
     settings = method.settings(config)                  # checked; names config fields
     method.check_data(settings, dataset)                # before any work
-    net = method.network(settings, num_classes)
-    images, labels = method.initial_images(settings, dataset, key)
-    state = method.init_state(settings, images, labels, net, keys)
-    step = method.make_step(net, settings, spec, extractor, mesh)
+    net = method.network(settings, num_classes, lowering)
+    images, labels = method.initial_images(settings, dataset, run_key(seed, 'init'))
+    state = method.init_state(settings, images, labels, net, seed)   # keys: named run streams
+    step = method.make_step(net, settings, spec, lowering, extractor, mesh)
     state, metrics = step(state, sampler)               # jitted core, traces once
     images, labels = method.training_set(state, num_classes)   # what evaluation trains on
 """
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import flax
 import jax
@@ -30,12 +31,50 @@ import optax
 
 from dd_jax import data as data_lib
 from dd_jax import extractors as extractors_lib
+from dd_jax import keys as keys_lib
 from dd_jax import losses, models
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
+from dd_jax.lowering import Lowering
 from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
 
 SYNTHETIC_INITS = ('real', 'noise')
+# The named IID settings every method declares (config strings: iid=<name>).
+# 'reference': the IID code's (Deng et al., CVPR 2024), for CC on a pretrained ResNet18 pool.
+# 'default': dd_jax's, chosen on validation data (experiments/results/iid_scale_free.md).
+IID_SETTING_NAMES = ('reference', 'default')
+
+
+class IIDSetting(NamedTuple):
+  """The constraints of an IID variant: CC's form, weight and tau (threshold form), CM's weight."""
+
+  cc_form: str
+  cc_weight: float
+  cc_tau: float
+  cm_weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Presets:
+  """What the presets (`dd_jax.presets`, configs/) need to know of a method.
+
+  Attributes:
+    image_lr: the reference learning rate of the synthetic images (SGD, momentum 0.5).
+    iid: the method's IID setting of each name of IID_SETTING_NAMES.
+  """
+
+  image_lr: float
+  iid: Mapping[str, IIDSetting]
+
+  def check(self, method: str) -> None:
+    """Raises ValueError unless every field is usable, naming the method and what is missing."""
+    missing = [name for name in IID_SETTING_NAMES if name not in self.iid]
+    if missing or not self.image_lr > 0:
+      raise ValueError(
+        f'Method {method!r} declares incomplete presets: it needs image_lr > 0 (has '
+        f'{self.image_lr!r}) and IID settings named {list(IID_SETTING_NAMES)} (missing '
+        f'{missing}); set them in its `presets` class attribute (see dd_jax.distill.base.Presets).'
+      )
 
 
 @flax.struct.dataclass
@@ -246,10 +285,12 @@ class Method(abc.ABC):
 
   Attributes:
     name: the registry name (`config.method`).
+    presets: the reference image lr and IID settings presets give the method.
     supports_mesh: whether `make_step` can split its work over a device mesh.
   """
 
   name: ClassVar[str]
+  presets: ClassVar[Presets]
   supports_mesh: ClassVar[bool] = False
 
   @abc.abstractmethod
@@ -261,9 +302,11 @@ class Method(abc.ABC):
     data_lib.check_ipc(dataset, settings.ipc)
     check_batch_real(settings, dataset)
 
-  def network(self, settings: DistillSettings, num_classes: int) -> models.Network:
-    """The matching network's architecture."""
-    return models.get_network(settings.model, num_classes)
+  def network(
+    self, settings: DistillSettings, num_classes: int, lowering: Lowering
+  ) -> models.Network:
+    """The matching network's architecture (trained networks' convolutions by default)."""
+    return models.get_network(settings.model, num_classes, conv=lowering.train_conv)
 
   @abc.abstractmethod
   def initial_images(
@@ -271,17 +314,18 @@ class Method(abc.ABC):
   ) -> tuple[np.ndarray, np.ndarray]:
     """Class-blocked initial stored images (normalised) and their labels."""
 
-  @abc.abstractmethod
   def init_state(
     self,
     settings: DistillSettings,
     images: np.ndarray,
     labels: np.ndarray,
     net: models.Network,
-    distill_key: jax.Array,
-    queue_key: jax.Array,
+    seed: int,
   ) -> Any:
-    """The state before the first step (a `DistillState` or a subclass)."""
+    """The state before the first step (a `DistillState` or a subclass); its keys come from the
+    run streams of `seed` (`keys.run_key`), the steps' from 'distill'."""
+    del net
+    return init_state(images, labels, settings.image_optimizer(), keys_lib.run_key(seed, 'distill'))
 
   @abc.abstractmethod
   def make_step(
@@ -289,6 +333,7 @@ class Method(abc.ABC):
     net: models.Network,
     settings: DistillSettings,
     spec: DataSpec,
+    lowering: Lowering,
     extractor: extractors_lib.Extractor = extractors_lib.matching_net_extractor,
     mesh: jax.sharding.Mesh | None = None,
   ) -> Step:
@@ -303,3 +348,10 @@ class Method(abc.ABC):
     """The stored images when they differ from `training_set` (exported beside it), else None."""
     del state
     return None
+
+  def paper_preset(
+    self, config: ml_collections.ConfigDict, dataset: str, ipc: int, with_iid: bool
+  ) -> None:
+    """Sets the method's own settings of its paper for (dataset, IPC) (configs/paper.py), and
+    those of the IID paper's script for it when `with_iid`; none by default."""
+    del config, dataset, ipc, with_iid

@@ -1,8 +1,8 @@
 """IDM (Zhao et al., CVPR 2023) with optional IID constraints: partition and expansion, the
-model queue, the per-class jitted step, and the method.
+per-class jitted step, and the method (its model queue: `dd_jax.distill.model_queue`).
 
-    state = init_idm_state(images, labels, net, settings, distill_key, queue_key)
-    step = make_idm_step(net, settings, spec, extractor)
+    state = init_idm_state(images, labels, net, settings, seed)
+    step = make_idm_step(net, settings, spec, lowering, extractor)
     state, metrics = step(state, sampler)          # jitted; traces once
 
 Partition and expansion: each stored image holds four half-resolution images in its 2x2
@@ -40,6 +40,18 @@ from dd_jax import losses, models
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax.distill import base
+from dd_jax.distill.model_queue import (
+  ModelQueue,
+  init_queue,
+  member,
+  pick_for_training,
+  push,
+  restart_accuracies,
+  sample_member,
+  train_members,
+  training_accuracy,
+)
+from dd_jax.lowering import Lowering
 from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
 
 # ---------------------------------------------------------------------------------------------
@@ -116,182 +128,6 @@ def partitioned_init(real: jax.Array) -> jax.Array:
   average pooling (not an antialiased resize).
   """
   return assemble_quadrants(jax.vmap(downscale)(real))
-
-
-# ---------------------------------------------------------------------------------------------
-# The model queue.
-
-
-@flax.struct.dataclass
-class ModelQueue:
-  """A fixed-capacity FIFO of networks as stacked pytrees (leading axis = capacity).
-
-  Attributes:
-    variables: stacked network variables; invalid slots hold zeros.
-    opt_state: stacked optimizer states (momentum buffers) of the networks' params.
-    valid: bool [capacity], which slots hold a network.
-    next_slot: int32 scalar, where the next push goes (once full: the oldest network).
-    correct: float32 [capacity], correct training predictions since the last accuracy restart.
-    seen: float32 [capacity], training predictions since the last accuracy restart.
-  """
-
-  variables: Any
-  opt_state: Any
-  valid: jax.Array
-  next_slot: jax.Array
-  correct: jax.Array
-  seen: jax.Array
-
-  @property
-  def capacity(self) -> int:
-    return self.valid.shape[0]
-
-  def size(self) -> jax.Array:
-    return jnp.sum(self.valid.astype(jnp.int32))
-
-
-def _fresh_network(key, net, input_shape, optimizer):
-  variables = net.init(key, (1, *input_shape))
-  return variables, optimizer.init(variables['params'])
-
-
-def init_queue(
-  key: jax.Array,
-  net: models.Network,
-  input_shape: tuple[int, ...],
-  capacity: int,
-  initial: int,
-  optimizer: optax.GradientTransformation,
-) -> ModelQueue:
-  """A queue of `initial` fresh random networks (slots 0..initial-1) and room for `capacity`."""
-  variables, opt_state = jax.vmap(lambda k: _fresh_network(k, net, input_shape, optimizer))(
-    jax.random.split(key, initial)
-  )
-  pad = lambda x: jnp.concatenate([x, jnp.zeros((capacity - initial, *x.shape[1:]), x.dtype)])
-  return ModelQueue(
-    variables=jax.tree_util.tree_map(pad, variables),
-    opt_state=jax.tree_util.tree_map(pad, opt_state),
-    valid=jnp.arange(capacity) < initial,
-    next_slot=jnp.asarray(initial % capacity, jnp.int32),
-    correct=jnp.zeros((capacity,), jnp.float32),
-    seen=jnp.zeros((capacity,), jnp.float32),
-  )
-
-
-def push(
-  queue: ModelQueue,
-  key: jax.Array,
-  net: models.Network,
-  input_shape: tuple[int, ...],
-  optimizer: optax.GradientTransformation,
-) -> ModelQueue:
-  """Adds a fresh random network at `next_slot`, replacing the oldest one when full."""
-  variables, opt_state = _fresh_network(key, net, input_shape, optimizer)
-  slot = queue.next_slot
-  put = lambda stacked, new: stacked.at[slot].set(new)
-  return queue.replace(
-    variables=jax.tree_util.tree_map(put, queue.variables, variables),
-    opt_state=jax.tree_util.tree_map(put, queue.opt_state, opt_state),
-    valid=queue.valid.at[slot].set(True),
-    next_slot=(slot + 1) % queue.capacity,
-    correct=queue.correct.at[slot].set(0.0),
-    seen=queue.seen.at[slot].set(0.0),
-  )
-
-
-def restart_accuracies(queue: ModelQueue) -> ModelQueue:
-  """Forgets the training-accuracy counts (the reference resets them at evaluation points)."""
-  return queue.replace(correct=jnp.zeros_like(queue.correct), seen=jnp.zeros_like(queue.seen))
-
-
-def sample_member(queue: ModelQueue, key: jax.Array) -> jax.Array:
-  """A uniformly random valid slot (int32 scalar)."""
-  return jax.random.categorical(key, jnp.where(queue.valid, 0.0, -jnp.inf)).astype(jnp.int32)
-
-
-def member(queue: ModelQueue, slot: jax.Array) -> Any:
-  """The variables in `slot`."""
-  return jax.tree_util.tree_map(lambda x: x[slot], queue.variables)
-
-
-def training_accuracy(queue: ModelQueue, slot: jax.Array) -> jax.Array:
-  """Running training accuracy of `slot` in percent (0 for a network never trained)."""
-  seen = queue.seen[slot]
-  return jnp.where(seen > 0, 100.0 * queue.correct[slot] / jnp.maximum(seen, 1.0), 0.0)
-
-
-def pick_for_training(queue: ModelQueue, key: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-  """`count` distinct slots, uniformly among the valid ones.
-
-  Returns:
-    (int32 [count] slots, bool [count] mask): when fewer than `count` networks are valid the
-    surplus slots are invalid and masked out.
-  """
-  scores = jnp.where(queue.valid, jax.random.uniform(key, (queue.capacity,)), -1.0)
-  _, slots = jax.lax.top_k(scores, count)
-  return slots, queue.valid[slots]
-
-
-def train_members(
-  queue: ModelQueue,
-  slots: jax.Array,
-  mask: jax.Array,
-  key: jax.Array,
-  sampler: data_lib.ClassSampler,
-  net: models.Network,
-  recipe: train_lib.SGDRecipe,
-  *,
-  steps: int,
-  mean: tuple[float, ...],
-  std: tuple[float, ...],
-  batched: bool | None = None,
-) -> ModelQueue:
-  """`steps` SGD steps (`recipe`) for each network in `slots` (where `mask`), on uniform real
-  batches of `recipe.batch_size`.
-
-  No augmentation; training accuracy (from the logits before each update) is added to the
-  networks' running counts. The networks are trained as `train.over_networks(batched=batched)`
-  says: by default a loop on CPU (0.92x the time of vmap for an IDM step at real batch 64) and
-  vmap on accelerators; the same networks either way, up to float rounding.
-  """
-  if steps == 0:
-    return queue
-  optimizer, batch_size = recipe.optimizer(), recipe.batch_size
-
-  def train_one(variables, opt_state, key):
-    def sgd(carry, step_key):
-      variables, opt_state, correct = carry
-      images, labels = data_lib.sample_uniform(sampler, step_key, batch_size)
-      variables, opt_state, logits = train_lib.sgd_step(
-        net, optimizer, variables, opt_state, data_lib.normalize(images, mean, std), labels
-      )
-      correct = correct + jnp.sum(jnp.argmax(logits, -1) == labels)
-      return (variables, opt_state, correct), None
-
-    (variables, opt_state, correct), _ = jax.lax.scan(
-      sgd, (variables, opt_state, jnp.zeros((), jnp.int32)), jax.random.split(key, steps)
-    )
-    return variables, opt_state, correct
-
-  take = lambda x: x[slots]
-  variables, opt_state, correct = train_lib.over_networks(lambda c: train_one(*c), batched)(
-    (
-      jax.tree_util.tree_map(take, queue.variables),
-      jax.tree_util.tree_map(take, queue.opt_state),
-      jax.random.split(key, slots.shape[0]),
-    )
-  )
-
-  def put(stacked, new):
-    keep = mask.reshape(-1, *([1] * (new.ndim - 1)))
-    return stacked.at[slots].set(jnp.where(keep, new, stacked[slots]))
-
-  return queue.replace(
-    variables=jax.tree_util.tree_map(put, queue.variables, variables),
-    opt_state=jax.tree_util.tree_map(put, queue.opt_state, opt_state),
-    correct=queue.correct.at[slots].add(jnp.where(mask, correct, 0).astype(jnp.float32)),
-    seen=queue.seen.at[slots].add(jnp.where(mask, steps * batch_size, 0).astype(jnp.float32)),
-  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,8 +280,7 @@ def init_idm_state(
   labels: jax.Array,
   net: models.Network,
   settings: IDMSettings,
-  key: jax.Array,
-  queue_key: jax.Array,
+  seed: int,
 ) -> IDMState:
   """The state before the first step.
 
@@ -454,12 +289,14 @@ def init_idm_state(
     labels: [K * ipc] class-blocked labels.
     net: the queue's architecture.
     settings: the step settings.
-    key: typed PRNG key of the steps (the run's 'distill' stream).
-    queue_key: typed PRNG key of the initial queue networks.
+    seed: the run's seed: the steps take its 'distill' stream, the initial queue networks its
+      'queue' stream.
   """
-  state = base.init_state(images, labels, settings.image_optimizer(), key)
+  state = base.init_state(
+    images, labels, settings.image_optimizer(), keys_lib.run_key(seed, 'distill')
+  )
   queue = init_queue(
-    queue_key,
+    keys_lib.run_key(seed, 'queue'),
     net,
     state.images.shape[1:],
     settings.queue_capacity,
@@ -475,11 +312,12 @@ def make_idm_step(
   net: models.Network,
   settings: IDMSettings,
   spec: base.DataSpec,
+  lowering: Lowering,
   extractor: extractors_lib.Extractor = extractors_lib.matching_net_extractor,
 ) -> base.Step:
   """Builds the IDM step `(state, sampler) -> (state, metrics)`; its jitted core traces once.
 
-  Metrics: 'loss' (weighted total summed over classes), the unweighted sums 'dm', 'cc', 'cm',
+  Metrics: 'loss' (weighted total summed over classes), the unweighted sums 'match', 'cc', 'cm',
   'ce', the matching network's running training accuracy 'net_accuracy' (percent),
   'queue_size' and 'grad_norm' (norm of the stacked per-class gradients).
   """
@@ -488,8 +326,7 @@ def make_idm_step(
   network_optimizer = settings.queue_recipe.optimizer()
   augment = lambda k, x: augment_lib.augment(k, x, settings.strategy, siamese=True)
 
-  @jax.jit
-  def jitted_step(state: IDMState, sampler: data_lib.ClassSampler, extractor_params: Any):
+  def step(state: IDMState, sampler: data_lib.ClassSampler, extractor_params: Any):
     key = keys_lib.step_key(state.key, state.step)
     cc_key = keys_lib.centralization_keys(key, 1)[0]  # the host derives it the same way
     image_shape = state.images.shape[1:]
@@ -533,7 +370,13 @@ def make_idm_step(
       )
       ce = train_lib.cross_entropy(logits, jnp.full((syn.shape[0],), class_id))
       total = terms.total + settings.ce_weight * accuracy * ce
-      return total, {'loss': total, 'dm': terms.dm, 'cc': terms.cc, 'cm': terms.cm, 'ce': ce}
+      return total, {
+        'loss': total,
+        'match': terms.match,
+        'cc': terms.cc,
+        'cm': terms.cm,
+        'ce': ce,
+      }
 
     def class_grad(class_images, class_id):
       grad, aux = jax.grad(class_loss, has_aux=True)(class_images, class_id)
@@ -551,6 +394,7 @@ def make_idm_step(
       sampler,
       net,
       settings.queue_recipe,
+      lowering,
       steps=settings.train_steps,
       mean=spec.mean,
       std=spec.std,
@@ -565,6 +409,11 @@ def make_idm_step(
       step=state.step + 1, images=images, opt_state=opt_state, queue=queue
     ), metrics
 
+  @jax.jit
+  def jitted_step(state: IDMState, sampler: data_lib.ClassSampler, extractor_params: Any):
+    with lowering.precision_scope():
+      return step(state, sampler, extractor_params)
+
   def arguments(state: IDMState, sampler: data_lib.ClassSampler):
     # e.g. a pool's drawn member, chosen on the host for the step's one CC key
     return state, sampler, extractor.step_params(state.key, state.step, 1)
@@ -577,6 +426,14 @@ class IDM(base.Method):
   matching networks, one optimizer step per class, a class-aware cross-entropy term."""
 
   name = 'idm'
+  presets = base.Presets(
+    image_lr=0.2,
+    # The IID paper's IDM weights; its scale-free CC is not measured on IDM yet.
+    iid={
+      'reference': base.IIDSetting('squared', 0.01, 1.0, 0.03),
+      'default': base.IIDSetting('squared', 0.01, 1.0, 0.03),
+    },
+  )
 
   def settings(self, config: ml_collections.ConfigDict) -> IDMSettings:
     return IDMSettings.from_config(config)
@@ -614,21 +471,59 @@ class IDM(base.Method):
     images = np.asarray(jax.vmap(partitioned_init)(real)).reshape(len(labels), *dataset.image_shape)
     return images, labels
 
-  def init_state(self, settings, images, labels, net, distill_key, queue_key):
-    return init_idm_state(images, labels, net, settings, distill_key, queue_key)
+  def init_state(self, settings, images, labels, net, seed):
+    return init_idm_state(images, labels, net, settings, seed)
 
   def make_step(
-    self, net, settings, spec, extractor=extractors_lib.matching_net_extractor, mesh=None
+    self, net, settings, spec, lowering, extractor=extractors_lib.matching_net_extractor, mesh=None
   ):
     if mesh is not None:
       raise ValueError(
         'IDM runs on one device (its per-class steps are sequential); set '
         '--config.distill.devices=1.'
       )
-    return make_idm_step(net, settings, spec, extractor)
+    return make_idm_step(net, settings, spec, lowering, extractor)
 
   def training_set(self, state: IDMState, num_classes: int) -> tuple[jax.Array, jax.Array]:
     return expanded_set(state.images, state.labels, num_classes)
 
   def stored_images(self, state: IDMState) -> jax.Array:
     return state.images
+
+  def paper_preset(
+    self, config: ml_collections.ConfigDict, dataset: str, ipc: int, with_iid: bool
+  ) -> None:
+    """The reference commands' IDM settings of (dataset, ipc) (`PAPER_SETTINGS`)."""
+    if with_iid:
+      # The IID paper's IDM script restarts the class-aware accuracies at its evaluation points.
+      config.idm.accuracy_restarts = '2000,5000,10000,20000'
+    (
+      config.idm.ce_weight,
+      config.distill.batch_real,
+      config.idm.push_every,
+      config.idm.train_steps,
+      config.idm.accuracy_window,
+    ) = PAPER_SETTINGS[(dataset, ipc)]
+
+
+# (dataset, ipc) -> IDM settings of the reference commands: ce_weight, batch_real,
+# push_every (net_generate_interval), train_steps (model_train_steps), accuracy_window (the
+# reference's eval_interval, where the running accuracies restart). CIFAR-100 IPC 50 lists
+# 10-40 train steps; 10 here.
+PAPER_SETTINGS = {
+  ('cifar10', 1): (0.5, 5000, 5, 10, 100),
+  ('cifar10', 10): (0.5, 256, 30, 10, 100),
+  ('cifar10', 50): (0.1, 256, 30, 10, 500),
+  ('cifar100', 1): (0.5, 500, 5, 10, 100),
+  ('cifar100', 10): (0.1, 256, 30, 50, 100),
+  ('cifar100', 50): (0.1, 256, 30, 10, 500),
+  ('tinyimagenet', 1): (0.5, 256, 30, 10, 100),
+  ('tinyimagenet', 10): (0.5, 256, 30, 10, 500),
+  ('tinyimagenet', 50): (0.8, 256, 30, 50, 1000),
+}
+# Not in the IDM paper: CIFAR-10's settings, except 256 real images per class at IPC 1 (CIFAR-10
+# takes its whole class of 5000, more than SVHN's smallest class holds).
+for _name in ('mnist', 'fashion_mnist', 'svhn'):
+  for _ipc in (1, 10, 50):
+    PAPER_SETTINGS[(_name, _ipc)] = PAPER_SETTINGS[('cifar10', _ipc)]
+  PAPER_SETTINGS[(_name, 1)] = (0.5, 256, 5, 10, 100)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from dd_jax.models import layers
+from dd_jax.models import kernels, layers
 
 
 def _flatten(feature_map: jax.Array) -> jax.Array:
@@ -40,10 +40,12 @@ class ConvNet(nn.Module):
     act: one of layers.ACTIVATIONS.
     norm: one of layers.NORMS ('instancenorm' by default).
     pooling: one of layers.POOLINGS.
+    conv: how the convolutions are computed (every network has this field; see
+      `kernels.ConvLowering`).
   """
 
   num_classes: int
-  conv_impl: str = 'auto'
+  conv: kernels.ConvLowering = kernels.ConvLowering()
   width: int = 128
   depth: int = 3
   act: str = 'relu'
@@ -55,7 +57,7 @@ class ConvNet(nn.Module):
     activation = layers.activation(self.act)
     for d in range(self.depth):
       padding = _first_padding(x, 1, 3) if d == 0 else 1
-      conv = layers.Conv(self.width, 3, padding=padding, name=f'conv{d}', conv_impl=self.conv_impl)
+      conv = layers.Conv(self.width, 3, padding=padding, name=f'conv{d}', lowering=self.conv)
       if self.norm == 'instancenorm' and self.act == 'relu':
         # The ReLU inside the norm's VJP (its mask recomputed there, not stored); the first
         # layer folds the norm into its weights on CPU (`layers.conv_instance_norm`).
@@ -73,7 +75,7 @@ class AlexNet(nn.Module):
   """AlexNet as in the DC benchmark: 5 convs (128,192,256,192,192), max pools, one dense layer."""
 
   num_classes: int
-  conv_impl: str = 'auto'
+  conv: kernels.ConvLowering = kernels.ConvLowering()
   norm: str = 'none'
 
   @nn.compact
@@ -87,9 +89,7 @@ class AlexNet(nn.Module):
       (192, 3, 1, True),
     )
     for i, (features, kernel, padding, pool_after) in enumerate(specs):
-      x = layers.Conv(features, kernel, padding=padding, name=f'conv{i}', conv_impl=self.conv_impl)(
-        x
-      )
+      x = layers.Conv(features, kernel, padding=padding, name=f'conv{i}', lowering=self.conv)(x)
       x = layers.norm_layer(self.norm, features, train=train, name=f'norm{i}')(x)
       x = nn.relu(x)
       if pool_after:
@@ -106,7 +106,7 @@ class VGG(nn.Module):
   """VGG with conv3x3 -> norm -> ReLU blocks and 2x2 max pools; dense classifier on the flat map."""
 
   num_classes: int
-  conv_impl: str = 'auto'
+  conv: kernels.ConvLowering = kernels.ConvLowering()
   layout: Sequence[int | str] = VGG11_LAYOUT
   norm: str = 'instancenorm'
 
@@ -118,9 +118,7 @@ class VGG(nn.Module):
         x = layers.pool('maxpooling', x)
         continue
       padding = _first_padding(x, 1, 3) if conv_index == 0 else 1
-      x = layers.Conv(item, 3, padding=padding, name=f'conv{conv_index}', conv_impl=self.conv_impl)(
-        x
-      )
+      x = layers.Conv(item, 3, padding=padding, name=f'conv{conv_index}', lowering=self.conv)(x)
       x = layers.norm_layer(self.norm, item, train=train, name=f'norm{conv_index}')(x)
       x = nn.relu(x)
       conv_index += 1
@@ -136,7 +134,7 @@ class BasicBlock(nn.Module):
   features: int
   stride: int
   norm: str
-  conv_impl: str = 'auto'
+  conv: kernels.ConvLowering = kernels.ConvLowering()
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -148,11 +146,11 @@ class BasicBlock(nn.Module):
       stride=self.stride,
       use_bias=False,
       name='conv0',
-      conv_impl=self.conv_impl,
+      lowering=self.conv,
     )(x)
     out = nn.relu(layers.norm_layer(self.norm, self.features, train=train, name='norm0')(out))
     out = layers.Conv(
-      self.features, 3, padding=1, use_bias=False, name='conv1', conv_impl=self.conv_impl
+      self.features, 3, padding=1, use_bias=False, name='conv1', lowering=self.conv
     )(out)
     out = layers.norm_layer(self.norm, self.features, train=train, name='norm1')(out)
     shortcut = x
@@ -163,7 +161,7 @@ class BasicBlock(nn.Module):
         stride=self.stride,
         use_bias=False,
         name='shortcut_conv',
-        conv_impl=self.conv_impl,
+        lowering=self.conv,
       )(x)
       shortcut = layers.norm_layer(self.norm, self.features, train=train, name='shortcut_norm')(
         shortcut
@@ -175,20 +173,20 @@ class ResNet(nn.Module):
   """CIFAR-style ResNet: conv3x3 stem, 4 stages, 4x4 average pool, dense classifier."""
 
   num_classes: int
-  conv_impl: str = 'auto'
+  conv: kernels.ConvLowering = kernels.ConvLowering()
   blocks_per_stage: Sequence[int] = (2, 2, 2, 2)
   norm: str = 'instancenorm'
 
   @nn.compact
   def __call__(self, x, train: bool = False, embed_only: bool = False):
-    x = layers.Conv(64, 3, padding=1, use_bias=False, name='stem_conv', conv_impl=self.conv_impl)(x)
+    x = layers.Conv(64, 3, padding=1, use_bias=False, name='stem_conv', lowering=self.conv)(x)
     x = nn.relu(layers.norm_layer(self.norm, 64, train=train, name='stem_norm')(x))
     for stage, (features, num_blocks) in enumerate(zip((64, 128, 256, 512), self.blocks_per_stage)):
       for block in range(num_blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
-        x = BasicBlock(
-          features, stride, self.norm, self.conv_impl, name=f'stage{stage}_block{block}'
-        )(x, train)
+        x = BasicBlock(features, stride, self.norm, self.conv, name=f'stage{stage}_block{block}')(
+          x, train
+        )
     x = nn.avg_pool(x, (4, 4), strides=(4, 4))
     features = _flatten(x)
     logits = layers.dense(self.num_classes, features.shape[-1], name='classifier')(features)
@@ -199,7 +197,7 @@ class MLP(nn.Module):
   """flatten -> 128 -> ReLU -> 128 -> ReLU -> K. The 'feature map' is the input itself."""
 
   num_classes: int
-  conv_impl: str = 'auto'
+  conv: kernels.ConvLowering = kernels.ConvLowering()
 
   @nn.compact
   def __call__(self, x, train: bool = False, embed_only: bool = False):
@@ -216,16 +214,16 @@ class LeNet(nn.Module):
   """LeNet-5: conv5x5 6 -> ReLU -> max pool -> conv5x5 16 -> ReLU -> max pool -> 120 -> 84 -> K."""
 
   num_classes: int
-  conv_impl: str = 'auto'
+  conv: kernels.ConvLowering = kernels.ConvLowering()
 
   @nn.compact
   def __call__(self, x, train: bool = False, embed_only: bool = False):
     del train
     # The reference pads one-channel inputs by 2 so 28x28 MNIST gives the 5x5x16 map of 32x32.
     padding = 2 if x.shape[-1] == 1 else 0
-    x = nn.relu(layers.Conv(6, 5, padding=padding, name='conv0', conv_impl=self.conv_impl)(x))
+    x = nn.relu(layers.Conv(6, 5, padding=padding, name='conv0', lowering=self.conv)(x))
     x = layers.pool('maxpooling', x)
-    x = nn.relu(layers.Conv(16, 5, name='conv1', conv_impl=self.conv_impl)(x))
+    x = nn.relu(layers.Conv(16, 5, name='conv1', lowering=self.conv)(x))
     feature_map = layers.pool('maxpooling', x)
     h = _flatten(feature_map)
     h = nn.relu(layers.dense(120, h.shape[-1], name='fc0')(h))

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dd_jax.models import layers, networks
+from dd_jax.models import kernels, networks
 
 Variables = Any  # a pytree: {'params': ..., optionally 'batch_stats': ...}
 
@@ -69,14 +69,13 @@ class Network:
       ) from None
 
   @property
-  def conv_impl(self) -> str:
-    """The convolution lowering the module was built with (one of `layers.CONV_IMPLS`)."""
-    return self.module.conv_impl
+  def conv(self) -> kernels.ConvLowering:
+    """How the network's convolutions are computed."""
+    return self.module.conv
 
-  def with_conv_impl(self, conv_impl: str) -> Network:
-    """The same network (same variables) with its convolutions lowered as `conv_impl`."""
-    layers.resolve_conv_impl(conv_impl)  # validates the name
-    return dataclasses.replace(self, module=self.module.clone(conv_impl=conv_impl))
+  def with_conv(self, conv: kernels.ConvLowering) -> Network:
+    """The same network (same variables) with its convolutions computed as `conv`."""
+    return dataclasses.replace(self, module=self.module.clone(conv=conv))
 
   def apply(self, variables: Variables, x: jax.Array, *, train: bool = False) -> jax.Array:
     """Logits [N, K]. With `train=True` batch norm uses batch statistics (updates discarded)."""
@@ -163,16 +162,19 @@ def network_names() -> tuple[str, ...]:
 
 
 def get_network(
-  name: str, num_classes: int, *, conv_impl: str = 'auto', **convnet_overrides
+  name: str,
+  num_classes: int,
+  *,
+  conv: kernels.ConvLowering = kernels.ConvLowering(),
+  **convnet_overrides,
 ) -> Network:
   """Builds a registered network.
 
   Args:
     name: a registry name, see `network_names()`.
     num_classes: K, the classifier width.
-    conv_impl: convolution lowering, 'auto' ('winograd' on CPU, XLA's elsewhere), 'xla',
-      'xla_fold', 'im2col' or 'winograd'; see `dd_jax.models.layers.resolve_conv_impl`. Results
-      agree to float rounding.
+    conv: how the convolutions are computed (default: XLA's; a run takes its
+      `dd_jax.lowering.Lowering`'s). Results agree to float rounding.
     **convnet_overrides: for ConvNet names only, fields overriding the preset (width, depth, act,
       norm, pooling), e.g. `get_network('ConvNet', 200, depth=4)`.
 
@@ -194,7 +196,7 @@ def get_network(
       f'Overrides {sorted(convnet_overrides)} only apply to ConvNet networks, not {name!r}.'
     )
   module = _BUILDERS[name](num_classes).clone(**convnet_overrides)
-  return Network(name=name, module=module).with_conv_impl(conv_impl)
+  return Network(name=name, module=module).with_conv(conv)
 
 
 def param_count(variables: Variables) -> int:

@@ -1,6 +1,10 @@
 """A resumable distillation run: the loop around the jitted step, evaluation, checkpoints, export.
 
-    results = run(config, workdir)
+    settings = experiment.validate_config(config)     # once per run, before any work
+    results = run(config, workdir, settings=settings)
+
+The run works from its settings; the raw config is kept only for the workdir's snapshot (a rerun
+with another config is refused) and the method's label in tables.
 
 Rerunning the same config on the same workdir resumes from the last checkpoint and ends with the
 same synthetic set as an uninterrupted run: every random draw comes from a named stream of
@@ -18,21 +22,20 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dd_jax import checkpoint as checkpoint_lib
-from dd_jax import config as config_lib
 from dd_jax import data as data_lib
 from dd_jax import evaluate as evaluate_lib
-from dd_jax import experiment, models, stats
+from dd_jax import experiment, guards, models, presets, stats
 from dd_jax import extractors as extractors_lib
 from dd_jax import keys as keys_lib
 from dd_jax import pool as pool_lib
 from dd_jax import sharding as sharding_lib
 from dd_jax import workdir as workdir_lib
 from dd_jax.distill import base
+from dd_jax.lowering import Lowering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,28 +49,14 @@ class PreparedData:
   pools: dict[str, pool_lib.Pool] = dataclasses.field(default_factory=dict)
 
 
-def prepare_data(
-  config: ml_collections.ConfigDict, settings: experiment.ExperimentSettings | None = None
-) -> PreparedData:
+def prepare_data(settings: experiment.ExperimentSettings) -> PreparedData:
   """Opens the dataset and runs the method's data-dependent checks before any work."""
-  settings = settings or experiment.validate_config(config)
-  dataset = data_lib.load_dataset(
-    config.dataset.name,
-    data_dir=config.dataset.data_dir or None,
-    cache_dir=config.dataset.cache_dir or None,
-    normalization=config.dataset.normalization,
-  )
-  if config.dataset.validation_fraction:
-    dataset = data_lib.hold_out_validation(
-      dataset,
-      config.dataset.validation_fraction,
-      keys_lib.run_key(config.dataset.validation_seed, 'validation'),
-    )
+  dataset = data_lib.open_dataset(settings.dataset)
   settings.method.check_data(settings.distill, dataset)
   # Both networks must take the images: the evaluation one otherwise fails only after distilling.
-  settings.method.network(settings.distill, dataset.num_classes).check_input_shape(
-    dataset.image_shape, 'config.model.name'
-  )
+  settings.method.network(
+    settings.distill, dataset.num_classes, settings.lowering
+  ).check_input_shape(dataset.image_shape, 'config.model.name')
   models.get_network(settings.eval.model, dataset.num_classes).check_input_shape(
     dataset.image_shape, 'config.eval.model'
   )
@@ -84,7 +73,12 @@ def _evaluation_steps(settings: base.DistillSettings) -> list[int]:
 
 
 def evaluate_images(
-  settings: evaluate_lib.EvalSettings, data: PreparedData, images: Any, labels: Any, key: jax.Array
+  settings: evaluate_lib.EvalSettings,
+  lowering: Lowering,
+  data: PreparedData,
+  images: Any,
+  labels: Any,
+  key: jax.Array,
 ) -> dict[str, Any]:
   """Evaluation protocol on a normalised image set; accuracies in percent."""
   accuracies = evaluate_lib.evaluate_set(
@@ -95,9 +89,10 @@ def evaluate_images(
     data.dataset.test_labels,
     data.dataset.num_classes,
     settings,
+    lowering,
   )
   mean, std = stats.mean_std(accuracies)
-  warning = chance_level_warning(
+  warning = guards.chance_level_warning(
     [float(a) for a in accuracies], data.dataset.num_classes, f'{len(images)} training images'
   )
   if warning:
@@ -112,15 +107,15 @@ def evaluate_images(
 
 
 def centralization_extractor(
-  config: ml_collections.ConfigDict, settings: experiment.ExperimentSettings, data: PreparedData
+  settings: experiment.ExperimentSettings, data: PreparedData
 ) -> extractors_lib.Extractor:
   """The CC extractor the settings ask for; a pool is loaded (or trained) once per data."""
   if not settings.uses_pool:
     return extractors_lib.matching_net_extractor
-  directory = config.pool.dir or pool_lib.default_pool_dir(config)
+  directory = settings.pool.directory
   if directory not in data.pools:
     data.pools[directory] = pool_lib.get_or_train_pool(
-      config, data.dataset, test_images=data.test_images
+      settings.pool, data.dataset, settings.lowering, test_images=data.test_images
     )
   return extractors_lib.pool_extractor(data.pools[directory])
 
@@ -158,63 +153,52 @@ class Prepared:
   training_set: Callable[[Any], tuple[jax.Array, jax.Array]]
 
 
-def build_method(
-  config: ml_collections.ConfigDict,
-  settings: experiment.ExperimentSettings,
-  data: PreparedData,
-  seed: int,
-) -> Prepared:
-  """The initial state and the step of the configured method on `data`."""
-  method, distill = settings.method, settings.distill
+def _initial_images(
+  settings: experiment.ExperimentSettings, dataset: data_lib.Dataset
+) -> tuple[np.ndarray, np.ndarray]:
+  return settings.method.initial_images(
+    settings.distill, dataset, keys_lib.run_key(settings.seed, 'init')
+  )
+
+
+def build_method(settings: experiment.ExperimentSettings, data: PreparedData) -> Prepared:
+  """The initial state (built once) and the step of the configured method on `data`."""
+  method, distill, lowering = settings.method, settings.distill, settings.lowering
   dataset = data.dataset
-  net = method.network(distill, dataset.num_classes)
+  net = method.network(distill, dataset.num_classes, lowering)
   if net.has_batch_stats and (distill.weights.cc or distill.weights.cm):
     logging.warning(
       '%s has batch norm: the reference code applies neither CC nor CM in its '
       'batch-norm branch; dd_jax applies them as configured.',
       distill.model,
     )
-  extractor = centralization_extractor(config, settings, data)
-  images, labels = method.initial_images(distill, dataset, keys_lib.run_key(seed, 'init'))
-  state = method.init_state(
-    distill, images, labels, net, keys_lib.run_key(seed, 'distill'), keys_lib.run_key(seed, 'queue')
-  )
+  extractor = centralization_extractor(settings, data)
+  images, labels = _initial_images(settings, dataset)
+  state = method.init_state(distill, images, labels, net, settings.seed)
   mesh = device_mesh(settings)
   if mesh is not None:
     state = sharding_lib.place_state(state, mesh)
-  step = method.make_step(net, distill, base.DataSpec.of(dataset), extractor, mesh)
+  step = method.make_step(net, distill, base.DataSpec.of(dataset), lowering, extractor, mesh)
   return Prepared(
     state=state, step=step, training_set=lambda s: method.training_set(s, dataset.num_classes)
   )
 
 
 def disk_needed(
-  config: ml_collections.ConfigDict,
-  settings: experiment.ExperimentSettings,
-  data: PreparedData,
-  checkpoints_kept: int = 2,
+  settings: experiment.ExperimentSettings, data: PreparedData, checkpoints_kept: int = 2
 ) -> int:
-  """Bytes a run's checkpoints and export need, from the shapes of its state (nothing computed).
+  """Bytes a run's checkpoints and export need, from the shapes of its state (its images drawn,
+  the rest traced abstractly).
 
   Needed: (checkpoints_kept + 1) copies of the state (Orbax writes a new step before deleting
   the oldest), two copies of the exported training set (synthetic.npz, PNG grids), 10% margin.
   """
-  method, distill = settings.method, settings.distill
-  num_classes = data.dataset.num_classes
-  net = method.network(distill, num_classes)
-  images, labels = method.initial_images(
-    distill, data.dataset, keys_lib.run_key(config.seed, 'init')
-  )
+  method, num_classes = settings.method, data.dataset.num_classes
+  net = method.network(settings.distill, num_classes, settings.lowering)
+  images, labels = _initial_images(settings, data.dataset)
 
   def initial_state():
-    state = method.init_state(
-      distill,
-      images,
-      labels,
-      net,
-      keys_lib.run_key(config.seed, 'distill'),
-      keys_lib.run_key(config.seed, 'queue'),
-    )
+    state = method.init_state(settings.distill, images, labels, net, settings.seed)
     return state, method.training_set(state, num_classes)[0]
 
   state, training_images = jax.eval_shape(initial_state)
@@ -239,24 +223,29 @@ def check_free_space(workdir: str, needed: int, what: str = 'this run') -> None:
 
 
 def run(
-  config: ml_collections.ConfigDict, workdir: str, data: PreparedData | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  data: PreparedData | None = None,
+  settings: experiment.ExperimentSettings | None = None,
 ) -> dict[str, Any]:
   """Distils a synthetic set as `config` says, resumably, in `workdir`.
 
   Args:
-    config: a validated-or-not config (validated here before any work).
+    config: the run's config: snapshot in the workdir and named in tables.
     workdir: run directory (created); see dd_jax.workdir for its files.
     data: the opened dataset, to share it between runs of the same data.
+    settings: `experiment.validate_config(config)`, if the caller has it (else validated here,
+      before any work).
 
   Returns:
     The final results (also written to <workdir>/results.json).
   """
-  settings = experiment.validate_config(config)
+  settings = settings or experiment.validate_config(config)
   distill = settings.distill
   workdir_lib.check_writable(workdir)
   workdir_lib.remove_stale_temporaries(workdir)
   if data is None:
-    data = prepare_data(config, settings)
+    data = prepare_data(settings)
   else:
     settings.method.check_data(distill, data.dataset)
   workdir_lib.check_config(workdir, config)
@@ -264,8 +253,8 @@ def run(
   results_path = os.path.join(workdir, 'results.json')
 
   if not os.path.exists(results_path):  # a finished run writes nothing more
-    check_free_space(workdir, disk_needed(config, settings, data))
-  prepared = build_method(config, settings, data, config.seed)
+    check_free_space(workdir, disk_needed(settings, data))
+  prepared = build_method(settings, data)
   state = prepared.state
   # Written only now: a run refused by any check above leaves its workdir reusable.
   workdir_lib.snapshot_config(workdir, config)
@@ -281,10 +270,10 @@ def run(
 
   total = distill.iterations
   evaluation_steps = _evaluation_steps(distill)
-  evaluate_key = keys_lib.run_key(config.seed, 'evaluate')
+  evaluate_key = keys_lib.run_key(settings.seed, 'evaluate')
   tensorboard = workdir_lib.TensorBoardLog(workdir, int(state.step) if restored else None)
   record = lambda step, state: _evaluate_and_record(
-    settings.eval, data, prepared, state, step, evaluate_key, workdir, tensorboard
+    settings, data, prepared, state, step, evaluate_key, workdir, tensorboard
   )
   window, window_start = [], time.perf_counter()  # per-step metrics since the last log line
   start_step = int(state.step)
@@ -310,7 +299,7 @@ def run(
     if log_now or evaluate_now or save_now:
       # Nothing non-finite is logged, evaluated or checkpointed: the last checkpoint stays good.
       window_metrics = jax.device_get(window)
-      check_finite(window_metrics, state.images, step, workdir, last_saved)
+      guards.check_finite(window_metrics, state.images, step, workdir, last_saved)
     if log_now:
       means = {k: float(np.mean([m[k] for m in window_metrics])) for k in window_metrics[0]}
       rate = len(window) / (time.perf_counter() - window_start)
@@ -325,8 +314,8 @@ def run(
       tensorboard.scalars(step, {**means, 'its_per_s': rate}, prefix='distill/')
       window, window_start = [], time.perf_counter()
       first_loss = means['loss'] if first_loss is None else first_loss
-      overshoot = image_overshoot(state.images, dataset.mean, dataset.std)
-      warnings = divergence_warnings(first_loss, means['loss'], overshoot, step, distill.lr)
+      overshoot = guards.image_overshoot(state.images, dataset.mean, dataset.std)
+      warnings = guards.divergence_warnings(first_loss, means['loss'], overshoot, step, distill.lr)
       for kind, warning in warnings.items():
         if kind not in warned:  # each kind once per run
           warned.add(kind)
@@ -358,7 +347,7 @@ def run(
   )
   results = {
     'dataset': dataset.name,
-    'method': config_lib.method_label(config),  # as the tables name it, e.g. 'DM + IID (reference)'
+    'method': presets.method_label(config),  # as the tables name it, e.g. 'DM + IID (reference)'
     'base_method': settings.method.name,
     'ipc': distill.ipc,
     'iterations': total,
@@ -370,131 +359,8 @@ def run(
   return results
 
 
-def check_finite(
-  window_metrics: list[dict[str, Any]],
-  images: jax.Array,
-  step: int,
-  workdir: str,
-  last_saved: int | None,
-) -> None:
-  """Stops the run when a loss term or the synthetic images went non-finite.
-
-  Args:
-    window_metrics: host metrics of the steps `step - len(window_metrics) + 1 .. step`.
-    images: the synthetic images after `step`.
-    step: the current step.
-    workdir: the run directory (named in the message).
-    last_saved: the step of the newest checkpoint, or None.
-
-  Raises:
-    FloatingPointError: naming the first step with a non-finite metric (loss terms, grad_norm,
-      ...) and those metrics, or else the images; and the checkpoint a rerun would resume from.
-  """
-  first_step = step - len(window_metrics) + 1
-  images_finite = bool(jnp.all(jnp.isfinite(images)))
-  problem = None
-  for offset, metrics in enumerate(window_metrics):
-    bad = sorted(name for name, value in metrics.items() if not np.all(np.isfinite(value)))
-    if bad:
-      problem = f'{", ".join(bad)} became non-finite at step {first_step + offset}'
-      if not images_finite:
-        problem += f' (the synthetic images at step {step} are non-finite too)'
-      break
-  if problem is None and not images_finite:
-    problem = (
-      f'the synthetic images became non-finite between steps {first_step} and {step} '
-      'while every loss term stayed finite'
-    )
-  if problem is None:
-    return
-  resume = (
-    f'the last checkpoint (step {last_saved}) in {workdir}/checkpoints is intact'
-    if last_saved is not None
-    else 'no checkpoint was written'
-  )
-  raise FloatingPointError(
-    f'Stopped: {problem}; {resume}. Lower distill.lr or the constraint weights '
-    '(constraints.cc.weight, constraints.cm.weight) and rerun in a new --workdir.'
-  )
-
-
-# Divergence guard. DM's images overshoot [0, 1] by a fraction of the range and losses fall or
-# wander by small factors; these margins are orders of magnitude beyond that.
-IMAGE_OVERSHOOT_WARNING = 10.0  # pixels this many ranges outside [0, 1]: warn
-IMAGE_OVERSHOOT_ERROR = 1e3  # ... this many: stop, nothing useful can come of the run
-LOSS_GROWTH_WARNING = 100.0  # a logged loss this many times the first one: warn
-
-
-class DivergenceError(RuntimeError):
-  """The synthetic images left any plausible range: the image optimiser diverged."""
-
-
-def image_overshoot(images: jax.Array, mean, std) -> float:
-  """How far normalised images reach outside the pixel range [0, 1], in units of that range.
-
-  Args:
-    images: float [..., C], normalised with per-channel `mean` / `std` (C values each).
-
-  Returns:
-    max(max pixel - 1, -min pixel, 0) over all pixels of the denormalised images.
-  """
-  pixels = images * jnp.asarray(std, images.dtype) + jnp.asarray(mean, images.dtype)
-  return float(jnp.maximum(jnp.maximum(jnp.max(pixels) - 1.0, -jnp.min(pixels)), 0.0))
-
-
-def divergence_warnings(
-  first_loss: float, loss: float, overshoot: float, step: int, distill_lr: float
-) -> dict[str, str]:
-  """The divergence guard's verdict on one log window.
-
-  Args:
-    first_loss: the mean loss of the run's first log window.
-    loss: the mean loss of this window.
-    overshoot: `image_overshoot` of the synthetic images after `step`.
-    step: the step just logged.
-    distill_lr: config.distill.lr, named in the messages.
-
-  Returns:
-    {kind: warning} (possibly empty), kinds 'images' (more than IMAGE_OVERSHOOT_WARNING ranges
-    outside [0, 1]) and 'loss' (grown by more than LOSS_GROWTH_WARNING times).
-
-  Raises:
-    DivergenceError: images more than IMAGE_OVERSHOOT_ERROR ranges outside [0, 1].
-  """
-  advice = f'distill.lr={distill_lr:g} is probably too large; lower it and rerun in a new --workdir'
-  if overshoot > IMAGE_OVERSHOOT_ERROR:
-    raise DivergenceError(
-      f'Stopped at step {step}: the synthetic pixels reach {overshoot:.3g} times the pixel '
-      f'range outside [0, 1]: the image optimiser diverged. {advice}.'
-    )
-  warnings = {}
-  if overshoot > IMAGE_OVERSHOOT_WARNING:
-    warnings['images'] = (
-      f'WARNING step {step}: the synthetic pixels reach {overshoot:.3g} times the pixel range '
-      f'outside [0, 1]; {advice}.'
-    )
-  if first_loss > 0 and loss > LOSS_GROWTH_WARNING * first_loss:
-    warnings['loss'] = (
-      f'WARNING step {step}: the loss grew from {first_loss:.4g} to {loss:.4g} '
-      f'(x{loss / first_loss:.3g}); {advice}.'
-    )
-  return warnings
-
-
-def chance_level_warning(accuracies: list[float], num_classes: int, what: str) -> str | None:
-  """A warning when every network of an evaluation scored at most chance (+ 1 point)."""
-  chance = 100.0 / num_classes
-  if max(accuracies) > chance + 1.0:
-    return None
-  return (
-    f'WARNING: {what}: every evaluation network is at chance level ({max(accuracies):.2f}% '
-    f'at best, chance {chance:.2f}%): they did not learn. Check eval.lr (too large diverges, '
-    'too small does not move) and, for a distilled set, the synthetic images (distill.lr).'
-  )
-
-
 def _evaluate_and_record(
-  settings: evaluate_lib.EvalSettings,
+  settings: experiment.ExperimentSettings,
   data: PreparedData,
   prepared: Prepared,
   state: Any,
@@ -506,7 +372,7 @@ def _evaluate_and_record(
   start = time.perf_counter()
   images, labels = map(sharding_lib.to_host, prepared.training_set(state))
   evaluation = evaluate_images(
-    settings, data, images, labels, jax.random.fold_in(evaluate_key, step)
+    settings.eval, settings.lowering, data, images, labels, jax.random.fold_in(evaluate_key, step)
   )
   seconds = time.perf_counter() - start
   print(
