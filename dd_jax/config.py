@@ -159,11 +159,11 @@ def default_config() -> ml_collections.ConfigDict:
   # but correlates the networks and understates the std).
   config.eval.share_augment_op = False
 
+  config.compute = ml_collections.ConfigDict()
   # How the computations are lowered (dd_jax.lowering; the numbers do not depend on it beyond
   # float rounding): 'auto' (the backend's), 'cpu' (Winograd / im2col convolutions in training
   # loops, folded first norms, micro-batched SGD steps, looped networks) or 'accelerator' (XLA's
   # convolutions, vmapped networks and classes, whole batches).
-  config.compute = ml_collections.ConfigDict()
   config.compute.lowering = 'auto'
   # float32 matmul / convolution precision: 'auto' (accelerator: tensorfloat32; CPU: exact),
   # 'default' (the platform's: TF32 on recent GPUs, one bfloat16 pass on TPUs), 'tensorfloat32',

@@ -87,8 +87,8 @@ class PoolSettings(settings_lib.Settings):
       is constant.
     parallel: members trained together (train.over_networks); does not change the members.
     seed: member i is trained from fold_in(key(seed), i).
-    directory: where the pool is stored (config field `dir`); '' until resolved by
-      `with_directory`.
+    directory: where the pool is stored (config field `dir`; `from_config` makes it absolute,
+      or `default_pool_dir` when empty).
   """
 
   model: str = settings_lib.field('ResNet18', choices=models.network_names)

@@ -46,7 +46,7 @@ def split_variant(name: str) -> tuple[str, bool, bool]:
 def iid_setting(method: str, iid: str) -> IIDSetting:
   """The IID setting named `iid` ('default' or 'reference') of the registered `method`."""
   if iid not in base.IID_SETTING_NAMES:
-    raise ValueError(f'iid={iid!r}: choose one of {list(base.IID_SETTING_NAMES)}.')
+    raise ValueError(f'iid={iid!r}: choose one of {sorted(base.IID_SETTING_NAMES)}.')
   return methods.get(method).presets.iid[iid]
 
 

@@ -28,7 +28,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dd_jax import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-LOSS_TERMS = ('dm', 'cc', 'cm', 'ce')
+LOSS_TERMS = ('match', 'cc', 'cm', 'ce')
+# Runs logged before the matching term had a method-neutral name called it 'dm'.
+_EARLIER_NAMES = {'match': 'dm'}
 
 
 def collect(roots: list[str]) -> list[dict[str, Any]]:
@@ -227,7 +229,8 @@ def plot_losses(run_dir: str, title: str, path: str) -> bool:
       m for m in workdir_lib.read_metrics(os.path.join(directory, 'metrics.jsonl')) if 'loss' in m
     ]
     for term in LOSS_TERMS:
-      values = [(m['step'], m[term]) for m in metrics if m.get(term)]
+      name_in = lambda m: term if term in m else _EARLIER_NAMES.get(term, term)
+      values = [(m['step'], m[name_in(m)]) for m in metrics if m.get(name_in(m))]
       if values:
         series[(name, term)] = values
   if not series:

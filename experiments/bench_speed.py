@@ -6,7 +6,7 @@
 
 Data: random uint8 images shaped like CIFAR-10 (10 classes x `--per_class` 32x32x3 images; the
 speed does not depend on the pixels), written once as an npz dataset so the steps are built by
-the library's own `loop.build_method`. IDM + IID uses CC on the matching network (no pool to
+the library's own `run.build_method`. IDM + IID uses CC on the matching network (no pool to
 train); everything else is the config's (ConvNet, DSA, batch_real).
 
 Per method and IPC: milliseconds per step (median of --repeats after one warm-up call that
@@ -19,8 +19,9 @@ sizes, best size reported); peak memory is XLA's compile-time estimate (argument
 temporaries), and the device's measured peak where the backend reports one (GPU).
 
 Evaluation: one epoch of --num_eval networks trained together (train.over_networks: vmap on
-accelerators, a loop on CPU; each network draws its own DSA ops) vs the same networks one at a
-time, on --eval_images synthetic images (default 500 = IPC 50), median of repeats.
+accelerators, a loop on CPU, as `Lowering.loop_networks` says; each network draws its own DSA
+ops) vs the same networks one at a time, on --eval_images synthetic images (default 500 = IPC
+50), median of repeats.
 
 --pytorch (needs the `bench` extra: pip install -e '.[bench]'): the same steps and the same
 evaluation epoch (one network) in a straightforward PyTorch implementation of the reference
@@ -30,18 +31,22 @@ machine the speed drifts between batches of calls); the table gives both medians
 ratio PyTorch / dd_jax over the pairs, with its lowest and highest. DM + IID uses the reference
 weights on both sides (the squared CC form).
 
---before_conv_impl=im2col: the IDM steps and the evaluation again, in the same run, with the
-networks' 'auto' convolutions traced as im2col (the CPU code before Winograd layers).
+The programs follow the run's lowering (--lowering, `dd_jax.lowering`; records name it with
+the fields a variant changes). The --before_* flags time a variant of it in the same run, built
+with `dataclasses.replace` and passed to the steps and the evaluation explicitly:
+--before_conv_impl=im2col: the IDM steps and the evaluation again, with the trained networks'
+convolutions (`Lowering.train_conv`) as im2col (the CPU code before Winograd layers).
 --before_microbatch=0: the same, with every SGD step's gradient in one pass over its batch (the
-CPU code before micro-batching, `train.sgd_step`).
+CPU code before micro-batching, `train.sgd_step`; n > 0: passes of n 32x32 images,
+`Lowering.microbatch_pixels`).
 --before_fold_norm=false: every step (DM's too) and the evaluation again, with the first layer's
-instance norm applied to its output instead of folded into it (`layers.conv_instance_norm`).
-The three flags combine.
+instance norm applied to its output instead of folded into it (`kernels.conv_instance_norm`;
+`fold_norm` of `train_conv` and `synthetic_conv`). The three flags combine.
 
 Writes --out (JSON) and prints a markdown table.
 """
 
-import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -58,11 +63,12 @@ from absl import app, flags
 
 from dd_jax import config as config_lib
 from dd_jax import evaluate as evaluate_lib
-from dd_jax import experiment, models
+from dd_jax import experiment, models, presets, run
 from dd_jax import flops as flops_lib
+from dd_jax import lowering as lowering_lib
 from dd_jax import train as train_lib
-from dd_jax.distill import loop
-from dd_jax.models import layers
+from dd_jax.distill import base
+from dd_jax.models import kernels
 
 _IPCS = flags.DEFINE_list('ipcs', ['1', '10', '50'], 'Images per class.')
 _METHODS = flags.DEFINE_list('methods', ['dm', 'dm_iid', 'idm_iid'], 'Step variants to time.')
@@ -77,23 +83,33 @@ _SYN_ONE_PASS = flags.DEFINE_bool(
   'DM steps embed the synthetic images in one pass (distill.syn_chunk = all), not in the '
   "CPU default's chunks: the code before chunking.",
 )
-_BEFORE_CONV_IMPL = flags.DEFINE_string(
+_LOWERING = flags.DEFINE_enum(
+  'lowering',
+  'auto',
+  lowering_lib.NAMES,
+  "The programs' lowering (config.compute.lowering; 'auto': the default backend's).",
+)
+_BEFORE_CONV_IMPL = flags.DEFINE_enum(
   'before_conv_impl',
   None,
-  "Also time the IDM steps and the evaluation with the networks' conv_impl 'auto' traced as "
-  "this one ('im2col': the CPU code before Winograd), in the same run; the table gives both.",
+  kernels.CONV_IMPLS,
+  "Also time the IDM steps and the evaluation with the trained networks' convolutions "
+  "(Lowering.train_conv) as this ('im2col': the CPU code before Winograd), in the same run; "
+  'the table gives both.',
 )
 _BEFORE_MICROBATCH = flags.DEFINE_integer(
   'before_microbatch',
   None,
   'Also time the IDM steps and the evaluation with this many images per gradient pass of the '
-  "networks' SGD steps (0: the whole batch, the code before micro-batching), in the same run.",
+  "networks' SGD steps (Lowering.microbatch_pixels; 0: the whole batch, the code before "
+  'micro-batching), in the same run.',
 )
 _BEFORE_FOLD_NORM = flags.DEFINE_bool(
   'before_fold_norm',
   None,
-  'Also time the steps and the evaluation with this `layers.fold_norm` setting (false: the '
-  "first layer's instance norm applied to its output, the code before folding), in the same run.",
+  "Also time the steps and the evaluation with this fold_norm in the lowering's train_conv and "
+  "synthetic_conv (false: the first layer's instance norm applied to its output, the code "
+  'before folding), in the same run.',
 )
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
 _PYTORCH = flags.DEFINE_bool(
@@ -111,48 +127,38 @@ NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
 # ----------------------------------------------------------------------------------- timing
 
 
-@contextlib.contextmanager
-def _traced_as(
-  conv_impl: str | None = None, microbatch: int | None = None, fold_norm: bool | None = None
-):
-  """Programs traced in the block take `conv_impl` for the networks' 'auto', `microbatch` for
-  their SGD steps' default and `fold_norm` for `layers.fold_norm` (None: the library's default).
-
-  jax caches traces by function, not by these settings: the caches are cleared on entry and exit.
-  """
-  if conv_impl is None and microbatch is None and fold_norm is None:
-    yield
-    return
-  jax.clear_caches()
-  try:
-    with contextlib.ExitStack() as stack:
-      if conv_impl is not None:
-        stack.enter_context(layers.auto_conv_impl(conv_impl))
-      if microbatch is not None:
-        stack.enter_context(train_lib.auto_microbatch(microbatch))
-      if fold_norm is not None:
-        stack.enter_context(layers.fold_norm(fold_norm))
-      yield
-  finally:
-    jax.clear_caches()
+def _lowering() -> lowering_lib.Lowering:
+  """The lowering of the timed programs (--lowering)."""
+  return lowering_lib.resolve(_LOWERING.value)
 
 
-def _before() -> dict:
-  """The `_traced_as` arguments of the 'before' timings (the --before_* flags)."""
-  return {
-    'conv_impl': _BEFORE_CONV_IMPL.value,
-    'microbatch': _BEFORE_MICROBATCH.value,
-    'fold_norm': _BEFORE_FOLD_NORM.value,
-  }
+def _before(lowering: lowering_lib.Lowering) -> lowering_lib.Lowering | None:
+  """`lowering` as the --before_* flags change it; None without them."""
+  changes = {}
+  train_conv, synthetic_conv = lowering.train_conv, lowering.synthetic_conv
+  if _BEFORE_CONV_IMPL.value is not None:
+    train_conv = dataclasses.replace(train_conv, impl=_BEFORE_CONV_IMPL.value)
+  if _BEFORE_FOLD_NORM.value is not None:
+    train_conv = dataclasses.replace(train_conv, fold_norm=_BEFORE_FOLD_NORM.value)
+    synthetic_conv = dataclasses.replace(synthetic_conv, fold_norm=_BEFORE_FOLD_NORM.value)
+    changes['synthetic_conv'] = synthetic_conv
+  if _BEFORE_CONV_IMPL.value is not None or _BEFORE_FOLD_NORM.value is not None:
+    changes['train_conv'] = train_conv
+  if _BEFORE_MICROBATCH.value is not None:
+    changes['microbatch_pixels'] = _BEFORE_MICROBATCH.value * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+  return dataclasses.replace(lowering, **changes) if changes else None
 
 
-def _variant(conv_impl: str | None, microbatch: int | None, fold_norm: bool | None) -> dict:
-  """The record's description of what a program was traced with."""
-  return {
-    'conv_impl': conv_impl or layers.resolve_conv_impl('auto'),
-    'microbatch': 'default' if microbatch is None else microbatch,
-    'fold_norm': True if fold_norm is None else fold_norm,
-  }
+def _direct(lowering: lowering_lib.Lowering) -> lowering_lib.Lowering:
+  """`lowering` with its convolutions as direct convolution does them, to count FLOPs: Winograd
+  layers as im2col (Winograd multiplies less), no folded norm (which adds a little)."""
+  direct = lambda conv: kernels.ConvLowering('im2col' if conv.impl == 'winograd' else conv.impl)
+  return dataclasses.replace(
+    lowering,
+    train_conv=direct(lowering.train_conv),
+    real_conv=direct(lowering.real_conv),
+    synthetic_conv=direct(lowering.synthetic_conv),
+  )
 
 
 def _memory(compiled) -> float | None:
@@ -191,8 +197,9 @@ def _config(dataset_path: str, method: str, ipc: int):
   config = config_lib.default_config()
   config.dataset.name = f'npz:{dataset_path}'
   config.dataset.normalization = 'cifar10'
+  config.compute.lowering = _LOWERING.value
   config.ipc = ipc
-  config_lib.set_method(config, method, iid='reference')
+  presets.set_method(config, method, iid='reference')
   config.constraints.cc.extractor = 'matching_net'
   config.distill.batch_real = _BATCH_REAL.value
   config.idm.train_batch_size = _BATCH_REAL.value
@@ -201,74 +208,83 @@ def _config(dataset_path: str, method: str, ipc: int):
   return config
 
 
+def _step(settings: experiment.ExperimentSettings, data: run.PreparedData) -> base.Step:
+  """The configured method's step on `data`, with `settings.lowering`."""
+  method, distill, lowering = settings.method, settings.distill, settings.lowering
+  net = method.network(distill, data.dataset.num_classes, lowering)
+  extractor = run.centralization_extractor(settings, data)
+  return method.make_step(net, distill, base.DataSpec.of(data.dataset), lowering, extractor)
+
+
 def time_step(
-  config,
-  method: str,
-  ipc: int,
-  conv_impl: str | None = None,
-  microbatch: int | None = None,
-  fold_norm: bool | None = None,
+  config, method: str, ipc: int, lowering: lowering_lib.Lowering | None = None
 ) -> tuple[dict, Callable[[], Any]]:
-  """The step's record (ms per step, FLOPs, memory) and a function that runs one more step."""
+  """The step's record (ms per step, FLOPs, memory) and a function that runs one more step.
+
+  `lowering`: the programs' (default: the config's, --lowering).
+  """
   settings = experiment.validate_config(config)
-  data = loop.prepare_data(config, settings)
-  with _traced_as(conv_impl, microbatch, fold_norm):
-    method_obj = loop.build_method(config, settings, data, seed=0)
-    state = method_obj.state
-    calls = {'state': state}
+  if lowering is not None:
+    settings = dataclasses.replace(settings, lowering=lowering)
+  data = run.prepare_data(settings)
+  prepared = run.build_method(settings, data)
+  calls = {'state': prepared.state}
 
-    def one_step():
-      calls['state'], metrics = method_obj.step(calls['state'], data.sampler)
-      return metrics
+  def one_step():
+    calls['state'], metrics = prepared.step(calls['state'], data.sampler)
+    return metrics
 
-    seconds = timing.median_seconds(one_step, _REPEATS.value)
-    jitted, args = method_obj.step.jitted, method_obj.step.arguments(calls['state'], data.sampler)
-    compiled_bytes = _memory(jitted.lower(*args).compile())
+  seconds = timing.median_seconds(one_step, _REPEATS.value)
+  jitted, args = prepared.step.jitted, prepared.step.arguments(calls['state'], data.sampler)
+  compiled_bytes = _memory(jitted.lower(*args).compile())
   record = {
     'method': method,
     'ipc': ipc,
-    **_variant(conv_impl, microbatch, fold_norm),
+    'lowering': timing.describe(settings.lowering),
     'ms_per_step': 1e3 * seconds,
     'real_images_per_s': NUM_CLASSES * _BATCH_REAL.value / seconds,
   }
   # The work of direct convolutions, whatever the implementation: Winograd's products are fewer
   # (its FLOP/s are effective ones), the folded norm adds a little.
-  with _traced_as('im2col', fold_norm=False):
-    record['flops'] = flops_lib.dense_flops(jax.make_jaxpr(jitted)(*args))
+  direct = _step(dataclasses.replace(settings, lowering=_direct(settings.lowering)), data)
+  record['flops'] = flops_lib.dense_flops(jax.make_jaxpr(direct.jitted)(*args))
   record['flop_per_s'] = record['flops'] / seconds
   record['compiled_bytes'] = compiled_bytes
   record['device_peak_bytes'] = _device_peak()
   return record, one_step
 
 
-def time_evaluation(
-  repeats: int,
-  conv_impl: str | None = None,
-  microbatch: int | None = None,
-  fold_norm: bool | None = None,
-) -> tuple[dict, Callable[[], Any]]:
-  """The evaluation's record and a function that trains one network for one more epoch."""
-  with _traced_as(conv_impl, microbatch, fold_norm):
-    record, one_network_epoch = _time_evaluation(repeats)
-    return record | _variant(conv_impl, microbatch, fold_norm), one_network_epoch
-
-
-def _time_evaluation(repeats: int) -> tuple[dict, Callable[[], Any]]:
-  net = models.get_network('ConvNet', NUM_CLASSES)
+def _train_fn(lowering: lowering_lib.Lowering, images, labels):
+  """keys -> one evaluation epoch (at a constant lr) of a ConvNet per key, as `lowering` says."""
+  net = models.get_network('ConvNet', NUM_CLASSES, conv=lowering.train_conv)
   # One epoch at a constant lr (the evaluation's own schedule trains epochs + 1).
   settings = evaluate_lib.EvalSettings(
     epochs=1, num_eval=_NUM_EVAL.value, schedule='constant'
   ).train_settings()
+
+  def train(keys):
+    with lowering.precision_scope():
+      return train_lib.train_networks(keys, images, labels, net, settings, lowering)
+
+  return train
+
+
+def time_evaluation(
+  repeats: int, lowering: lowering_lib.Lowering
+) -> tuple[dict, Callable[[], Any]]:
+  """The evaluation's record and a function that trains one network for one more epoch."""
   images = jax.random.normal(jax.random.key(0), (_EVAL_IMAGES.value, *IMAGE_SHAPE))
   labels = jnp.arange(_EVAL_IMAGES.value) % NUM_CLASSES
   keys = jax.random.split(jax.random.key(1), _NUM_EVAL.value)
-  train = jax.jit(lambda k: train_lib.train_networks(k, images, labels, net, settings))
+  train = jax.jit(_train_fn(lowering, images, labels))
   together = timing.median_seconds(lambda: train(keys), repeats)
   alone = _NUM_EVAL.value * timing.median_seconds(lambda: train(keys[:1]), repeats)
   # One network's epoch, as direct convolutions count it (as for the steps).
-  with _traced_as('im2col', fold_norm=False):
-    flops = flops_lib.dense_flops(jax.make_jaxpr(train.__wrapped__)(keys[:1]))
+  flops = flops_lib.dense_flops(
+    jax.make_jaxpr(_train_fn(_direct(lowering), images, labels))(keys[:1])
+  )
   return {
+    'lowering': timing.describe(lowering),
     'num_eval': _NUM_EVAL.value,
     'images': _EVAL_IMAGES.value,
     'together_s_per_epoch': together,
@@ -342,11 +358,13 @@ def main(argv):
   del argv
   ceiling, size = timing.matmul_ceiling(_REPEATS.value)
   device = jax.devices()[0]
+  lowering, before = _lowering(), _before(_lowering())
   results = {
     'date': time.strftime('%Y-%m-%d'),
     'device': f'{device.platform}: {device.device_kind}',
     'host': f'{platform.machine()}, {timing.cpu_name()}, {os.cpu_count()} cores',
     'jax': jax.__version__,
+    'lowering': timing.describe(lowering),
     'batch_real': _BATCH_REAL.value,
     'syn_one_pass': _SYN_ONE_PASS.value,
     'matmul_flop_per_s': ceiling,
@@ -368,11 +386,9 @@ def main(argv):
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
         results['steps'].append(record)
         print(json.dumps(record), flush=True)
-        # The conv_impl and microbatch only change the networks trained in IDM's steps.
-        if any(value is not None for value in _before().values()) and (
-          method.startswith('idm') or _BEFORE_FOLD_NORM.value is not None
-        ):
-          record, _ = time_step(config, method, ipc, **_before())
+        # The trained networks' convolutions and micro-batches only change IDM's steps.
+        if before is not None and (method.startswith('idm') or _BEFORE_FOLD_NORM.value is not None):
+          record, _ = time_step(config, method, ipc, before)
           record['fraction_of_matmul'] = record['flop_per_s'] / ceiling
           results.setdefault('before_steps', []).append(record)
           print(json.dumps({'before': record}), flush=True)
@@ -382,13 +398,15 @@ def main(argv):
           results.setdefault('pytorch_steps', []).append(record)
           print(json.dumps({'pytorch': record}), flush=True)
   if not _SKIP_EVAL.value:
-    results['evaluation'], one_network_epoch = time_evaluation(max(2, _REPEATS.value // 2))
+    results['evaluation'], one_network_epoch = time_evaluation(
+      max(2, _REPEATS.value // 2), lowering
+    )
     results['evaluation']['fraction_of_matmul'] = (
       results['evaluation']['flop_per_s_one_at_a_time'] / ceiling
     )
     print(json.dumps(results['evaluation']), flush=True)
-    if any(value is not None for value in _before().values()):
-      results['before_evaluation'], _ = time_evaluation(max(2, _REPEATS.value // 2), **_before())
+    if before is not None:
+      results['before_evaluation'], _ = time_evaluation(max(2, _REPEATS.value // 2), before)
       results['before_evaluation']['fraction_of_matmul'] = (
         results['before_evaluation']['flop_per_s_one_at_a_time'] / ceiling
       )
@@ -431,9 +449,7 @@ def format_table(results: dict) -> str:
     flops = r.get('flops')
     memory = r.get('compiled_bytes')
     lines.append(
-      f'| {r["method"]} ({r.get("conv_impl", "?")}, microbatch {r.get("microbatch", "?")}, '
-      f'folded norm {r.get("fold_norm", "?")}) | '
-      f'{r["ipc"]} | {r["ms_per_step"]:.0f} | '
+      f'| {r["method"]} ({r.get("lowering", "?")}) | {r["ipc"]} | {r["ms_per_step"]:.0f} | '
       f'{r["real_images_per_s"]:.0f} | '
       + (
         f'{flops / 1e9:.1f} | {r["flop_per_s"] / 1e9:.1f} | {100 * r["fraction_of_matmul"]:.0f}% | '
@@ -454,8 +470,7 @@ def format_table(results: dict) -> str:
     if key in results:
       e = results[key]
       lines.append(
-        f'Evaluation with conv_impl {e.get("conv_impl", "?")}, microbatch '
-        f'{e.get("microbatch", "?")}, folded norm {e.get("fold_norm", "?")}: '
+        f'Evaluation with lowering {e.get("lowering", "?")}: '
         f'{e["one_at_a_time_s_per_epoch"] / e["num_eval"]:.3f} s per network-epoch'
         + (
           f', {e["flops_per_network_epoch"] / 1e9:.1f} GFLOP, '

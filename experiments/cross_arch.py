@@ -17,6 +17,7 @@ from absl import app, flags, logging
 
 from dd_jax import data as data_lib
 from dd_jax import evaluate
+from dd_jax import lowering as lowering_lib
 from dd_jax import train as train_lib
 from dd_jax import workdir as workdir_lib
 
@@ -45,6 +46,15 @@ _STRATEGY = flags.DEFINE_string(
   'DSA strategy of evaluation (drop flip for digits).',
 )
 _SEED = flags.DEFINE_integer('seed', 0, 'PRNG seed of the evaluation.')
+_LOWERING = flags.DEFINE_enum(
+  'lowering',
+  'auto',
+  lowering_lib.NAMES,
+  "How the networks are computed (dd_jax.lowering; 'auto': the default backend's).",
+)
+_PRECISION = flags.DEFINE_enum(
+  'precision', 'auto', lowering_lib.PRECISIONS, "Matmul precision ('auto': the lowering's)."
+)
 _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON results.')
 
 
@@ -76,6 +86,7 @@ def main(argv):
     dataset.num_classes,
     tuple(_ARCHITECTURES.value),
     settings,
+    lowering_lib.resolve(_LOWERING.value, _PRECISION.value),
   )
   lines = ['| architecture | test accuracy (%) |', '|---|---|']
   for name, result in report['results'].items():

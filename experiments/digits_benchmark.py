@@ -18,10 +18,9 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from dd_jax import compare, experiment
+from dd_jax import compare, experiment, presets, run
 from dd_jax import config as config_lib
 from dd_jax import workdir as workdir_lib
-from dd_jax.distill import loop
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Benchmark directory.', required=True)
 _IPCS = flags.DEFINE_list('ipcs', ['1', '3', '10'], 'Images per class.')
@@ -67,7 +66,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def digits_config(ipc: int, seed: int, method: str = 'dm'):
   preset, variant, extractor, overrides = RUNS.get(method, RUNS['dm'])
-  config = config_lib.variant_config(
+  config = presets.variant_config(
     config_lib.load_config(
       os.path.join(REPO, 'configs', 'digits.py')
       + f':ipc={ipc},method={preset},cc={extractor},iid=reference',
@@ -107,16 +106,15 @@ def main(argv):
         if method not in LABELS:
           raise ValueError(f'--methods: unknown {method!r}; choose from {list(LABELS)}.')
         config = digits_config(ipc, seed, method)
-        data = data or loop.prepare_data(config)
+        settings = experiment.validate_config(config)
+        data = data or run.prepare_data(settings)
         start = time.perf_counter()
         print(f'=== ipc {ipc} seed {seed} {LABELS[method]} ===', flush=True)
         if method == 'random_real':
-          evaluation = compare.evaluate_random_real(
-            config, experiment.validate_config(config), data
-          )
+          evaluation = compare.evaluate_random_real(settings, data)
         else:
           run_dir = os.path.join(_WORKDIR.value, f'ipc{ipc}', f'seed{seed}', method)
-          evaluation = loop.run(config, run_dir, data)['eval']
+          evaluation = run.run(config, run_dir, data, settings)['eval']
         record = {
           'ipc': ipc,
           'seed': seed,

@@ -4,7 +4,8 @@
   python experiments/gpu_check.py --out=/tmp/gpu_check --smoke    # anywhere: under 3 minutes
 
 Steps, each a subprocess with its own time limit (a failing step is recorded, the rest still run):
-1. environment: Python, jax, the devices and their memory;
+1. environment: Python, jax, the devices and their memory, and the lowering a run resolves on
+   them (`dd_jax.lowering.resolve('auto')`: 'accelerator' on a GPU);
 2. tests: the device-relevant part of the suite (sharding, networks, the DM and IDM steps);
 3. speed: `bench_speed.py` for DM, DM + IID and IDM + IID at IPC 1 / 10 / 50 with the device's
    peak memory, and evaluation of 5 networks trained together (vmap) against one at a time;
@@ -37,6 +38,7 @@ _ARCHIVE = flags.DEFINE_string(
 
 ENVIRONMENT = """
 import json, sys, jax
+from dd_jax import lowering
 devices = jax.devices()
 memory = {}
 for device in devices:
@@ -44,6 +46,7 @@ for device in devices:
   memory[str(device)] = stats.get('bytes_limit')
 print(json.dumps({'python': sys.version.split()[0], 'jax': jax.__version__,
                   'backend': jax.default_backend(),
+                  'lowering': lowering.resolve('auto').name,
                   'devices': [f'{d.device_kind} ({d.platform})' for d in devices],
                   'memory_bytes_limit': memory}))
 """

@@ -1,5 +1,6 @@
 """Timing helpers shared by the benchmark scripts (no flags: safe to import from any of them)."""
 
+import dataclasses
 import json
 import os
 import platform
@@ -10,6 +11,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from dd_jax import lowering as lowering_lib
+from dd_jax.models import kernels
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -91,6 +95,25 @@ def environment() -> dict:
     'device': f'{device.platform}: {device.device_kind}',
     'machine': f'{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores',
   }
+
+
+def conv_text(conv: kernels.ConvLowering) -> str:
+  """'winograd + folded norm', 'xla', ...: a `ConvLowering` in a table."""
+  return conv.impl + (' + folded norm' if conv.fold_norm else '')
+
+
+def describe(lowering: lowering_lib.Lowering) -> str:
+  """The lowering's name and the fields in which it differs from the lowering of that name
+  ('cpu'; 'cpu, train_conv im2col + folded norm, microbatch_pixels 0'): what a record was
+  traced with."""
+  named = lowering_lib.resolve(lowering.name)
+  changed = [
+    f'{field.name} '
+    + (conv_text(value) if isinstance(value, kernels.ConvLowering) else repr(value))
+    for field in dataclasses.fields(lowering)
+    if (value := getattr(lowering, field.name)) != getattr(named, field.name)
+  ]
+  return ', '.join([lowering.name, *changed])
 
 
 def write_results(path: str, results: dict) -> None:

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 from dd_jax import config as config_lib  # noqa: E402
 from dd_jax import data as data_lib  # noqa: E402
+from dd_jax import lowering as lowering_lib  # noqa: E402
 from dd_jax import pool as pool_lib  # noqa: E402
 from dd_jax import train as train_lib  # noqa: E402
 from dd_jax.distill import base  # noqa: E402
@@ -177,7 +178,7 @@ def saved_pool(tiny_dataset, tmp_path_factory):
   both as read-only; copy the directory to change it)."""
   directory = str(tmp_path_factory.mktemp('pools') / 'tiny')
   return pool_lib.train_pool(
-    tiny_dataset, TINY_POOL, log=lambda _: None, directory=directory
+    tiny_dataset, TINY_POOL, lowering_lib.CPU, log=lambda _: None, directory=directory
   ), directory
 
 

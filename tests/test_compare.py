@@ -6,30 +6,26 @@ import shutil
 import numpy as np
 import pytest
 
-from dd_jax import compare
-from dd_jax import config as config_lib
+from dd_jax import compare, experiment, presets
 from dd_jax import data as data_lib
 from dd_jax import pool as pool_lib
-from dd_jax.distill import loop
+from dd_jax import run as run_lib
 
 
 def test_method_labels(tiny_config):
   config = tiny_config()
-  assert config_lib.method_label(config) == 'DM + IID (reference)'
-  assert config_lib.method_label(config_lib.variant_config(config, 'dm')) == 'DM'
-  assert config_lib.method_label(config_lib.variant_config(config, 'dm_cm')) == 'DM + CM'
+  assert presets.method_label(config) == 'DM + IID (reference)'
+  assert presets.method_label(presets.variant_config(config, 'dm')) == 'DM'
+  assert presets.method_label(presets.variant_config(config, 'dm_cm')) == 'DM + CM'
   idm_config = tiny_config(
     method='idm', **{'constraints.cc.weight': 0.0, 'constraints.cm.weight': 0.0}
   )
-  assert config_lib.method_label(idm_config) == 'IDM'
+  assert presets.method_label(idm_config) == 'IDM'
   assert (
-    config_lib.method_label(config_lib.variant_config(idm_config, 'idm_iid'))
-    == 'IDM + IID (reference)'
+    presets.method_label(presets.variant_config(idm_config, 'idm_iid')) == 'IDM + IID (reference)'
   )
   pooled = tiny_config(**{'constraints.cc.extractor': 'pool'})
-  assert config_lib.method_label(pooled).startswith(
-    'DM + IID (reference, CC on pool: 1000 ResNet18'
-  )
+  assert presets.method_label(pooled).startswith('DM + IID (reference, CC on pool: 1000 ResNet18')
   scale_free = {
     ('relative', 0.1, 1.0): 'DM + IID (CC relative 0.1)',
     ('threshold', 1.0, 0.5): 'DM + IID (CC threshold 1 tau 0.5)',
@@ -37,8 +33,8 @@ def test_method_labels(tiny_config):
   }
   for (form, weight, tau), label in scale_free.items():
     overrides = {'constraints.cc.form': form, 'constraints.cc.weight': weight}
-    assert config_lib.method_label(tiny_config(**overrides, **{'constraints.cc.tau': tau})) == label
-  assert config_lib.method_label(tiny_config(**{'constraints.cm.weight': 0.02})) == (
+    assert presets.method_label(tiny_config(**overrides, **{'constraints.cc.tau': tau})) == label
+  assert presets.method_label(tiny_config(**{'constraints.cm.weight': 0.02})) == (
     'DM + IID (CM 0.02)'
   )
 
@@ -126,7 +122,7 @@ def test_too_little_disk_is_refused_before_the_baselines(
   tmp_path, capsys, monkeypatch, tiny_config
 ):
   usage = shutil.disk_usage(tmp_path)
-  monkeypatch.setattr(loop.shutil, 'disk_usage', lambda path: usage._replace(free=1000))
+  monkeypatch.setattr(run_lib.shutil, 'disk_usage', lambda path: usage._replace(free=1000))
   config = tiny_config(**{'compare.random_real': True, 'compare.variants': 'dm'})
   with pytest.raises(OSError, match=r'the 2 unfinished run\(s\) of this comparison need about'):
     compare.run_with_baselines(config, str(tmp_path / 'run'))
@@ -163,3 +159,14 @@ def test_a_pool_for_other_data_is_refused_before_the_baselines(
   with pytest.raises(ValueError, match='built for different data'):
     compare.run_with_baselines(config, str(tmp_path))
   assert 'random real' not in capsys.readouterr().out
+
+
+def test_every_run_validates_its_config_once(tmp_path, monkeypatch, tiny_config):
+  """The main run and its variant: two runs, two validations (none repeated downstream)."""
+  calls = []
+  validate = experiment.validate_config
+  monkeypatch.setattr(
+    experiment, 'validate_config', lambda config: calls.append(config.method) or validate(config)
+  )
+  compare.run_with_baselines(tiny_config(**{'compare.variants': 'dm'}), str(tmp_path))
+  assert len(calls) == 2

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from dd_jax import config as config_lib
-from dd_jax import experiment, info
+from dd_jax import experiment, info, presets
+from dd_jax.distill import methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,22 +65,22 @@ def test_load_config_applies_overrides_as_the_command_line():
 
 
 def test_method_variants_take_reference_or_configured_weights():
-  assert config_lib.split_variant('idm_cm') == ('idm', False, True)
+  assert presets.split_variant('idm_cm') == ('idm', False, True)
   with pytest.raises(ValueError, match="'gm_iid' is not a method variant"):
-    config_lib.split_variant('gm_iid')
+    presets.split_variant('gm_iid')
   config = config_lib.default_config()
-  config_lib.set_method(config, 'idm_iid')
+  presets.set_method(config, 'idm_iid')
   assert (config.method, config.distill.lr) == ('idm', 0.2)
   assert (config.constraints.cc.weight, config.constraints.cm.weight) == (0.01, 0.03)
   config.constraints.cm.weight = 0.5
-  cm_only = config_lib.variant_config(config, 'idm_cm')
+  cm_only = presets.variant_config(config, 'idm_cm')
   assert (cm_only.constraints.cc.weight, cm_only.constraints.cm.weight) == (0.0, 0.5)
-  plain = config_lib.variant_config(config, 'idm')
+  plain = presets.variant_config(config, 'idm')
   assert (plain.constraints.cc.weight, plain.constraints.cm.weight) == (0.0, 0.0)
   # A variant of a plain config takes the method's default IID setting.
-  assert config_lib.variant_config(plain, 'idm_cc').constraints.cc.weight == 0.01
+  assert presets.variant_config(plain, 'idm_cc').constraints.cc.weight == 0.01
   with pytest.raises(ValueError, match=r"'dm' is not a variant of a method='idm' config"):
-    config_lib.variant_config(config, 'dm')
+    presets.variant_config(config, 'dm')
 
 
 def test_paper_presets_follow_the_paper():
@@ -225,26 +226,26 @@ def test_info_resolves_a_config_with_overrides():
 
 def test_iid_settings_default_and_reference():
   digits = _load_config_file('configs/digits.py', '')
-  default = config_lib.IID_SETTINGS['default']['dm']
+  default = methods.get('dm').presets.iid['default']
   cc = digits.constraints.cc
   assert (cc.form, cc.weight, digits.constraints.cm.weight) == (
     default.cc_form,
     default.cc_weight,
     default.cm_weight,
   )
-  assert config_lib.method_label(digits) != 'DM + IID (reference)'
+  assert presets.method_label(digits) != 'DM + IID (reference)'
   reference = _load_config_file('configs/digits.py', 'iid=reference')
-  assert config_lib.method_label(reference) == 'DM + IID (reference)'
+  assert presets.method_label(reference) == 'DM + IID (reference)'
   assert (reference.constraints.cc.form, reference.constraints.cc.weight) == ('squared', 0.05)
   # The paper presets reproduce the paper unless asked otherwise.
   paper = _load_config_file('configs/paper.py', 'budget=cpu')
-  assert config_lib.method_label(paper) == 'DM + IID (reference)'
+  assert presets.method_label(paper) == 'DM + IID (reference)'
   paper_default = _load_config_file('configs/paper.py', 'budget=cpu,iid=default')
   assert paper_default.constraints.cc.form == default.cc_form
   # The plain-DM variant of the default zeroes both terms; its IID variant restores the default.
-  plain = config_lib.variant_config(digits, 'dm')
+  plain = presets.variant_config(digits, 'dm')
   assert (plain.constraints.cc.weight, plain.constraints.cm.weight) == (0.0, 0.0)
-  restored = config_lib.variant_config(plain, 'dm_iid').constraints.cc
+  restored = presets.variant_config(plain, 'dm_iid').constraints.cc
   assert (restored.form, restored.weight) == (default.cc_form, default.cc_weight)
   with pytest.raises(ValueError, match=r"iid='best': choose one of \['default', 'reference'\]"):
     _load_config_file('configs/digits.py', 'iid=best')

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dd_jax import data
+from dd_jax import config as config_lib
+from dd_jax import data, keys
 from dd_jax.data import ClassSampler, DataError, check_ipc, load_dataset, prepare_tfds
 from dd_jax.data import folder as folder_lib
 
@@ -450,6 +451,31 @@ def test_a_split_dataset_is_not_split_again():
   split = data.hold_out_validation(_indexed_dataset(), 0.2, jax.random.key(0))
   with pytest.raises(DataError, match='already held out'):
     data.hold_out_validation(split, 0.2, jax.random.key(0))
+
+
+def test_dataset_settings_from_config_open_the_configured_split(digits):
+  config = config_lib.default_config()
+  assert data.DatasetSettings.from_config(config) == data.DatasetSettings()  # defaults agree
+  config.dataset.name = 'digits'
+  config.dataset.validation_fraction = 0.2
+  config.dataset.validation_seed = 3
+  settings = data.DatasetSettings.from_config(config)
+  assert settings == data.DatasetSettings(name='digits', validation_fraction=0.2, validation_seed=3)
+  # The split is held out with the key of its own seed's 'validation' stream.
+  opened = data.open_dataset(settings)
+  expected = data.hold_out_validation(digits, 0.2, keys.run_key(3, 'validation'))
+  assert opened.held_out == 'validation'
+  for field in ('train_images', 'train_labels', 'test_images', 'test_labels'):
+    np.testing.assert_array_equal(getattr(opened, field), getattr(expected, field), err_msg=field)
+  other_seed = data.open_dataset(dataclasses.replace(settings, validation_seed=4))
+  assert not np.array_equal(other_seed.test_images, opened.test_images)
+  # Without a fraction: the dataset as loaded, its test set the accuracies' data.
+  whole = data.open_dataset(dataclasses.replace(settings, validation_fraction=0.0))
+  assert whole.held_out == 'test'
+  np.testing.assert_array_equal(whole.test_images, digits.test_images)
+  config.dataset.validation_fraction = 1.0
+  with pytest.raises(ValueError, match=r'^config\.dataset\.validation_fraction=1\.0 must lie'):
+    data.DatasetSettings.from_config(config)
 
 
 # ---------------------------------------------------------------------------- sampler

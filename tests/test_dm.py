@@ -12,7 +12,8 @@ from dd_jax import data as data_lib
 from dd_jax import extractors, losses, models
 from dd_jax import keys as keys_lib
 from dd_jax.distill import base, dm
-from dd_jax.models import layers
+from dd_jax.lowering import CPU
+from dd_jax.models.kernels import ConvLowering
 
 STRATEGY = 'color_crop_cutout_scale_rotate'
 
@@ -30,10 +31,10 @@ def _settings(**fields):
   return base.DistillSettings(**{**defaults, **fields})
 
 
-def _setup(digits, net=None, extractor=extractors.matching_net_extractor, **fields):
+def _setup(digits, net=None, extractor=extractors.matching_net_extractor, lowering=CPU, **fields):
   settings = _settings(**fields)
   net = net or models.get_network('ConvNetW32', digits.num_classes)
-  step = dm.make_dm_step(net, settings, base.DataSpec.of(digits), extractor)
+  step = dm.make_dm_step(net, settings, base.DataSpec.of(digits), lowering, extractor)
   labels = np.repeat(np.arange(digits.num_classes), settings.ipc)
   images = jax.random.normal(jax.random.key(0), (len(labels), 8, 8, 1))
   state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
@@ -55,10 +56,10 @@ def test_step_compiles_once_and_updates_images(digits):
     state, metrics = step(state, sampler)
   assert int(state.step) == 5
   assert not np.allclose(state.images, initial)
-  for name in ('loss', 'dm', 'cc', 'cm', 'grad_norm'):
+  for name in ('loss', 'match', 'cc', 'cm', 'grad_norm'):
     assert np.isfinite(float(metrics[name])), name
   np.testing.assert_allclose(
-    metrics['loss'], metrics['dm'] + 0.05 * metrics['cc'] + 0.01 * metrics['cm'], rtol=1e-5
+    metrics['loss'], metrics['match'] + 0.05 * metrics['cc'] + 0.01 * metrics['cm'], rtol=1e-5
   )
 
 
@@ -74,7 +75,7 @@ def test_cc_uses_the_pluggable_extractor(digits):
     outputs[name] = step(state, sampler)[1]
   np.testing.assert_allclose(outputs['scaled']['cc'], 4.0 * outputs['matching']['cc'], rtol=1e-4)
   assert float(outputs['constant']['cc']) == 0.0
-  np.testing.assert_allclose(outputs['constant']['dm'], outputs['matching']['dm'], rtol=1e-6)
+  np.testing.assert_allclose(outputs['constant']['match'], outputs['matching']['match'], rtol=1e-6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ class _FixedKeyNetwork(models.Network):
 def test_num_nets_is_the_mean_of_single_network_steps_with_the_same_networks(digits):
   """A step matching 3 networks equals the mean of three one-network steps, each given one of
   those networks (same real batch, augmentation and state): terms and image update."""
-  net = models.get_network('ConvNetW32', digits.num_classes, conv_impl='xla')
+  net = models.get_network('ConvNetW32', digits.num_classes)
   step, state, sampler = _setup(digits, net=net, num_nets=3)
   three_state, three = step(state, sampler)
   step_key = keys_lib.step_key(state.key, state.step)
@@ -104,7 +105,7 @@ def test_num_nets_is_the_mean_of_single_network_steps_with_the_same_networks(dig
     )
     one_step, _, _ = _setup(digits, net=fixed, num_nets=1)
     singles.append(one_step(state, sampler))
-  for name in ('loss', 'dm', 'cc', 'cm'):
+  for name in ('loss', 'match', 'cc', 'cm'):
     values = [float(metrics[name]) for _, metrics in singles]
     assert len(set(np.round(values, 3))) == 3, name  # three different networks
     np.testing.assert_allclose(float(three[name]), np.mean(values), rtol=1e-5)
@@ -125,7 +126,7 @@ def test_batchnorm_step_pools_all_classes_statistics(digits):
   settings = dataclasses.replace(
     _settings(batch_real=4, strategy='none'), weights=losses.ObjectiveWeights(cc=0.0, cm=0.0)
   )
-  step = dm.make_dm_step(net, settings, spec)
+  step = dm.make_dm_step(net, settings, spec, CPU)
   images = jax.random.normal(jax.random.key(0), (20, 8, 8, 1))
   state = base.init_state(
     images, np.repeat(np.arange(10), 2), settings.image_optimizer(), jax.random.key(1)
@@ -149,7 +150,7 @@ def test_batchnorm_step_pools_all_classes_statistics(digits):
     embed(syn.reshape(20, 8, 8, 1)).reshape(10, 2, -1),
   )
   per_class = dm_term([embed(r) for r in real], [embed(s) for s in syn])
-  np.testing.assert_allclose(float(metrics['dm']), pooled, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['match']), pooled, rtol=1e-5)
   assert abs(per_class - pooled) > 1e-3 * abs(pooled)
 
 
@@ -158,7 +159,9 @@ def test_ipc1_constraints_vanish(digits):
   results = []
   for weights in (losses.ObjectiveWeights.reference_iid(), losses.ObjectiveWeights()):
     settings = dataclasses.replace(_settings(ipc=1, strategy='none'), weights=weights)
-    step = dm.make_dm_step(models.get_network('ConvNetW32', 10), settings, base.DataSpec.of(digits))
+    step = dm.make_dm_step(
+      models.get_network('ConvNetW32', 10), settings, base.DataSpec.of(digits), CPU
+    )
     state = base.init_state(
       jax.random.normal(jax.random.key(0), (10, 8, 8, 1)),
       np.arange(10),
@@ -174,8 +177,8 @@ def test_ipc1_constraints_vanish(digits):
 def test_fast_real_embedding_equals_the_straightforward_one(digits):
   """XLA convolutions with the real batch in chunks of 4 == im2col one class at a time."""
   outcomes = []
-  for conv_impl, real_chunk in (('im2col', 8), ('xla', 4), ('xla', 16)):
-    net = models.get_network('ConvNetW32', digits.num_classes, conv_impl=conv_impl)
+  for impl, real_chunk in (('im2col', 8), ('xla', 4), ('xla', 16)):
+    net = models.get_network('ConvNetW32', digits.num_classes, conv=ConvLowering(impl))
     step, state, sampler = _setup(digits, net=net, real_chunk=real_chunk)
     for _ in range(2):
       state, metrics = step(state, sampler)
@@ -187,7 +190,7 @@ def test_fast_real_embedding_equals_the_straightforward_one(digits):
       assert fast_metrics[name] == pytest.approx(value, rel=2e-5), name
   with pytest.raises(ValueError, match='real_chunk=3 must divide the 10 x 8 real images'):
     dm.make_dm_step(
-      models.get_network('ConvNetW32', 10), _settings(real_chunk=3), base.DataSpec.of(digits)
+      models.get_network('ConvNetW32', 10), _settings(real_chunk=3), base.DataSpec.of(digits), CPU
     )
 
 
@@ -206,22 +209,22 @@ def test_synthetic_images_in_chunks_equal_one_pass(digits):
       assert chunked_metrics[name] == pytest.approx(value, rel=2e-5), name
   with pytest.raises(ValueError, match='syn_chunk=3 must divide the 10 x 2 synthetic images'):
     dm.make_dm_step(
-      models.get_network('ConvNetW32', 10), _settings(syn_chunk=3), base.DataSpec.of(digits)
+      models.get_network('ConvNetW32', 10), _settings(syn_chunk=3), base.DataSpec.of(digits), CPU
     )
 
 
 def test_synthetic_images_fold_their_first_norm_into_their_first_convolution(digits):
-  """With XLA's convolutions on CPU, the synthetic images (not the real ones) take the first
-  layer as `layers.conv_instance_norm`: two XLA convolutions fewer per synthetic chunk in the
-  traced step, and the same step as without the fold to float rounding."""
-  net = models.get_network('ConvNetW32', digits.num_classes, conv_impl='xla')
+  """The CPU lowering's synthetic images (not the real ones) take the first layer as
+  `kernels.conv_instance_norm`: two XLA convolutions fewer per synthetic chunk in the traced
+  step, and the same step as without the fold to float rounding."""
+  net = models.get_network('ConvNetW32', digits.num_classes)
   outcomes = []
   for fold in (True, False):
-    with layers.fold_norm(fold):  # acts when the step is traced
-      step, state, sampler = _setup(digits, net=net, syn_chunk=4)
-      jaxpr = str(jax.make_jaxpr(step.jitted)(*step.arguments(state, sampler)))
-      for _ in range(2):
-        state, metrics = step(state, sampler)
+    lowering = dataclasses.replace(CPU, synthetic_conv=ConvLowering('xla', fold_norm=fold))
+    step, state, sampler = _setup(digits, net=net, lowering=lowering, syn_chunk=4)
+    jaxpr = str(jax.make_jaxpr(step.jitted)(*step.arguments(state, sampler)))
+    for _ in range(2):
+      state, metrics = step(state, sampler)
     outcomes.append((jaxpr.count('conv_general_dilated'), np.asarray(state.images), dict(metrics)))
   (folded_convs, images, metrics), (plain_convs, plain_images, plain_metrics) = outcomes
   # Per synthetic chunk (5 of 4 images): the first convolution's forward and image gradient.
@@ -236,7 +239,7 @@ def test_synthetic_images_fold_their_first_norm_into_their_first_convolution(dig
 )
 def test_default_synthetic_chunk_on_cpu(ipc, classes, expected):
   # At most 64 images per pass, or a tenth of them: never more than 10 unrolled passes.
-  assert dm.resolve_syn_chunk(_settings(ipc=ipc), classes) == expected
+  assert dm.resolve_syn_chunk(_settings(ipc=ipc), classes, CPU) == expected
 
 
 def test_siamese_augmentation_is_shared_by_real_and_synthetic_images_of_a_class(digits):
@@ -258,5 +261,5 @@ def test_siamese_augmentation_is_shared_by_real_and_synthetic_images_of_a_class(
     data_lib.sample_all_classes(sampler, keys_lib.stream(step_key, 'real'), 4), spec.mean, spec.std
   )
   state = state.replace(images=real.reshape(40, 8, 8, 1))
-  step = dm.make_dm_step(models.get_network('ConvNetW32', 10), settings, spec)
-  assert float(step(state, sampler)[1]['dm']) == pytest.approx(0.0, abs=1e-8)
+  step = dm.make_dm_step(models.get_network('ConvNetW32', 10), settings, spec, CPU)
+  assert float(step(state, sampler)[1]['match']) == pytest.approx(0.0, abs=1e-8)

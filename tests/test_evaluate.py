@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from dd_jax import config as config_lib
-from dd_jax import evaluate
+from dd_jax import evaluate, lowering
 from dd_jax import train as train_lib
 
 
@@ -26,7 +26,9 @@ def test_evaluate_set_learns_a_separable_problem():
     recipe=train_lib.SGDRecipe(batch_size=8),
     augment_strategy='none',
   )
-  accuracies = evaluate.evaluate_set(jax.random.key(0), images, labels, images, labels, 3, settings)
+  accuracies = evaluate.evaluate_set(
+    jax.random.key(0), images, labels, images, labels, 3, settings, lowering.CPU
+  )
   assert accuracies.shape == (3,)
   np.testing.assert_array_equal(accuracies, 100.0)
   # Untrained (zero epochs is not allowed; one tiny-lr epoch is near chance).
@@ -44,6 +46,7 @@ def test_evaluate_set_learns_a_separable_problem():
       recipe=train_lib.SGDRecipe(lr=1e-6),
       augment_strategy='none',
     ),
+    lowering.CPU,
   )
   assert weak.mean() < 90.0
 
@@ -83,6 +86,7 @@ def test_cross_architecture_reports_each_network_and_the_largest_drop():
     3,
     ('ConvNetW32', 'MLP', 'ResNet18'),
     settings,
+    lowering.CPU,
     reference='ConvNetW32',
   )
   results = report['results']

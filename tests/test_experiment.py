@@ -9,7 +9,7 @@ from conftest import PAPER_SHAPES
 
 from dd_jax import config as config_lib
 from dd_jax import data as data_lib
-from dd_jax import experiment, models
+from dd_jax import experiment, models, presets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,12 +46,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ('idm.ce_weight', -1.0, r'config.idm.ce_weight=-1.0 must be >= 0'),
     ('dataset.validation_fraction', 1.0, r'validation_fraction=1.0 must lie in \[0, 1\)'),
     ('constraints.cc.tau', -1.0, r'config.constraints.cc.tau=-1.0 must be >= 0'),
+    ('compute.lowering', 'gpu', r"config.compute.lowering='gpu' is not valid; choose one of"),
+    ('compute.precision', 'half', r"config.compute.precision='half' is not valid; choose one"),
   ],
 )
 def test_validate_config_names_the_field(field, value, message):
   config = config_lib.default_config()
   if field.startswith('idm.'):  # IDM's fields are checked when it is the method
-    config_lib.set_method(config, 'idm')
+    presets.set_method(config, 'idm')
   experiment.validate_config(config)  # the default is valid
   section, _, name = field.rpartition('.')
   target = config

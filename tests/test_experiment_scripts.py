@@ -17,10 +17,13 @@ import pytest
 from conftest import float64
 
 from dd_jax import flops, models, train
-from dd_jax.models import layers
+from dd_jax.models import kernels
+
+pytestmark = pytest.mark.integration  # the experiment scripts as subprocesses
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / 'experiments'
-SCRIPTS = sorted(EXPERIMENTS.glob('*.py'))
+PROBES = EXPERIMENTS / 'probes'  # CPU speed probes (experiments/probes/README.md)
+SCRIPTS = sorted([*EXPERIMENTS.glob('*.py'), *PROBES.glob('*.py')])
 
 
 def _flag_defaults(path: pathlib.Path) -> dict[str, ast.expr]:
@@ -40,7 +43,7 @@ def _flag_defaults(path: pathlib.Path) -> dict[str, ast.expr]:
 
 def test_the_scripts_are_found():
   names = {path.name for path in SCRIPTS}
-  assert {'bench_speed.py', 'kill_resume.py', 'grid.py'} <= names
+  assert {'bench_speed.py', 'kill_resume.py', 'grid.py', 'profile_train_step.py'} <= names
   assert _flag_defaults(EXPERIMENTS / 'bench_speed.py')  # the parser sees the flags
 
 
@@ -55,7 +58,7 @@ def test_no_default_output_inside_the_committed_results(path):
 
 
 MODULES = sorted(
-  [*EXPERIMENTS.glob('*.py'), *(EXPERIMENTS.parent / 'configs').glob('*.py')]
+  [*SCRIPTS, *(EXPERIMENTS.parent / 'configs').glob('*.py')]
   + list((EXPERIMENTS.parent / 'dd_jax').rglob('*.py'))
 )
 
@@ -70,10 +73,10 @@ def test_docstring_commands_keep_their_line_breaks(path):
 
 
 @functools.cache  # once per script: a second import would define its absl flags twice
-def _load(name: str):
+def _load(name: str, folder: pathlib.Path = EXPERIMENTS):
   sys.path.insert(0, str(EXPERIMENTS))  # the scripts import their sibling `timing`
   try:
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f'{name}.py')
+    spec = importlib.util.spec_from_file_location(name, folder / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
   finally:
@@ -85,9 +88,11 @@ def test_bench_train_gemms_counts_the_products_of_the_real_step():
   # The benchmark's bound is the sum of the step's matrix products at the shapes it lists: they
   # must be the products the im2col SGD step actually runs (the counter reads its jaxpr), which
   # add only the classifier's forward, weight and feature gradients.
-  bench = _load('bench_train_gemms')
+  # The benchmark's steps keep the first norm unfolded (the folded one adds a small per-sample
+  # patch covariance, counted in test_flops).
+  bench = _load('bench_train_gemms', PROBES)
   images = 3
-  net = models.get_network('ConvNet', 10, conv_impl='im2col')
+  net = models.get_network('ConvNet', 10, conv=kernels.ConvLowering('im2col'))
   variables = net.init(jax.random.key(0), (1, 32, 32, 3))
   optimizer = optax.sgd(0.01, momentum=0.9)
   x, y = jnp.ones((images, 32, 32, 3)), jnp.arange(images)
@@ -95,10 +100,7 @@ def test_bench_train_gemms_counts_the_products_of_the_real_step():
   def step(variables, opt_state):
     return train.sgd_step(net, optimizer, variables, opt_state, x, y)[:2]
 
-  # The benchmark traces its steps with the first norm unfolded (the folded one adds a small
-  # per-sample patch covariance, counted in test_flops).
-  with layers.fold_norm(False):
-    counted = flops.count(step, variables, optimizer.init(variables['params']))
+  counted = flops.count(step, variables, optimizer.init(variables['params']))
   listed = sum(2 * m * k * n for _, m, k, n in bench.step_gemms(images))
   classifier = 3 * 2 * images * 2048 * 10
   assert counted == listed + classifier
@@ -107,7 +109,7 @@ def test_bench_train_gemms_counts_the_products_of_the_real_step():
 def test_bench_train_gemms_hybrid_convolution_has_the_gradients_of_xla_convolution():
   # The benchmark's alternative step must compute the same convolution and gradients as XLA's
   # (float64 so that a wrong flip or padding cannot hide in rounding).
-  bench = _load('bench_train_gemms')
+  bench = _load('bench_train_gemms', PROBES)
   with float64():
     x = jax.random.normal(jax.random.key(0), (2, 6, 5, 3), jnp.float64)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.float64)
@@ -169,7 +171,7 @@ def test_profile_train_step_attributes_the_step_time_to_its_ops(tmp_path):
   # instance norm, folded into one on CPU) is among them.
   out = tmp_path / 'profile.json'
   completed = _run_script(
-    'profile_train_step.py', '--images=4', '--image_size=8', '--steps=2', f'--out={out}'
+    'probes/profile_train_step.py', '--images=4', '--image_size=8', '--steps=2', f'--out={out}'
   )
   assert '| ms per step | share | op |' in completed.stdout
   results = json.loads(out.read_text())
@@ -186,7 +188,7 @@ def test_bench_microbatch_times_the_split_steps_and_checks_them(tmp_path):
   # 6 images in passes of 4: one full pass and a partial one, against the whole batch.
   out = tmp_path / 'microbatch.json'
   completed = _run_script(
-    'bench_microbatch.py',
+    'probes/bench_microbatch.py',
     '--batches=6',
     '--microbatches=0,4',
     '--steps=1',

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dd_jax import data as data_lib
-from dd_jax import extractors, losses
+from dd_jax import extractors, losses, lowering
 from dd_jax import train as train_lib
 from dd_jax.distill import base, dm, idm
 
@@ -98,15 +98,15 @@ def test_steps_receive_only_the_drawn_members_and_match_a_draw_inside_jit(
   if method == 'dm':
     num_drawn = 2
     settings = base.DistillSettings(num_nets=num_drawn, **common)
-    make = lambda extractor: dm.make_dm_step(net, settings, spec, extractor)
+    make = lambda extractor: dm.make_dm_step(net, settings, spec, lowering.CPU, extractor)
     state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
   else:
     num_drawn = 1
     settings = idm.IDMSettings(
       queue_capacity=3, train_steps=1, queue_recipe=train_lib.SGDRecipe(batch_size=4), **common
     )
-    make = lambda extractor: idm.make_idm_step(net, settings, spec, extractor)
-    state = idm.init_idm_state(images, labels, net, settings, jax.random.key(1), jax.random.key(2))
+    make = lambda extractor: idm.make_idm_step(net, settings, spec, lowering.CPU, extractor)
+    state = idm.init_idm_state(images, labels, net, settings, seed=1)
   runs = {}
   for name, extractor in [('inside', inside), ('host', host)]:
     step, current, cc = make(extractor), state, []
@@ -147,16 +147,14 @@ def test_scale_free_forms_take_the_real_spread_under_the_cc_extractor(pool, tiny
     )
     if method == 'dm':
       settings = base.DistillSettings(**common)
-      step = dm.make_dm_step(net, settings, spec, extractor)
+      step = dm.make_dm_step(net, settings, spec, lowering.CPU, extractor)
       state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
     else:
       settings = idm.IDMSettings(
         queue_capacity=3, train_steps=1, queue_recipe=train_lib.SGDRecipe(batch_size=4), **common
       )
-      step = idm.make_idm_step(net, settings, spec, extractor)
-      state = idm.init_idm_state(
-        images, labels, net, settings, jax.random.key(1), jax.random.key(2)
-      )
+      step = idm.make_idm_step(net, settings, spec, lowering.CPU, extractor)
+      state = idm.init_idm_state(images, labels, net, settings, seed=1)
     for _ in range(3):
       state, metrics = step(state, sampler)
       assert np.isfinite(float(metrics['cc'])) and float(metrics['cc']) > 0

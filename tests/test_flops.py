@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from dd_jax import flops, models
-from dd_jax.models import layers
+from dd_jax.models import kernels
 
 
 def test_matmul_conv_scan_and_cond():
@@ -25,22 +25,34 @@ def test_matmul_conv_scan_and_cond():
   assert flops.count(jax.grad(loss), a, b) == 2 * (2 * 3 * 4 * 5)
 
 
-@pytest.mark.parametrize('conv_impl', ['xla', 'im2col'])
-def test_convnet_forward_matches_the_published_layer_shapes(conv_impl):
+@pytest.mark.parametrize('impl', kernels.CONV_IMPLS)
+def test_convnet_forward_matches_the_published_layer_shapes(impl):
   # ConvNet (width 128, depth 3) at 32x32x3: 3x3 convolutions at 32, 16 and 8 pixels square.
-  net = models.get_network('ConvNet', 10, conv_impl=conv_impl)
+  net = models.get_network('ConvNet', 10, conv=kernels.ConvLowering(impl))
   variables = net.init(jax.random.key(0), (1, 32, 32, 3))
   expected_convs = 2 * (32 * 32 * 128 * 27 + 16 * 16 * 128 * 1152 + 8 * 8 * 128 * 1152)
   expected_classifier = 2 * 2048 * 10
-  with layers.fold_norm(False):  # the published layers: convolution, then its instance norm
-    counted = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
-  assert counted == 4 * (expected_convs + expected_classifier)
-  # On CPU the first norm is folded into its convolution (im2col and Winograd layers, not XLA's
-  # convolution): the same product with per-sample weights, plus each sample's [27, 27] patch
+  published = 4 * (expected_convs + expected_classifier)
+  # Without the fold: the published layers, convolution then its instance norm.
+  counted = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
+  if impl == 'winograd':  # layers 2 and 3 (128 channels) take fewer products
+    assert counted < published
+  else:
+    assert counted == published
+  # With fold_norm, whatever the convolution's impl, the first norm is folded into its
+  # convolution: the same product with per-sample weights, plus each sample's [27, 27] patch
   # covariance over 32 x 32 positions, w^T C w per channel (as C w, then a per-channel dot) and
   # the patch mean's product with w.
-  # (A new function: jax would reuse the trace of the same one.)
-  folded = flops.count(lambda x: net.apply(variables, x), jnp.ones((4, 32, 32, 3)))
+  folding = net.with_conv(kernels.ConvLowering(impl, fold_norm=True))
+  folded = flops.count(lambda x: folding.apply(variables, x), jnp.ones((4, 32, 32, 3)))
   patch, width = 27, 128
   fold_extra = 2 * (32 * 32 * patch * patch + patch * patch * width + 2 * patch * width)
-  assert folded == counted + (4 * fold_extra if conv_impl == 'im2col' else 0)
+  assert folded == counted + 4 * fold_extra
+  # Only a first layer's small patch is folded: on 8 input channels (72 values per patch, above
+  # FOLD_NORM_MAX_PATCH) the folding network computes what the other one does.
+  wide = (4, 32, 32, 8)
+  assert 3 * 3 * wide[-1] > kernels.FOLD_NORM_MAX_PATCH
+  wide_variables = net.init(jax.random.key(0), wide)
+  assert flops.count(lambda x: folding.apply(wide_variables, x), jnp.ones(wide)) == flops.count(
+    lambda x: net.apply(wide_variables, x), jnp.ones(wide)
+  )

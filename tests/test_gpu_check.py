@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # the GPU check script, smoke mode
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -86,7 +86,9 @@ def test_grid_skips_finished_runs_and_resumes_the_rest(tmp_path, monkeypatch, ca
   monkeypatch.setattr(
     compare,
     'run_with_baselines',
-    lambda config, workdir: calls.append(workdir) or real_compare(config, workdir),
+    lambda config, workdir, settings: (
+      calls.append(workdir) or real_compare(config, workdir, settings)
+    ),
   )
   records = grid.run_grid(runs, root, base_dir=REPO)
   assert calls == [os.path.join(root, 'iid')]  # the finished run was not touched

@@ -1,5 +1,7 @@
 """IDM: partition and expansion, the model queue, per-class steps, the class-aware CE, the run."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,10 @@ import pytest
 
 from dd_jax import data as data_lib
 from dd_jax import extractors, losses, models
+from dd_jax import run as run_lib
 from dd_jax import train as train_lib
-from dd_jax.distill import base, idm, loop
+from dd_jax.distill import base, idm
+from dd_jax.lowering import CPU
 
 RECIPE = train_lib.SGDRecipe(batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
@@ -103,7 +107,7 @@ def test_queue_push_pop_and_capacity():
   assert sorted(np.asarray(slots)[np.asarray(mask)].tolist()) == [0, 1]
 
 
-def _train_members(queue, slots, mask, sampler, net, digits, **options):
+def _train_members(queue, slots, mask, sampler, net, digits, lowering=CPU):
   """Three SGD steps of the picked queue members on the digits (key 1)."""
   return idm.train_members(
     queue,
@@ -113,10 +117,10 @@ def _train_members(queue, slots, mask, sampler, net, digits, **options):
     sampler,
     net,
     RECIPE,
+    lowering,
     steps=3,
     mean=digits.mean,
     std=digits.std,
-    **options,
   )
 
 
@@ -142,8 +146,10 @@ def test_train_members_trains_the_same_networks_looped_and_batched(digits):
   sampler = data_lib.ClassSampler.from_dataset(digits)
   slots, mask = jnp.array([2, 0]), jnp.array([True, True])
   trained = [
-    _train_members(queue, slots, mask, sampler, net, digits, batched=batched)
-    for batched in (False, True)
+    _train_members(
+      queue, slots, mask, sampler, net, digits, dataclasses.replace(CPU, loop_networks=loop)
+    )
+    for loop in (True, False)
   ]
   for looped, vmapped in zip(*(jax.tree.leaves(q.variables) for q in trained)):
     np.testing.assert_allclose(looped, vmapped, rtol=1e-5, atol=1e-6)
@@ -188,8 +194,8 @@ def _idm_setup(
   )
   labels = np.arange(10)
   images = jax.random.normal(jax.random.key(0), (10, 8, 8, 1))
-  state = idm.init_idm_state(images, labels, net, settings, jax.random.key(1), jax.random.key(2))
-  step = idm.make_idm_step(net, settings, base.DataSpec.of(digits), extractor)
+  state = idm.init_idm_state(images, labels, net, settings, seed=1)
+  step = idm.make_idm_step(net, settings, base.DataSpec.of(digits), CPU, extractor)
   return step, state, data_lib.ClassSampler.from_dataset(digits)
 
 
@@ -209,7 +215,7 @@ def test_idm_step_compiles_once_while_the_queue_grows(digits):
     sizes.append(int(metrics['queue_size']))
   assert sizes == [4, 4, 4, 4, 4]  # pushes at steps 0, 2, 4 fill capacity 4 and then rotate
   assert int(state.queue.next_slot) == (3 + 3) % 4
-  for name in ('loss', 'dm', 'ce', 'net_accuracy', 'grad_norm'):
+  for name in ('loss', 'match', 'ce', 'net_accuracy', 'grad_norm'):
     assert np.isfinite(float(metrics[name])), name
   # Queue networks were trained: some running accuracy has been counted.
   assert float(jnp.sum(state.queue.seen)) > 0
@@ -227,10 +233,10 @@ def test_ce_weight_uses_the_accuracy_in_percent(digits):
   assert float(metrics['net_accuracy']) == pytest.approx(75.0)
   # loss = dm + 0.5 * 75 * ce, summed over classes (CC and CM are off).
   assert float(metrics['ce']) > 0
-  np.testing.assert_allclose(metrics['loss'], metrics['dm'] + 37.5 * metrics['ce'], rtol=1e-5)
+  np.testing.assert_allclose(metrics['loss'], metrics['match'] + 37.5 * metrics['ce'], rtol=1e-5)
   # An untrained network (no counts) gives the CE weight 0.
   _, untrained = step(state, sampler)
-  np.testing.assert_allclose(untrained['loss'], untrained['dm'], rtol=1e-6)
+  np.testing.assert_allclose(untrained['loss'], untrained['match'], rtol=1e-6)
 
 
 def test_accuracy_restarts_at_the_listed_steps_or_every_window():
@@ -270,7 +276,7 @@ def test_idm_run_exports_the_expanded_set_and_resumes(tmp_path, tiny_config, wra
       'constraints.cm.weight': 0.03,
     },
   )
-  reference = loop.run(config, str(tmp_path / 'uninterrupted'))
+  reference = run_lib.run(config, str(tmp_path / 'uninterrupted'))
   exported = np.load(tmp_path / 'uninterrupted' / 'synthetic.npz')
   assert exported['images'].shape == (40, 8, 8, 1)
   assert exported['stored_images'].shape == (10, 8, 8, 1)
@@ -279,9 +285,9 @@ def test_idm_run_exports_the_expanded_set_and_resumes(tmp_path, tiny_config, wra
   assert (reference['method'], reference['base_method']) == ('IDM + IID (reference)', 'idm')
   wrap_steps(interrupt(3))
   with pytest.raises(KeyboardInterrupt):
-    loop.run(config, str(tmp_path / 'resumed'))
+    run_lib.run(config, str(tmp_path / 'resumed'))
   wrap_steps(None)
-  resumed = loop.run(config, str(tmp_path / 'resumed'))
+  resumed = run_lib.run(config, str(tmp_path / 'resumed'))
   np.testing.assert_array_equal(
     np.load(tmp_path / 'resumed' / 'synthetic.npz')['images'], exported['images']
   )
@@ -290,8 +296,8 @@ def test_idm_run_exports_the_expanded_set_and_resumes(tmp_path, tiny_config, wra
 
 def test_idm_input_checks(tmp_path, tiny_config):
   with pytest.raises(ValueError, match=r'ipc=50 needs 200 per class'):
-    loop.run(tiny_config(method='idm', ipc=50), str(tmp_path / 'a'))
+    run_lib.run(tiny_config(method='idm', ipc=50), str(tmp_path / 'a'))
   with pytest.raises(ValueError, match=r'config.distill.num_nets=2.*IDM'):
-    loop.run(tiny_config(method='idm', **{'distill.num_nets': 2}), str(tmp_path / 'b'))
+    run_lib.run(tiny_config(method='idm', **{'distill.num_nets': 2}), str(tmp_path / 'b'))
   with pytest.raises(ValueError, match=r"config.model.name='ConvNetBN'.*batch"):
-    loop.run(tiny_config(method='idm', **{'model.name': 'ConvNetBN'}), str(tmp_path / 'c'))
+    run_lib.run(tiny_config(method='idm', **{'model.name': 'ConvNetBN'}), str(tmp_path / 'c'))

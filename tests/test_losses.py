@@ -87,11 +87,11 @@ def test_class_objective_weights_terms():
     real_map.reshape(6, -1), real_map, syn_map.reshape(3, -1), syn_map, weights, cc_features
   )
   np.testing.assert_allclose(
-    terms.dm, losses.mean_matching(real_map.reshape(6, -1), syn_map.reshape(3, -1)), rtol=1e-6
+    terms.match, losses.mean_matching(real_map.reshape(6, -1), syn_map.reshape(3, -1)), rtol=1e-6
   )
   np.testing.assert_allclose(terms.cm, losses.covariance_matching(real_map, syn_map), rtol=1e-6)
   np.testing.assert_allclose(terms.cc, losses.class_centralization(cc_features), rtol=1e-6)
-  np.testing.assert_allclose(terms.total, terms.dm + 0.5 * terms.cc + 0.25 * terms.cm, rtol=1e-6)
+  np.testing.assert_allclose(terms.total, terms.match + 0.5 * terms.cc + 0.25 * terms.cm, rtol=1e-6)
   zero = losses.class_objective(
     real_map.reshape(6, -1),
     real_map,
@@ -100,7 +100,30 @@ def test_class_objective_weights_terms():
     losses.ObjectiveWeights(cc=0.0, cm=0.0),
     cc_features,
   )
-  np.testing.assert_allclose(zero.total, terms.dm, rtol=1e-6)
+  np.testing.assert_allclose(zero.total, terms.match, rtol=1e-6)
+  # The matching term is an argument (a `MatchFn`); the constraints act on top of it.
+  custom = losses.class_objective(
+    real_map.reshape(6, -1),
+    real_map,
+    syn_map.reshape(3, -1),
+    syn_map,
+    weights,
+    cc_features,
+    match=_mean_distance,
+  )
+  np.testing.assert_allclose(
+    custom.match, _mean_distance(real_map.reshape(6, -1), syn_map.reshape(3, -1)), rtol=1e-6
+  )
+  assert not np.allclose(custom.match, terms.match, rtol=1e-2)
+  np.testing.assert_allclose((custom.cc, custom.cm), (terms.cc, terms.cm), rtol=1e-6)
+  np.testing.assert_allclose(
+    custom.total, custom.match + 0.5 * custom.cc + 0.25 * custom.cm, rtol=1e-6
+  )
+
+
+def _mean_distance(real_features, syn_features):
+  """A matching term other than DM's: the L1 distance of the feature means."""
+  return jnp.sum(jnp.abs(jnp.mean(real_features, 0) - jnp.mean(syn_features, 0)))
 
 
 def test_classwise_objective_sums_per_class_objectives():
@@ -120,10 +143,16 @@ def test_classwise_objective_sums_per_class_objectives():
     )
     for c in range(4)
   ]
-  for name in ('total', 'dm', 'cc', 'cm'):
+  for name in ('total', 'match', 'cc', 'cm'):
     np.testing.assert_allclose(
       getattr(batched, name), sum(getattr(t, name) for t in looped), rtol=1e-5
     )
+  # The matching term reaches every class.
+  custom = losses.classwise_objective(
+    real_features, real_map, syn_features, syn_map, weights, cc_features, match=_mean_distance
+  )
+  expected = sum(_mean_distance(real_features[c], syn_features[c]) for c in range(4))
+  np.testing.assert_allclose(custom.match, expected, rtol=1e-5)
 
 
 def test_real_side_gets_no_gradient():
@@ -222,7 +251,7 @@ def test_calibrated_form_contributes_rho_times_dm_with_a_stop_gradient_weight():
   # Both batches have mean (1, 1), so DM would be 0: shift the real batch by (1, 0), DM = 1.
   shifted = real + jnp.array([1.0, 0.0])
   terms = losses.class_objective(shifted, real_map, syn, syn_map, weights)
-  np.testing.assert_allclose(terms.dm, 1.0, atol=1e-6)
+  np.testing.assert_allclose(terms.match, 1.0, atol=1e-6)
   np.testing.assert_allclose(terms.cc, 8.0, atol=1e-6)  # the 'squared' value is reported
   np.testing.assert_allclose(terms.total, 1.0 + 0.25 * 1.0, atol=1e-6)
   # Gradient: d DM + rho * (DM / CC) d CC, the ratio held fixed.
@@ -254,7 +283,7 @@ def test_scale_free_forms_ignore_the_extractor_scale(form):
     terms = losses.class_objective(
       real_features, real_map, syn_features, syn_map, weights, scale * cc_syn, scale * cc_real
     )
-    return float(terms.cc), float(terms.total - terms.dm)
+    return float(terms.cc), float(terms.total - terms.match)
 
   (value, weighted), (value10, weighted10) = contribution(1.0), contribution(10.0)
   assert weighted > 0
@@ -294,7 +323,7 @@ def test_calibrated_gradient_matches_finite_differences_of_the_fixed_ratio_objec
     real, syn = real_map.reshape(6, -1), syn_map.reshape(3, -1)
     weights = losses.ObjectiveWeights(cc=0.4, cm=0.1, cc_form='calibrated')
     terms = losses.class_objective(real, real_map, syn, syn_map, weights)
-    ratio = terms.dm / terms.cc  # the stop-gradient weight at this point
+    ratio = terms.match / terms.cc  # the stop-gradient weight at this point
 
     def fixed(s):
       return (

@@ -1,5 +1,6 @@
 """dd_jax.models: published parameter counts, PyTorch init, norm semantics, the boundary."""
 
+import dataclasses
 import math
 
 import chex
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import float64
 
-from dd_jax import flops, models
-from dd_jax.models import layers
+from dd_jax import flops, lowering, models
+from dd_jax.models import kernels, layers
 
 
 def _abstract_param_count(net, input_shape):
@@ -129,7 +130,7 @@ def test_instance_norm_equals_flax_group_norm_in_value_and_gradient(relu):
     return jnp.sum(weights * act(y))
 
   def ours_loss(x, scale, bias):
-    return jnp.sum(weights * layers.instance_norm(x, scale, bias, relu=relu))
+    return jnp.sum(weights * kernels.instance_norm(x, scale, bias, relu=relu))
 
   np.testing.assert_allclose(ours_loss(x, scale, bias), flax_loss(x, scale, bias), rtol=1e-5)
   ours = jax.grad(ours_loss, argnums=(0, 1, 2))(x, scale, bias)
@@ -146,7 +147,7 @@ def test_instance_norm_gradient_matches_finite_differences_in_float64(relu):
     assert x.dtype == jnp.float64
 
     def loss(x, scale, bias):
-      return jnp.sum(weights * jnp.tanh(layers.instance_norm(x, scale, bias, relu=relu)))
+      return jnp.sum(weights * jnp.tanh(kernels.instance_norm(x, scale, bias, relu=relu)))
 
     grads = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
     rng = np.random.default_rng(4)
@@ -279,7 +280,7 @@ def test_im2col_convolution_equals_xla(kernel_size, stride, padding):
     )
 
   def im2col(x, kernel):
-    return layers.conv2d_im2col(x, kernel, stride, padding)
+    return kernels.conv2d_im2col(x, kernel, stride, padding)
 
   np.testing.assert_allclose(im2col(x, kernel), xla(x, kernel), rtol=1e-5, atol=1e-5)
   for argnum in (0, 1):
@@ -290,14 +291,15 @@ def test_im2col_convolution_equals_xla(kernel_size, stride, padding):
 def test_conv_impls_give_the_same_network():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   outputs = []
-  for conv_impl in ('xla', 'im2col', 'winograd'):
-    net = models.get_network('ResNet18', 10, conv_impl=conv_impl)
+  for impl in kernels.CONV_IMPLS:
+    net = models.get_network('ResNet18', 10, conv=kernels.ConvLowering(impl))
+    assert net.conv == kernels.ConvLowering(impl)
     variables = jax.jit(lambda key: net.init(key, x.shape))(jax.random.key(1))
     outputs.append(jax.jit(lambda v: net.apply(v, x))(variables))
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(outputs[0], outputs[2], rtol=1e-4, atol=1e-4)
-  with pytest.raises(ValueError, match='conv_impl'):
-    models.get_network('ConvNet', 10, conv_impl='fft')
+  with pytest.raises(ValueError, match="Unknown convolution impl 'fft'"):
+    kernels.ConvLowering('fft')
 
 
 def _xla_same_conv(x, kernel):
@@ -319,7 +321,7 @@ def test_winograd_convolution_equals_xla_in_float64():
       kernel = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], c_out), jnp.float64)
       dy = jax.random.normal(jax.random.key(2), (*shape[:3], c_out), jnp.float64)
       expected = _conv_and_gradients(_xla_same_conv, x, kernel, dy)
-      got = _conv_and_gradients(layers.conv2d_winograd, x, kernel, dy)
+      got = _conv_and_gradients(kernels.conv2d_winograd, x, kernel, dy)
       for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), got, expected):
         assert a.dtype == jnp.float64
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
@@ -338,8 +340,8 @@ def test_winograd_float32_error_is_that_of_im2col():
         _xla_same_conv, *(np.asarray(a, np.float64) for a in (x, kernel, dy))
       )
     ]
-  im2col = _conv_and_gradients(lambda a, b: layers.conv2d_im2col(a, b, 1, 1), x, kernel, dy)
-  winograd = _conv_and_gradients(layers.conv2d_winograd, x, kernel, dy)
+  im2col = _conv_and_gradients(lambda a, b: kernels.conv2d_im2col(a, b, 1, 1), x, kernel, dy)
+  winograd = _conv_and_gradients(kernels.conv2d_winograd, x, kernel, dy)
   for name, w, i, r in zip(
     ('output', 'input gradient', 'kernel gradient'), winograd, im2col, reference
   ):
@@ -349,26 +351,28 @@ def test_winograd_float32_error_is_that_of_im2col():
 
 
 def test_winograd_applies_to_same_3x3_convolutions_with_channels():
-  assert layers.winograd_applies((8, 16, 16, 128), (3, 3, 128, 128), 1, 1)
-  assert not layers.winograd_applies((8, 32, 32, 3), (3, 3, 3, 128), 1, 1)  # few channels
-  assert not layers.winograd_applies((8, 7, 8, 64), (3, 3, 64, 64), 1, 1)  # odd height
-  assert not layers.winograd_applies((8, 8, 8, 64), (3, 3, 64, 64), 2, 1)  # stride
-  assert not layers.winograd_applies((8, 8, 8, 64), (3, 3, 64, 64), 1, 0)  # 'valid'
-  assert not layers.winograd_applies((8, 8, 8, 64), (5, 5, 64, 64), 1, 2)
+  assert kernels.winograd_applies((8, 16, 16, 128), (3, 3, 128, 128), 1, 1)
+  assert not kernels.winograd_applies((8, 32, 32, 3), (3, 3, 3, 128), 1, 1)  # few channels
+  assert not kernels.winograd_applies((8, 7, 8, 64), (3, 3, 64, 64), 1, 1)  # odd height
+  assert not kernels.winograd_applies((8, 8, 8, 64), (3, 3, 64, 64), 2, 1)  # stride
+  assert not kernels.winograd_applies((8, 8, 8, 64), (3, 3, 64, 64), 1, 0)  # 'valid'
+  assert not kernels.winograd_applies((8, 8, 8, 64), (5, 5, 64, 64), 1, 2)
   with pytest.raises(ValueError, match='even map sides'):
-    layers.conv2d_winograd(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 2)))
+    kernels.conv2d_winograd(jnp.ones((1, 5, 4, 16)), jnp.ones((3, 3, 16, 2)))
 
 
 def test_convnet_training_gradient_is_the_same_with_winograd():
-  # The CPU default: layers 2 and 3 by Winograd, layer 1 (3 channels) by im2col.
+  # The CPU's trained networks: layers 2 and 3 by Winograd, layer 1 (3 channels) by im2col with
+  # its norm folded; against XLA's convolutions.
   x = jax.random.normal(jax.random.key(0), (6, 16, 16, 3))
   labels = jnp.arange(6) % 4
   gradients, forward_flops = [], []
-  for conv_impl in ('xla', 'winograd'):
-    net = models.get_network('ConvNet', 4, conv_impl=conv_impl)
+  for conv in (kernels.ConvLowering('xla'), kernels.ConvLowering('winograd', fold_norm=True)):
+    net = models.get_network('ConvNet', 4, conv=conv)
     variables = net.init(jax.random.key(1), x.shape)
-    with layers.fold_norm(False):  # layer 1 as a plain im2col product (the fold is tested below)
-      forward_flops.append(flops.count(lambda v: net.apply(v, x), variables))
+    # Layer 1 as a plain im2col product in the count (the fold is tested below).
+    unfolded = net.with_conv(dataclasses.replace(conv, fold_norm=False))
+    forward_flops.append(flops.count(lambda v, net=unfolded: net.apply(v, x), variables))
 
     def loss(params):
       logits = net.apply({'params': params}, x)
@@ -391,7 +395,7 @@ def test_convnet_training_gradient_is_the_same_with_winograd():
 def test_convnet_with_fused_norm_and_relu_equals_the_layers_one_by_one_in_float64():
   # ConvNet runs instance norm + ReLU as one VJP; the same weights through the separate layers
   # (norm, then nn.relu differentiated by autodiff) must agree in value and every gradient.
-  net = models.get_network('ConvNet', 4, conv_impl='xla', depth=2)
+  net = models.get_network('ConvNet', 4, conv=kernels.ConvLowering('xla'), depth=2)
   params32 = net.init(jax.random.key(1), (3, 8, 8, 3))['params']
   with float64():
     x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3), jnp.float64)
@@ -404,7 +408,7 @@ def test_convnet_with_fused_norm_and_relu_equals_the_layers_one_by_one_in_float6
           x, conv['kernel'], (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
         )
         norm = params[f'norm{d}']
-        x = nn.relu(layers.instance_norm(x + conv['bias'], norm['scale'], norm['bias']))
+        x = nn.relu(kernels.instance_norm(x + conv['bias'], norm['scale'], norm['bias']))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
       dense = params['classifier']
       return x.reshape(x.shape[0], -1) @ dense['kernel'] + dense['bias']
@@ -437,14 +441,14 @@ def test_conv_instance_norm_equals_the_norm_of_the_convolution_in_float64(
     bias = jax.random.normal(keys[4], (5,), jnp.float64)
 
     def folded(x, kernel, scale, bias):
-      y = layers.conv_instance_norm(
+      y = kernels.conv_instance_norm(
         x, kernel, scale, bias, stride=stride, padding=padding, relu=relu
       )
       return jnp.sum(jnp.sin(y))
 
     def unfolded(x, kernel, conv_bias, scale, bias):
-      y = layers.conv2d_im2col(x, kernel, stride, padding) + conv_bias
-      return jnp.sum(jnp.sin(layers.instance_norm(y, scale, bias, relu=relu)))
+      y = kernels.conv2d_im2col(x, kernel, stride, padding) + conv_bias
+      return jnp.sum(jnp.sin(kernels.instance_norm(y, scale, bias, relu=relu)))
 
     # A sum of ~150 outputs of size ~1 that nearly cancel: float64 rounding of the terms gives
     # ~1e-12 absolute (jax 0.12 reached 1.8e-12); a wrong fold is off by O(1).
@@ -463,50 +467,92 @@ def test_conv_instance_norm_equals_the_norm_of_the_convolution_in_float64(
 
 @pytest.mark.parametrize('input_shape', [(3, 12, 12, 3), (2, 8, 8, 1)])
 def test_convnet_gradient_is_the_same_with_the_folded_first_norm_in_float64(input_shape):
-  net = models.get_network('ConvNet', 4, conv_impl='winograd', depth=2)
-  params32 = net.init(jax.random.key(1), input_shape)['params']
+  folding = models.get_network(
+    'ConvNet', 4, conv=kernels.ConvLowering('winograd', fold_norm=True), depth=2
+  )
+  plain = folding.with_conv(kernels.ConvLowering('winograd'))
+  params32 = folding.init(jax.random.key(1), input_shape)['params']
   with float64():
     x = jax.random.normal(jax.random.key(0), input_shape, jnp.float64)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params32)
 
-    def loss(params, x):
-      return jnp.sum(jnp.sin(net.apply({'params': params}, x)))
+    def loss(net):
+      return lambda params, x: jnp.sum(jnp.sin(net.apply({'params': params}, x)))
 
-    # Traced afresh in each setting: the fold is decided when the network is traced.
-    got = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-    with layers.fold_norm(False):
-      want = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    got = jax.value_and_grad(loss(folding), argnums=(0, 1))(params, x)
+    want = jax.value_and_grad(loss(plain), argnums=(0, 1))(params, x)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(want[1])):
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=jax.tree_util.keystr(path))
-    # The fold ran: the programs differ (fresh functions, as make_jaxpr caches traces).
-    folded_program = str(jax.make_jaxpr(lambda *args: loss(*args))(params, x))
-    with layers.fold_norm(False):
-      assert str(jax.make_jaxpr(lambda *args: loss(*args))(params, x)) != folded_program
+    # The fold ran: the programs differ.
+    programs = [str(jax.make_jaxpr(loss(net))(params, x)) for net in (folding, plain)]
+    assert programs[0] != programs[1]
 
 
-def test_folds_norm_only_on_narrow_im2col_convolutions():
-  assert layers.folds_norm('im2col', (3, 3, 3, 128))
-  assert layers.folds_norm('winograd', (3, 3, 7, 128))  # 63 values per patch
-  assert not layers.folds_norm('winograd', (3, 3, 8, 128))  # 72: the covariance costs too much
-  assert not layers.folds_norm('xla', (3, 3, 3, 128))
-  assert layers.folds_norm('xla_fold', (3, 3, 3, 128))  # XLA's convolutions elsewhere
-  assert not layers.folds_norm('xla_fold', (3, 3, 8, 128))
-  with layers.fold_norm(False):
-    assert not layers.folds_norm('im2col', (3, 3, 3, 128))
-  assert layers.folds_norm('im2col', (3, 3, 3, 128))
+def test_folds_norm_only_when_asked_and_on_narrow_convolutions():
+  for impl in kernels.CONV_IMPLS:
+    folding, plain = kernels.ConvLowering(impl, fold_norm=True), kernels.ConvLowering(impl)
+    assert folding.folds_norm((3, 3, 3, 128))
+    assert folding.folds_norm((3, 3, 7, 128))  # 63 values per patch
+    assert not folding.folds_norm((3, 3, 8, 128))  # 72: the covariance costs too much
+    assert not plain.folds_norm((3, 3, 3, 128))
+  assert kernels.ConvLowering() == kernels.ConvLowering('xla', fold_norm=False)
+  hash(kernels.ConvLowering('winograd', fold_norm=True))  # a field of the (hashable) networks
 
 
-def test_auto_conv_impl_sets_what_auto_means_while_tracing():
-  default = layers.resolve_conv_impl('auto')
-  assert default == ('winograd' if jax.default_backend() == 'cpu' else 'xla')
-  with layers.auto_conv_impl('im2col'):
-    assert layers.resolve_conv_impl('auto') == 'im2col'
-    assert layers.resolve_conv_impl('xla') == 'xla'
-  assert layers.resolve_conv_impl('auto') == default
-  with pytest.raises(ValueError, match='auto_conv_impl'):
-    with layers.auto_conv_impl('auto'):
-      pass
+def test_every_conv_lowering_gives_the_same_network_under_x64():
+  # jax_enable_x64: float32 parameters on float64 inputs compute in float64 in every kernel
+  # (Winograd in layers 2 and 3, the folded first norm, the instance norm's VJP).
+  lowerings = (
+    kernels.ConvLowering('xla'),
+    kernels.ConvLowering('xla', fold_norm=True),
+    kernels.ConvLowering('im2col', fold_norm=True),
+    kernels.ConvLowering('winograd', fold_norm=True),
+  )
+  outputs = []
+  with float64():
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3), jnp.float64)
+    for conv in lowerings:
+      net = models.get_network('ConvNet', 4, conv=conv, width=16)
+      variables = net.init(jax.random.key(1), x.shape)
+
+      def logits_and_input_gradient(x, net=net, variables=variables):
+        loss = lambda x: jnp.sum(jnp.sin(net.apply(variables, x)))
+        return net.apply(variables, x), jax.grad(loss)(x)
+
+      logits, grad = jax.jit(logits_and_input_gradient)(x)
+      for name, value in (('logits', logits), ('input gradient', grad)):
+        assert value.dtype == jnp.float64, (conv, name, value.dtype)
+        assert np.all(np.isfinite(value)), (conv, name)
+      outputs.append((logits, grad))
+  assert np.abs(outputs[0][1]).max() > 1e-3  # a gradient to compare
+  for conv, (logits, grad) in zip(lowerings[1:], outputs[1:]):
+    np.testing.assert_allclose(logits, outputs[0][0], rtol=1e-6, atol=1e-6, err_msg=str(conv))
+    np.testing.assert_allclose(grad, outputs[0][1], rtol=1e-6, atol=1e-6, err_msg=str(conv))
+
+
+def test_resolve_lowering():
+  on_cpu = jax.default_backend() == 'cpu'
+  assert lowering.resolve() == (lowering.CPU if on_cpu else lowering.ACCELERATOR)
+  assert lowering.resolve('auto') == lowering.resolve()
+  assert lowering.resolve('cpu') == lowering.CPU
+  assert lowering.resolve('accelerator') == lowering.ACCELERATOR
+  assert (lowering.CPU.name, lowering.ACCELERATOR.name) == ('cpu', 'accelerator')
+  # 'auto' keeps the lowering's precision, 'default' is the platform's (None), others override.
+  assert lowering.resolve('accelerator', 'auto').precision == 'tensorfloat32'
+  assert lowering.resolve('accelerator', 'default') == dataclasses.replace(
+    lowering.ACCELERATOR, precision=None
+  )
+  assert lowering.resolve('cpu', 'float32') == dataclasses.replace(
+    lowering.CPU, precision='float32'
+  )
+  hash(lowering.resolve('cpu', 'float32'))  # a static argument of jax.jit
+  with pytest.raises(ValueError, match=r"config\.compute\.lowering='gpu'"):
+    lowering.resolve('gpu')
+  with pytest.raises(ValueError, match=r"config\.compute\.precision='bfloat16'"):
+    lowering.resolve('cpu', 'bfloat16')
+  with pytest.raises(ValueError, match=r"config\.compute\.precision='highest'"):
+    lowering.resolve('auto', 'highest')
 
 
 def test_too_small_input_is_a_clear_error():

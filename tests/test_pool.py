@@ -15,6 +15,8 @@ import pytest
 from conftest import TINY_POOL, make_tiny_dataset
 
 from dd_jax import config as config_lib
+from dd_jax import data as data_lib
+from dd_jax import lowering
 from dd_jax import pool as pool_lib
 from dd_jax import train as train_lib
 
@@ -50,9 +52,24 @@ def _config(cache_dir, pool_dir=''):
   return config
 
 
-def test_settings_from_config_and_train_settings():
-  config = _config('/tmp')
-  assert pool_lib.PoolSettings.from_config(config) == SETTINGS
+def _settings(config):
+  """The pool settings of `config`, their directory resolved as a run resolves it."""
+  return pool_lib.PoolSettings.from_config(config, data_lib.DatasetSettings.from_config(config))
+
+
+def _dataset_settings(cache_dir, **fields):
+  return data_lib.DatasetSettings(name='folder:/data/tiny', cache_dir=str(cache_dir), **fields)
+
+
+def test_settings_from_config_and_train_settings(tmp_path, monkeypatch):
+  config = _config(tmp_path)
+  default_dir = pool_lib.default_pool_dir(SETTINGS, _dataset_settings(tmp_path))
+  assert _settings(config) == dataclasses.replace(SETTINGS, directory=default_dir)
+  # An explicit pool.dir is taken as it is, made absolute.
+  monkeypatch.chdir(tmp_path)
+  assert _settings(_config(tmp_path, pool_dir='pools/mine')).directory == str(
+    tmp_path / 'pools' / 'mine'
+  )
   train_settings = SETTINGS.train_settings()
   assert train_settings == train_lib.TrainSettings(
     epochs=6, recipe=SETTINGS.recipe, augment_strategy='', schedule='constant'
@@ -84,10 +101,10 @@ def test_training_learns_and_records_accuracies(pool, dataset):
 
 
 def test_training_is_deterministic_given_the_seed(pool, dataset):
-  again = pool_lib.train_pool(dataset, SETTINGS, log=_quiet)
+  again = pool_lib.train_pool(dataset, SETTINGS, lowering.CPU, log=_quiet)
   _assert_trees_equal(pool.variables, again.variables)
   other_seed = pool_lib.train_pool(
-    dataset, dataclasses.replace(SETTINGS, size=1, parallel=1, seed=1), log=_quiet
+    dataset, dataclasses.replace(SETTINGS, size=1, parallel=1, seed=1), lowering.CPU, log=_quiet
   )
   kernel = lambda p: np.asarray(jax.tree_util.tree_leaves(p.variables['params'])[0][0])
   assert not np.allclose(kernel(pool), kernel(other_seed))
@@ -96,7 +113,7 @@ def test_training_is_deterministic_given_the_seed(pool, dataset):
 def test_chunked_training_gives_the_same_members(pool, dataset):
   lines = []
   chunked = pool_lib.train_pool(
-    dataset, dataclasses.replace(SETTINGS, parallel=2), log=lines.append
+    dataset, dataclasses.replace(SETTINGS, parallel=2), lowering.CPU, log=lines.append
   )
   assert chunked.metadata['chunks'] == [[0, 2], [2, 3]]
   for a, b in zip(
@@ -112,7 +129,7 @@ def test_chunked_training_gives_the_same_members(pool, dataset):
 def test_save_load_round_trip_is_exact(saved_pool, dataset):
   pool, directory = saved_pool
   assert os.path.isfile(os.path.join(directory, 'metadata.json'))
-  loaded = pool_lib.load_pool(directory, pool_lib.pool_metadata(dataset, SETTINGS))
+  loaded = pool_lib.load_pool(directory, pool_lib.pool_metadata(dataset, SETTINGS), lowering.CPU)
   assert loaded is not None
   _assert_trees_equal(pool.variables, loaded.variables)
   assert loaded.metadata == pool.metadata
@@ -123,20 +140,20 @@ def test_save_load_round_trip_is_exact(saved_pool, dataset):
 
 def test_load_pool_without_a_complete_pool_returns_none(saved_pool, dataset, tmp_path):
   expected = pool_lib.pool_metadata(dataset, SETTINGS)
-  assert pool_lib.load_pool(str(tmp_path / 'missing'), expected) is None
+  assert pool_lib.load_pool(str(tmp_path / 'missing'), expected, lowering.CPU) is None
   (tmp_path / 'empty').mkdir()
-  assert pool_lib.load_pool(str(tmp_path / 'empty'), expected) is None
+  assert pool_lib.load_pool(str(tmp_path / 'empty'), expected, lowering.CPU) is None
   directory = str(tmp_path / 'unfinished')
   shutil.copytree(saved_pool[1], directory)
   os.remove(os.path.join(directory, 'metadata.json'))
-  assert pool_lib.load_pool(directory, expected) is None
+  assert pool_lib.load_pool(directory, expected, lowering.CPU) is None
 
 
 def test_a_pool_of_another_dataset_is_refused(saved_pool):
   directory = saved_pool[1]
   other = make_tiny_dataset(name='other', num_classes=4)
   with pytest.raises(ValueError) as error:
-    pool_lib.load_pool(directory, pool_lib.pool_metadata(other, SETTINGS))
+    pool_lib.load_pool(directory, pool_lib.pool_metadata(other, SETTINGS), lowering.CPU)
   message = str(error.value)
   assert "dataset: built for 'tiny', wanted 'other'" in message
   assert 'num_classes: built for 3, wanted 4' in message
@@ -146,32 +163,38 @@ def test_a_pool_of_another_dataset_is_refused(saved_pool):
     pool_lib.load_pool(
       directory,
       pool_lib.pool_metadata(make_tiny_dataset(), dataclasses.replace(SETTINGS, epochs=7)),
+      lowering.CPU,
     )
   assert 'num_classes' not in str(error.value)
 
 
 def test_default_pool_dir(tmp_path):
-  config = _config(tmp_path)
-  directory = pool_lib.default_pool_dir(config)
+  dataset = _dataset_settings(tmp_path)
+  directory = pool_lib.default_pool_dir(SETTINGS, dataset)
   assert os.path.dirname(directory) == os.path.join(str(tmp_path), 'pools')
   name = os.path.basename(directory)
   assert name.startswith('tiny-') and name.endswith('_ConvNetD1_3x6_seed0')
   assert all(c.isalnum() or c in '._-' for c in name)
-  config.dataset.name = 'folder:/elsewhere/tiny'  # same basename, another dataset
-  assert pool_lib.default_pool_dir(config) != directory
-  config.dataset.name = 'tfds:cifar10'
-  assert os.path.basename(pool_lib.default_pool_dir(config)).startswith('cifar10-')
+  # Same basename, another dataset.
+  elsewhere = dataclasses.replace(dataset, name='folder:/elsewhere/tiny')
+  assert pool_lib.default_pool_dir(SETTINGS, elsewhere) != directory
+  cifar10 = dataclasses.replace(dataset, name='tfds:cifar10')
+  whole = pool_lib.default_pool_dir(SETTINGS, cifar10)
+  assert os.path.basename(whole).startswith('cifar10-')
   # A pool trained without a validation split's images is another pool.
-  whole = pool_lib.default_pool_dir(config)
-  config.dataset.validation_fraction = 0.1
-  assert pool_lib.default_pool_dir(config) == whole + '_val0.1s0'
+  held_out = dataclasses.replace(cifar10, validation_fraction=0.1)
+  assert pool_lib.default_pool_dir(SETTINGS, held_out) == whole + '_val0.1s0'
+  # The pool's settings in the name.
+  other = dataclasses.replace(SETTINGS, model='ConvNet', size=5, epochs=2, seed=3)
+  assert pool_lib.default_pool_dir(other, dataset).endswith('_ConvNet_5x2_seed3')
 
 
 def test_get_or_train_pool_trains_once_then_reuses(pool, dataset, tmp_path, monkeypatch):
-  config = _config(tmp_path)
+  settings = _settings(_config(tmp_path))
   lines = []
-  first = pool_lib.get_or_train_pool(config, dataset, log=lines.append)
-  directory = pool_lib.default_pool_dir(config)
+  first = pool_lib.get_or_train_pool(settings, dataset, lowering.CPU, log=lines.append)
+  directory = pool_lib.default_pool_dir(SETTINGS, _dataset_settings(tmp_path))
+  assert settings.directory == directory
   assert os.path.isfile(os.path.join(directory, 'metadata.json'))
   assert any(f'saved 3 members to {directory}' in line for line in lines)
   _assert_trees_equal(first.variables, pool.variables)
@@ -181,14 +204,16 @@ def test_get_or_train_pool_trains_once_then_reuses(pool, dataset, tmp_path, monk
 
   monkeypatch.setattr(pool_lib, 'train_pool', no_training)
   lines.clear()
-  second = pool_lib.get_or_train_pool(config, dataset, log=lines.append)
+  second = pool_lib.get_or_train_pool(settings, dataset, lowering.CPU, log=lines.append)
   _assert_trees_equal(first.variables, second.variables)
   assert lines[0].startswith(f'pool: loaded 3 ConvNetD1 members from {directory}')
   assert 'mean test accuracy' in lines[0]
   # An explicit pool.dir holding another dataset's pool is refused.
-  config = _config(tmp_path, pool_dir=directory)
+  settings = _settings(_config(tmp_path, pool_dir=directory))
   with pytest.raises(ValueError, match='num_classes: built for 3, wanted 4'):
-    pool_lib.get_or_train_pool(config, make_tiny_dataset(name='other', num_classes=4), log=_quiet)
+    pool_lib.get_or_train_pool(
+      settings, make_tiny_dataset(name='other', num_classes=4), lowering.CPU, log=_quiet
+    )
 
 
 def test_an_interrupted_build_resumes_from_its_completed_chunks(
@@ -196,7 +221,8 @@ def test_an_interrupted_build_resumes_from_its_completed_chunks(
 ):
   config = _config(tmp_path, pool_dir=str(tmp_path / 'pool'))
   config.pool.parallel = 2
-  pool_lib.get_or_train_pool(config, dataset, log=_quiet)
+  settings = _settings(config)
+  pool_lib.get_or_train_pool(settings, dataset, lowering.CPU, log=_quiet)
   # Interrupted before the last chunk finished: no metadata.json, no record of members 3-3.
   os.remove(str(tmp_path / 'pool' / 'metadata.json'))
   os.remove(str(tmp_path / 'pool' / 'members' / '000002-000003.json'))
@@ -209,7 +235,7 @@ def test_an_interrupted_build_resumes_from_its_completed_chunks(
 
   monkeypatch.setattr(pool_lib, '_train_epoch', counting_train_epoch)
   lines = []
-  resumed = pool_lib.get_or_train_pool(config, dataset, log=lines.append)
+  resumed = pool_lib.get_or_train_pool(settings, dataset, lowering.CPU, log=lines.append)
   assert epochs_run == [1] * SETTINGS.epochs  # only the missing member was trained
   assert any('members 1-2 of 3 restored from' in line for line in lines)
   for a, b in zip(

@@ -13,7 +13,7 @@ def test_library_snippet_runs():
   assert snippet, 'README.md has no "## Library use" python block'
   namespace = {}
   exec(snippet.group(1), namespace)  # noqa: S102  (the README's own code)
-  assert set(namespace['metrics']) == {'loss', 'dm', 'cc', 'cm', 'grad_norm'}
+  assert set(namespace['metrics']) == {'loss', 'match', 'cc', 'cm', 'grad_norm'}
   assert namespace['cov'].shape == (128, 128)
   terms = namespace['terms']
-  assert float(terms.total) == pytest.approx(float(terms.dm + 0.05 * terms.cc + 0.01 * terms.cm))
+  assert float(terms.total) == pytest.approx(float(terms.match + 0.05 * terms.cc + 0.01 * terms.cm))

@@ -25,7 +25,7 @@ def _fake_grid(root):
         workdir_lib.write_metrics(
           os.path.join(directory, 'metrics.jsonl'),
           [
-            {'step': s, 'loss': 9.0 / s, 'dm': scale / s, 'cc': 3.0 / s, 'cm': 0.0}
+            {'step': s, 'loss': 9.0 / s, 'match': scale / s, 'cc': 3.0 / s, 'cm': 0.0}
             for s in (10, 20, 30)
           ]
           + [{'step': 30, 'eval': {}}],

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration  # several devices and processes, as subprocesses
+
 STEPS = 3
 
 
@@ -25,6 +27,7 @@ def _compare(num_nets: int, num_devices: int, checkpoint_dir: str) -> dict:
   from dd_jax import checkpoint, losses, models, sharding
   from dd_jax import data as data_lib
   from dd_jax.distill import base, dm
+  from dd_jax.lowering import CPU
   # pylint: enable=g-import-not-at-top
 
   digits = data_lib.load_dataset('digits')
@@ -46,7 +49,7 @@ def _compare(num_nets: int, num_devices: int, checkpoint_dir: str) -> dict:
     state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
     if mesh is not None:
       state = sharding.place_state(state, mesh)
-    step = dm.make_dm_step(net, settings, base.DataSpec.of(digits), mesh=mesh)
+    step = dm.make_dm_step(net, settings, base.DataSpec.of(digits), CPU, mesh=mesh)
     history = []
     for _ in range(STEPS):
       state, metrics = step(state, sampler)
@@ -127,7 +130,7 @@ def _free_port():
 
 def test_two_processes_equal_one(tmp_path, tiny_config):
   """Two jax processes (one CPU device each) run the step and a whole tiny run together."""
-  from dd_jax.distill import loop  # noqa: PLC0415  (jax fixes devices at import in __main__)
+  from dd_jax import run as run_lib  # noqa: PLC0415  (jax fixes devices at import in __main__)
 
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
@@ -149,7 +152,7 @@ def test_two_processes_equal_one(tmp_path, tiny_config):
     _check(result['step'], 2, {'nets': 1, 'classes': 2}, [10])
     assert result['step']['processes'] == 2
   # The whole run: only process 0 wrote files; the synthetic set equals a one-process run.
-  reference = loop.run(tiny_config(), str(tmp_path / 'one_process'))
+  reference = run_lib.run(tiny_config(), str(tmp_path / 'one_process'))
   np.testing.assert_allclose(
     np.load(tmp_path / 'run' / 'synthetic.npz')['images'],
     np.load(tmp_path / 'one_process' / 'synthetic.npz')['images'],
@@ -169,9 +172,9 @@ def _processes_main(pid: int, port: int, directory: str) -> dict:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
 
-  from dd_jax.distill import loop  # pylint: disable=g-import-not-at-top
+  from dd_jax import run as run_lib  # pylint: disable=g-import-not-at-top
 
-  results = loop.run(make_tiny_config(), os.path.join(directory, 'run'))
+  results = run_lib.run(make_tiny_config(), os.path.join(directory, 'run'))
   return {'step': step, 'results': results}
 
 

@@ -1,6 +1,7 @@
 """The trainer: PyTorch SGD semantics, the reference's epoch schedule, per-network DSA ops."""
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,8 @@ from conftest import float64
 
 from dd_jax import augment as augment_lib
 from dd_jax import config as config_lib
-from dd_jax import evaluate, models
+from dd_jax import data as data_lib
+from dd_jax import evaluate, lowering, models
 from dd_jax import pool as pool_lib
 from dd_jax import train as train_lib
 
@@ -69,7 +71,7 @@ def test_trainer_equals_torch_sgd_reference(schedule):
   recipe = train_lib.SGDRecipe(batch_size=6, lr=0.05, momentum=0.9, weight_decay=0.01)
   settings = train_lib.TrainSettings(epochs=6, recipe=recipe, schedule=schedule)
   keys = jax.random.split(jax.random.key(0), 1)
-  trained = train_lib.train_networks(keys, images, labels, net, settings)
+  trained = train_lib.train_networks(keys, images, labels, net, settings, lowering.CPU)
   initial, _, _ = train_lib.init_networks(keys, net, images.shape[1:], recipe.optimizer())
   first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
   expected = _torch_sgd_reference(net, first(initial), images, labels, recipe, 6, schedule)
@@ -115,28 +117,60 @@ def test_microbatched_step_equals_the_whole_batch_step(precision, microbatch):
   assert min(moved) > 1e-4  # the step updated every parameter
 
 
-def test_microbatch_resolution_and_errors():
+def test_microbatch_of_each_lowering():
+  cifar, digits = (256, 32, 32, 3), (256, 8, 8, 1)
+  # CPU: as many images as hold 16 CIFAR-10 images' pixels; batch-norm networks whole batches.
+  assert lowering.CPU.microbatch(cifar, False) == 16
+  assert lowering.CPU.microbatch((100, 28, 28, 1), False) == 20
+  assert lowering.CPU.microbatch(digits, False) == 256  # small images: whole batches of 256
+  assert lowering.CPU.microbatch((16, 32, 32, 3), False) == 16
+  assert lowering.CPU.microbatch(cifar, True) == 0
+  assert lowering.CPU.microbatch(digits, True) == 0
+  # At least one image, however large.
+  assert lowering.CPU.microbatch((8, 256, 256, 3), False) == 1
+  # Accelerators: whole batches (0).
+  assert lowering.ACCELERATOR.microbatch(cifar, False) == 0
+  assert lowering.ACCELERATOR.microbatch(digits, False) == 0
+  assert lowering.ACCELERATOR.microbatch(cifar, True) == 0
+  # Variants: the pixels of 5 digits per pass; none (the whole batch).
+  five = dataclasses.replace(lowering.CPU, microbatch_pixels=5 * 8 * 8)
+  assert five.microbatch(digits, False) == 5 and five.microbatch(digits, True) == 0
+  assert dataclasses.replace(lowering.CPU, microbatch_pixels=0).microbatch(cifar, False) == 0
+
+
+def test_sgd_step_microbatch_errors():
   net = models.get_network('ConvNet', 3, width=8, depth=2)
   batch_norm_net = models.get_network('ConvNet', 3, width=8, depth=2, norm='batchnorm')
-  on_cpu = jax.default_backend() == 'cpu'
-  cifar, digits = (256, 32, 32, 3), (256, 8, 8, 1)
-  assert train_lib.resolve_microbatch(net, cifar) == (16 if on_cpu else 256)
-  assert train_lib.resolve_microbatch(net, (100, 28, 28, 1)) == (20 if on_cpu else 100)
-  assert train_lib.resolve_microbatch(net, digits) == 256  # small images: whole batches
-  assert train_lib.resolve_microbatch(net, (16, 32, 32, 3)) == 16  # not above: one pass
-  assert train_lib.resolve_microbatch(net, (20, 8, 8, 1), 8) == 8
-  assert train_lib.resolve_microbatch(net, cifar, 0) == 256
-  assert train_lib.resolve_microbatch(batch_norm_net, cifar) == 256
-  assert train_lib.resolve_microbatch(batch_norm_net, cifar, 0) == 256
-  with train_lib.auto_microbatch(5):
-    assert train_lib.resolve_microbatch(net, digits) == 5
-    assert train_lib.resolve_microbatch(batch_norm_net, digits) == 256
-  with train_lib.auto_microbatch(0):
-    assert train_lib.resolve_microbatch(net, cifar) == 256
-  with pytest.raises(ValueError, match='batch-norm.*microbatch=0'):
-    train_lib.resolve_microbatch(batch_norm_net, (20, 8, 8, 1), 8)
+  images, labels = _data(num_images=20)
+  optimizer = train_lib.SGDRecipe().optimizer()
+
+  def step_shapes(net, microbatch):
+    """Traces the step (abstractly: no FLOPs) with `microbatch`."""
+
+    def step():
+      variables = net.init(jax.random.key(1), images.shape)
+      return train_lib.sgd_step(
+        net,
+        optimizer,
+        variables,
+        optimizer.init(variables['params']),
+        images,
+        labels,
+        microbatch=microbatch,
+      )
+
+    return jax.eval_shape(step)
+
+  for microbatch in (0, 8, 20, 32):  # whole batch, 3 passes, one pass (20 and 32)
+    _, _, logits = step_shapes(net, microbatch)
+    assert logits.shape == (20, 3)
+  for microbatch in (0, 20, 32):  # a batch-norm network takes whole batches only
+    _, _, logits = step_shapes(batch_norm_net, microbatch)
+    assert logits.shape == (20, 3)
+  with pytest.raises(ValueError, match='microbatch=8 splits a batch of 20.*microbatch=0'):
+    step_shapes(batch_norm_net, 8)
   with pytest.raises(ValueError, match='microbatch must be >= 0'):
-    train_lib.resolve_microbatch(net, (20, 8, 8, 1), -1)
+    step_shapes(net, -1)
 
 
 def test_epoch_plan_and_learning_rates():
@@ -175,12 +209,16 @@ def _eval_train_settings(share_augment_op):
   ).train_settings()
 
 
-def test_networks_trained_together_equal_one_at_a_time():
+@pytest.mark.parametrize('loop_networks', [True, False])  # lax.map (CPU) or vmap
+def test_networks_trained_together_equal_one_at_a_time(loop_networks):
   images, labels = _data(num_images=10)
   net = models.get_network('MLP', 3)
   settings = _eval_train_settings(share_augment_op=False)
   keys = jax.random.split(jax.random.key(0), 2)
-  train = jax.jit(lambda keys: train_lib.train_networks(keys, images, labels, net, settings))
+  together_lowering = dataclasses.replace(lowering.CPU, loop_networks=loop_networks)
+  train = jax.jit(
+    lambda keys: train_lib.train_networks(keys, images, labels, net, settings, together_lowering)
+  )
   together = train(keys)
   for i in range(2):
     alone = train(keys[i : i + 1])
@@ -205,13 +243,13 @@ def test_each_network_draws_its_own_ops_unless_shared(monkeypatch, share_augment
   def train_one(network_and_key, shared_op_key):
     tracing['network'], key = network_and_key
     return train_lib.train_networks(
-      key[None], images, labels, net, settings, shared_op_key=shared_op_key
+      key[None], images, labels, net, settings, lowering.CPU, shared_op_key=shared_op_key
     )
 
   monkeypatch.setattr(augment_lib, 'apply_random_op', recording)
   keys = jax.random.split(jax.random.key(0), 2)
   jax.block_until_ready(
-    jax.jit(train_lib.over_networks(train_one))((jnp.arange(2), keys), jax.random.key(1))
+    jax.jit(train_lib.over_networks(train_one, loop=True))((jnp.arange(2), keys), jax.random.key(1))
   )
   jax.effects_barrier()
   assert len(drawn[0]) == len(drawn[1]) == 9
@@ -233,11 +271,18 @@ def test_each_network_draws_its_own_ops_unless_shared(monkeypatch, share_augment
   ],
 )
 def test_settings_from_config_name_the_bad_config_field(settings_class, section, field, value):
+  def from_config(config):
+    if settings_class is pool_lib.PoolSettings:  # its directory defaults to the dataset's
+      settings = settings_class.from_config(config, data_lib.DatasetSettings.from_config(config))
+      assert settings.directory
+      return dataclasses.replace(settings, directory='')
+    return settings_class.from_config(config)
+
   config = config_lib.default_config()
-  assert settings_class.from_config(config) == settings_class()  # the defaults agree
+  assert from_config(config) == settings_class()  # the defaults agree
   config[section][field] = value
   with pytest.raises(ValueError, match=rf'^config\.{section}\.{field}={value!r} '):
-    settings_class.from_config(config)
+    from_config(config)
 
 
 def test_train_settings_check_their_fields():

@@ -158,7 +158,7 @@ WINOGRAD_MIN_CHANNELS = 16
 def winograd_applies(
   input_shape: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int, padding: int
 ) -> bool:
-  """Whether `conv2d_winograd` computes this convolution (else conv_impl 'winograd' uses im2col).
+  """Whether `conv2d_winograd` computes this convolution (else impl 'winograd' uses im2col).
 
   Args:
     input_shape: [N, H, W, C_in].
@@ -368,7 +368,7 @@ def instance_norm(
     norm with one group per channel up to float rounding. The backward pass keeps only x and
     the [N, 1, 1, C] statistics and reads them in two fused passes; against autodiff of Flax's
     GroupNorm it saves XLA:CPU a sixth of a ConvNet training step, and its float32 image
-    gradient is ~1000x closer to float64 (`experiments/bench_norm.py`). Reverse mode only
+    gradient is ~1000x closer to float64 (docs/results.md). Reverse mode only
     (`jax.custom_vjp`).
   """
   # As jax arrays: custom_vjp refuses NumPy constants (a pool member's host-side weights).

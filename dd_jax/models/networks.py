@@ -60,7 +60,8 @@ class ConvNet(nn.Module):
       conv = layers.Conv(self.width, 3, padding=padding, name=f'conv{d}', lowering=self.conv)
       if self.norm == 'instancenorm' and self.act == 'relu':
         # The ReLU inside the norm's VJP (its mask recomputed there, not stored); the first
-        # layer folds the norm into its weights on CPU (`layers.conv_instance_norm`).
+        # layer folds the norm into its weights where the lowering says so
+        # (`kernels.conv_instance_norm`).
         x = conv(x, norm=layers.InstanceNorm(self.width, relu=True, name=f'norm{d}'))
       else:
         norm = layers.norm_layer(self.norm, self.width, train=train, name=f'norm{d}')

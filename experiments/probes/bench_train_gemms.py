@@ -1,11 +1,11 @@
 """Where a ConvNet training step's time goes on CPU, and the bound its matrix products set.
 
-  python experiments/bench_train_gemms.py                 # 100 images (IPC 10 evaluation batch)
-  python experiments/bench_train_gemms.py --images=256 --pytorch
-  python experiments/bench_train_gemms.py --out=experiments/results/bench_train_gemms.json
+  python experiments/probes/bench_train_gemms.py          # 100 images (IPC 10 evaluation batch)
+  python experiments/probes/bench_train_gemms.py --images=256 --pytorch
+  python experiments/probes/bench_train_gemms.py --out=experiments/results/bench_train_gemms.json
 
 On CPU, dd_jax trains ConvNets (evaluation, the IDM queue, the CC pool) with its convolutions as
-im2col (`models.layers.conv2d_im2col`): gathered patches, then one matrix product per layer. One
+im2col (`models.kernels.conv2d_im2col`): gathered patches, then one matrix product per layer. One
 SGD step of the reference ConvNet (3 x [conv 3x3 128, instance norm, ReLU, 2x2 avg pool], CIFAR
 32x32x3 inputs) is then eight matrix products (each layer's forward and weight gradient, and
 the input gradient of layers 2 and 3; the images get none) plus memory-bound work: the patch
@@ -15,10 +15,11 @@ This times, interleaved repeat by repeat in one process so that a load change hi
 
 - `step, im2col in a scan`: --steps SGD steps (momentum 0.9) in one `lax.scan`, as evaluation
   and the IDM queue run them (no DSA, which costs a few percent);
-- `step, Winograd layers 2 and 3`: the same scan with conv_impl 'winograd', dd_jax's CPU default
-  (`models.layers.conv2d_winograd` for the 16x16 and 8x8 layers, im2col for the first, whose 3
-  input channels leave nothing to save). Its FLOP/s are effective: the direct convolution's
-  FLOPs over its time (Winograd does 16 instead of 36 products per 2x2 output tile);
+- `step, Winograd layers 2 and 3`: the same scan with `ConvLowering('winograd')`, dd_jax's CPU
+  default (`models.kernels.conv2d_winograd` for the 16x16 and 8x8 layers, im2col for the first,
+  whose 3 input channels leave nothing to save). Its FLOP/s are effective: the direct
+  convolution's FLOPs over its time (Winograd does 16 instead of 36 products per 2x2 output
+  tile);
 - `step, XLA convolution, no loop`: one jitted SGD step with `lax.conv_general_dilated`, called
   from Python: the way around XLA:CPU's slow convolution backward inside loops;
 - `step, XLA conv forward and input gradient, im2col weight gradient, in a scan`: the scanned step
@@ -34,9 +35,10 @@ This times, interleaved repeat by repeat in one process so that a load change hi
 - with --pytorch (the `bench` extra): one SGD step of the PyTorch baseline ConvNet
   (experiments/torch_baseline.py, oneDNN convolutions, all cores) on the same number of images.
 
-The steps are traced with the first layer's instance norm unfolded (`layers.fold_norm(False)`):
-the eight products above. dd_jax's default folds it into the first convolution
-(`layers.conv_instance_norm`), which `bench_speed.py --before_fold_norm=false` times against this.
+The steps' networks keep the first layer's instance norm unfolded (`ConvLowering(...,
+fold_norm=False)`): the eight products above. dd_jax's CPU lowering folds it into the first
+convolution (`kernels.conv_instance_norm`), which `bench_speed.py --before_fold_norm=false` times
+against this.
 
 FLOP/s of a step are its matrix products' FLOPs (2 M K N each; the classifier's are < 0.1%)
 over its time; the ceiling is the dense float32 matmul FLOP/s measured in the same run.
@@ -47,18 +49,21 @@ import contextlib
 import functools
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-import timing  # experiments/timing.py (the script's folder is on sys.path)
 from absl import app, flags
 
 from dd_jax import models
 from dd_jax import train as train_lib
-from dd_jax.models import layers
+from dd_jax.models import kernels
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timing  # noqa: E402  experiments/timing.py
 
 _IMAGES = flags.DEFINE_integer('images', 100, 'Images per SGD step (CIFAR-shaped, 32x32x3).')
 _STEPS = flags.DEFINE_integer('steps', 4, 'SGD steps per timed call of the scanned step.')
@@ -74,7 +79,7 @@ _OUT = flags.DEFINE_string(
 
 NUM_CLASSES, IMAGE_SHAPE, WIDTH, DEPTH = 10, (32, 32, 3), 128, 3
 COPY = 'memory: 2 x the layer-1 activation'
-WINOGRAD = "step, Winograd layers 2 and 3 (conv_impl 'winograd', the CPU default), in a scan"
+WINOGRAD = "step, Winograd layers 2 and 3 (ConvLowering 'winograd', the CPU default), in a scan"
 HYBRID = 'step, XLA conv forward and input gradient, im2col weight gradient, in a scan'
 
 
@@ -128,17 +133,17 @@ conv_xla_im2col_weight_grad.defvjp(_conv_forward, _conv_backward)
 @contextlib.contextmanager
 def _im2col_replaced_by_hybrid():
   """While tracing, the im2col ConvNet's convolutions take conv_xla_im2col_weight_grad."""
-  original = layers.conv2d_im2col
+  original = kernels.conv2d_im2col
 
   def hybrid(x, kernel, stride, padding):
     assert stride == 1, 'the ConvNet has stride-1 convolutions only'
     return conv_xla_im2col_weight_grad(x, kernel, padding)
 
-  layers.conv2d_im2col = hybrid
+  kernels.conv2d_im2col = hybrid
   try:
     yield
   finally:
-    layers.conv2d_im2col = original
+    kernels.conv2d_im2col = original
 
 
 def _sgd_step_fn(net: models.Network, images: jax.Array, labels: jax.Array):
@@ -153,15 +158,14 @@ def _sgd_step_fn(net: models.Network, images: jax.Array, labels: jax.Array):
 def make_calls(images: jax.Array, labels: jax.Array) -> dict[str, tuple]:
   """Variant name -> (zero-argument call, SGD steps per call or None for a single product)."""
   calls = {}
-  im2col_net = models.get_network('ConvNet', NUM_CLASSES, conv_impl='im2col')
+  im2col_net = models.get_network('ConvNet', NUM_CLASSES, conv=kernels.ConvLowering('im2col'))
   variables = im2col_net.init(jax.random.key(1), (1, *IMAGE_SHAPE))
   optimizer = _sgd_step_fn(im2col_net, images, labels)[1]
   opt_state = optimizer.init(variables['params'])
 
-  def scanned_steps(conv_impl):
-    step = _sgd_step_fn(
-      models.get_network('ConvNet', NUM_CLASSES, conv_impl=conv_impl), images, labels
-    )[0]
+  def scanned_steps(impl):
+    net = models.get_network('ConvNet', NUM_CLASSES, conv=kernels.ConvLowering(impl))
+    step = _sgd_step_fn(net, images, labels)[0]
 
     def scan_steps(variables, opt_state):
       carry, _ = jax.lax.scan(
@@ -181,7 +185,7 @@ def make_calls(images: jax.Array, labels: jax.Array) -> dict[str, tuple]:
   with _im2col_replaced_by_hybrid():
     hybrid = jax.jit(lambda v, o: scan_steps(v, o)).lower(variables, opt_state).compile()
   calls[HYBRID] = (lambda: hybrid(variables, opt_state), _STEPS.value)
-  xla_net = models.get_network('ConvNet', NUM_CLASSES, conv_impl='xla')
+  xla_net = models.get_network('ConvNet', NUM_CLASSES, conv=kernels.ConvLowering('xla'))
   xla_step = jax.jit(_sgd_step_fn(xla_net, images, labels)[0])
   calls['step, XLA convolution, no loop'] = (lambda: xla_step(variables, opt_state), 1)
   matmul = jax.jit(jnp.matmul)
@@ -219,12 +223,11 @@ def main(argv):
   ceiling, size = timing.matmul_ceiling(_REPEATS.value)
   images = jax.random.normal(jax.random.key(0), (_IMAGES.value, *IMAGE_SHAPE))
   labels = jnp.arange(_IMAGES.value) % NUM_CLASSES
-  with layers.fold_norm(False):  # jax traces the steps at their first call, here
-    calls = make_calls(images, labels)
-    if _PYTORCH.value:
-      calls['step, PyTorch baseline'] = (_torch_step_call(_IMAGES.value), 1)
-    for call, _ in calls.values():
-      jax.block_until_ready(call())  # compiles / warms up
+  calls = make_calls(images, labels)
+  if _PYTORCH.value:
+    calls['step, PyTorch baseline'] = (_torch_step_call(_IMAGES.value), 1)
+  for call, _ in calls.values():
+    jax.block_until_ready(call())  # compiles / warms up
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
   times = {name: [] for name in calls}
   for _ in range(_REPEATS.value):

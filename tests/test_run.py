@@ -1,4 +1,4 @@
-"""The resumable run (dd_jax.distill.loop) on tiny digits configs: files, resume, refusals."""
+"""The resumable run (dd_jax.run) on tiny digits configs: files, resume, refusals."""
 
 import dataclasses
 import os
@@ -10,16 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dd_jax import experiment
+from dd_jax import experiment, guards
+from dd_jax import run as run_lib
 from dd_jax import workdir as workdir_lib
-from dd_jax.distill import loop
 
 
 def test_run_writes_workdir_and_resumes_to_the_same_synthetic_set(
   tmp_path, tiny_config, wrap_steps, interrupt
 ):
   config = tiny_config()
-  reference = loop.run(config, str(tmp_path / 'uninterrupted'))
+  reference = run_lib.run(config, str(tmp_path / 'uninterrupted'))
   assert set(reference['eval']) >= {'accuracies', 'mean', 'std'}
   assert (reference['method'], reference['base_method']) == ('DM + IID (reference)', 'dm')
   workdir = tmp_path / 'uninterrupted'
@@ -40,32 +40,32 @@ def test_run_writes_workdir_and_resumes_to_the_same_synthetic_set(
   # Killed after the checkpoint of step 4 (as step 5 starts), then the same command again.
   wrap_steps(interrupt(4))
   with pytest.raises(KeyboardInterrupt):
-    loop.run(config, str(tmp_path / 'resumed'))
+    run_lib.run(config, str(tmp_path / 'resumed'))
   assert not (tmp_path / 'resumed' / 'synthetic.npz').exists()
   wrap_steps(None)
-  resumed = loop.run(config, str(tmp_path / 'resumed'))
+  resumed = run_lib.run(config, str(tmp_path / 'resumed'))
   np.testing.assert_array_equal(
     np.load(tmp_path / 'resumed' / 'synthetic.npz')['images'], exported['images']
   )
   assert resumed['eval']['accuracies'] == reference['eval']['accuracies']
   steps = [
     m['step']
-    for m in loop.workdir_lib.read_metrics(str(tmp_path / 'resumed' / 'metrics.jsonl'))
+    for m in run_lib.workdir_lib.read_metrics(str(tmp_path / 'resumed' / 'metrics.jsonl'))
     if 'loss' in m
   ]
   assert steps == [2, 4, 6]  # no duplicated lines after the resume
 
   # A finished run is not recomputed (also when only the tabulated baselines change); a
   # different config is refused.
-  assert loop.run(config, str(workdir)) == reference
-  assert loop.run(tiny_config(**{'compare.full_train_epochs': 3}), str(workdir)) == reference
+  assert run_lib.run(config, str(workdir)) == reference
+  assert run_lib.run(tiny_config(**{'compare.full_train_epochs': 3}), str(workdir)) == reference
   with pytest.raises(ValueError, match=r'different config[\s\S]*ipc: 2 -> 3'):
-    loop.run(tiny_config(ipc=3), str(workdir))
+    run_lib.run(tiny_config(ipc=3), str(workdir))
 
 
 def test_bad_batch_real_is_refused_before_work(tmp_path, tiny_config):
   with pytest.raises(ValueError, match=r'distill.batch_real=500.*smallest class'):
-    loop.run(tiny_config(**{'distill.batch_real': 500}), str(tmp_path / 'run'))
+    run_lib.run(tiny_config(**{'distill.batch_real': 500}), str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'config.json').exists()
 
 
@@ -83,18 +83,16 @@ def test_pool_extractor_is_what_cc_sees(tmp_path, tiny_config):
     }
   )
   settings = experiment.validate_config(config)
-  data = loop.prepare_data(config, settings)
-  trained = loop.build_method(config, settings, data, seed=0)  # trains and saves the tiny pool
+  data = run_lib.prepare_data(settings)
+  trained = run_lib.build_method(settings, data)  # trains and saves the tiny pool
   assert (tmp_path / 'pool' / 'metadata.json').exists()
   pool = data.pools[str(tmp_path / 'pool')]
   data.pools[str(tmp_path / 'pool')] = dataclasses.replace(
     pool, variables=jax.tree_util.tree_map(jnp.zeros_like, pool.variables)
   )
-  zeroed = loop.build_method(config, settings, data, seed=0)
+  zeroed = run_lib.build_method(settings, data)
   matching_config = tiny_config()
-  matching = loop.build_method(
-    matching_config, experiment.validate_config(matching_config), data, seed=0
-  )
+  matching = run_lib.build_method(experiment.validate_config(matching_config), data)
   metrics = {
     name: prepared.step(prepared.state, data.sampler)[1]
     for name, prepared in [('trained', trained), ('zeroed', zeroed), ('matching', matching)]
@@ -104,22 +102,22 @@ def test_pool_extractor_is_what_cc_sees(tmp_path, tiny_config):
   assert float(metrics['trained']['cc']) > 0.0
   assert not np.isclose(float(metrics['trained']['cc']), float(metrics['matching']['cc']))
   # DM and CM still come from the random matching network.
-  for name in ('dm', 'cm'):
+  for name in ('match', 'cm'):
     np.testing.assert_allclose(metrics['zeroed'][name], metrics['matching'][name], rtol=1e-6)
   # A run through the loop reuses the saved pool.
-  results = loop.run(config, str(tmp_path / 'run'))
+  results = run_lib.run(config, str(tmp_path / 'run'))
   assert results['cc_extractor'] == 'pool'
 
 
 def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch, tiny_config):
   usage = shutil.disk_usage(tmp_path)
-  monkeypatch.setattr(loop.shutil, 'disk_usage', lambda path: usage._replace(free=1000))
+  monkeypatch.setattr(run_lib.shutil, 'disk_usage', lambda path: usage._replace(free=1000))
   with pytest.raises(
     OSError,
     match=r'has 0.0 MiB free, but checkpoints and the export of '
     r'this run need about',
   ):
-    loop.run(tiny_config(), str(tmp_path / 'run'))
+    run_lib.run(tiny_config(), str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
@@ -127,11 +125,12 @@ def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch, tiny_conf
 def test_disk_needed_counts_the_state_and_the_export(method, tiny_config):
   config = tiny_config(method=method)
   settings = experiment.validate_config(config)
-  data = loop.prepare_data(config, settings)
-  prepared = loop.build_method(config, settings, data, config.seed)
+  data = run_lib.prepare_data(settings)
+  prepared = run_lib.build_method(settings, data)
   state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(prepared.state))
   image_bytes = prepared.training_set(prepared.state)[0].nbytes
-  assert loop.disk_needed(config, settings, data) == int(1.1 * (3 * state_bytes + 2 * image_bytes))
+  expected = int(1.1 * (3 * state_bytes + 2 * image_bytes))
+  assert run_lib.disk_needed(settings, data) == expected
 
 
 @pytest.mark.parametrize('poison', ['loss_term', 'images'])
@@ -157,14 +156,16 @@ def test_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(
     else r'synthetic images became non-finite between steps 5 and 6'
   )
   with pytest.raises(FloatingPointError, match=expected + r'.*last checkpoint \(step 4\)'):
-    loop.run(tiny_config(), str(workdir))
+    run_lib.run(tiny_config(), str(workdir))
   assert not (workdir / 'synthetic.npz').exists()
-  logged = loop.workdir_lib.read_metrics(str(workdir / 'metrics.jsonl'))
+  logged = run_lib.workdir_lib.read_metrics(str(workdir / 'metrics.jsonl'))
   assert [m['step'] for m in logged] == [2, 4]  # nothing non-finite was logged
   config = tiny_config()
   settings = experiment.validate_config(config)
-  initial = loop.build_method(config, settings, loop.prepare_data(config, settings), 0).state
-  restored = loop.checkpoint_lib.Checkpointer(str(workdir / 'checkpoints')).restore_latest(initial)
+  initial = run_lib.build_method(settings, run_lib.prepare_data(settings)).state
+  restored = run_lib.checkpoint_lib.Checkpointer(str(workdir / 'checkpoints')).restore_latest(
+    initial
+  )
   assert int(restored.step) == 4 and np.all(np.isfinite(restored.images))
 
 
@@ -176,42 +177,42 @@ def test_unwritable_workdir_is_refused_before_work(tmp_path, tiny_config):
     match=r'--workdir=.*a_file/run is not writable \(.*\); choose '
     'another directory',
   ):
-    loop.run(tiny_config(), str(blocker / 'run'))
+    run_lib.run(tiny_config(), str(blocker / 'run'))
   if os.geteuid() != 0:  # root writes regardless of permission bits
     locked = tmp_path / 'locked'
     locked.mkdir(mode=0o500)
     with pytest.raises(ValueError, match='locked is not writable'):
-      loop.run(tiny_config(), str(locked))
+      run_lib.run(tiny_config(), str(locked))
 
 
 def test_image_overshoot_in_pixel_ranges():
   mean, std = (0.5,), (0.25,)
   normalised = lambda pixels: (jnp.asarray(pixels, jnp.float32)[..., None] - 0.5) / 0.25
-  assert loop.image_overshoot(normalised([0.0, 0.3, 1.0]), mean, std) == 0.0
-  assert loop.image_overshoot(normalised([0.2, 3.5]), mean, std) == pytest.approx(2.5)
-  assert loop.image_overshoot(normalised([-4.0, 0.5]), mean, std) == pytest.approx(4.0)
+  assert guards.image_overshoot(normalised([0.0, 0.3, 1.0]), mean, std) == 0.0
+  assert guards.image_overshoot(normalised([0.2, 3.5]), mean, std) == pytest.approx(2.5)
+  assert guards.image_overshoot(normalised([-4.0, 0.5]), mean, std) == pytest.approx(4.0)
 
 
 def test_divergence_warnings_and_error():
-  assert loop.divergence_warnings(2.0, 150.0, 5.0, 40, 1.0) == {}
-  warnings = loop.divergence_warnings(2.0, 250.0, 20.0, 40, 1.0)
+  assert guards.divergence_warnings(2.0, 150.0, 5.0, 40, 1.0) == {}
+  warnings = guards.divergence_warnings(2.0, 250.0, 20.0, 40, 1.0)
   assert set(warnings) == {'images', 'loss'}
   assert 'from 2 to 250 (x125)' in warnings['loss'] and 'distill.lr=1' in warnings['loss']
   assert 'reach 20 times' in warnings['images']
-  with pytest.raises(loop.DivergenceError, match=r'step 40: .* 2e\+03 times .*distill.lr=1e\+30'):
-    loop.divergence_warnings(2.0, 2.0, 2e3, 40, 1e30)
+  with pytest.raises(guards.DivergenceError, match=r'step 40: .* 2e\+03 times .*distill.lr=1e\+30'):
+    guards.divergence_warnings(2.0, 2.0, 2e3, 40, 1e30)
 
 
 def test_chance_level_warning():
-  assert loop.chance_level_warning([10.0, 10.5, 12.0], 10, 'x') is None
-  warning = loop.chance_level_warning([10.0, 10.0, 10.9], 10, '20 training images')
+  assert guards.chance_level_warning([10.0, 10.5, 12.0], 10, 'x') is None
+  warning = guards.chance_level_warning([10.0, 10.0, 10.9], 10, '20 training images')
   assert '20 training images' in warning and 'chance 10.00%' in warning and 'eval.lr' in warning
 
 
 def test_a_diverging_image_optimiser_stops_with_the_fix(tmp_path, tiny_config, capsys):
   config = tiny_config(**{'distill.lr': 1e6, 'constraints.cc.weight': 0.0})
-  with pytest.raises((loop.DivergenceError, FloatingPointError), match='distill.lr'):
-    loop.run(config, str(tmp_path))
+  with pytest.raises((guards.DivergenceError, FloatingPointError), match='distill.lr'):
+    run_lib.run(config, str(tmp_path))
   assert not (tmp_path / 'results.json').exists()
 
 
@@ -242,13 +243,13 @@ def test_tensorboard_holds_the_loss_terms_and_accuracies_once_after_a_resume(
   config = tiny_config()
   wrap_steps(interrupt(5))
   with pytest.raises(KeyboardInterrupt):
-    loop.run(config, str(tmp_path))
+    run_lib.run(config, str(tmp_path))
   wrap_steps(None)
-  loop.run(config, str(tmp_path))
+  run_lib.run(config, str(tmp_path))
   scalars = _tensorboard_scalars(tmp_path / 'tensorboard')
-  assert {'distill/loss', 'distill/dm', 'distill/cc', 'distill/cm'} <= set(scalars)
+  assert {'distill/loss', 'distill/match', 'distill/cc', 'distill/cm'} <= set(scalars)
   assert [step for step, _ in scalars['distill/loss']] == [2, 4, 6]  # no duplicate after resume
   logged = [m for m in workdir_lib.read_metrics(str(tmp_path / 'metrics.jsonl')) if 'loss' in m]
-  np.testing.assert_allclose([v for _, v in scalars['distill/dm']], [m['dm'] for m in logged])
+  np.testing.assert_allclose([v for _, v in scalars['distill/match']], [m['match'] for m in logged])
   results = workdir_lib.read_json(str(tmp_path / 'results.json'))
   assert scalars['eval/test_accuracy'][-1] == (6, pytest.approx(results['eval']['mean']))

@@ -1,17 +1,17 @@
 """Where a ConvNet training step's time goes, op by op (XLA's own profile of the compiled step).
 
-  python experiments/profile_train_step.py                # 100 images, the CPU default layers
-  python experiments/profile_train_step.py --images=256 --top=40
-  python experiments/profile_train_step.py --out=experiments/results/profile_train_step.json
+  python experiments/probes/profile_train_step.py         # 100 images, the CPU lowering's layers
+  python experiments/probes/profile_train_step.py --images=256 --top=40
+  python experiments/probes/profile_train_step.py --out=experiments/results/profile_train_step.json
 
 Runs --steps SGD steps of the reference ConvNet (as evaluation and the IDM queue run them: one
 `lax.scan`, momentum 0.9, no DSA) once under `jax.profiler.trace` and reads the trace back: the
 time of every compiled op (an XLA fusion, a matrix product, a concatenation), summed over the
 steps and divided by them, with the op's output shape and the jax operation it came from (its
 `op_name` metadata: `jvp(ConvNet)/conv1/...` is the forward of the second convolution,
-`transpose(...)` its backward; on CPU the first norm is folded into `conv0`).
-bench_train_gemms.py says how far a step is from its matrix products; this says which ops take
-the rest.
+`transpose(...)` its backward; with --fold_norm, the CPU default, the first norm is folded into
+`conv0`). bench_train_gemms.py says how far a step is from its matrix products; this says which
+ops take the rest.
 
 The ops' times overlap where the runtime runs independent ops at once, and the profiler adds a
 little to each, so their sum exceeds the step's wall time (printed beside it, timed without the
@@ -26,24 +26,41 @@ import json
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-import timing  # experiments/timing.py (the script's folder is on sys.path)
 from absl import app, flags
 
-from dd_jax import models
+from dd_jax import lowering, models
 from dd_jax import train as train_lib
+from dd_jax.models import kernels
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timing  # noqa: E402  experiments/timing.py
 
 _IMAGES = flags.DEFINE_integer('images', 100, 'Images per SGD step.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 32, 'Side of the (square, RGB) images.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'SGD steps in the profiled call (one lax.scan).')
-_CONV_IMPL = flags.DEFINE_string('conv_impl', 'auto', 'The ConvNet convolutions (CONV_IMPLS).')
+_CONV_IMPL = flags.DEFINE_enum(
+  'conv_impl',
+  lowering.CPU.train_conv.impl,
+  kernels.CONV_IMPLS,
+  "The ConvNet's convolutions (kernels.ConvLowering.impl; default: the CPU lowering's).",
+)
+_FOLD_NORM = flags.DEFINE_bool(
+  'fold_norm',
+  lowering.CPU.train_conv.fold_norm,
+  'The first norm folded into the first convolution (kernels.ConvLowering.fold_norm; default: '
+  "the CPU lowering's).",
+)
 _MICROBATCH = flags.DEFINE_integer(
-  'microbatch', None, 'Images per gradient pass (train.sgd_step; default: the library default).'
+  'microbatch',
+  None,
+  "Images per gradient pass (train.sgd_step; 0: the whole batch; default: the CPU lowering's).",
 )
 _TOP = flags.DEFINE_integer('top', 25, 'Ops printed (all are written to --out).')
 _OUT = flags.DEFINE_string(
@@ -57,18 +74,18 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.-]+) = (\S+) ([\w-]+)\(')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
-def scanned_steps(images: jax.Array, labels: jax.Array, conv_impl: str):
+def scanned_steps(
+  images: jax.Array, labels: jax.Array, conv: kernels.ConvLowering, microbatch: int
+):
   """(compiled call, its arguments): --steps SGD steps of a fresh ConvNet in one lax.scan."""
-  net = models.get_network('ConvNet', NUM_CLASSES, conv_impl=conv_impl)
+  net = models.get_network('ConvNet', NUM_CLASSES, conv=conv)
   variables = net.init(jax.random.key(1), (1, *images.shape[1:]))
   optimizer = optax.sgd(0.01, momentum=0.9)
   opt_state = optimizer.init(variables['params'])
 
   def steps(variables, opt_state):
     def step(carry, _):
-      step = train_lib.sgd_step(
-        net, optimizer, *carry, images, labels, microbatch=_MICROBATCH.value
-      )
+      step = train_lib.sgd_step(net, optimizer, *carry, images, labels, microbatch=microbatch)
       return step[:2], None
 
     return jax.lax.scan(step, (variables, opt_state), None, _STEPS.value)[0]
@@ -111,7 +128,11 @@ def main(argv):
   shape = (_IMAGES.value, _IMAGE_SIZE.value, _IMAGE_SIZE.value, 3)
   images = jax.random.normal(jax.random.key(0), shape)
   labels = jnp.arange(_IMAGES.value) % NUM_CLASSES
-  compiled, args = scanned_steps(images, labels, _CONV_IMPL.value)
+  conv = kernels.ConvLowering(_CONV_IMPL.value, fold_norm=_FOLD_NORM.value)
+  microbatch = _MICROBATCH.value
+  if microbatch is None:
+    microbatch = lowering.CPU.microbatch(shape, has_batch_stats=False)  # ConvNet: instance norm
+  compiled, args = scanned_steps(images, labels, conv, microbatch)
   jax.block_until_ready(compiled(*args))
   seconds = []
   for _ in range(3):
@@ -148,18 +169,16 @@ def main(argv):
     **timing.environment(),
     'images': _IMAGES.value,
     'image_size': _IMAGE_SIZE.value,
-    'conv_impl': _CONV_IMPL.value,
-    'microbatch': train_lib.resolve_microbatch(
-      models.get_network('ConvNet', NUM_CLASSES), shape, _MICROBATCH.value
-    ),
+    'conv': timing.conv_text(conv),
+    'microbatch': min(microbatch or _IMAGES.value, _IMAGES.value),  # images per pass
     'steps': _STEPS.value,
     'step_ms': step_ms,
     'ops_ms_sum': ops_ms,
     'ops': ops,
   }
   print(
-    f'ConvNet SGD step, {shape[0]} images {shape[1]}x{shape[2]}x3, conv_impl '
-    f'{_CONV_IMPL.value!r}, {results["microbatch"]} images per gradient pass: {step_ms:.1f} ms '
+    f'ConvNet SGD step, {shape[0]} images {shape[1]}x{shape[2]}x3, convolutions '
+    f'{results["conv"]}, {results["microbatch"]} images per gradient pass: {step_ms:.1f} ms '
     'per step unprofiled; the ops below sum to '
     f'{ops_ms:.1f} ms per step profiled.\n\n'
     '| ms per step | share | op | output | jax operation |\n|---|---|---|---|---|'

@@ -1,33 +1,36 @@
 """How many images per gradient pass make a ConvNet SGD step fastest (`train.sgd_step(microbatch)`).
 
-  python experiments/bench_microbatch.py                       # batches 64, 100, 244, 256
-  python experiments/bench_microbatch.py --batches=256 --microbatches=0,16,32,64
-  python experiments/bench_microbatch.py --image_size=8 --channels=1     # digits shapes
-  python experiments/bench_microbatch.py --out=experiments/results/bench_microbatch.json
+  python experiments/probes/bench_microbatch.py                # batches 64, 100, 244, 256
+  python experiments/probes/bench_microbatch.py --batches=256 --microbatches=0,16,32,64
+  python experiments/probes/bench_microbatch.py --image_size=8 --channels=1     # digits shapes
+  python experiments/probes/bench_microbatch.py --out=experiments/results/bench_microbatch.json
 
 For every batch size (the training shapes: IDM's real batch 64 and 256, evaluation's 100 images
 at IPC 10 and the 256 + 244 minibatches at IPC 50) and every micro-batch size (0: the whole batch
 in one pass, the step before micro-batching), --steps SGD steps of the reference ConvNet
 (CIFAR-10 shapes by default, momentum 0.9, no DSA) in one `lax.scan`, as evaluation and the IDM
-queue run them, with the CPU default convolutions. The variants of one batch size are timed
-interleaved, --repeats times, median per step; each is checked against the whole-batch step
-(largest parameter difference after the steps: float rounding). Prints a markdown table and
-writes --out (JSON).
+queue run them, with the CPU lowering's convolutions (`lowering.CPU.train_conv`). The variants
+of one batch size are timed interleaved, --repeats times, median per step; each is checked
+against the whole-batch step (largest parameter difference after the steps: float rounding).
+Prints a markdown table and writes --out (JSON).
 """
 
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-import timing  # experiments/timing.py (the script's folder is on sys.path)
 from absl import app, flags
 
-from dd_jax import models
+from dd_jax import lowering, models
 from dd_jax import train as train_lib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timing  # noqa: E402  experiments/timing.py
 
 _BATCHES = flags.DEFINE_list('batches', ['64', '100', '244', '256'], 'Images per SGD step.')
 _MICROBATCHES = flags.DEFINE_list(
@@ -67,7 +70,7 @@ def scanned_steps(net: models.Network, batch: int, microbatch: int, image_shape:
 
 def main(argv):
   del argv
-  net = models.get_network('ConvNet', NUM_CLASSES)
+  net = models.get_network('ConvNet', NUM_CLASSES, conv=lowering.CPU.train_conv)
   image_shape = (_IMAGE_SIZE.value, _IMAGE_SIZE.value, _CHANNELS.value)
   variables = net.init(jax.random.key(1), (1, *image_shape))
   rows = []
@@ -107,6 +110,7 @@ def main(argv):
       )
   results = {
     **timing.environment(),
+    'conv': timing.conv_text(net.conv),
     'image_shape': image_shape,
     'steps': _STEPS.value,
     'repeats': _REPEATS.value,
