@@ -4,7 +4,7 @@ Config string: `dataset=<mnist|fashion_mnist|svhn|cifar10|cifar100|tinyimagenet>
 ipc=<1|10|50>,method=<dm|dm_iid|idm|idm_iid>,budget=<paper|cpu>,iid=<reference|default>`
 (defaults cifar10, 10, dm_iid, paper, reference). `iid=reference` is the IID code's CC form and
 weights (faithful with the reference pool); `iid=default` is dd_jax's scale-free CC
-(dd_jax.config.IID_SETTINGS, experiments/results/iid_scale_free.md). For example:
+(the methods' `presets`, experiments/results/iid_scale_free.md). For example:
 
   python -m dd_jax.main --config=configs/paper.py:dataset=cifar10,ipc=10,method=dm_iid \\
       --workdir=/tmp/c10_ipc10_dm_iid

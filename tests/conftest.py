@@ -58,7 +58,12 @@ def float64():
 
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  # pytest-xdist's workers (`-n 2`) share one cache: the same programs compile once.
+  root = tmp_path_factory.getbasetemp()
+  in_worker = 'PYTEST_XDIST_WORKER' in os.environ
+  directory = (root.parent if in_worker else root) / 'jax_cache'
+  directory.mkdir(exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', str(directory))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   yield
