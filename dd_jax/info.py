@@ -1,6 +1,6 @@
 """What dd_jax provides, and what a config resolves to.
 
-  python -m dd_jax.info                                   # networks, data sources, DSA ops
+  python -m dd_jax.info                   # methods, networks, data sources, DSA ops, lowering
   python -m dd_jax.info --config=configs/digits.py:ipc=10 --config.distill.lr=2
       # every config field: its resolved value and its documentation
 
@@ -16,6 +16,8 @@ from ml_collections import config_flags
 
 from dd_jax import augment, data, models
 from dd_jax import config as config_lib
+from dd_jax import lowering as lowering_lib
+from dd_jax.distill import methods
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'A config file to resolve (with overrides), as for dd_jax.main.', lock_config=True
@@ -53,6 +55,11 @@ def main(argv):
     print('Config fields (override any with --config.<field>=<value>):')
     print(format_fields(_CONFIG.value))
     return
+  print('Methods (config.method; presets add _cc, _cm, _iid):')
+  for name in methods.names():
+    presets = methods.get(name).presets
+    print(f'  {name:<14} image lr {presets.image_lr:g}')
+  print(f'Lowering (config.compute.lowering=auto): {lowering_lib.resolve("auto").name}')
   print('Networks (parameters for a 32x32x3 input, 10 classes):')
   for name in models.network_names():
     net = models.get_network(name, 10)

@@ -34,7 +34,7 @@ LAYERS = (
   ('models.registry', 'data'),
   ('models',),
   ('lowering',),  # the platform's programs, resolved once per run
-  ('train', 'info'),  # supervised training of networks (evaluation, pool, IDM queue)
+  ('train',),  # supervised training of networks (evaluation, pool, IDM queue)
   ('evaluate', 'pool'),
   ('extractors',),  # class centralization's feature sources
   ('distill.base', 'distill.model_queue'),  # the method interface; IDM's model queue
@@ -44,7 +44,7 @@ LAYERS = (
   ('experiment',),  # config -> every settings object
   ('run',),  # a resumable run
   ('compare',),  # a run and its baselines
-  ('grid', 'main'),
+  ('grid', 'main', 'info'),
 )
 PACKAGES_WITHOUT_IMPORTS = ('', 'distill')  # dd_jax/__init__.py, dd_jax/distill/__init__.py
 
