@@ -113,9 +113,22 @@ def run_with_baselines(
     (os.path.join(compare_dir, variant), derived, experiment.validate_config(derived))
     for variant, derived in variants
   ]
-  for run_dir, run_config, _ in runs:
-    workdir_lib.check_writable(run_dir)
-    workdir_lib.check_config(run_dir, run_config)
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.lock(workdir):  # the whole comparison; its runs lock their own workdirs too
+    for run_dir, run_config, _ in runs:
+      workdir_lib.check_writable(run_dir)
+      workdir_lib.check_config(run_dir, run_config)
+    return _run_locked(config, workdir, settings, data, runs, compare_dir)
+
+
+def _run_locked(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  settings: experiment.ExperimentSettings,
+  data: run_lib.PreparedData,
+  runs: list[tuple[str, ml_collections.ConfigDict, experiment.ExperimentSettings]],
+  compare_dir: str,
+) -> dict[str, Any]:
   unfinished = [
     run_settings
     for run_dir, _, run_settings in runs
@@ -143,7 +156,7 @@ def run_with_baselines(
       )
     )
 
-  for (variant, derived), (run_dir, _, run_settings) in zip(variants, runs[1:]):
+  for variant, (run_dir, derived, run_settings) in zip(settings.compare.variants, runs[1:]):
     print(f'--- variant {variant}: {presets.method_label(derived)} ---', flush=True)
     results = run_lib.run(derived, run_dir, data, run_settings)
     rows.append((presets.method_label(derived), results['eval']))

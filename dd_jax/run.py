@@ -241,8 +241,18 @@ def run(
     The final results (also written to <workdir>/results.json).
   """
   settings = settings or experiment.validate_config(config)
-  distill = settings.distill
   workdir_lib.check_writable(workdir)
+  with workdir_lib.lock(workdir):  # one process in a workdir; before anything is removed
+    return _run_locked(config, workdir, data, settings)
+
+
+def _run_locked(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  data: PreparedData | None,
+  settings: experiment.ExperimentSettings,
+) -> dict[str, Any]:
+  distill = settings.distill
   workdir_lib.remove_stale_temporaries(workdir)
   if data is None:
     data = prepare_data(settings)

@@ -6,16 +6,20 @@
 <workdir>/images/step_NNNNNN.png
 <workdir>/synthetic.npz     final export: pixel-space images, labels, class names, mean/std
 <workdir>/results.json      final evaluation summary
+<workdir>/.lock             held by the process running in the workdir (`WorkdirLock`)
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import io
 import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -150,6 +154,65 @@ def check_writable(workdir: str) -> None:
       f'--workdir={workdir} is not writable ({error.strerror or error}); choose '
       'another directory or fix its permissions.'
     ) from error
+
+
+class WorkdirBusyError(ValueError):
+  """Another process is running in the workdir."""
+
+
+_LOCK_FILE = '.lock'
+# This process's held workdir locks: path -> [open lock file, depth]. Re-entrant, so a comparison
+# holding its workdir can run its main run there.
+_held_locks: dict[str, list] = {}
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds `<workdir>/.lock` for the block: one process runs in a workdir at a time.
+
+  An OS-level lock (`flock`) that the kernel releases when its process exits however it exits,
+  so a killed run never leaves it held; the file names the holder (pid, host, start) for the
+  refusal's message. Only process 0 of a multi-process run takes it (the others write nothing).
+
+  Raises:
+    WorkdirBusyError: another process holds it, naming that process and the fix.
+  """
+  path = os.path.join(os.path.abspath(workdir), _LOCK_FILE)
+  if not is_primary():
+    yield
+    return
+  if path in _held_locks:  # this process holds it already
+    _held_locks[path][1] += 1
+    try:
+      yield
+    finally:
+      _held_locks[path][1] -= 1
+    return
+  handle = open(path, 'a+')  # noqa: SIM115  (held open for the block)
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = handle.read().strip() or 'another process'
+    handle.close()
+    raise WorkdirBusyError(
+      f'--workdir={workdir} is in use by {holder}; wait for that run to finish (rerunning the '
+      'same command then resumes or reuses it), or choose another --workdir.'
+    ) from None
+  started = datetime.datetime.now().isoformat(timespec='seconds')
+  handle.seek(0)
+  handle.truncate()
+  handle.write(f'process {os.getpid()} on {socket.gethostname()} (since {started})\n')
+  handle.flush()
+  _held_locks[path] = [handle, 1]
+  try:
+    yield
+  finally:
+    _held_locks[path][1] -= 1
+    if _held_locks[path][1] == 0:
+      del _held_locks[path]
+      fcntl.flock(handle, fcntl.LOCK_UN)
+      handle.close()
 
 
 def format_duration(seconds: float) -> str:

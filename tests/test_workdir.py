@@ -1,12 +1,18 @@
 """Atomic files of a workdir and the clean-up after a killed write."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from dd_jax import config as config_lib
 from dd_jax import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_atomic_write_keeps_the_old_file_when_the_block_fails(tmp_path):
@@ -61,3 +67,69 @@ def test_snapshot_accepts_fields_added_later_and_refuses_changed_ones(tmp_path, 
   config.ipc = 3
   with pytest.raises(ValueError, match=r'different config:\n  ipc: 10 -> 3'):
     workdir_lib.snapshot_config(str(tmp_path), config)
+
+
+_HOLDER = """
+import sys, time
+from dd_jax import workdir
+with workdir.lock(sys.argv[1]):
+  print('held', flush=True)
+  time.sleep(120)
+"""
+
+
+def _hold(directory):
+  """A second process holding `directory`'s lock (returned once it holds it)."""
+  holder = subprocess.Popen(
+    [sys.executable, '-c', _HOLDER, str(directory)], stdout=subprocess.PIPE, text=True
+  )
+  assert holder.stdout.readline().strip() == 'held'
+  return holder
+
+
+def test_a_busy_workdir_is_refused_and_a_killed_holders_lock_is_not(tmp_path):
+  holder = _hold(tmp_path)
+  try:
+    host = socket.gethostname()
+    with pytest.raises(
+      workdir_lib.WorkdirBusyError, match=rf'in use by process {holder.pid} on {host}'
+    ):
+      with workdir_lib.lock(str(tmp_path)):
+        pass
+  finally:
+    holder.kill()  # SIGKILL: no clean-up runs in the holder
+    holder.wait()
+  with workdir_lib.lock(str(tmp_path)):  # the kernel released it with the process
+    with workdir_lib.lock(str(tmp_path)):  # re-entrant in the holding process
+      pass
+    assert str(os.getpid()) in (tmp_path / '.lock').read_text()
+
+
+def test_a_second_run_on_a_busy_workdir_is_one_line_and_leaves_it_unharmed(tmp_path):
+  """The command line, while another process runs in the workdir: exit 2 in seconds, one line
+  naming the holder, and the workdir's files (a temporary of the running process included) kept."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  in_flight = workdir / '.synthetic.npz.abc123.tmp'  # what the running process is writing
+  in_flight.write_text('partial')
+  holder = _hold(workdir)
+  try:
+    started = time.perf_counter()
+    result = subprocess.run(
+      [sys.executable, '-m', 'dd_jax.main', '--config=configs/digits.py', f'--workdir={workdir}'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    seconds = time.perf_counter() - started
+  finally:
+    holder.kill()
+    holder.wait()
+  assert result.returncode == 2, result.stderr[-2000:]
+  message, *hint = result.stderr.strip().splitlines()  # the refusal, then where --traceback is
+  assert message.startswith('dd_jax: error: --workdir=') and len(hint) <= 1, result.stderr
+  assert f'in use by process {holder.pid} on {socket.gethostname()}' in message
+  assert seconds < 60
+  assert in_flight.read_text() == 'partial'
+  assert sorted(os.listdir(workdir)) == ['.lock', in_flight.name]
