@@ -235,6 +235,37 @@ def test_npz_missing_key(tmp_path):
 
 
 @pytest.mark.parametrize(
+  'change, message',
+  [
+    (
+      {'y_train': np.eye(2, dtype=np.int64)[[0, 1, 0, 1]]},
+      r'bad\.npz: y_train has shape \(4, 2\).*class ids of shape \(4,\).*y\.argmax\(axis=1\)',
+    ),
+    (
+      {'x_train': np.zeros((0, 4, 4), np.uint8), 'y_train': np.zeros((0,), np.int64)},
+      r'bad\.npz: x_train holds no images',
+    ),
+    ({'y_test': np.array([0, -1])}, r'bad\.npz: labels must be class ids >= 0'),
+    (
+      {'y_train': np.zeros(4, np.int64), 'y_test': np.zeros(2, np.int64)},
+      r'has 1 class \(0\); distillation and its evaluation need at least two classes',
+    ),
+  ],
+)
+def test_npz_inputs_are_refused_naming_the_file_and_the_array(tmp_path, change, message):
+  path = tmp_path / 'bad.npz'
+  arrays = dict(
+    x_train=np.zeros((4, 4, 4), np.uint8),
+    y_train=np.array([0, 1, 0, 1]),
+    x_test=np.zeros((2, 4, 4), np.uint8),
+    y_test=np.array([0, 1]),
+  )
+  np.savez(path, **{**arrays, **change})
+  with pytest.raises(DataError, match=message):
+    load_dataset(f'npz:{path}')
+
+
+@pytest.mark.parametrize(
   'y_train, y_test, class_names, message',
   [
     # 1-based labels without class_names: class 0 would exist with no images.

@@ -142,6 +142,11 @@ class Dataset:
   def __post_init__(self):
     set_field = lambda field, value: object.__setattr__(self, field, value)  # frozen
     set_field('class_names', tuple(str(c) for c in self.class_names))
+    if len(self.class_names) < 2:
+      raise DataError(
+        f'{self.name} has {len(self.class_names)} class ({", ".join(self.class_names)}); '
+        'distillation and its evaluation need at least two classes'
+      )
     set_field('mean', tuple(float(m) for m in self.mean))
     set_field('std', tuple(float(s) for s in self.std))
     for split in ('train', 'test'):

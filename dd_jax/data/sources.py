@@ -206,8 +206,22 @@ def _load_npz(path: str) -> _Loaded:
     x_train = _as_nhwc_uint8(arrays['x_train'], f'{path}: x_train')
     x_test = _as_nhwc_uint8(arrays['x_test'], f'{path}: x_test')
     y_train, y_test = arrays['y_train'], arrays['y_test']
+    for name, images, labels in (('train', x_train, y_train), ('test', x_test, y_test)):
+      if not len(images):
+        raise DataError(
+          f'{path}: x_{name} holds no images; an npz source needs images in both splits'
+        )
+      if labels.shape != (len(images),):
+        one_hot = labels.ndim == 2 and labels.shape[0] == len(images)
+        raise DataError(
+          f'{path}: y_{name} has shape {labels.shape}, but labels must be integer class ids of '
+          f'shape ({len(images)},), one per image of x_{name}'
+          + ('; these look one-hot: save y.argmax(axis=1)' if one_hot else '')
+        )
     if not (np.issubdtype(y_train.dtype, np.integer) and np.issubdtype(y_test.dtype, np.integer)):
       raise DataError(f'{path}: y_train / y_test must be integer labels')
+    if min(y_train.min(), y_test.min()) < 0:
+      raise DataError(f'{path}: labels must be class ids >= 0 (y_train / y_test hold negatives)')
     if 'class_names' in arrays.files:
       class_names = tuple(str(c) for c in arrays['class_names'])
     else:
