@@ -189,8 +189,8 @@ def _run_locked(
     rows.append(
       (
         f'full training set ({len(dataset.train_labels)} images, '
-        f'{config.compare.full_train_epochs} epochs, '
-        f'{config.compare.full_train_num_eval} networks)',
+        f'{stats.count(config.compare.full_train_epochs, "epoch")}, '
+        f'{stats.count(config.compare.full_train_num_eval, "network")})',
         _cached(
           os.path.join(compare_dir, 'full_train.json'),
           baseline_settings(
@@ -227,12 +227,11 @@ def format_table(
   lines = [
     f'{dataset_name}, ipc {config.ipc}, {config.distill.iterations} iterations; '
     f'{config.eval.model} trained {epochs_trained} epochs, mean +- sample std over '
-    f'{config.eval.num_eval} networks:',
+    f'{stats.count(config.eval.num_eval, "network")}:',
     '',
     f'| method | {split} accuracy (%) |',
     '|---|---|',
   ]
   for label, evaluation in rows:
-    mean, std = stats.mean_std(evaluation['accuracies'])
-    lines.append(f'| {label} | {mean:.2f} +- {std:.2f} |')
+    lines.append(f'| {label} | {stats.format_mean_std(evaluation["accuracies"])} |')
   return '\n'.join(lines)

@@ -273,7 +273,10 @@ def _run_locked(
   restored = checkpointer.restore_latest(state)
   if restored is not None:
     state = restored
-    print(f'Resuming {workdir} from step {int(state.step)}.', flush=True)
+    if int(state.step) < distill.iterations:
+      print(f'Resuming {workdir} from step {int(state.step)}.', flush=True)
+    else:
+      print(f'{workdir} has finished its {distill.iterations} steps.', flush=True)
     # Drop metrics logged after the checkpoint: they are about to be recomputed identically.
     kept = [m for m in workdir_lib.read_metrics(metrics_path) if m['step'] <= int(state.step)]
     workdir_lib.write_metrics(metrics_path, kept)
@@ -387,8 +390,8 @@ def _evaluate_and_record(
   seconds = time.perf_counter() - start
   print(
     f'step {step}: {evaluation["model"]} {evaluation["split"]} accuracy '
-    f'{evaluation["mean"]:.2f} +- {evaluation["std"]:.2f} over '
-    f'{len(evaluation["accuracies"])} networks ({seconds:.0f}s)',
+    f'{stats.format_mean_std(evaluation["accuracies"])} over '
+    f'{stats.count(len(evaluation["accuracies"]), "network")} ({seconds:.0f}s)',
     flush=True,
   )
   workdir_lib.append_metrics(

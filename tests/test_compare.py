@@ -54,13 +54,16 @@ def test_run_with_baselines_prints_table(tmp_path, capsys, tiny_config):
     'random real (ipc 2)',
     'DM',
     'DM + IID (reference)',
-    'full training set (1347 images, 1 epochs, 1 networks)',
+    'full training set (1347 images, 1 epoch, 1 network)',
   ]
   assert comparison['rows'][1]['mean'] == pytest.approx(
     np.mean(comparison['rows'][1]['accuracies'])
   )
   for label in ('random real (ipc 2)', '| DM |', '| DM + IID (reference) |', 'full training set'):
     assert label in table
+  # One network has no sample std: the table says so instead of '+- 0.00'.
+  assert table.splitlines()[-1].endswith('(one value: no spread) |')
+  assert '+- 0.00' not in table.splitlines()[-1]
   assert table in capsys.readouterr().out
   assert (tmp_path / 'table.md').exists()
   assert os.path.exists(tmp_path / 'compare' / 'dm' / 'synthetic.npz')
@@ -80,7 +83,7 @@ def test_cached_baselines_are_recomputed_when_their_settings_change(tmp_path, ca
   assert 'full_train.json: computed with other settings (differing: full_train_num_eval)' in out
   assert 'random_real.json' not in out  # its settings did not change: reused
   assert again['rows'][0] == first['rows'][0]
-  assert again['rows'][-1]['label'] == 'full training set (1347 images, 1 epochs, 2 networks)'
+  assert again['rows'][-1]['label'] == 'full training set (1347 images, 1 epoch, 2 networks)'
   assert len(again['rows'][-1]['accuracies']) == 2  # recomputed, not the cached single network
 
 

@@ -16,7 +16,7 @@ from dd_jax import workdir as workdir_lib
 
 
 def test_run_writes_workdir_and_resumes_to_the_same_synthetic_set(
-  tmp_path, tiny_config, wrap_steps, interrupt
+  tmp_path, tiny_config, wrap_steps, interrupt, capsys
 ):
   config = tiny_config()
   reference = run_lib.run(config, str(tmp_path / 'uninterrupted'))
@@ -57,7 +57,9 @@ def test_run_writes_workdir_and_resumes_to_the_same_synthetic_set(
 
   # A finished run is not recomputed (also when only the tabulated baselines change); a
   # different config is refused.
+  capsys.readouterr()
   assert run_lib.run(config, str(workdir)) == reference
+  assert f'{workdir} has finished its 6 steps.' in capsys.readouterr().out  # not 'Resuming'
   assert run_lib.run(tiny_config(**{'compare.full_train_epochs': 3}), str(workdir)) == reference
   with pytest.raises(ValueError, match=r'different config[\s\S]*ipc: 2 -> 3'):
     run_lib.run(tiny_config(ipc=3), str(workdir))
