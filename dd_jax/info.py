@@ -14,7 +14,7 @@ import ml_collections
 from absl import app
 from ml_collections import config_flags
 
-from dd_jax import augment, data, models
+from dd_jax import augment, cli, data, models
 from dd_jax import config as config_lib
 from dd_jax import lowering as lowering_lib
 from dd_jax.distill import methods
@@ -74,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

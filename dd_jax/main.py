@@ -17,12 +17,11 @@ import select
 import signal
 import sys
 import threading
-from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dd_jax import compare, guards, sharding
+from dd_jax import cli, compare, guards, sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Experiment config file (get_config).', lock_config=True
@@ -30,7 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; rerun to resume).')
 flags.mark_flags_as_required(['config', 'workdir'])
 _TRACEBACK = flags.DEFINE_bool(
-  'traceback', False, 'Show the traceback of a refused run instead of its one-line message.'
+  cli.TRACEBACK_FLAG.removeprefix('--'),
+  False,
+  'Show the traceback of a refused run instead of its one-line message.',
 )
 _DISTRIBUTED = flags.DEFINE_bool(
   'distributed',
@@ -47,27 +48,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 # else is a bug: full traceback.
 REFUSALS = (ValueError, OSError, FloatingPointError, guards.DivergenceError)
 INTERRUPTED = 'Interrupted. Rerun the same command to resume from the last checkpoint.'
-
-
-def _refuse(message: str) -> NoReturn:
-  print(f'dd_jax: error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad override reported in one message instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    _refuse(f'{error}\nSee --helpfull for the flags.')
-  except (AttributeError, KeyError) as error:
-    # ml_collections: an override names no field of the config (KeyError: no such section).
-    cause = error.args[0] if error.args else error
-    text = str(cause.args[0] if isinstance(cause, Exception) and cause.args else cause)
-    field, *hint = text.splitlines()
-    _refuse(
-      f'the config has no field {field} (a --config.<field>=<value> override). ' + ' '.join(hint)
-    )
 
 
 def _exit_at_once_on_interrupt() -> None:
@@ -109,8 +89,8 @@ def main(argv):
   except REFUSALS as error:
     if _TRACEBACK.value:
       raise
-    _refuse(f'{error}\n(--traceback shows where it was raised.)')
+    cli.refuse(f'{error}\n(--traceback shows where it was raised.)')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -143,6 +143,61 @@ def test_cli_rejects_misspelled_override(tmp_path, override, field, suggestion):
   assert not os.path.exists(tmp_path / 'run')
 
 
+@pytest.mark.parametrize(
+  'config, overrides, message',
+  [
+    (
+      'configs/nope.py',
+      ('--config.seed=1',),
+      '--config=configs/nope.py cannot be loaded ([Errno 2] No such file or directory: '
+      "'configs/nope.py'); check the path.",
+    ),
+    (
+      'configs/nope.py',
+      (),
+      '--config=configs/nope.py cannot be loaded ([Errno 2] No such file or directory: '
+      "'configs/nope.py'); check the path.",
+    ),
+    (
+      '{bad_file}',
+      ('--config.seed=1',),
+      '--config={bad_file}: Python syntax error at line 1 (invalid syntax); fix the config file.',
+    ),
+    (
+      'configs/paper.py:ipcc=3',
+      (),
+      "--config=configs/paper.py: Config argument 'ipcc=3': expected key=value with key in "
+      "['budget', 'dataset', 'iid', 'ipc', 'method']",
+    ),
+    (
+      'configs/paper.py:method=foo',
+      (),
+      "--config=configs/paper.py: configs/paper.py: method='foo'",
+    ),
+    ('configs/digits.py:iid=foo', (), "--config=configs/digits.py: iid='foo': choose one of"),
+    (
+      'configs/digits.py',
+      ('--config.distill.model=ConvNet',),
+      "the config has no field 'model' (a --config.<field>=<value> override). Fields named "
+      "'model': config.eval.model, config.model.name, config.pool.model.",
+    ),
+  ],
+  ids=['missing_file_with_override', 'missing_file', 'syntax', 'ipcc', 'method', 'iid', 'model'],
+)
+def test_cli_config_file_errors_are_one_line(tmp_path, config, overrides, message):
+  bad_file = tmp_path / 'bad.py'
+  bad_file.write_text('def get_config(:\n  pass\n')
+  config, message = (text.replace('{bad_file}', str(bad_file)) for text in (config, message))
+  args = (f'--config={config}', f'--workdir={tmp_path}/run', *overrides)
+  result = _main(*args)
+  assert result.returncode == 2
+  assert result.stderr.startswith(f'dd_jax: error: {message}'), result.stderr
+  assert len(result.stderr.splitlines()) == 1
+  assert not os.path.exists(tmp_path / 'run')
+  with_traceback = _main(*args, '--traceback')
+  assert 'Traceback' in with_traceback.stderr
+
+
 def test_cli_refusal_is_one_message_and_traceback_is_optional(tmp_path):
   args = ('--config=configs/digits.py', f'--workdir={tmp_path}/run', '--config.eval.model=LeNet')
   result = _main(*args)

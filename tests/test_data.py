@@ -95,10 +95,13 @@ def test_tfds_source_under_mock_data(name, shape, mean, std):
   assert ds.mean == mean and ds.std == std
 
 
-def test_tfds_not_prepared_error_says_what_to_run(tmp_path):
+def test_tfds_not_prepared_error_says_what_to_run(tmp_path, caplog):
   pytest.importorskip('tensorflow_datasets')
-  with pytest.raises(DataError) as excinfo:
+  (tmp_path / 'cifar10' / '3.0.2').mkdir(parents=True)  # a folder without dataset_info.json
+  with caplog.at_level('WARNING', logger='absl'), pytest.raises(DataError) as excinfo:
     load_dataset('tfds:cifar10', data_dir=str(tmp_path))
+  # TFDS's own warnings about that folder are not shown before our message.
+  assert 'dataset_info.json' not in caplog.text
   message = str(excinfo.value)
   assert "pip install 'dd_jax[prepare]'" in message
   assert f'python -m dd_jax.data.prepare_tfds cifar10 --data_dir={tmp_path}' in message

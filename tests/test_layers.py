@@ -15,6 +15,8 @@ LAYERS = (
   # Nothing from dd_jax: settings, key streams, config, files, losses, kernels, guards.
   (
     'settings',
+    'cli',
+    'progress',
     'stats',
     'keys',
     'config',

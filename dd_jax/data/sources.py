@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import logging
 import os
 import zipfile
 from typing import Any, NamedTuple
@@ -256,9 +258,26 @@ def _not_prepared_message(name: str, data_dir: str | None) -> str:
   )
 
 
+@contextlib.contextmanager
+def _tfds_warnings_silenced():
+  """TFDS logs warnings about unprepared folders (through absl) that our own message explains."""
+  logger = logging.getLogger('absl')
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def _load_tfds(name: str, data_dir: str | None) -> _Loaded:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  with _tfds_warnings_silenced():
+    return _read_tfds(tfds, name, data_dir)
+
+
+def _read_tfds(tfds: Any, name: str, data_dir: str | None) -> _Loaded:
   try:
     sources = {
       split: tfds.data_source(name, split=split, data_dir=data_dir, download=False)
