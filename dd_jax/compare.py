@@ -44,8 +44,12 @@ def baseline_settings(config: ml_collections.ConfigDict, **extra: Any) -> dict[s
 
 def _cached(path: str, settings: dict[str, Any], compute) -> dict[str, Any]:
   """`compute()`'s result, reused from `path` only if it was computed with `settings`."""
-  if os.path.exists(path):
-    cached = workdir_lib.read_json(path)
+  try:
+    cached = workdir_lib.read_json(path) if os.path.exists(path) else None
+  except ValueError as error:  # a damaged file: computed again
+    print(f'{path} is unreadable ({error}); recomputing.', flush=True)
+    cached = None
+  if isinstance(cached, dict):
     if cached.get('settings') == settings:
       return cached
     changed = sorted(
@@ -117,8 +121,10 @@ def run_with_baselines(
   with workdir_lib.lock(workdir):  # the whole comparison; its runs lock their own workdirs too
     for run_dir, run_config, _ in runs:
       workdir_lib.check_writable(run_dir)
+      workdir_lib.set_aside_stopped_run(run_dir, run_config)
       workdir_lib.check_config(run_dir, run_config)
-    return _run_locked(config, workdir, settings, data, runs, compare_dir)
+    with workdir_lib.disk_full_stops(workdir):
+      return _run_locked(config, workdir, settings, data, runs, compare_dir)
 
 
 def _run_locked(

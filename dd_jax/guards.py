@@ -54,7 +54,8 @@ def check_finite(
   )
   raise FloatingPointError(
     f'Stopped: {problem}; {resume}. Lower distill.lr or the constraint weights '
-    '(constraints.cc.weight, constraints.cm.weight) and rerun in a new --workdir.'
+    '(constraints.cc.weight, constraints.cm.weight) and rerun: in the same --workdir, the '
+    'stopped run is set aside.'
   )
 
 
@@ -101,11 +102,12 @@ def divergence_warnings(
   Raises:
     DivergenceError: images more than IMAGE_OVERSHOOT_ERROR ranges outside [0, 1].
   """
-  advice = f'distill.lr={distill_lr:g} is probably too large; lower it and rerun in a new --workdir'
+  advice = f'distill.lr={distill_lr:g} is probably too large; lower it and rerun'
   if overshoot > IMAGE_OVERSHOOT_ERROR:
     raise DivergenceError(
       f'Stopped at step {step}: the synthetic pixels reach {overshoot:.3g} times the pixel '
-      f'range outside [0, 1]: the image optimiser diverged. {advice}.'
+      f'range outside [0, 1]: the image optimiser diverged. {advice}: in the same --workdir, the '
+      'stopped run is set aside.'
     )
   warnings = {}
   if overshoot > IMAGE_OVERSHOOT_WARNING:

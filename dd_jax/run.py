@@ -14,6 +14,7 @@ same synthetic set as an uninterrupted run: every random draw comes from a named
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -184,27 +185,49 @@ def build_method(settings: experiment.ExperimentSettings, data: PreparedData) ->
   )
 
 
+# Disk use beyond the arrays, per unit (measured on finished workdirs, rounded up).
+_CHECKPOINT_OVERHEAD = 256 * 2**10  # Orbax's metadata files and directories per checkpoint
+_BYTES_PER_LOG_LINE = 2048  # a metrics.jsonl line and its TensorBoard events
+_FIXED_FILES = 4 * 2**20  # config.json, results.json, lock, filesystem blocks
+
+
 def disk_needed(
   settings: experiment.ExperimentSettings, data: PreparedData, checkpoints_kept: int = 2
 ) -> int:
-  """Bytes a run's checkpoints and export need, from the shapes of its state (its images drawn,
-  the rest traced abstractly).
+  """Bytes a run writes at its peak, from the shapes of its state (its images drawn, the rest
+  traced abstractly) and its schedule.
 
-  Needed: (checkpoints_kept + 1) copies of the state (Orbax writes a new step before deleting
-  the oldest), two copies of the exported training set (synthetic.npz, PNG grids), 10% margin.
+  Counted: (checkpoints_kept + 1) checkpoints (Orbax writes a new step, in a temporary
+  directory, before deleting the oldest); two copies of the exported training set
+  (synthetic.npz and its temporary copy); one PNG grid per evaluation (uncompressed bound);
+  metrics.jsonl twice (rewritten through a temporary file) and the TensorBoard events; the small
+  files; then a 10% margin.
   """
-  method, num_classes = settings.method, data.dataset.num_classes
-  net = method.network(settings.distill, num_classes, settings.lowering)
+  method, distill, num_classes = settings.method, settings.distill, data.dataset.num_classes
+  net = method.network(distill, num_classes, settings.lowering)
   images, labels = _initial_images(settings, data.dataset)
 
   def initial_state():
-    state = method.init_state(settings.distill, images, labels, net, settings.seed)
+    state = method.init_state(distill, images, labels, net, settings.seed)
     return state, method.training_set(state, num_classes)[0]
 
   state, training_images = jax.eval_shape(initial_state)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
   image_bytes = training_images.size * training_images.dtype.itemsize
-  return int(1.1 * ((checkpoints_kept + 1) * state_bytes + 2 * image_bytes))
+  evaluations = len(_evaluation_steps(distill))
+  # A grid of uint8 pixels upscaled to at least 256 pixels a side (workdir.write_png).
+  height, width = images.shape[1:3]
+  factor = max(1, -(-256 // max(height * num_classes, width * distill.ipc)))
+  png_bytes = images.size * factor**2 + 2**16
+  log_lines = distill.iterations // distill.log_every + evaluations
+  needed = (
+    (checkpoints_kept + 1) * (state_bytes + _CHECKPOINT_OVERHEAD)
+    + 2 * image_bytes
+    + evaluations * png_bytes
+    + 3 * log_lines * _BYTES_PER_LOG_LINE
+    + _FIXED_FILES
+  )
+  return int(1.1 * needed)
 
 
 def check_free_space(workdir: str, needed: int, what: str = 'this run') -> None:
@@ -252,22 +275,51 @@ def _run_locked(
   data: PreparedData | None,
   settings: experiment.ExperimentSettings,
 ) -> dict[str, Any]:
-  distill = settings.distill
   workdir_lib.remove_stale_temporaries(workdir)
   if data is None:
     data = prepare_data(settings)
   else:
-    settings.method.check_data(distill, data.dataset)
+    settings.method.check_data(settings.distill, data.dataset)
+  workdir_lib.set_aside_stopped_run(workdir, config)
   workdir_lib.check_config(workdir, config)
-  dataset = data.dataset
-  results_path = os.path.join(workdir, 'results.json')
-
-  if not os.path.exists(results_path):  # a finished run writes nothing more
+  if not os.path.exists(os.path.join(workdir, 'results.json')):  # else it rewrites its exports
     check_free_space(workdir, disk_needed(settings, data))
   prepared = build_method(settings, data)
-  state = prepared.state
   # Written only now: a run refused by any check above leaves its workdir reusable.
   workdir_lib.snapshot_config(workdir, config)
+  with workdir_lib.disk_full_stops(workdir):
+    try:
+      state, evaluation, finished = _distill(workdir, data, settings, prepared)
+    except (FloatingPointError, guards.DivergenceError) as error:
+      workdir_lib.mark_stopped(workdir, str(error))
+      raise
+    return _export(config, workdir, data, settings, prepared, state, evaluation, finished)
+
+
+def _read_results(workdir: str) -> dict[str, Any] | None:
+  """A run's results.json, or None if it is missing or unreadable (a rerun rebuilds it)."""
+  try:
+    results = workdir_lib.read_json(os.path.join(workdir, 'results.json'))
+  except (OSError, ValueError):
+    return None
+  return results if isinstance(results, dict) and 'eval' in results else None
+
+
+def _distill(
+  workdir: str,
+  data: PreparedData,
+  settings: experiment.ExperimentSettings,
+  prepared: Prepared,
+) -> tuple[Any, dict[str, Any], bool]:
+  """Runs (or resumes) the steps to the end, evaluating and checkpointing as configured.
+
+  Returns:
+    The final state; its evaluation (of this run's last step, or, for a run that had already
+    finished, as recorded in metrics.jsonl: evaluated again only when the record is missing);
+    whether the run had already finished (no step ran).
+  """
+  distill, dataset = settings.distill, data.dataset
+  state = prepared.state
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   restored = checkpointer.restore_latest(state)
@@ -285,72 +337,96 @@ def _run_locked(
   evaluation_steps = _evaluation_steps(distill)
   evaluate_key = keys_lib.run_key(settings.seed, 'evaluate')
   tensorboard = workdir_lib.TensorBoardLog(workdir, int(state.step) if restored else None)
-  record = lambda step, state: _evaluate_and_record(
-    settings, data, prepared, state, step, evaluate_key, workdir, tensorboard
-  )
-  window, window_start = [], time.perf_counter()  # per-step metrics since the last log line
-  start_step = int(state.step)
-  last_saved = start_step if restored is not None else None
-  if start_step < total:
-    weights = distill.weights
-    print(
-      f'Distilling {dataset.name} with {settings.method.name.upper()}: '
-      f'{dataset.num_classes} classes x ipc {distill.ipc}, {distill.model}, {total} '
-      f'iterations (weights cc={weights.cc} on {distill.extractor}, cm={weights.cm}).',
-      flush=True,
+  try:
+    record = lambda step, state: _evaluate_and_record(
+      settings, data, prepared, state, step, evaluate_key, workdir, tensorboard
     )
-  last_evaluation = None
-  logged = [m for m in workdir_lib.read_metrics(metrics_path) if 'loss' in m]
-  first_loss = logged[0]['loss'] if logged else None  # the divergence guard's reference
-  warned = set()
-  for step in range(start_step + 1, total + 1):
-    state, metrics = prepared.step(state, data.sampler)
-    window.append(metrics)
-    log_now = step % distill.log_every == 0 or step == total
-    evaluate_now = step in evaluation_steps
-    save_now = step % distill.checkpoint_every == 0 or evaluate_now
-    if log_now or evaluate_now or save_now:
-      # Nothing non-finite is logged, evaluated or checkpointed: the last checkpoint stays good.
-      window_metrics = jax.device_get(window)
-      guards.check_finite(window_metrics, state.images, step, workdir, last_saved)
-    if log_now:
-      means = {k: float(np.mean([m[k] for m in window_metrics])) for k in window_metrics[0]}
-      rate = len(window) / (time.perf_counter() - window_start)
-      names = ['loss'] + sorted(k for k in means if k not in ('loss', 'grad_norm'))
-      terms = ' '.join(f'{k} {means[k]:.4g}' for k in names)
+    window, window_start = [], time.perf_counter()  # per-step metrics since the last log line
+    start_step = int(state.step)
+    last_saved = start_step if restored is not None else None
+    if start_step < total:
+      weights = distill.weights
       print(
-        f'step {step}/{total} | {rate:.2f} it/s | {terms} | ETA '
-        f'{workdir_lib.format_duration((total - step) / rate)}',
+        f'Distilling {dataset.name} with {settings.method.name.upper()}: '
+        f'{dataset.num_classes} classes x ipc {distill.ipc}, {distill.model}, {total} '
+        f'iterations (weights cc={weights.cc} on {distill.extractor}, cm={weights.cm}).',
         flush=True,
       )
-      workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
-      tensorboard.scalars(step, {**means, 'its_per_s': rate}, prefix='distill/')
-      window, window_start = [], time.perf_counter()
-      first_loss = means['loss'] if first_loss is None else first_loss
-      overshoot = guards.image_overshoot(state.images, dataset.mean, dataset.std)
-      warnings = guards.divergence_warnings(first_loss, means['loss'], overshoot, step, distill.lr)
-      for kind, warning in warnings.items():
-        if kind not in warned:  # each kind once per run
-          warned.add(kind)
-          print(warning, flush=True)
-    if evaluate_now:
-      last_evaluation = record(step, state)
-    if save_now:
-      checkpointer.save(step, state)
-      last_saved = step
-  checkpointer.close()
-
-  if last_evaluation is None and os.path.exists(results_path):
+    last_evaluation = None
+    logged = [m for m in workdir_lib.read_metrics(metrics_path) if 'loss' in m]
+    first_loss = logged[0]['loss'] if logged else None  # the divergence guard's reference
+    warned = set()
+    for step in range(start_step + 1, total + 1):
+      state, metrics = prepared.step(state, data.sampler)
+      window.append(metrics)
+      log_now = step % distill.log_every == 0 or step == total
+      evaluate_now = step in evaluation_steps
+      save_now = step % distill.checkpoint_every == 0 or evaluate_now
+      if log_now or evaluate_now or save_now:
+        # Nothing non-finite is logged, evaluated or checkpointed: the last checkpoint stays good.
+        window_metrics = jax.device_get(window)
+        guards.check_finite(window_metrics, state.images, step, workdir, last_saved)
+      if log_now:
+        means = {k: float(np.mean([m[k] for m in window_metrics])) for k in window_metrics[0]}
+        rate = len(window) / (time.perf_counter() - window_start)
+        names = ['loss'] + sorted(k for k in means if k not in ('loss', 'grad_norm'))
+        terms = ' '.join(f'{k} {means[k]:.4g}' for k in names)
+        print(
+          f'step {step}/{total} | {rate:.2f} it/s | {terms} | ETA '
+          f'{workdir_lib.format_duration((total - step) / rate)}',
+          flush=True,
+        )
+        workdir_lib.append_metrics(metrics_path, {'step': step, 'its_per_s': rate, **means})
+        tensorboard.scalars(step, {**means, 'its_per_s': rate}, prefix='distill/')
+        window, window_start = [], time.perf_counter()
+        first_loss = means['loss'] if first_loss is None else first_loss
+        overshoot = guards.image_overshoot(state.images, dataset.mean, dataset.std)
+        warnings = guards.divergence_warnings(
+          first_loss, means['loss'], overshoot, step, distill.lr
+        )
+        for kind, warning in warnings.items():
+          if kind not in warned:  # each kind once per run
+            warned.add(kind)
+            print(warning, flush=True)
+      if evaluate_now:
+        last_evaluation = record(step, state)
+      if save_now:
+        checkpointer.save(step, state)
+        last_saved = step
+    if last_evaluation is None:  # no step ran: the evaluation of the last one, as recorded
+      recorded = [
+        m['eval']
+        for m in workdir_lib.read_metrics(metrics_path)
+        if m['step'] == total and 'eval' in m
+      ]
+      last_evaluation = recorded[-1] if recorded else record(total, state)
+    return state, last_evaluation, start_step == total
+  finally:  # also on an error: no file of the workdir stays open
+    checkpointer.close()
     tensorboard.close()
-    return workdir_lib.read_json(results_path)  # already finished
-  if last_evaluation is None:  # resumed exactly at the end without a results file
-    last_evaluation = record(total, state)
-  tensorboard.close()
+
+
+def _export(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  data: PreparedData,
+  settings: experiment.ExperimentSettings,
+  prepared: Prepared,
+  state: Any,
+  evaluation: dict[str, Any],
+  finished: bool,
+) -> dict[str, Any]:
+  """Writes synthetic.npz and results.json of the final state, or, for a run that had already
+  `finished`, checks them and rewrites what is missing, unreadable or different (saying so).
+
+  Returns:
+    The results (as in results.json).
+  """
+  dataset, distill = data.dataset, settings.distill
   images, labels = map(sharding_lib.to_host, prepared.training_set(state))
   pixels = lambda x: np.asarray(dataset.denormalize(sharding_lib.to_host(x), clip=True)) / 255.0
   stored = settings.method.stored_images(state)
-  workdir_lib.export_synthetic(
-    os.path.join(workdir, 'synthetic.npz'),
+  synthetic = workdir_lib.synthetic_arrays(
     pixels(images),
     np.asarray(labels),
     dataset.class_names,
@@ -363,12 +439,22 @@ def _run_locked(
     'method': presets.method_label(config),  # as the tables name it, e.g. 'DM + IID (reference)'
     'base_method': settings.method.name,
     'ipc': distill.ipc,
-    'iterations': total,
+    'iterations': distill.iterations,
     'weights': distill.weights._asdict(),
     'cc_extractor': distill.extractor,
-    'eval': last_evaluation,
+    'eval': evaluation,
   }
-  workdir_lib.write_json(results_path, results)
+  results = json.loads(json.dumps(results))  # as read back from results.json
+  synthetic_path = os.path.join(workdir, 'synthetic.npz')
+  problem = workdir_lib.synthetic_problem(synthetic_path, synthetic)
+  if problem:
+    if finished:
+      print(f'{synthetic_path} {problem}; rewriting it from the last checkpoint.', flush=True)
+    workdir_lib.export_synthetic(synthetic_path, synthetic)
+  if _read_results(workdir) != results:
+    if finished:
+      print(f'{workdir}/results.json is missing, unreadable or outdated; rewriting it.', flush=True)
+    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
   return results
 
 

@@ -6,19 +6,23 @@
 <workdir>/images/step_NNNNNN.png
 <workdir>/synthetic.npz     final export: pixel-space images, labels, class names, mean/std
 <workdir>/results.json      final evaluation summary
-<workdir>/.lock             held by the process running in the workdir (`WorkdirLock`)
+<workdir>/.lock             held by the process running in the workdir (`lock`)
+<workdir>/stopped.json      a run stopped by a guard (`mark_stopped`); moved aside with its files
+                            to <workdir>/stopped_runs/<n>/ by a run of another config
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import io
 import json
 import logging
 import math
 import os
+import re
 import socket
 import tempfile
 import time
@@ -143,17 +147,37 @@ def check_writable(workdir: str) -> None:
   not tell: root ignores them, a read-only mount does not).
 
   Raises:
-    ValueError: naming the workdir and the operating system's reason.
+    ValueError: naming the workdir (or the file in its way) and the operating system's reason.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(
+      f'--workdir={workdir} is a file, not a directory; choose another --workdir (or move the '
+      'file away).'
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix='.write_probe.'):
       pass
+  except NotADirectoryError as error:
+    files = [p for p in _ancestors(os.path.abspath(workdir)) if os.path.isfile(p)]
+    blocking = files[0] if files else workdir
+    raise ValueError(
+      f'--workdir={workdir} cannot be created: {blocking} is a file, not a directory; choose '
+      'another --workdir.'
+    ) from error
   except OSError as error:
     raise ValueError(
       f'--workdir={workdir} is not writable ({error.strerror or error}); choose '
       'another directory or fix its permissions.'
     ) from error
+
+
+def _ancestors(path: str) -> list[str]:
+  """'/a/b/c' -> ['/a', '/a/b', '/a/b/c']."""
+  parents = [path]
+  while os.path.dirname(parents[-1]) != parents[-1]:
+    parents.append(os.path.dirname(parents[-1]))
+  return parents[::-1][1:]
 
 
 class WorkdirBusyError(ValueError):
@@ -213,6 +237,51 @@ def lock(workdir: str) -> Iterator[None]:
       del _held_locks[path]
       fcntl.flock(handle, fcntl.LOCK_UN)
       handle.close()
+
+
+class DiskFullError(OSError):
+  """A write of the run failed for want of disk space (errno ENOSPC; the message is one line)."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.errno = errno.ENOSPC
+
+
+@contextlib.contextmanager
+def disk_full_stops(workdir: str) -> Iterator[None]:
+  """Turns a failed write for want of space (ENOSPC, however wrapped) into one DiskFullError
+  naming the file, the workdir and the fix. Every file is written whole or not at all (atomic
+  writes; Orbax's temporary checkpoint directories are removed by the next run), so a rerun after
+  freeing space resumes from the last checkpoint."""
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except  (re-raised unless ENOSPC)
+    where = _no_space_path(error)
+    if where is None:
+      raise
+    raise DiskFullError(
+      f'the disk of --workdir={workdir} is full (no space left{where}); free some space or '
+      'move the workdir to a larger disk, then rerun the same command: it resumes from the last '
+      'checkpoint.'
+    ) from error
+
+
+def _no_space_path(error: BaseException) -> str | None:
+  """' writing <path>' (or '') when `error` or its causes say the disk is full, else None.
+
+  Python reports ENOSPC as an OSError; TensorStore (Orbax's array writer) as a ValueError whose
+  text holds the path and 'No space left on device'.
+  """
+  while error is not None:
+    if getattr(error, 'errno', None) == errno.ENOSPC:
+      filename = getattr(error, 'filename', None)
+      return f' writing {filename}' if filename else ''
+    text = str(error)
+    if os.strerror(errno.ENOSPC) in text:
+      written = re.search(r'writing:? "([^"]+)"', text)
+      return f' writing {written.group(1)}' if written else ''
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def format_duration(seconds: float) -> str:
@@ -327,6 +396,72 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> bool:
   return False
 
 
+_STOPPED_FILE = 'stopped.json'
+# A run's own files (the module docstring lists them).
+RUN_FILES = (
+  'config.json',
+  'checkpoints',
+  'metrics.jsonl',
+  'tensorboard',
+  'images',
+  'synthetic.npz',
+  'results.json',
+)
+_STOPPED_RUNS = 'stopped_runs'
+
+
+def mark_stopped(workdir: str, reason: str) -> None:
+  """Records that the run in `workdir` was stopped by a guard (divergence, non-finite values):
+  rerunning its config would stop the same way (runs are deterministic)."""
+  write_json(os.path.join(workdir, _STOPPED_FILE), {'reason': reason})
+
+
+def set_aside_stopped_run(workdir: str, config: ml_collections.ConfigDict) -> str | None:
+  """Moves a guard-stopped run out of the way of a run with another config.
+
+  A stopped run's files (config.json, checkpoints, metrics, images, ...) move to
+  `<workdir>/stopped_runs/<n>/`, so the new config starts afresh in the same workdir and nothing
+  is deleted.
+
+  Returns:
+    The directory the stopped run moved to, or None (no stopped run in `workdir`).
+
+  Raises:
+    ValueError: `workdir` holds a stopped run of this very config, naming its step, its reason
+      and the fix (a changed config).
+  """
+  stopped_path = os.path.join(workdir, _STOPPED_FILE)
+  if not os.path.exists(stopped_path):
+    return None
+  stopped = read_json(stopped_path)
+  previous = read_json(os.path.join(workdir, 'config.json'))
+  differences = [
+    line
+    for line in config_differences(previous, json.loads(config.to_json()))
+    if not line.startswith(IGNORED_ON_RESUME)
+  ]
+  if not differences:
+    raise ValueError(
+      f'{workdir} holds a run of this config that was stopped ({stopped["reason"]}); the same '
+      'config stops the same way. Change '
+      'it (e.g. a lower distill.lr) and rerun: this workdir then sets the stopped run aside.'
+    )
+  aside_root = os.path.join(workdir, _STOPPED_RUNS)
+  os.makedirs(aside_root, exist_ok=True)
+  aside = os.path.join(aside_root, str(len(os.listdir(aside_root)) + 1))
+  os.makedirs(aside)
+  for name in RUN_FILES:  # not a comparison's other runs and baselines, which stay valid
+    if os.path.exists(os.path.join(workdir, name)):
+      os.replace(os.path.join(workdir, name), os.path.join(aside, name))
+  # Moved last: a crash before this point leaves a workdir that still says it is stopped.
+  os.replace(stopped_path, os.path.join(aside, _STOPPED_FILE))
+  print(
+    f'{workdir} held a stopped run of another config; moved its files to {aside}, starting afresh.',
+    flush=True,
+  )
+  return aside
+
+
 def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
   """Tiles [N, H, W, C] pixel-space images in [0, 1] into one uint8 image, `rows` rows."""
   n, h, w, c = images.shape
@@ -353,32 +488,55 @@ def write_png(path: str, grid: np.ndarray, min_side: int = 256) -> None:
     f.write(buffer.getvalue())
 
 
-def export_synthetic(
-  path: str,
+def synthetic_arrays(
   images: np.ndarray,
   labels: np.ndarray,
   class_names: tuple[str, ...],
   mean: tuple[float, ...],
   std: tuple[float, ...],
   stored_images: np.ndarray | None = None,
-) -> None:
-  """Writes synthetic.npz, loadable without dd_jax (numpy only).
+) -> dict[str, np.ndarray]:
+  """The arrays of synthetic.npz, loadable without dd_jax (numpy only).
 
   Keys: 'images' float32 [N, H, W, C] in [0, 1] (de-normalised, clipped), the set to train on;
   'labels' int64 [N]; 'class_names'; 'mean', 'std' float32 [C]; for IDM also 'stored_images'
   (the partitioned images that 'images' expands from). PyTorch:
   `torch.from_numpy(d['images']).permute(0, 3, 1, 2)` then normalise with mean/std.
   """
+  arrays = {
+    'images': np.asarray(images, np.float32),
+    'labels': np.asarray(labels, np.int64),
+    'class_names': np.asarray(class_names),
+    'mean': np.asarray(mean, np.float32),
+    'std': np.asarray(std, np.float32),
+  }
+  if stored_images is not None:
+    arrays['stored_images'] = np.asarray(stored_images, np.float32)
+  return arrays
+
+
+def export_synthetic(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """Writes `synthetic_arrays(...)` to `path` (synthetic.npz), atomically."""
   buffer = io.BytesIO()
-  extra = {} if stored_images is None else {'stored_images': np.asarray(stored_images, np.float32)}
-  np.savez(
-    buffer,
-    images=np.asarray(images, np.float32),
-    labels=np.asarray(labels, np.int64),
-    class_names=np.asarray(class_names),
-    mean=np.asarray(mean, np.float32),
-    std=np.asarray(std, np.float32),
-    **extra,
-  )
+  np.savez(buffer, **arrays)
   with atomic_write(path) as f:
     f.write(buffer.getvalue())
+
+
+def synthetic_problem(path: str, arrays: dict[str, np.ndarray]) -> str | None:
+  """What is wrong with the synthetic.npz at `path` given the arrays it should hold, or None.
+
+  Returns:
+    'is missing', 'is unreadable (<reason>)' or 'differs from the last checkpoint', or None
+    when it holds exactly `arrays`.
+  """
+  if not os.path.exists(path):
+    return 'is missing'
+  try:
+    with np.load(path) as stored:
+      same = set(stored.files) == set(arrays) and all(
+        np.array_equal(stored[key], value) for key, value in arrays.items()
+      )
+  except Exception as error:  # pylint: disable=broad-except  (any damage reads as unreadable)
+    return f'is unreadable ({type(error).__name__}: {str(error)[:120]})'
+  return None if same else 'differs from the last checkpoint'

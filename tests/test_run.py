@@ -1,9 +1,12 @@
 """The resumable run (dd_jax.run) on tiny digits configs: files, resume, refusals."""
 
 import dataclasses
+import errno
 import os
+import re
 import shutil
 import struct
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -124,15 +127,138 @@ def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch, tiny_conf
 
 
 @pytest.mark.parametrize('method', ['dm', 'idm'])
-def test_disk_needed_counts_the_state_and_the_export(method, tiny_config):
+def test_disk_needed_covers_what_a_run_writes(tmp_path, method, tiny_config):
   config = tiny_config(method=method)
   settings = experiment.validate_config(config)
   data = run_lib.prepare_data(settings)
   prepared = run_lib.build_method(settings, data)
   state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(prepared.state))
   image_bytes = prepared.training_set(prepared.state)[0].nbytes
-  expected = int(1.1 * (3 * state_bytes + 2 * image_bytes))
-  assert run_lib.disk_needed(settings, data) == expected
+  needed = run_lib.disk_needed(settings, data)
+  assert needed >= 1.1 * (3 * state_bytes + 2 * image_bytes)
+  run_lib.run(config, str(tmp_path), data, settings)
+  written = sum(path.stat().st_size for path in tmp_path.rglob('*') if path.is_file())
+  checkpoint = sum(p.stat().st_size for p in (tmp_path / 'checkpoints' / '6').rglob('*'))
+  # At its peak a run holds one more checkpoint (and temporary copies) than it leaves.
+  assert needed >= 2 * (written + checkpoint)
+
+
+def _without_space(path):
+  return OSError(errno.ENOSPC, 'No space left on device', path)
+
+
+def test_a_full_disk_stops_in_one_line_and_the_rerun_resumes(
+  tmp_path, tiny_config, monkeypatch, capsys
+):
+  config = tiny_config()
+  reference = run_lib.run(config, str(tmp_path / 'reference'))
+  save = run_lib.checkpoint_lib.Checkpointer.save
+
+  def save_until_full(self, step, state):
+    if step == 4:  # as Orbax reports it: wrapped in another exception
+      try:
+        raise _without_space(None)
+      except OSError as error:
+        raise RuntimeError('checkpoint save failed') from error
+    save(self, step, state)
+
+  monkeypatch.setattr(run_lib.checkpoint_lib.Checkpointer, 'save', save_until_full)
+  workdir = tmp_path / 'run'
+  with pytest.raises(workdir_lib.DiskFullError) as stopped:
+    run_lib.run(config, str(workdir))
+  assert str(stopped.value) == (
+    f'the disk of --workdir={workdir} is full (no space left); free some space or move the '
+    'workdir to a larger disk, then rerun the same command: it resumes from the last checkpoint.'
+  )
+  monkeypatch.setattr(
+    workdir_lib, 'write_json', lambda path, value: (_ for _ in ()).throw(_without_space(path))
+  )
+  monkeypatch.setattr(run_lib.checkpoint_lib.Checkpointer, 'save', save)
+  capsys.readouterr()
+  with pytest.raises(workdir_lib.DiskFullError, match=r'no space left writing .*results.json'):
+    run_lib.run(config, str(workdir))
+  assert f'Resuming {workdir} from step 2.' in capsys.readouterr().out
+  monkeypatch.undo()
+  assert run_lib.run(config, str(workdir)) == reference
+  assert 'results.json is missing, unreadable or outdated; rewriting' in capsys.readouterr().out
+  np.testing.assert_array_equal(
+    np.load(workdir / 'synthetic.npz')['images'],
+    np.load(tmp_path / 'reference' / 'synthetic.npz')['images'],
+  )
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+  """A 128 KiB tmpfs (`resize(kib)` remounts it), or a skip where mounting is not permitted."""
+  mount_point = tmp_path / 'small_disk'
+  mount_point.mkdir()
+  mount = lambda *options: subprocess.run(
+    ['mount', '-t', 'tmpfs', *options, 'tmpfs', str(mount_point)], capture_output=True
+  )
+  if os.geteuid() != 0 or mount('-o', 'size=128k').returncode != 0:
+    pytest.skip('mounting a tmpfs needs root')
+  try:
+    yield mount_point, lambda kib: mount('-o', f'remount,size={kib}k')
+  finally:
+    subprocess.run(['umount', '--lazy', str(mount_point)], check=True)
+
+
+def test_a_small_filesystem_is_refused_before_work_or_stops_in_one_line(
+  tmp_path, tiny_config, monkeypatch, small_filesystem
+):
+  mount_point, resize = small_filesystem
+  config = tiny_config(**{'distill.iterations': 40, 'distill.eval_every': 40})
+  workdir = mount_point / 'run'
+  with pytest.raises(OSError, match=r'has 0.1 MiB free, but .* need about'):
+    run_lib.run(config, str(workdir))
+  assert not (workdir / 'checkpoints').exists()
+  # Past the estimate (patched away), a real ENOSPC: one line, and a workdir that resumes.
+  monkeypatch.setattr(run_lib, 'check_free_space', lambda *args, **kwargs: None)
+  with pytest.raises(workdir_lib.DiskFullError, match=r'is full .* resumes from the last'):
+    run_lib.run(config, str(workdir))
+  monkeypatch.undo()
+  assert resize(64 * 1024).returncode == 0
+  resumed = run_lib.run(config, str(workdir))
+  reference = run_lib.run(config, str(tmp_path / 'reference'))
+  assert resumed == reference
+  np.testing.assert_array_equal(
+    np.load(workdir / 'synthetic.npz')['images'],
+    np.load(tmp_path / 'reference' / 'synthetic.npz')['images'],
+  )
+
+
+def test_a_finished_run_rebuilds_missing_or_damaged_exports_without_recomputing(
+  tmp_path, tiny_config, monkeypatch, capsys
+):
+  config = tiny_config()
+  results = run_lib.run(config, str(tmp_path))
+  exported = dict(np.load(tmp_path / 'synthetic.npz'))
+  results_text = (tmp_path / 'results.json').read_text()
+  monkeypatch.setattr(run_lib, 'evaluate_images', None)  # nothing is evaluated again
+  synthetic = tmp_path / 'synthetic.npz'
+  damages = {
+    'is unreadable': lambda: synthetic.write_bytes(synthetic.read_bytes()[:100]),
+    'is missing': synthetic.unlink,
+    'differs from the last checkpoint': lambda: np.savez(synthetic, **{**exported, 'labels': 0}),
+  }
+  for problem, damage in damages.items():
+    damage()
+    capsys.readouterr()
+    assert run_lib.run(config, str(tmp_path)) == results
+    assert re.search(
+      f'{synthetic} {problem}( \\(.*\\))?; rewriting it from the last checkpoint.',
+      capsys.readouterr().out,
+    )
+    restored = np.load(synthetic)
+    assert set(restored.files) == set(exported)
+    for key, value in exported.items():
+      np.testing.assert_array_equal(restored[key], value)
+  (tmp_path / 'results.json').write_text(results_text[:20])
+  assert run_lib.run(config, str(tmp_path)) == results
+  assert 'results.json is missing, unreadable or outdated; rewriting' in capsys.readouterr().out
+  assert (tmp_path / 'results.json').read_text() == results_text
+  assert run_lib.run(config, str(tmp_path)) == results  # intact: nothing said, nothing written
+  assert 'rewriting' not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('poison', ['loss_term', 'images'])
@@ -175,11 +301,14 @@ def test_unwritable_workdir_is_refused_before_work(tmp_path, tiny_config):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   with pytest.raises(
-    ValueError,
-    match=r'--workdir=.*a_file/run is not writable \(.*\); choose '
-    'another directory',
+    ValueError, match=r'--workdir=.*a_file is a file, not a directory; choose another --workdir'
   ):
-    run_lib.run(tiny_config(), str(blocker / 'run'))
+    run_lib.run(tiny_config(), str(blocker))
+  with pytest.raises(
+    ValueError,
+    match=r'--workdir=.*a_file/run/sub cannot be created: .*a_file is a file, not a directory',
+  ):
+    run_lib.run(tiny_config(), str(blocker / 'run' / 'sub'))
   if os.geteuid() != 0:  # root writes regardless of permission bits
     locked = tmp_path / 'locked'
     locked.mkdir(mode=0o500)
@@ -211,11 +340,25 @@ def test_chance_level_warning():
   assert '20 training images' in warning and 'chance 10.00%' in warning and 'eval.lr' in warning
 
 
-def test_a_diverging_image_optimiser_stops_with_the_fix(tmp_path, tiny_config, capsys):
-  config = tiny_config(**{'distill.lr': 1e6, 'constraints.cc.weight': 0.0})
+def test_a_stopped_run_is_refused_again_and_set_aside_by_another_config(
+  tmp_path, tiny_config, capsys
+):
+  diverging = tiny_config(**{'distill.lr': 1e6, 'constraints.cc.weight': 0.0})
   with pytest.raises((guards.DivergenceError, FloatingPointError), match='distill.lr'):
-    run_lib.run(config, str(tmp_path))
+    run_lib.run(diverging, str(tmp_path))
   assert not (tmp_path / 'results.json').exists()
+  # The same config would stop the same way: refused before any step, naming why.
+  with pytest.raises(ValueError, match=r'stopped \(Stopped.*the same config stops the same way'):
+    run_lib.run(diverging, str(tmp_path))
+  # Another config starts afresh in the same workdir; the stopped run is kept aside.
+  fixed = tiny_config(**{'constraints.cc.weight': 0.0})
+  capsys.readouterr()
+  results = run_lib.run(fixed, str(tmp_path))
+  assert f'moved its files to {tmp_path}/stopped_runs/1' in capsys.readouterr().out
+  aside = tmp_path / 'stopped_runs' / '1'
+  assert {p.name for p in aside.iterdir()} >= {'config.json', 'checkpoints', 'stopped.json'}
+  assert workdir_lib.read_json(str(aside / 'config.json'))['distill']['lr'] == 1e6
+  assert results == run_lib.run(fixed, str(tmp_path / 'fresh'))
 
 
 def _tensorboard_scalars(directory):
