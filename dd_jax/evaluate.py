@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from dd_jax import augment as augment_lib
-from dd_jax import models, stats
+from dd_jax import models, progress, stats
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax.lowering import Lowering
@@ -80,8 +80,10 @@ class EvalSettings(settings_lib.Settings):
     )
 
 
-@functools.partial(jax.jit, static_argnames=('net', 'settings', 'lowering'))
-def _train_and_test(key, images, labels, test_images, test_labels, net, settings, lowering):
+@functools.partial(jax.jit, static_argnames=('net', 'settings', 'lowering', 'progress_every'))
+def _train_and_test(
+  key, images, labels, test_images, test_labels, net, settings, lowering, progress_every
+):
   net_keys = jax.random.split(jax.random.fold_in(key, 0), settings.num_eval)
   shared_op_key = jax.random.fold_in(key, 1) if settings.share_augment_op else None
   with lowering.precision_scope():
@@ -93,6 +95,7 @@ def _train_and_test(key, images, labels, test_images, test_labels, net, settings
       settings.train_settings(),
       lowering,
       shared_op_key=shared_op_key,
+      progress_every=progress_every,
     )
     return train_lib.accuracies(variables, net, test_images, test_labels, settings.test_batch_size)
 
@@ -123,17 +126,27 @@ def evaluate_set(
     [num_eval] test accuracies in percent, one per network.
   """
   net = models.get_network(settings.model, num_classes, conv=lowering.train_conv)
-  accuracies = _train_and_test(
-    key,
-    jnp.asarray(images, jnp.float32),
-    jnp.asarray(labels, jnp.int32),
-    jnp.asarray(test_images, jnp.float32),
-    jnp.asarray(test_labels, jnp.int32),
-    net,
-    settings,
-    lowering,
+  every, ticks = train_lib.progress_ticks(
+    settings.num_eval, len(images), settings.train_settings(), lowering
   )
-  return np.asarray(accuracies) * 100.0
+  description = (
+    f'training {stats.count(settings.num_eval, "network")} ({settings.model}) on '
+    f'{len(images)} images'
+  )
+  with progress.bar(ticks, description):
+    accuracies = _train_and_test(
+      key,
+      jnp.asarray(images, jnp.float32),
+      jnp.asarray(labels, jnp.int32),
+      jnp.asarray(test_images, jnp.float32),
+      jnp.asarray(test_labels, jnp.int32),
+      net,
+      settings,
+      lowering,
+      every,
+    )
+    accuracies = np.asarray(accuracies)
+  return accuracies * 100.0
 
 
 def cross_architecture(

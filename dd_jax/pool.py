@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dd_jax import data as data_lib
-from dd_jax import models
+from dd_jax import models, progress
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax import workdir as workdir_lib
@@ -196,7 +196,9 @@ def _init_chunk(
 
 # The images are arguments, not closed-over constants: a training set must not be baked into the
 # compiled program. The carry is donated (the previous epoch's state is never needed again).
-@functools.partial(jax.jit, static_argnames=('net', 'settings', 'lowering'), donate_argnums=(0,))
+@functools.partial(
+  jax.jit, static_argnames=('net', 'settings', 'lowering', 'progress_every'), donate_argnums=(0,)
+)
 def _train_epoch(
   carry: train_lib.TrainCarry,
   epoch_index: jax.Array,
@@ -205,9 +207,10 @@ def _train_epoch(
   net: models.Network,
   settings: train_lib.TrainSettings,
   lowering: Lowering,
+  progress_every: int,
 ) -> train_lib.TrainCarry:
   with lowering.precision_scope():
-    epoch = train_lib.make_epoch_fn(net, images, labels, settings, lowering)
+    epoch = train_lib.make_epoch_fn(net, images, labels, settings, lowering, progress_every)
     return train_lib.over_networks(epoch, lowering.loop_networks)(carry, epoch_index)
 
 
@@ -349,6 +352,8 @@ def train_pool(
   test_images = jnp.asarray(test_images, jnp.float32)
   test_labels = jnp.asarray(dataset.test_labels, jnp.int32)
 
+  batches = train_lib.full_batches(len(labels), train_settings)
+  every = progress.every_for(batches, ticks_wanted=20)
   chunks = _chunks(settings.size, settings.parallel)
   member_variables, accuracies, chunk_seconds = [], [], []
   steady_epoch_seconds = None  # an epoch's duration without compilation, for the ETA
@@ -368,10 +373,21 @@ def train_pool(
     carry = _init_chunk(_member_keys(settings.seed, start, end), net, image_shape, train_settings)
     for epoch in range(settings.epochs):
       epoch_start_time = time.perf_counter()
-      carry = _train_epoch(
-        carry, jnp.asarray(epoch, jnp.int32), images, labels, net, train_settings, lowering
-      )
-      jax.block_until_ready(carry)
+      # A bar through each epoch (the first also compiles): ticks counted from epoch 0.
+      ticks = (epoch + 1) * batches // every - epoch * batches // every
+      description = f'pool: members {start + 1}-{end}, epoch {epoch + 1}/{settings.epochs}'
+      with progress.bar(ticks * (end - start if lowering.loop_networks else 1), description):
+        carry = _train_epoch(
+          carry,
+          jnp.asarray(epoch, jnp.int32),
+          images,
+          labels,
+          net,
+          train_settings,
+          lowering,
+          every,
+        )
+        jax.block_until_ready(carry)
       epoch_seconds = time.perf_counter() - epoch_start_time
       if epoch > 0 or steady_epoch_seconds is None:
         steady_epoch_seconds = epoch_seconds

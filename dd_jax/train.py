@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from dd_jax import augment as augment_lib
-from dd_jax import models
+from dd_jax import models, progress
 from dd_jax import settings as settings_lib
 from dd_jax.lowering import Lowering
 
@@ -264,12 +264,18 @@ def init_networks(
   return jax.vmap(init_one)(keys)
 
 
+def full_batches(num_images: int, settings: TrainSettings) -> int:
+  """Full minibatches per epoch (the steps `progress` counts; a partial last one is not)."""
+  return num_images // min(settings.recipe.batch_size, num_images)
+
+
 def make_epoch_fn(
   net: models.Network,
   images: jax.Array,
   labels: jax.Array,
   settings: TrainSettings,
   lowering: Lowering,
+  progress_every: int = 0,
 ) -> Callable[..., TrainCarry]:
   """One epoch of one network: `(carry, epoch_index, shared_op_key=None) -> carry`.
 
@@ -283,6 +289,8 @@ def make_epoch_fn(
     labels: [N] int labels.
     settings: the hyper-parameters.
     lowering: the images per gradient pass of each minibatch step (`Lowering.microbatch`).
+    progress_every: if > 0, a `progress.tick` after every this many full minibatches, counted
+      from the first epoch (`epoch_index * full_batches + i`).
 
   Returns:
     The epoch function. `epoch_index` is 0-based (may be traced). `shared_op_key`, a PRNG key
@@ -335,10 +343,15 @@ def make_epoch_fn(
     full = order[: num_full_batches * batch_size].reshape(num_full_batches, batch_size)
 
     def step(state, inputs):
+      *inputs, index = inputs
+      if progress_every:
+        progress.tick(epoch_index * num_full_batches + index, progress_every)
       return minibatch_step(*state, optimizer, *inputs), None
 
     (variables, opt_state), _ = jax.lax.scan(
-      step, (variables, opt_state), (full, op_keys[:-1], param_keys[:-1])
+      step,
+      (variables, opt_state),
+      (full, op_keys[:-1], param_keys[:-1], jnp.arange(num_full_batches)),
     )
     if remainder:  # the last, partial batch (no drop-last)
       variables, opt_state = minibatch_step(
@@ -383,6 +396,7 @@ def train_networks(
   settings: TrainSettings,
   lowering: Lowering,
   shared_op_key: jax.Array | None = None,
+  progress_every: int = 0,
 ) -> Any:
   """Trains len(keys) fresh networks together (`over_networks`) for all epochs; jit-able.
 
@@ -399,12 +413,13 @@ def train_networks(
     lowering: a loop or vmap over the networks, images per gradient pass.
     shared_op_key: PRNG key of the DSA op draws shared by the networks; required when
       `settings.share_augment_op` and there is augmentation, ignored otherwise.
+    progress_every: as `make_epoch_fn` (see `progress_ticks`).
 
   Returns:
     The stacked trained variables (leading axis P).
   """
   carry = init_networks(keys, net, images.shape[1:], settings.recipe.optimizer())
-  epoch = make_epoch_fn(net, images, labels, settings, lowering)
+  epoch = make_epoch_fn(net, images, labels, settings, lowering, progress_every)
   epochs_trained, _ = epoch_plan(settings.epochs, settings.schedule)
 
   def all_epochs(one_carry, shared_op_key):
@@ -414,6 +429,16 @@ def train_networks(
     return one_carry
 
   return over_networks(all_epochs, lowering.loop_networks)(carry, shared_op_key)[0]
+
+
+def progress_ticks(
+  num_networks: int, num_images: int, settings: TrainSettings, lowering: Lowering
+) -> tuple[int, int]:
+  """(progress_every, ticks) of `train_networks`: about 50 ticks per network, made once by
+  networks trained together under vmap and once per network by a loop."""
+  steps = epoch_plan(settings.epochs, settings.schedule)[0] * full_batches(num_images, settings)
+  every = progress.every_for(steps)
+  return every, progress.ticks_of(steps, every, num_networks if lowering.loop_networks else 1)
 
 
 def accuracies(

@@ -18,6 +18,7 @@ from dd_jax import config as config_lib  # noqa: E402
 from dd_jax import data as data_lib  # noqa: E402
 from dd_jax import lowering as lowering_lib  # noqa: E402
 from dd_jax import pool as pool_lib  # noqa: E402
+from dd_jax import progress  # noqa: E402
 from dd_jax import train as train_lib  # noqa: E402
 from dd_jax.distill import base  # noqa: E402
 
@@ -191,3 +192,24 @@ def saved_pool(tiny_dataset, tmp_path_factory):
 def pool(saved_pool):
   """The trained tiny pool (read-only)."""
   return saved_pool[0]
+
+
+@pytest.fixture
+def recorded_bars(monkeypatch):
+  """dd_jax.progress's bars, recorded instead of shown: a list of (description, total, bar),
+  each bar with its tick count `n`."""
+  bars = []
+
+  class Bar:
+    def __init__(self, total, desc, **kwargs):
+      self.n = 0
+      bars.append((desc, total, self))
+
+    def update(self, amount):
+      self.n += amount
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(progress, 'tqdm', Bar)
+  return bars

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from dd_jax import config as config_lib
 from dd_jax import evaluate, lowering
@@ -95,3 +96,25 @@ def test_cross_architecture_reports_each_network_and_the_largest_drop():
   assert 'too small' in results['ResNet18']['error']  # 8x8 inputs: reported, not fatal
   expected = results['ConvNetW32']['mean'] - results['MLP']['mean']
   assert report['largest_drop'] == {'model': 'MLP', 'drop': expected}
+
+
+@pytest.mark.parametrize('lowering_name', ['cpu', 'accelerator'])
+def test_evaluation_shows_progress_that_ends_at_100_percent(recorded_bars, lowering_name):
+  images, labels = _separable_data()
+  settings = evaluate.EvalSettings(
+    model='ConvNetW32',
+    num_eval=2,
+    epochs=60,
+    recipe=train_lib.SGDRecipe(batch_size=8),
+    augment_strategy='none',
+  )
+  evaluate.evaluate_set(
+    jax.random.key(0), images, labels, images, labels, 3, settings, lowering.resolve(lowering_name)
+  )
+  [(description, total, bar)] = recorded_bars
+  assert description == f'training 2 networks (ConvNetW32) on {len(images)} images'
+  # 61 epochs of full minibatches: about 50 ticks per network, once for both under vmap.
+  steps = 61 * (len(images) // 8)
+  per_network = steps // (steps // 50)
+  assert total == per_network * (2 if lowering_name == 'cpu' else 1)
+  assert bar.n == total

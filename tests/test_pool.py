@@ -242,3 +242,21 @@ def test_an_interrupted_build_resumes_from_its_completed_chunks(
     jax.tree_util.tree_leaves(pool.variables), jax.tree_util.tree_leaves(resumed.variables)
   ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('lowering_name', ['cpu', 'accelerator'])
+def test_every_epoch_of_a_pool_build_shows_progress_to_100_percent(
+  dataset, recorded_bars, lowering_name
+):
+  settings = dataclasses.replace(
+    SETTINGS, epochs=3, recipe=dataclasses.replace(SETTINGS.recipe, batch_size=4)
+  )
+  pool_lib.train_pool(dataset, settings, lowering.resolve(lowering_name), log=_quiet)
+  chunks = pool_lib._chunks(settings.size, settings.parallel)
+  expected = [
+    f'pool: members {start + 1}-{end}, epoch {epoch + 1}/3'
+    for start, end in chunks
+    for epoch in range(3)
+  ]
+  assert [description for description, _, _ in recorded_bars] == expected
+  assert all(total > 0 and bar.n == total for _, total, bar in recorded_bars)
