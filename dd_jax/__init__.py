@@ -3,7 +3,8 @@
 Library entry points (pure, jit/vmap/grad-safe):
   from dd_jax import losses      # mean_matching, local_covariance, covariance_matching, ...
   from dd_jax import models      # get_network(name, num_classes) -> init / apply / embed
-  from dd_jax import augment     # DSA: augment(key, images, strategy, siamese=...)
+  from dd_jax import augment     # DSA: augment(key, images, strategy, siamese=...); augment.idc
+  from dd_jax import multiformation  # decode(images, factor), mix_init: f x f crops per image
   from dd_jax import data        # load_dataset(spec), ClassSampler, sample_all_classes
   from dd_jax.distill import methods, dm, idm   # the registered methods and their steps
   from dd_jax import lowering    # resolve('auto'): the platform's programs, passed explicitly
@@ -24,6 +25,7 @@ _PUBLIC_MODULES = (
   'losses',
   'models',
   'augment',
+  'multiformation',
   'data',
   'lowering',
   'extractors',

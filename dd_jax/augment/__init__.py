@@ -1,5 +1,7 @@
-"""Differentiable siamese augmentation (DSA) for dataset distillation."""
+"""Differentiable siamese augmentation for dataset distillation: DM's DSA (`dsa`, exported
+here) and IDC's DiffAug (`idc`: `augment.idc.apply`, ...)."""
 
+from dd_jax.augment import idc
 from dd_jax.augment.dsa import (
   DEFAULT_STRATEGY,
   OPS,
@@ -41,6 +43,7 @@ __all__ = [
   'cutout',
   'cutout_side',
   'flip',
+  'idc',
   'max_shift',
   'rotate',
   'saturation',

@@ -7,7 +7,8 @@ per-class jitted step, and the method (its model queue: `dd_jax.distill.model_qu
 
 Partition and expansion: each stored image holds four half-resolution images in its 2x2
 quadrants (order top-left, bottom-left, top-right, bottom-right); `expand` splits them and
-upsamples each x2 bilinearly, and both matching and evaluation use the 4 * ipc expanded images.
+upsamples each x2 bilinearly, and both matching and evaluation use the 4 * ipc expanded images
+(`dd_jax.multiformation` at factor 2 in column order, shared with the IDC family).
 
 The model queue is a fixed-capacity ring buffer of stacked network variables with a validity
 mask, so the jitted step never retraces as the queue grows. One step, in the reference order:
@@ -36,7 +37,7 @@ from dd_jax import augment as augment_lib
 from dd_jax import data as data_lib
 from dd_jax import extractors as extractors_lib
 from dd_jax import keys as keys_lib
-from dd_jax import losses, models
+from dd_jax import losses, models, multiformation
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax.distill import base
@@ -58,33 +59,26 @@ from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
 # Partition and expansion.
 
 
+# IDM's layout of `dd_jax.multiformation`: f = 2, quadrants column by column (the reference
+# fills top-left, bottom-left, top-right, bottom-right), 2x2 average pooling at initialisation.
+FACTOR = 2
+ORDER = 'column'
+
+
 def downscale(images: jax.Array) -> jax.Array:
   """2x2 average pooling: [N, H, W, C] -> [N, H / 2, W / 2, C] (H and W even)."""
-  n, height, width, channels = images.shape
-  blocks = images.reshape(n, height // 2, 2, width // 2, 2, channels)
-  return jnp.mean(blocks, axis=(2, 4))
+  return multiformation.downsample(images, FACTOR, 'mean')
 
 
 def assemble_quadrants(quadrants: jax.Array) -> jax.Array:
   """[4, N, h, w, C] in order (top-left, bottom-left, top-right, bottom-right) -> [N, 2h, 2w, C]."""
-  top_left, bottom_left, top_right, bottom_right = quadrants
-  left = jnp.concatenate([top_left, bottom_left], axis=1)
-  right = jnp.concatenate([top_right, bottom_right], axis=1)
-  return jnp.concatenate([left, right], axis=2)
+  return multiformation.assemble(quadrants, ORDER)
 
 
 def split_quadrants(images: jax.Array) -> jax.Array:
   """[N, H, W, C] -> [4, N, H / 2, W / 2, C] in order (top-left, bottom-left, top-right,
   bottom-right); the inverse of `assemble_quadrants`."""
-  half_h, half_w = images.shape[1] // 2, images.shape[2] // 2
-  return jnp.stack(
-    [
-      images[:, :half_h, :half_w],
-      images[:, half_h:, :half_w],
-      images[:, :half_h, half_w:],
-      images[:, half_h:, half_w:],
-    ]
-  )
+  return multiformation.split(images, FACTOR, ORDER)
 
 
 def expand(images: jax.Array) -> jax.Array:
@@ -94,10 +88,7 @@ def expand(images: jax.Array) -> jax.Array:
   bilinearly with half-pixel centres (PyTorch's align_corners=False; at the border the nearest
   pixel is repeated, the same as PyTorch's clamping).
   """
-  quadrants = split_quadrants(images)
-  _, n, half_h, half_w, channels = quadrants.shape
-  upsampled = jax.image.resize(quadrants, (4, n, 2 * half_h, 2 * half_w, channels), 'bilinear')
-  return upsampled.reshape(4 * n, 2 * half_h, 2 * half_w, channels)
+  return multiformation.decode(images, FACTOR, ORDER)
 
 
 def expanded_set(
@@ -113,12 +104,7 @@ def expanded_set(
   Returns:
     ([K * 4 * ipc, H, W, C], [K * 4 * ipc]), still class-blocked.
   """
-  ipc = images.shape[0] // num_classes
-  expanded = jax.vmap(expand)(images.reshape(num_classes, ipc, *images.shape[1:]))
-  return (
-    expanded.reshape(num_classes * 4 * ipc, *images.shape[1:]),
-    jnp.repeat(labels.reshape(num_classes, ipc)[:, 0], 4 * ipc),
-  )
+  return multiformation.decode_classes(images, labels, num_classes, FACTOR, ORDER)
 
 
 def partitioned_init(real: jax.Array) -> jax.Array:
@@ -127,7 +113,9 @@ def partitioned_init(real: jax.Array) -> jax.Array:
   real[q] fills quadrant q (top-left, bottom-left, top-right, bottom-right), downscaled by 2x2
   average pooling (not an antialiased resize).
   """
-  return assemble_quadrants(jax.vmap(downscale)(real))
+  return multiformation.mix_init(
+    real.reshape(-1, *real.shape[2:]), real.shape[1], FACTOR, ORDER, 'mean'
+  )
 
 
 # ---------------------------------------------------------------------------------------------
