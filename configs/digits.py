@@ -5,8 +5,9 @@ Run (about 2.5 minutes alone on 2 CPU cores):
 Expected table (2026-12-04, 5 networks of one seed, test accuracy %): random real 85.11 +- 0.94,
 DM 95.82 +- 0.37, DM + IID (CC calibrated rho 0.3) 95.64 +- 0.60, full training set 97.78.
 
-Config string: `ipc=<n>,method=<dm|dm_iid|idm|idm_iid>,cc=<matching_net|pool>,
-iid=<default|reference>` (defaults ipc=3, method=dm_iid, cc=matching_net, iid=default).
+Config string: `ipc=<n>,method=<variant>,cc=<matching_net|pool>,iid=<default|reference>`
+(defaults ipc=3, method=dm_iid, cc=matching_net, iid=default); a variant is a registered method
+(dm, idm, m3d, dance) or one with constraints (_cc, _cm, _iid).
 `iid=default` is dd_jax's scale-free CC (the methods' `presets`), `iid=reference` the IID
 code's CC form and weights, which hurt on these extractors. `cc=pool` runs class centralization
 on a pool of ConvNets pretrained on the digits (10 members x 10 epochs, trained in seconds and
@@ -15,7 +16,8 @@ the reference IDM settings (Zhao et al., CVPR 2023) scaled to the 200-iteration 
 queue network every 10 steps, accuracy window 50, queue networks trained on real batches of 64)
 and a CE weight of 0.05: the reference 0.5 degrades digits (measured, docs/results.md: IPC 1
 67.7 -> 82.6, IPC 10 70.7 -> 81.0). IDM stays far below DM on 8x8 digits: its 2x2 partition
-stores 4x4 images."""
+stores 4x4 images, and so do M3D's and DANCE's factor-2 multi-formation (their presets; DANCE
+draws its experts from the same 10-member pool)."""
 
 from dd_jax import config as config_lib
 from dd_jax import presets
@@ -46,6 +48,7 @@ def get_config(arg=None):
   config.pool.size = 10
   config.pool.epochs = 10
   config.pool.parallel = 10
+  config.distill.batch_real = 64  # also for the methods whose presets take more
   # IDM over 200 iterations: the queue must turn over within the run; queue networks train on
   # batches of 64 (the reference's 256 makes queue training ~8x the cost of matching here).
   config.idm.push_every = 10

@@ -84,9 +84,11 @@ def get_config(arg=None):
   config.dataset.name = DATASETS[dataset]
   config.ipc = ipc
   presets.set_method(config, method, args['iid'])
+  # Digits drop flip from DM's DSA; the IDC family's DiffAug (its presets') has none.
   if dataset in DIGIT_DATASETS:
-    config.augment.strategy = 'color_crop_cutout_scale_rotate'
     config.eval.augment_strategy = 'color_crop_cutout_scale_rotate'
+    if 'augment.strategy' not in methods.get(config.method).presets.config:
+      config.augment.strategy = 'color_crop_cutout_scale_rotate'
   if dataset == 'tinyimagenet':  # 64x64: the depth-4 ConvNet of the references
     config.model.name = 'ConvNetD4'
     config.eval.model = 'ConvNetD4'

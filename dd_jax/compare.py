@@ -145,8 +145,8 @@ def _run_locked(
     sum(run_lib.disk_needed(run_settings, data) for run_settings in unfinished),
     what=f'the {len(unfinished)} unfinished run(s) of this comparison',
   )
-  if settings.uses_pool:  # a pool built for other data is refused (or the pool built) up front
-    run_lib.centralization_extractor(settings, data)
+  if settings.needs_pool:  # a pool built for other data is refused (or the pool built) up front
+    run_lib.pool_of(settings, data)
   dataset = data.dataset
   rows = []  # (label, evaluation)
 

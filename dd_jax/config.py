@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.distill = ml_collections.ConfigDict()
   config.distill.iterations = 20_000  # distillation steps
   config.distill.batch_real = 256  # real images per class per step
-  config.distill.init = 'real'  # real | noise
+  config.distill.init = 'real'  # real | noise (the IDC family also: mix, see config.family)
   config.distill.lr = 1.0  # SGD learning rate of the synthetic images
   config.distill.momentum = 0.5  # SGD momentum of the synthetic images
   config.distill.num_nets = 1  # random networks matched per step (vmap over networks)
@@ -117,6 +117,19 @@ def default_config() -> ml_collections.ConfigDict:
   # '' = <cache>/pools/<dataset>_<model>_<size>x<epochs>_seed<seed>, where <cache> is
   # dataset.cache_dir, $DD_JAX_CACHE or ~/.cache/dd_jax.
   config.pool.dir = ''
+
+  # The IDC family (Kim et al., ICML 2022: multi-formation, DiffAug, one image step per class),
+  # used when method='m3d' or 'dance'. config.augment.strategy is then IDC's DiffAug strategy
+  # (color_crop_cutout: colour, crop and cutout all applied; dd_jax.augment.idc) and
+  # config.distill.init may be 'mix' (each stored image tiles factor^2 real images).
+  config.family = ml_collections.ConfigDict()
+  config.family.factor = 2  # multi-formation: a stored image holds factor x factor images
+  # per_class: one image optimizer step per class (the official codes); joint: one summed step
+  # per iteration (DM's form: faster, not what the papers ran)
+  config.family.class_steps = 'per_class'
+  config.family.network_every = 1  # iterations one random matching network serves (M3D: 5)
+  config.family.calibration_passes = 0  # calibration passes per iteration (DANCE: 1)
+  config.family.pool_members = 5  # pool members an iteration draws from (DANCE: 5 of 20)
 
   # IDM (Zhao et al., CVPR 2023), used when method='idm'. Defaults: CIFAR-10 IPC 10 of the
   # reference commands.
@@ -210,7 +223,8 @@ def field_docs() -> dict[str, str]:
 def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
   """The reduced budget for 2-core CPUs: 400 iterations, real batch 64
   per class (IDM queue networks also train on batches of 64), 300-epoch evaluation of 3
-  networks. Same for every method, so CPU numbers compare across methods."""
+  networks, a pool of 5 ConvNets x 10 epochs. Same for every method, so CPU numbers compare
+  across methods."""
   config.distill.iterations = 400
   config.distill.batch_real = 64
   config.distill.eval_every = 400
@@ -219,6 +233,10 @@ def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
   config.idm.train_batch_size = 64
   config.eval.epochs = 300
   config.eval.num_eval = 3
+  # The pretrained pool (DANCE's experts; CC with cc.extractor='pool'): 5 ConvNets x 10 epochs.
+  config.pool.model = 'ConvNet'
+  config.pool.size = 5
+  config.pool.epochs = 10
 
 
 def parse_config_string(arg: str | None, defaults: dict[str, object]) -> dict[str, object]:

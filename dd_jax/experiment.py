@@ -75,8 +75,14 @@ class ExperimentSettings:
 
   @property
   def uses_pool(self) -> bool:
-    """Whether class centralization acts on the pool (and so the pool must be built)."""
+    """Whether class centralization acts on the pool."""
     return self.distill.extractor == 'pool' and self.distill.weights.cc > 0
+
+  @property
+  def needs_pool(self) -> bool:
+    """Whether the run needs the pretrained pool (config.pool): for class centralization, or
+    for the method's own networks (e.g. DANCE's experts)."""
+    return self.uses_pool or self.method.uses_pool
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ExperimentSettings:

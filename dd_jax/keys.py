@@ -30,6 +30,8 @@ STEP_STREAMS = {
   'queue_match': 5,  # IDM: which queue network is matched
   'queue_pick': 6,  # IDM: which queue networks are trained
   'queue_train': 7,  # IDM: their real batches
+  'calibrate': 8,  # the IDC family's calibration passes: their augmentation draws
+  'pool_member': 9,  # the IDC family: which pool member, and its interpolation weight
 }
 
 

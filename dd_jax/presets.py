@@ -64,12 +64,20 @@ def _set_constraints(
 def set_method(config: ml_collections.ConfigDict, name: str, iid: str = 'default') -> None:
   """Sets a preset's method: 'dm', 'dm_iid', 'idm', 'idm_iid' (or '_cc' / '_cm' variants).
 
-  The image lr is the method's reference (`Presets.image_lr`: DM 1.0, IDM 0.2); the constraints
-  in use take the method's IID setting named `iid` (`Presets.iid`), the others are zeroed.
+  The image lr is the method's reference (`Presets.image_lr`: DM 1.0, IDM 0.2), with the other
+  fields its reference sets (`Presets.config`); the constraints in use take the method's IID
+  setting named `iid` (`Presets.iid`), the others are zeroed.
   """
   method, cc_on, cm_on = split_variant(name)
   config.method = method
-  config.distill.lr = methods.get(method).presets.image_lr
+  method_presets = methods.get(method).presets
+  config.distill.lr = method_presets.image_lr
+  for path, value in method_presets.config.items():
+    section, _, field = path.rpartition('.')
+    node = config
+    for part in filter(None, section.split('.')):
+      node = node[part]
+    node[field] = value
   _set_constraints(config, cc_on, cm_on, iid_setting(method, iid))
 
 

@@ -107,18 +107,23 @@ def evaluate_images(
   }
 
 
-def centralization_extractor(
-  settings: experiment.ExperimentSettings, data: PreparedData
-) -> extractors_lib.Extractor:
-  """The CC extractor the settings ask for; a pool is loaded (or trained) once per data."""
-  if not settings.uses_pool:
-    return extractors_lib.matching_net_extractor
+def pool_of(settings: experiment.ExperimentSettings, data: PreparedData) -> pool_lib.Pool:
+  """The pretrained pool of `settings.pool`, loaded (or trained) once per data."""
   directory = settings.pool.directory
   if directory not in data.pools:
     data.pools[directory] = pool_lib.get_or_train_pool(
       settings.pool, data.dataset, settings.lowering, test_images=data.test_images
     )
-  return extractors_lib.pool_extractor(data.pools[directory])
+  return data.pools[directory]
+
+
+def centralization_extractor(
+  settings: experiment.ExperimentSettings, data: PreparedData
+) -> extractors_lib.Extractor:
+  """The CC extractor the settings ask for."""
+  if not settings.uses_pool:
+    return extractors_lib.matching_net_extractor
+  return extractors_lib.pool_extractor(pool_of(settings, data))
 
 
 def device_mesh(settings: experiment.ExperimentSettings) -> jax.sharding.Mesh | None:
@@ -179,7 +184,11 @@ def build_method(settings: experiment.ExperimentSettings, data: PreparedData) ->
   mesh = device_mesh(settings)
   if mesh is not None:
     state = sharding_lib.place_state(state, mesh)
-  step = method.make_step(net, distill, base.DataSpec.of(dataset), lowering, extractor, mesh)
+  # A method with its own use of the pool (`Method.uses_pool`) receives it.
+  pool = {'pool': pool_of(settings, data)} if method.uses_pool else {}
+  step = method.make_step(
+    net, distill, base.DataSpec.of(dataset), lowering, extractor, mesh, **pool
+  )
   return Prepared(
     state=state, step=step, training_set=lambda s: method.training_set(s, dataset.num_classes)
   )

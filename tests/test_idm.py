@@ -6,7 +6,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from dd_jax import data as data_lib
@@ -158,15 +157,6 @@ def test_train_members_trains_the_same_networks_looped_and_batched(digits):
     jax.tree.leaves(trained[0].variables)[0], jax.tree.leaves(queue.variables)[0]
   )
   np.testing.assert_array_equal(trained[0].correct, trained[1].correct)
-
-
-def test_three_per_class_unit_gradients_move_rows_by_175_150_100():
-  images = jnp.zeros((3, 1))
-  optimizer = optax.sgd(1.0, momentum=0.5)
-  unit = lambda class_images, class_id: (jnp.ones_like(class_images), class_id)
-  moved, _, aux = idm.per_class_updates(images, optimizer.init(images), optimizer, 3, 1, unit)
-  np.testing.assert_allclose(-moved[:, 0], [1.75, 1.5, 1.0])
-  np.testing.assert_array_equal(aux, [0, 1, 2])
 
 
 def _idm_setup(

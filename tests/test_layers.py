@@ -40,8 +40,14 @@ LAYERS = (
   ('train',),  # supervised training of networks (evaluation, pool, IDM queue)
   ('evaluate', 'pool'),
   ('extractors',),  # class centralization's feature sources
-  ('distill.base', 'distill.model_queue'),  # the method interface; IDM's model queue
+  (
+    'distill.base',
+    'distill.model_queue',
+    'distill.class_steps',
+  ),  # the method interface; IDM's model queue
   ('distill.dm', 'distill.idm'),  # the methods
+  ('distill.family',),  # the IDC family's step (DM's stages)
+  ('distill.m3d', 'distill.dance'),  # its methods
   ('distill.methods',),  # their registry
   ('presets',),  # method variants and labels, from the registry
   ('experiment',),  # config -> every settings object

@@ -61,10 +61,13 @@ class Presets:
   Attributes:
     image_lr: the reference learning rate of the synthetic images (SGD, momentum 0.5).
     iid: the method's IID setting of each name of IID_SETTING_NAMES.
+    config: other config fields the method's reference sets, by dotted path (e.g.
+      {'distill.init': 'mix'}); a preset of the method applies them.
   """
 
   image_lr: float
   iid: Mapping[str, IIDSetting]
+  config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def check(self, method: str) -> None:
     """Raises ValueError unless every field is usable, naming the method and what is missing."""
@@ -238,8 +241,12 @@ class DistillSettings(settings_lib.Settings):
   checkpoint_every: int = field(500, check=POSITIVE)
   log_every: int = field(100, check=POSITIVE)
 
-  def check(self) -> None:
+  def check_strategy(self) -> None:
+    """Refuses a `strategy` the method's augmentation cannot run (DM's DSA here)."""
     train_lib.check_augment_strategy(self.strategy, 'strategy')
+
+  def check(self) -> None:
+    self.check_strategy()
     for name in ('checkpoint_every', 'eval_every'):
       if getattr(self, name) % self.log_every:
         raise settings_lib.SettingError(
@@ -255,12 +262,14 @@ class DistillSettings(settings_lib.Settings):
       config.distill,
       'distill',
       value_paths=_OUTSIDE_DISTILL,
-      ipc=config.ipc,
-      model=config.model.name,
-      strategy=config.augment.strategy,
-      extractor=config.constraints.cc.extractor,
-      weights=objective_weights(config),
-      **values,
+      **{
+        'ipc': config.ipc,
+        'model': config.model.name,
+        'strategy': config.augment.strategy,
+        'extractor': config.constraints.cc.extractor,
+        'weights': objective_weights(config),
+        **values,
+      },
     )
 
   def image_optimizer(self) -> optax.GradientTransformation:
@@ -287,11 +296,14 @@ class Method(abc.ABC):
     name: the registry name (`config.method`).
     presets: the reference image lr and IID settings presets give the method.
     supports_mesh: whether `make_step` can split its work over a device mesh.
+    uses_pool: whether the method's step takes networks of the pretrained pool (config.pool):
+      the run then builds (or loads) it and passes `make_step(..., pool=<pool_lib.Pool>)`.
   """
 
   name: ClassVar[str]
   presets: ClassVar[Presets]
   supports_mesh: ClassVar[bool] = False
+  uses_pool: ClassVar[bool] = False
 
   @abc.abstractmethod
   def settings(self, config: ml_collections.ConfigDict) -> DistillSettings:

@@ -23,7 +23,6 @@ tensor, so earlier classes' rows keep moving); then train `train_nets` queue net
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -31,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from dd_jax import augment as augment_lib
 from dd_jax import data as data_lib
@@ -40,7 +38,7 @@ from dd_jax import keys as keys_lib
 from dd_jax import losses, models, multiformation
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
-from dd_jax.distill import base
+from dd_jax.distill import base, class_steps
 from dd_jax.distill.model_queue import (
   ModelQueue,
   init_queue,
@@ -116,50 +114,6 @@ def partitioned_init(real: jax.Array) -> jax.Array:
   return multiformation.mix_init(
     real.reshape(-1, *real.shape[2:]), real.shape[1], FACTOR, ORDER, 'mean'
   )
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-class optimizer steps.
-
-
-def per_class_updates(
-  images: jax.Array,
-  opt_state: optax.OptState,
-  optimizer: optax.GradientTransformation,
-  num_classes: int,
-  ipc: int,
-  class_grad: Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]],
-) -> tuple[jax.Array, optax.OptState, Any]:
-  """One optimizer step per class, in class order (a scan), as the reference IDM.
-
-  The gradient of class c only touches class c's rows, but the optimizer state is that of the
-  whole tensor: with momentum, rows of earlier classes keep moving at every later class step
-  (lr 1, momentum 0.5, unit gradients: three classes move by 1.75, 1.5 and 1.0).
-
-  Args:
-    images: [K * ipc, ...] class-blocked synthetic images.
-    opt_state: the optimizer state of `images`.
-    optimizer: the image optimizer.
-    num_classes: K.
-    ipc: rows per class.
-    class_grad: `(class_images [ipc, ...], class_id) -> (gradient [ipc, ...], aux)`, evaluated
-      at the current (already partly updated) images.
-
-  Returns:
-    (new images, new optimizer state, aux stacked over classes).
-  """
-
-  def step(carry, class_id):
-    images, opt_state = carry
-    start = class_id * ipc
-    class_images = jax.lax.dynamic_slice_in_dim(images, start, ipc)
-    grad, aux = class_grad(class_images, class_id)
-    full_grad = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(images), grad, start, 0)
-    updates, opt_state = optimizer.update(full_grad, opt_state, images)
-    return (optax.apply_updates(images, updates), opt_state), aux
-
-  (images, opt_state), aux = jax.lax.scan(step, (images, opt_state), jnp.arange(num_classes))
-  return images, opt_state, aux
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +324,7 @@ def make_idm_step(
       grad, aux = jax.grad(class_loss, has_aux=True)(class_images, class_id)
       return grad, (aux, jnp.sum(jnp.square(grad)))
 
-    images, opt_state, (per_class, squared_norms) = per_class_updates(
+    images, opt_state, (per_class, squared_norms) = class_steps.per_class_updates(
       state.images, state.opt_state, optimizer, num_classes, ipc, class_grad
     )
     slots, mask = pick_for_training(queue, keys_lib.stream(key, 'queue_pick'), settings.train_nets)

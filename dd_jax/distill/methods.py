@@ -11,7 +11,7 @@ comparison table find it by name.
 
 from __future__ import annotations
 
-from dd_jax.distill import base, dm, idm
+from dd_jax.distill import base, dance, dm, idm, m3d
 
 _REGISTRY: dict[str, base.Method] = {}
 
@@ -61,3 +61,5 @@ def get(name: str) -> base.Method:
 
 register(dm.DM())
 register(idm.IDM())
+register(m3d.M3D())
+register(dance.DANCE())
