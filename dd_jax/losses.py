@@ -1,10 +1,14 @@
-"""Distribution-matching losses: the matching terms (DM's mean matching) and the IID constraints
-(Deng et al., CVPR 2024).
+"""Distribution-matching losses: the matching terms (DM's mean matching, M3D's kernel MMD) and
+the IID constraints (Deng et al., CVPR 2024).
 
 Pure functions of arrays, safe under `jax.jit`, `jax.vmap` and `jax.grad`. Every loss is a *sum*
-(over feature dimensions, matrix entries and samples), never a mean, so the reference learning
-rates apply unchanged. Real-side inputs are wrapped in `stop_gradient`: the real images are
-data, only the synthetic images are optimised.
+(over feature dimensions, matrix entries and samples), never a mean, unless its reference's
+formula is a mean (M3D's MMD: means over kernel entries), so the reference learning rates apply
+unchanged. Real-side inputs are wrapped in `stop_gradient`: the real images are data, only the
+synthetic images are optimised.
+
+Matching terms (`MatchFn`): DM's `mean_matching`; M3D's `mmd_matching` (`mmd_match_fn(kernel)`
+binds its kernel).
 
 Per-class functions take one class's arrays; `classwise_objective` vmaps the combined objective
 over a leading class axis and sums the classes. The objective's distribution term is an argument
@@ -16,6 +20,7 @@ Shapes: N real or synthetic samples of one class, D flattened feature size, NHWC
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -44,6 +49,136 @@ def mean_matching(real_features: jax.Array, syn_features: jax.Array) -> jax.Arra
   """
   real_mean = jnp.mean(jax.lax.stop_gradient(real_features), axis=0)
   return jnp.sum(jnp.square(real_mean - jnp.mean(syn_features, axis=0)))
+
+
+# M3D's kernels (Zhang et al., AAAI 2024, `m3dloss.py`): the multi-bandwidth Gaussian is the
+# method's; the linear and polynomial kernels are the same file's ablation options.
+MMD_KERNELS = ('gaussian', 'linear', 'polynomial')
+# The Gaussian kernel's bandwidth multipliers 2^(k - 2), k = 0..4, of the base bandwidth.
+GAUSSIAN_BANDWIDTH_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def _gram(z: jax.Array) -> jax.Array:
+  # HIGHEST: a TF32 / bfloat16 pass (the accelerator lowering's default) would leave errors of
+  # order 1e-3 * |z_i| |z_j| in the Gram matrix, as large as the distances of nearby features.
+  return jnp.matmul(z, z.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def pairwise_squared_distances(z: jax.Array) -> jax.Array:
+  """D2_ij = || z_i - z_j ||^2 of one set of rows (PyTorch's `cdist(z, z) ** 2`).
+
+  Computed as ||z_i||^2 + ||z_j||^2 - 2 z_i . z_j with one matmul (at full float32 precision),
+  clamped at 0 (cancellation leaves residues of order eps * ||z||^2, of either sign, where rows
+  nearly coincide). The diagonal is set to exactly 0: the formula leaves such a residue there
+  (up to ~4 in float32 for 2048-d features near 50), which would enter the Gaussian kernel's
+  bandwidth and its diagonal terms; the mask also gives the diagonal a zero gradient, its true
+  derivative.
+
+  Args:
+    z: [n, D].
+
+  Returns:
+    [n, n], non-negative, with a zero diagonal.
+  """
+  norms = jnp.sum(jnp.square(z), axis=-1)
+  distances = jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * _gram(z), 0.0)
+  return jnp.where(jnp.eye(z.shape[0], dtype=bool), 0.0, distances)
+
+
+def _bandwidth(distances: jax.Array) -> jax.Array:
+  """M3D's base bandwidth of [n, n] squared distances: their sum / (n^2 - n), detached."""
+  n = distances.shape[0]
+  return jax.lax.stop_gradient(jnp.sum(distances) / (n * n - n))
+
+
+def mmd_bandwidth(real_features: jax.Array, syn_features: jax.Array) -> jax.Array:
+  """The base bandwidth b of `mmd_matching`'s Gaussian kernel (no gradient).
+
+  b = sum_ij D2_ij / (n^2 - n) over the joint set Z = [syn; real] of n = N_syn + N_real rows:
+  the mean squared distance of distinct pairs.
+
+  Args:
+    real_features: [N_real, D].
+    syn_features: [N_syn, D]; N_real + N_syn >= 2.
+
+  Returns:
+    A scalar.
+  """
+  return _bandwidth(pairwise_squared_distances(jnp.concatenate([syn_features, real_features])))
+
+
+def mmd_matching(
+  real_features: jax.Array,
+  syn_features: jax.Array,
+  kernel: str = 'gaussian',
+  bandwidth: float | jax.Array | None = None,
+) -> jax.Array:
+  """M3D loss of one class: the biased (V-statistic) squared MMD of the two feature sets.
+
+  MMD^2 = mean(K_ss) - 2 mean(K_sr) + mean(K_rr), diagonals included, where K is the kernel
+  matrix of the joint set Z = [syn; real] and s, r its synthetic and real blocks. Kernels:
+
+    'gaussian' (M3D): K = sum over m in {1/4, 1/2, 1, 2, 4} of exp(-D2 / (m b)), D2 the squared
+      distances (`pairwise_squared_distances`) and b the base bandwidth (`mmd_bandwidth`), which
+      carries no gradient. K_rr then only shifts the value.
+    'linear' (ablation): K = Z Z^T. The V-statistic is then || mean_r - mean_s ||^2, exactly DM's
+      `mean_matching`.
+    'polynomial' (ablation): K = (Z Z^T + 1)^2.
+
+  Means over kernel entries, as the reference: the Gaussian value lies in [0, 10] whatever the
+  feature dimension, and its gradients are small (hence M3D's large learning rates).
+
+  Args:
+    real_features: [N_real, D]; no gradient flows into it.
+    syn_features: [N_syn, D].
+    kernel: one of MMD_KERNELS.
+    bandwidth: the Gaussian's base bandwidth b; None (M3D): `mmd_bandwidth` of these features.
+      A value fixes it (tests, ablations). Ignored by the other kernels.
+
+  Returns:
+    A scalar.
+
+  Raises:
+    ValueError: an unknown kernel.
+  """
+  if kernel not in MMD_KERNELS:
+    raise ValueError(f'Unknown MMD kernel {kernel!r}; choose one of {MMD_KERNELS}.')
+  num_syn = syn_features.shape[0]
+  z = jnp.concatenate([syn_features, jax.lax.stop_gradient(real_features)])
+  if kernel == 'gaussian':
+    distances = pairwise_squared_distances(z)
+    if bandwidth is None:
+      bandwidth = _bandwidth(distances)
+    # Only identical rows give b = 0: then D2 = 0 too, and any b > 0 gives K = 5 everywhere and
+    # MMD^2 = 0 (not 0 / 0 = NaN).
+    base = jnp.where(bandwidth > 0, bandwidth, 1.0)
+    k = sum(jnp.exp(-distances / (m * base)) for m in GAUSSIAN_BANDWIDTH_MULTIPLIERS)
+  elif kernel == 'linear':
+    k = _gram(z)
+  else:
+    k = jnp.square(_gram(z) + 1.0)
+  return (
+    jnp.mean(k[:num_syn, :num_syn])
+    - 2.0 * jnp.mean(k[:num_syn, num_syn:])
+    + jnp.mean(k[num_syn:, num_syn:])
+  )
+
+
+def mmd_match_fn(kernel: str = 'gaussian') -> MatchFn:
+  """`mmd_matching` with its kernel bound: a `MatchFn` for `class_objective(match=...)`.
+
+  Args:
+    kernel: one of MMD_KERNELS.
+
+  Returns:
+    (real_features [N_real, D], syn_features [N_syn, D]) -> scalar.
+
+  Raises:
+    ValueError: an unknown kernel (here, not at the first step).
+  """
+  if kernel not in MMD_KERNELS:
+    raise ValueError(f'Unknown MMD kernel {kernel!r}; choose one of {MMD_KERNELS}.')
+  return functools.partial(mmd_matching, kernel=kernel)
 
 
 def local_covariance(feature_map: jax.Array, grouping: str = 'channel') -> jax.Array:

@@ -7,6 +7,8 @@ The reference (Deng et al., CVPR 2024) pretrains 1000 ResNet18 (instance norm) o
 training set for 40 epochs each (SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256,
 constant lr, no augmentation) and draws one member at random every distillation iteration;
 class centralization acts on its pooled features (`embed`). Drawing is `dd_jax.extractors`'.
+The interpolated extractor of DANCE and NCFM mixes a member's initial state (`initial_variables`,
+recomputed, not stored) with its final one (`interpolate`).
 
 Member i is trained from its own key fold_in(key(seed), i) alone, so the members do not depend
 on how many are trained together (`parallel`; see train.over_networks) or on the lowering beyond
@@ -551,3 +553,76 @@ def get_or_train_pool(
 def _accuracy_summary(metadata: dict[str, Any]) -> str:
   mean = metadata.get('mean_test_accuracy')
   return 'no test accuracy' if mean is None else f"members' mean test accuracy {mean:.2f}%"
+
+
+def initial_variables(
+  settings: PoolSettings,
+  net: models.Network,
+  image_shape: tuple[int, ...],
+  start: int = 0,
+  end: int | None = None,
+) -> Any:
+  """The variables members [start, end) of the pool started training from, bitwise.
+
+  The pool stores its members' final states only; the interpolated extractor of DANCE and NCFM
+  (`interpolate`) also needs their initial states, which this recomputes from the pool's seed
+  exactly as `train_pool` drew them (a member's do not depend on the chunk it was trained in).
+
+  Args:
+    settings: the pool's settings (its seed; its recipe's optimizer, part of the initial carry).
+    net: the pool's network (`Pool.net`).
+    image_shape: [H, W, C] of the pool's training images.
+    start: the first member.
+    end: one past the last member; None: `settings.size`.
+
+  Returns:
+    The members' initial variables stacked on a leading axis of length end - start, as host
+    (numpy) arrays, like `Pool.variables`.
+
+  Raises:
+    ValueError: not 0 <= start < end <= settings.size.
+  """
+  end = settings.size if end is None else end
+  if not 0 <= start < end <= settings.size:
+    raise ValueError(
+      f'initial_variables: members [{start}, {end}) are not a non-empty range of the pool '
+      f'of {settings.size}.'
+    )
+  keys = _member_keys(settings.seed, start, end)
+  shape = tuple(int(d) for d in image_shape)
+  return jax.device_get(_init_chunk(keys, net, shape, settings.train_settings())[0])
+
+
+def interpolate(initial: Any, final: Any, lam: float | jax.Array) -> Any:
+  """The interpolated ("middle") extractor: lam * initial + (1 - lam) * final, leaf by leaf.
+
+  DANCE's and NCFM's theta_mid (FAMILY 0.7): every variable is interpolated, norm affine
+  parameters (and any normalisation statistics) included. lam = 0 gives `final` and lam = 1
+  `initial`, exactly for finite values. Safe under `jax.jit` with a traced `lam`.
+
+  Args:
+    initial: a variables pytree of floating arrays (e.g. one member of `initial_variables`).
+    final: a pytree of the same structure, shapes and dtypes (the trained member).
+    lam: a scalar, usually in [0, 1]; cast to each leaf's dtype.
+
+  Returns:
+    The interpolated variables (jax arrays), structured as `final`.
+
+  Raises:
+    ValueError: the structures or a leaf's shape differ, or a leaf is not floating.
+  """
+
+  def mix(path, a, b):
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    name = jax.tree_util.keystr(path)
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(
+        f'interpolate: {name} is {a.dtype}{list(a.shape)} in initial but '
+        f'{b.dtype}{list(b.shape)} in final.'
+      )
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise ValueError(f'interpolate: {name} is {a.dtype}, not floating.')
+    weight = jnp.asarray(lam, a.dtype)
+    return weight * a + (1 - weight) * b
+
+  return jax.tree_util.tree_map_with_path(mix, initial, final)

@@ -353,3 +353,183 @@ def test_by_class_splits_a_class_blocked_batch():
   np.testing.assert_array_equal(losses.by_class(x, 3)[1], [[4.0, 5.0], [6.0, 7.0]])
   with pytest.raises(ValueError, match='leading axis of 6 does not split into 4'):
     losses.by_class(x, 4)
+
+
+def test_dance_match_term_is_dm_mean_matching_family_vector():
+  """FAMILY 7.2: DANCE's inner-class term is DM's ||mu_r - mu_s||^2 = 0.5 here."""
+  with float64():
+    real, syn = jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.array([[1.0, 0.0]])
+    np.testing.assert_allclose(losses.mean_matching(real, syn), 0.5, rtol=1e-6)
+
+
+# M3D's kernel MMD (FAMILY 4.1).
+
+
+@pytest.mark.parametrize(
+  'syn, real, bandwidth, mmd',
+  [
+    # FAMILY 7.4, 1-D: joint set (0, 1, 0, 2), distinct-pair distances sum 22 over 12 pairs.
+    ([[0.0], [1.0]], [[0.0], [2.0]], 1.8333333, 1.1689244),
+    ([[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], 1.2, 1.7951326),
+  ],
+)
+def test_mmd_matching_family_vectors(syn, real, bandwidth, mmd):
+  with float64():
+    real, syn = jnp.array(real), jnp.array(syn)
+    assert syn.dtype == jnp.float64
+    np.testing.assert_allclose(losses.mmd_bandwidth(real, syn), bandwidth, rtol=1e-6)
+    np.testing.assert_allclose(losses.mmd_matching(real, syn), mmd, rtol=1e-6)
+    np.testing.assert_allclose(losses.mmd_match_fn('gaussian')(real, syn), mmd, rtol=1e-6)
+
+
+def test_mmd_pairwise_squared_distances_match_direct_differences_with_an_exact_zero_diagonal():
+  with float64():
+    z = np.random.default_rng(10).normal(size=(12, 7)) * 3.0 + 1.0
+    distances = np.asarray(losses.pairwise_squared_distances(jnp.asarray(z)))
+    direct = np.sum(np.square(z[:, None] - z[None, :]), axis=-1)
+    off_diagonal = ~np.eye(12, dtype=bool)
+    np.testing.assert_allclose(distances[off_diagonal], direct[off_diagonal], rtol=1e-10)
+    np.testing.assert_array_equal(np.diag(distances), np.zeros(12))
+  # float32 features far from the origin (ReLU features are positive), rows 8-15 duplicating
+  # rows 0-7: ||a||^2 + ||b||^2 - 2 a.b leaves residues of order eps * ||z||^2 (here up to ~4,
+  # of either sign) where the distance is 0. The diagonal is exactly 0 and nothing is negative.
+  z32 = np.random.default_rng(11).normal(size=(8, 2048)) + 50.0
+  z32 = jnp.asarray(np.concatenate([z32, z32]), jnp.float32)
+  distances32 = np.asarray(losses.pairwise_squared_distances(z32))
+  np.testing.assert_array_equal(np.diag(distances32), np.zeros(16, np.float32))
+  assert distances32.min() >= 0.0
+  direct32 = np.sum(np.square(np.float64(z32)[:, None] - np.float64(z32)[None, :]), axis=-1)
+  distinct = direct32 > 0
+  np.testing.assert_allclose(distances32[distinct], direct32[distinct], rtol=1e-3)
+
+
+def test_mmd_gram_matmul_runs_at_full_precision_whatever_the_default():
+  """The distances' matmul asks for HIGHEST even under the accelerator lowering's TF32 default."""
+  z = jnp.ones((4, 3))
+  with jax.default_matmul_precision('tensorfloat32'):
+    jaxpr = jax.make_jaxpr(lambda a, b: losses.mmd_matching(a, b))(z, z)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'dot_general']
+  assert dots
+  for eqn in dots:
+    assert eqn.params['precision'] == (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+
+
+def _hand_gaussian_mmd_grad(real, syn, bandwidth):
+  """d MMD^2 / d syn with the bandwidth b a constant (NumPy). For k(d) = sum_m exp(-d / (m b)):
+  grad_a = 4 / Ns^2 sum_j k'(|s_a - s_j|^2) (s_a - s_j)
+           - 4 / (Ns Nr) sum_j k'(|s_a - r_j|^2) (s_a - r_j).
+  """
+
+  def k_prime(d):
+    return -sum(np.exp(-d / (m * bandwidth)) / (m * bandwidth) for m in (0.25, 0.5, 1, 2, 4))
+
+  ns, nr = len(syn), len(real)
+  diff_ss = syn[:, None] - syn[None, :]
+  diff_sr = syn[:, None] - real[None, :]
+  w_ss = k_prime(np.sum(diff_ss**2, -1))[..., None]
+  w_sr = k_prime(np.sum(diff_sr**2, -1))[..., None]
+  return 4 / ns**2 * np.sum(w_ss * diff_ss, 1) - 4 / (ns * nr) * np.sum(w_sr * diff_sr, 1)
+
+
+def test_mmd_bandwidth_carries_no_gradient():
+  with float64():
+    rng = np.random.default_rng(12)
+    real, syn = rng.normal(size=(6, 5)), rng.normal(size=(3, 5)) + 0.3
+    joint = np.concatenate([syn, real])
+    bandwidth = np.sum(np.square(joint[:, None] - joint[None, :])) / (9 * 9 - 9)
+    np.testing.assert_allclose(
+      losses.mmd_bandwidth(jnp.asarray(real), jnp.asarray(syn)), bandwidth, rtol=1e-12
+    )
+    grad = jax.grad(lambda s: losses.mmd_matching(jnp.asarray(real), s))(jnp.asarray(syn))
+    hand = _hand_gaussian_mmd_grad(real, syn, bandwidth)
+    np.testing.assert_allclose(grad, hand, rtol=1e-10, atol=1e-14)
+    fixed = jax.grad(lambda s: losses.mmd_matching(jnp.asarray(real), s, bandwidth=bandwidth))
+    np.testing.assert_allclose(grad, fixed(jnp.asarray(syn)), rtol=1e-10, atol=1e-14)
+
+    def undetached(s):  # b a function of the synthetic features: another gradient
+      z = jnp.concatenate([s, jnp.asarray(real)])
+      d2 = jnp.sum(jnp.square(z[:, None] - z[None, :]), -1)
+      b = jnp.sum(d2) / (9 * 9 - 9)
+      k = sum(jnp.exp(-d2 / (m * b)) for m in (0.25, 0.5, 1, 2, 4))
+      return jnp.mean(k[:3, :3]) - 2 * jnp.mean(k[:3, 3:]) + jnp.mean(k[3:, 3:])
+
+    np.testing.assert_allclose(undetached(jnp.asarray(syn)), losses.mmd_matching(real, syn))
+    other = jax.grad(undetached)(jnp.asarray(syn))
+    assert np.linalg.norm(other - hand) > 0.05 * np.linalg.norm(hand)
+
+
+@pytest.mark.parametrize('kernel', losses.MMD_KERNELS)
+def test_mmd_gradients_match_finite_differences_in_float64(kernel):
+  with float64():
+    rng = np.random.default_rng(13)
+    real, syn = jnp.asarray(rng.normal(size=(7, 4))), jnp.asarray(rng.normal(size=(3, 4)))
+    # Finite differences see the bandwidth move with the features; the gradient does not
+    # (detached): difference the loss at this point's bandwidth, held fixed.
+    bandwidth = losses.mmd_bandwidth(real, syn)
+    fn = lambda s: losses.mmd_matching(real, s, kernel, bandwidth)
+    grad = jax.grad(lambda s: losses.mmd_matching(real, s, kernel))(syn)
+    np.testing.assert_allclose(grad, jax.grad(fn)(syn), rtol=1e-12, atol=1e-15)
+    assert float(jnp.abs(grad).max()) > 1e-3
+    _finite_difference_check(fn, syn)
+
+
+@pytest.mark.parametrize('kernel', losses.MMD_KERNELS)
+def test_mmd_real_side_gets_no_gradient(kernel):
+  rng = np.random.default_rng(14)
+  real = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+  syn = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+  real_grad, syn_grad = jax.grad(
+    lambda r, s: losses.mmd_matching(r, s, kernel=kernel), argnums=(0, 1)
+  )(real, syn)
+  np.testing.assert_array_equal(real_grad, np.zeros_like(real_grad))
+  assert float(jnp.abs(syn_grad).max()) > 0
+
+
+def test_mmd_linear_kernel_is_dm_mean_matching():
+  with float64():
+    rng = np.random.default_rng(15)
+    real = jnp.asarray(rng.normal(size=(9, 6)) + 1.0)
+    syn = jnp.asarray(rng.normal(size=(4, 6)))
+    linear = lambda s: losses.mmd_matching(real, s, 'linear')
+    dm = lambda s: losses.mean_matching(real, s)
+    assert float(dm(syn)) > 1.0
+    np.testing.assert_allclose(linear(syn), dm(syn), rtol=1e-10)
+    np.testing.assert_allclose(jax.grad(linear)(syn), jax.grad(dm)(syn), rtol=1e-10, atol=1e-14)
+
+
+def test_mmd_polynomial_kernel_hand_computed():
+  with float64():
+    real, syn = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 1.0]])
+    # K = (x.y + 1)^2: K_ss = 9; K_sr = 4, 4; K_rr = [[4, 1], [1, 4]] -> 9 - 2 * 4 + 10 / 4.
+    value = losses.mmd_matching(jnp.asarray(real), jnp.asarray(syn), 'polynomial')
+    np.testing.assert_allclose(value, 3.5, rtol=1e-12)
+
+
+def test_mmd_unknown_kernel_and_identical_features():
+  z = jnp.ones((3, 2))
+  for make in (lambda: losses.mmd_matching(z, z, 'laplace'), lambda: losses.mmd_match_fn('rbf')):
+    with pytest.raises(ValueError, match="'gaussian', 'linear', 'polynomial'"):
+      make()
+  # Identical rows: b = 0, every kernel entry 5, MMD^2 0 with a zero gradient (not NaN).
+  np.testing.assert_array_equal(losses.mmd_matching(z, z[:2]), 0.0)
+  np.testing.assert_array_equal(jax.grad(lambda s: losses.mmd_matching(z, s))(z[:2]), 0.0)
+
+
+def test_mmd_match_fn_under_jit_and_in_the_classwise_objective():
+  rng = np.random.default_rng(16)
+  real = jnp.asarray(rng.normal(size=(3, 6, 5)), jnp.float32)
+  syn = jnp.asarray(rng.normal(size=(3, 2, 5)), jnp.float32)
+  match = losses.mmd_match_fn('gaussian')
+  eager = [float(losses.mmd_matching(real[c], syn[c])) for c in range(3)]
+  np.testing.assert_allclose(jax.jit(match)(real[0], syn[0]), eager[0], rtol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(losses.mmd_matching, static_argnames='kernel')(real[0], syn[0], kernel='gaussian'),
+    eager[0],
+    rtol=1e-6,
+  )
+  maps = lambda x: x.reshape(*x.shape[:2], 1, 1, 5)
+  terms = jax.jit(lambda r, s: losses.classwise_objective(r, maps(r), s, maps(s), match=match))(
+    real, syn
+  )
+  np.testing.assert_allclose(terms.match, sum(eager), rtol=1e-5)
+  np.testing.assert_allclose(terms.total, sum(eager), rtol=1e-5)

@@ -260,3 +260,94 @@ def test_every_epoch_of_a_pool_build_shows_progress_to_100_percent(
   ]
   assert [description for description, _, _ in recorded_bars] == expected
   assert all(total > 0 and bar.n == total for _, total, bar in recorded_bars)
+
+
+def test_initial_variables_are_where_train_pool_started_its_members(pool, dataset, monkeypatch):
+  image_shape = tuple(dataset.image_shape)
+  initial = pool_lib.initial_variables(SETTINGS, pool.net, image_shape)
+  assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree_util.tree_leaves(initial))
+  keys = pool_lib._member_keys(SETTINGS.seed, 0, SETTINGS.size)
+  started = pool_lib._init_chunk(keys, pool.net, image_shape, SETTINGS.train_settings())
+  _assert_trees_equal(initial, started[0])
+  # A member's initial state does not depend on the range asked for.
+  middle = pool_lib.initial_variables(SETTINGS, pool.net, image_shape, 1, 2)
+  _assert_trees_equal(middle, jax.tree_util.tree_map(lambda x: x[1:2], initial))
+  assert not np.allclose(
+    jax.tree_util.tree_leaves(initial)[0], jax.tree_util.tree_leaves(pool.variables)[0]
+  )
+  # train_pool, made to start from `initial` (and recording what it drew itself), trains the
+  # stored members bitwise.
+  init_chunk, drawn = pool_lib._init_chunk, []
+
+  def from_initial(*args, **kwargs):
+    carry = init_chunk(*args, **kwargs)
+    drawn.append(jax.tree_util.tree_map(np.array, carry[0]))
+    return (jax.tree_util.tree_map(jnp.asarray, initial), *carry[1:])
+
+  monkeypatch.setattr(pool_lib, '_init_chunk', from_initial)
+  retrained = pool_lib.train_pool(dataset, SETTINGS, lowering.CPU, log=_quiet)
+  assert len(drawn) == 1
+  _assert_trees_equal(drawn[0], initial)
+  _assert_trees_equal(retrained.variables, pool.variables)
+  with pytest.raises(ValueError, match=r'members \[2, 4\)'):
+    pool_lib.initial_variables(SETTINGS, pool.net, image_shape, 2, 4)
+
+
+def _variables(seed, scale):
+  """A small variables tree with conv, norm-affine and linear leaves (float32)."""
+  rng = np.random.default_rng(seed)
+  leaf = lambda *shape: jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
+  return {
+    'params': {
+      'conv': {'kernel': leaf(3, 3, 1, 4), 'bias': leaf(4)},
+      'norm': {'scale': leaf(4), 'bias': leaf(4)},
+      'head': {'kernel': leaf(4, 3), 'bias': leaf(3)},
+    }
+  }
+
+
+def test_interpolate_family_vectors_and_a_traced_lambda():
+  initial, final = _variables(0, 1.0), _variables(1, 3.0)
+  _assert_trees_equal(pool_lib.interpolate(initial, final, 0.0), final)  # FAMILY 7.5
+  _assert_trees_equal(pool_lib.interpolate(initial, final, 1.0), initial)
+  quarter = pool_lib.interpolate(initial, final, 0.25)
+  expected = jax.tree_util.tree_map(
+    lambda a, b: 0.25 * np.float64(a) + 0.75 * np.float64(b), initial, final
+  )
+  for got, want in zip(jax.tree_util.tree_leaves(quarter), jax.tree_util.tree_leaves(expected)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  # Norm affine parameters are interpolated too.
+  np.testing.assert_allclose(
+    quarter['params']['norm']['scale'],
+    0.25 * initial['params']['norm']['scale'] + 0.75 * final['params']['norm']['scale'],
+    rtol=1e-6,
+  )
+  # One compiled program serves every lambda.
+  traces = []
+
+  @jax.jit
+  def mixed(lam):
+    traces.append(lam)
+    return pool_lib.interpolate(initial, final, lam)
+
+  for lam in (0.0, 0.25, 1.0, 0.7):
+    result = mixed(jnp.float32(lam))
+    want = pool_lib.interpolate(initial, final, lam)
+    for got, ref in zip(jax.tree_util.tree_leaves(result), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+  assert len(traces) == 1
+  _assert_trees_equal(mixed(jnp.float32(0.0)), final)
+  _assert_trees_equal(mixed(jnp.float32(1.0)), initial)
+
+
+def test_interpolate_refuses_mismatched_trees():
+  initial, final = _variables(0, 1.0), _variables(1, 1.0)
+  with pytest.raises(ValueError):
+    pool_lib.interpolate(initial, {'params': final['params']['conv']}, 0.5)
+  stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), final)
+  with pytest.raises(ValueError, match=r"\['params'\]\['conv'\]\['bias'\] is float32\[4\]"):
+    pool_lib.interpolate(initial, stacked, 0.5)
+  counted = {'step': jnp.zeros((), jnp.int32)}
+  with pytest.raises(ValueError, match='int32, not floating'):
+    pool_lib.interpolate(counted, counted, 0.5)
