@@ -130,6 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.family.network_every = 1  # iterations one random matching network serves (M3D: 5)
   config.family.calibration_passes = 0  # calibration passes per iteration (DANCE: 1)
   config.family.pool_members = 5  # pool members an iteration draws from (DANCE: 5 of 20)
+  config.family.kernel = 'gaussian'  # M3D's MMD kernel: gaussian | linear | polynomial
 
   # IDM (Zhao et al., CVPR 2023), used when method='idm'. Defaults: CIFAR-10 IPC 10 of the
   # reference commands.

@@ -134,11 +134,14 @@ class Pool:
     metadata: `pool_metadata(...)` plus 'test_accuracies' (percent, one per member),
       'mean_test_accuracy', 'train_seconds', 'parallel', 'chunks' ([start, end) pairs) and
       'chunk_seconds'.
+    settings: the settings it was built with (`initial_variables` recomputes its members'
+      starting points from them), or None when unknown.
   """
 
   net: models.Network
   variables: Any
   metadata: dict[str, Any]
+  settings: PoolSettings | None = None
 
   @property
   def size(self) -> int:
@@ -436,7 +439,9 @@ def train_pool(
   }
   if directory:
     _mark_complete(directory, metadata)
-  return Pool(net=net, variables=_stack_on_host(member_variables), metadata=metadata)
+  return Pool(
+    net=net, variables=_stack_on_host(member_variables), metadata=metadata, settings=settings
+  )
 
 
 def load_pool(directory: str, expected_metadata: dict[str, Any], lowering: Lowering) -> Pool | None:
@@ -535,7 +540,7 @@ def get_or_train_pool(
       f'pool: loaded {pool.size} {pool.net.name} members from {directory} '
       f'({_accuracy_summary(pool.metadata)})'
     )
-    return pool
+    return dataclasses.replace(pool, settings=settings)
   log(
     f'pool: no complete pool at {directory}; training {settings.size} {settings.model} x '
     f'{settings.epochs} epochs on {dataset.name}, {settings.parallel} at a time'

@@ -7,6 +7,7 @@ file alone (no library edit): DM with its mean matching swapped for a linear-ker
 """
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +73,33 @@ class Built:
   sampler: data_lib.ClassSampler
 
 
+# Small settings of the methods that need them: IDM's queue, the pool of DANCE's experts.
+TINY_METHOD_SETTINGS = {
+  'idm.queue_capacity': 4,
+  'idm.train_steps': 2,
+  'idm.train_batch_size': 32,
+  'pool.model': 'ConvNetW32',
+  'pool.size': 2,
+  'pool.epochs': 1,
+  'pool.parallel': 2,
+  'family.pool_members': 2,
+}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def pool_cache(tmp_path_factory):
+  """Pools (DANCE's experts) are built once per module in a temporary cache."""
+  previous = os.environ.get('DD_JAX_CACHE')
+  os.environ['DD_JAX_CACHE'] = str(tmp_path_factory.mktemp('cache'))
+  yield
+  if previous is None:
+    del os.environ['DD_JAX_CACHE']
+  else:
+    os.environ['DD_JAX_CACHE'] = previous
+
+
 def build(make_config, method, lowering=lowering_lib.CPU, extractor=None, **overrides):
-  tiny_idm = {'idm.queue_capacity': 4, 'idm.train_steps': 2, 'idm.train_batch_size': 32}
-  config = make_config(method=method, **{**tiny_idm, **overrides})
+  config = make_config(method=method, **{**TINY_METHOD_SETTINGS, **overrides})
   settings = dataclasses.replace(experiment.validate_config(config), lowering=lowering)
   data = run_lib.prepare_data(settings)
   prepared = run_lib.build_method(settings, data)
@@ -82,8 +107,9 @@ def build(make_config, method, lowering=lowering_lib.CPU, extractor=None, **over
   if extractor is not None:
     method_ = settings.method
     net = method_.network(settings.distill, data.dataset.num_classes, lowering)
+    pool = {'pool': run_lib.pool_of(settings, data)} if method_.uses_pool else {}
     step = method_.make_step(
-      net, settings.distill, base.DataSpec.of(data.dataset), lowering, extractor
+      net, settings.distill, base.DataSpec.of(data.dataset), lowering, extractor, **pool
     )
   return Built(settings, prepared.state, step, data.sampler)
 

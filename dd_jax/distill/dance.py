@@ -34,8 +34,11 @@ def interpolated_pool(net: models.Network, pool: pool_lib.Pool, members: int):
     (source, params): params = (initial, final) variables of the first `members` members,
     stacked and on the device, for the jitted step.
   """
+  if pool.settings is None:
+    raise ValueError('DANCE needs the settings of its pool to recompute its initial weights.')
   final = jax.tree_util.tree_map(lambda x: x[:members], pool.variables)
-  initial = pool_lib.initial_variables(pool, 0, members)
+  image_shape = tuple(pool.metadata['image_shape'])
+  initial = pool_lib.initial_variables(pool.settings, pool.net, image_shape, 0, members)
   params = jax.device_put((initial, final))
 
   def source(key_data, step, params):

@@ -151,6 +151,15 @@ def clip_to_pixels(images: jax.Array, mean, std) -> jax.Array:
   return jnp.clip(images, -mean / std, (1.0 - mean) / std)
 
 
+def augmentation_params(
+  key: jax.Array, num_classes: int, strategy: str, height: int, width: int
+) -> idc.Params:
+  """One IDC DiffAug parameter set per class (batch mode), from `key` split by class: each
+  field has a leading class axis. Class c's set serves its real and its synthetic images."""
+  draw = lambda class_key: idc.sample_params(class_key, strategy, height, width)
+  return jax.vmap(draw)(jax.random.split(key, num_classes))
+
+
 def _augment_classes(params: idc.Params, images: jax.Array, strategy: str, loop: bool):
   """`idc.apply` of class k's parameters to images[k], for every class ([K, n, H, W, C])."""
   apply = lambda p, x: idc.apply(x, p, strategy)
@@ -194,7 +203,7 @@ def make_family_step(
   optimizer = settings.image_optimizer()
   update = class_steps.class_updates(settings.class_steps)
   real_chunk = dm.resolve_real_chunk(settings, num_classes, lowering)
-  draw_params = jax.vmap(lambda key: idc.sample_params(key, strategy, height, width))
+  draw_params = lambda key: augmentation_params(key, num_classes, strategy, height, width)
   decode = lambda class_images: multiformation.decode(class_images, factor)
   class_params = lambda params, c: jax.tree_util.tree_map(lambda x: x[c], params)
 
@@ -208,7 +217,7 @@ def make_family_step(
 
     real = data_lib.sample_all_classes(sampler, keys_lib.stream(key, 'real'), batch_real)
     real = data_lib.normalize(real, spec.mean, spec.std)
-    params = draw_params(jax.random.split(keys_lib.stream(key, 'augment'), num_classes))
+    params = draw_params(keys_lib.stream(key, 'augment'))
     real = jax.lax.stop_gradient(_augment_classes(params, real, strategy, lowering.loop_classes))
     real_features, real_map = dm.embed_real(net, variables, real, real_chunk)
     cc_real_features = None
@@ -251,7 +260,7 @@ def make_family_step(
     calibration = jnp.zeros(())
     for calibration_pass in range(settings.calibration_passes):
       pass_key = jax.random.fold_in(keys_lib.stream(key, 'calibrate'), calibration_pass)
-      fresh = draw_params(jax.random.split(pass_key, num_classes))
+      fresh = draw_params(pass_key)
 
       def calibration_grad(class_images, class_id, fresh=fresh):
         def loss(x):
