@@ -7,6 +7,11 @@ One implementation serves the three places dd_jax trains networks:
 - the IDM model queue (Zhao et al., CVPR 2023): a few SGD steps on uniform real batches inside
   the jitted distillation step.
 
+The IDC family's recipes (IDC's evaluation, the DANCE/NCFM/DSDM extractor pools) are options of
+`TrainSettings`, all off by default: the 'multistep' schedule (PyTorch's MultiStepLR, momentum
+kept), IDC's DiffAug with per-image parameters (`augment_mode='idc'`, `augment_minibatch`) and
+CutMix after the augmentation (`cutmix_probability`; `sample_cutmix`, `cutmix`, `cutmix_loss`).
+
     recipe = SGDRecipe(batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4)
     optimizer = recipe.optimizer()
     variables, opt_state, logits = sgd_step(net, optimizer, variables, opt_state, x, y)
@@ -26,9 +31,11 @@ per-network op turns `lax.switch` into computing every op, a shared one keeps it
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +44,30 @@ import optax
 from dd_jax import augment as augment_lib
 from dd_jax import models, progress
 from dd_jax import settings as settings_lib
+from dd_jax.augment import idc
 from dd_jax.lowering import Lowering
 
 # (variables, opt_state, loop_key) of one network.
 TrainCarry = tuple[Any, optax.OptState, jax.Array]
 
 # Learning-rate schedules of `TrainSettings.schedule` (see `epoch_plan`).
-SCHEDULES = ('constant', 'reference', 'halves')
-# The lr factor from the schedule's drop epoch on.
+SCHEDULES = ('constant', 'reference', 'halves', 'multistep')
+# The schedules that re-create the optimizer (a zero momentum buffer) at their lr drop.
+RESTARTING_SCHEDULES = ('reference', 'halves')
+# The lr factor from the drop epoch on of 'reference' and 'halves'.
 LR_DROP_FACTOR = 0.1
+# The default lr factor per milestone of 'multistep' (PyTorch MultiStepLR's).
+MULTISTEP_GAMMA = 0.1
+# A milestone epoch is floor(fraction * epochs + this): 0.29 of 100 epochs is epoch 29, although
+# 0.29 * 100 is 28.999999999999996 in binary floating point.
+MILESTONE_TOLERANCE = 1e-6
+# `TrainSettings.augment_mode`: DM's DSA (one op of the strategy per minibatch) or IDC's DiffAug.
+AUGMENT_MODES = ('dsa', 'idc')
+# The key streams of an epoch (`jax.random.fold_in(epoch_key, stream)`): fixed numbers, append,
+# never renumber.
+_EPOCH_STREAMS = {'order': 0, 'augment_params': 1, 'augment_ops': 2, 'cutmix': 3}
+# The key streams of one minibatch's CutMix draw (`sample_cutmix`).
+_CUTMIX_STREAMS = {'apply': 0, 'lambda': 1, 'partner': 2, 'centre_row': 3, 'centre_col': 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +114,20 @@ def check_augment_strategy(strategy: str, field: str = 'augment_strategy') -> No
     raise settings_lib.SettingError(field, strategy, error.reason) from None
 
 
+def milestone_epochs(epochs: int, milestones: tuple[float, ...]) -> tuple[int, ...]:
+  """The epochs of 'multistep' milestones given as fractions of the epochs.
+
+  Args:
+    epochs: the configured epoch count E.
+    milestones: fractions of E (`TrainSettings.milestones`).
+
+  Returns:
+    floor(fraction * E) of each fraction, in order (`MILESTONE_TOLERANCE` absorbs binary
+    rounding): (2/3, 5/6) of 60 -> (40, 50), of 1000 -> (666, 833) as IDC's 2E // 3, 5E // 6.
+  """
+  return tuple(math.floor(fraction * epochs + MILESTONE_TOLERANCE) for fraction in milestones)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings(settings_lib.Settings):
   """How networks are trained: the SGD recipe, epochs, lr schedule and augmentation.
@@ -104,8 +140,24 @@ class TrainSettings(settings_lib.Settings):
       DatasetCondensation: epochs + 1 epochs, lr x0.1 and a fresh optimizer from epoch
       epochs // 2 + 2 on) or 'halves' (epochs // 2 at the lr, the rest at 0.1 lr after a fresh
       optimizer; dd_jax's evaluation before the reference schedule).
-    share_augment_op: False: every network draws its own DSA op per minibatch. True: networks
-      trained together share each minibatch's op, from a shared key (see module docstring).
+    share_augment_op: False: every network draws its own DSA op (IDC: geometric op) per
+      minibatch. True: networks trained together share each minibatch's op, from a shared key
+      (see module docstring).
+    milestones: 'multistep' only (() otherwise): fractions of `epochs`, each in (0, 1),
+      increasing. Milestone m = floor(fraction * epochs) (`milestone_epochs`); as PyTorch's
+      MultiStepLR stepped once per epoch, the lr is multiplied by `gamma` once m epochs have
+      run, i.e. 0-based epoch e trains at lr * gamma ** (number of milestones <= e) (two
+      fractions on one epoch multiply by gamma ** 2 there). The momentum buffer is kept. ():
+      a constant lr (PyTorch's MultiStepLR with no milestone; the same program as 'constant').
+      FAMILY 5.3: idc (2/3, 5/6) with gamma 0.2, ncfm (1/5, 2/5, 3/5, 4/5) with gamma 0.5;
+      the pool recipe (0.6) epochs 40 and 50 of 60 = (2/3, 5/6), gamma 0.2.
+    gamma: the 'multistep' lr factor per milestone; other schedules require the default.
+    augment_mode: 'dsa' (DM's DSA: one op of the strategy per minibatch, parameters per image)
+      or 'idc' (IDC's DiffAug, `augment_minibatch`: flip, colour and cutout if listed, one
+      geometric op per minibatch, parameters per image; strategies as `augment.idc`).
+    cutmix_probability: the probability in [0, 1] that a minibatch is CutMixed after its
+      augmentation (`cutmix`; FAMILY 5.2); 0: never (no CutMix in the program).
+    cutmix_beta: lambda ~ Beta(cutmix_beta, cutmix_beta) of CutMix.
   """
 
   epochs: int = settings_lib.field(check=settings_lib.POSITIVE)
@@ -113,13 +165,39 @@ class TrainSettings(settings_lib.Settings):
   augment_strategy: str = ''
   schedule: str = settings_lib.field('constant', choices=SCHEDULES)
   share_augment_op: bool = settings_lib.field(False, choices=(False, True))
+  milestones: tuple[float, ...] = ()
+  gamma: float = settings_lib.field(MULTISTEP_GAMMA, check=settings_lib.POSITIVE)
+  augment_mode: str = settings_lib.field('dsa', choices=AUGMENT_MODES)
+  cutmix_probability: float = settings_lib.field(0.0, check=settings_lib.NON_NEGATIVE)
+  cutmix_beta: float = settings_lib.field(1.0, check=settings_lib.POSITIVE)
 
   def check(self) -> None:
-    check_augment_strategy(self.augment_strategy)
+    if self.augment_mode == 'idc':
+      idc.parse_strategy(self.augment_strategy)
+    else:
+      check_augment_strategy(self.augment_strategy)
+    # A list from a config would make the settings unhashable (they are static jit arguments).
+    object.__setattr__(self, 'milestones', tuple(self.milestones))
+    fractions = self.milestones
+    if self.schedule != 'multistep':
+      if fractions:
+        raise settings_lib.SettingError(
+          'milestones', fractions, "is only for schedule='multistep'; use ()"
+        )
+      if self.gamma != MULTISTEP_GAMMA:
+        raise settings_lib.SettingError(
+          'gamma', self.gamma, f"is only for schedule='multistep'; use {MULTISTEP_GAMMA}"
+        )
+    elif not all(0 < f < 1 for f in fractions) or list(fractions) != sorted(set(fractions)):
+      raise settings_lib.SettingError(
+        'milestones', fractions, 'must be increasing fractions of the epochs, each in (0, 1)'
+      )
+    if self.cutmix_probability > 1:
+      raise settings_lib.SettingError('cutmix_probability', self.cutmix_probability, 'must be <= 1')
 
 
-def epoch_plan(epochs: int, schedule: str) -> tuple[int, int]:
-  """How many epochs a schedule trains and the first epoch at the dropped lr.
+def epoch_plan(epochs: int, schedule: str, milestones: tuple[float, ...] = ()) -> tuple[int, int]:
+  """How many epochs a schedule trains and the first epoch at a lower lr.
 
   'reference' is DatasetCondensation's `evaluate_synset`: `for ep in range(Epoch + 1)`, with the
   lr x0.1 and a new optimizer after epoch `Epoch // 2 + 1`; Epoch = 1000 trains 502 epochs at the
@@ -128,11 +206,12 @@ def epoch_plan(epochs: int, schedule: str) -> tuple[int, int]:
   Args:
     epochs: the configured epoch count.
     schedule: one of `SCHEDULES`.
+    milestones: 'multistep' only: `TrainSettings.milestones`.
 
   Returns:
     (epochs_trained, first_low_lr_epoch); first_low_lr_epoch >= epochs_trained means the lr
     never drops. 'reference': (epochs + 1, epochs // 2 + 2); 'halves': (epochs, epochs // 2);
-    'constant': (epochs, epochs).
+    'constant': (epochs, epochs); 'multistep': (epochs, the first milestone epoch).
   """
   if schedule == 'reference':
     return epochs + 1, epochs // 2 + 2
@@ -140,13 +219,29 @@ def epoch_plan(epochs: int, schedule: str) -> tuple[int, int]:
     return epochs, epochs // 2
   if schedule == 'constant':
     return epochs, epochs
+  if schedule == 'multistep':
+    return epochs, min(milestone_epochs(epochs, milestones), default=epochs)
   raise ValueError(f'schedule={schedule!r} is not valid; choose one of {list(SCHEDULES)}.')
 
 
 def epoch_lr(settings: TrainSettings, epoch_index: jax.Array | int) -> jax.Array:
-  """The learning rate of epoch `epoch_index` (0-based; may be traced) under `settings`."""
-  _, first_low_lr_epoch = epoch_plan(settings.epochs, settings.schedule)
+  """The learning rate of epoch `epoch_index` (0-based; may be traced) under `settings`.
+
+  'multistep': lr * gamma ** (milestones passed), the products in float64 as PyTorch's
+  (`TrainSettings.milestones`); the other schedules: lr before `epoch_plan`'s first low-lr
+  epoch, lr * `LR_DROP_FACTOR` from it on.
+  """
   lr = settings.recipe.lr
+  if settings.schedule == 'multistep':
+    counts = sorted(
+      collections.Counter(milestone_epochs(settings.epochs, settings.milestones)).items()
+    )
+    rates = [lr]
+    for _, count in counts:
+      rates.append(rates[-1] * settings.gamma**count)
+    passed = jnp.sum(jnp.asarray(epoch_index) >= jnp.asarray([epoch for epoch, _ in counts]))
+    return jnp.asarray(rates)[passed]
+  _, first_low_lr_epoch = epoch_plan(settings.epochs, settings.schedule)
   return jnp.where(epoch_index < first_low_lr_epoch, lr, lr * LR_DROP_FACTOR)
 
 
@@ -155,20 +250,181 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+def cutmix_loss(
+  logits: jax.Array, labels: jax.Array, partner_labels: jax.Array, ratio: jax.Array | float
+) -> jax.Array:
+  """The loss of a CutMixed minibatch: ratio * CE(labels) + (1 - ratio) * CE(partner_labels).
+
+  Args:
+    logits: [N, K] logits of the mixed images.
+    labels: [N] int labels of the images.
+    partner_labels: [N] int labels of the partners whose boxes were pasted (`cutmix`).
+    ratio: [] the fraction of each image left its own, 1 - box area / (H * W).
+
+  Returns:
+    [] the mixed mean cross-entropy; `cross_entropy(logits, labels)` exactly at ratio 1.
+  """
+  return ratio * cross_entropy(logits, labels) + (1 - ratio) * cross_entropy(logits, partner_labels)
+
+
+class CutMixDraw(NamedTuple):
+  """The random draws of one minibatch's CutMix (one box and one lambda for the whole batch).
+
+  Attributes:
+    apply: [] bool, whether the minibatch is mixed (probability `cutmix_probability`).
+    lam: [] lambda ~ Beta(beta, beta); the box side is int(side * sqrt(1 - lambda)).
+    partner: [N] int32, a permutation of the batch: image i receives image partner[i]'s box.
+    centre_row: [] int32, the box centre's row, uniform in {0, ..., H - 1}.
+    centre_col: [] int32, the box centre's column, uniform in {0, ..., W - 1}.
+  """
+
+  apply: jax.Array
+  lam: jax.Array
+  partner: jax.Array
+  centre_row: jax.Array
+  centre_col: jax.Array
+
+
+def sample_cutmix(
+  key: jax.Array, batch_size: int, height: int, width: int, probability: float, beta: float = 1.0
+) -> CutMixDraw:
+  """Draws one minibatch's CutMix, each draw from its own named `fold_in` stream of `key`.
+
+  Args:
+    key: the minibatch's CutMix key; it alone decides the draw.
+    batch_size: N.
+    height: H.
+    width: W.
+    probability: the probability of mixing this minibatch (IDC's `mix_p`).
+    beta: lambda ~ Beta(beta, beta).
+
+  Returns:
+    The `CutMixDraw`.
+  """
+  stream = lambda name: jax.random.fold_in(key, _CUTMIX_STREAMS[name])
+  return CutMixDraw(
+    apply=jax.random.uniform(stream('apply')) < probability,
+    lam=jax.random.beta(stream('lambda'), beta, beta),
+    partner=jax.random.permutation(stream('partner'), batch_size),
+    centre_row=jax.random.randint(stream('centre_row'), (), 0, height),
+    centre_col=jax.random.randint(stream('centre_col'), (), 0, width),
+  )
+
+
+def cutmix_box(
+  lam: jax.Array | float,
+  centre_row: jax.Array | int,
+  centre_col: jax.Array | int,
+  height: int,
+  width: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """CutMix's box (Yun et al., ICCV 2019, `rand_bbox`, as IDC and NCFM copy it).
+
+  Cut sides h = int(H * sqrt(1 - lam)), w = int(W * sqrt(1 - lam)); the box spans rows
+  centre_row - h // 2 ... centre_row + h // 2 - 1 and the same columns around centre_col, clipped
+  to the image (so an odd side loses a pixel: 2 * (h // 2) rows before clipping).
+
+  Args:
+    lam: [] lambda in [0, 1].
+    centre_row: [] int, in {0, ..., H - 1}.
+    centre_col: [] int, in {0, ..., W - 1}.
+    height: H.
+    width: W.
+
+  Returns:
+    [] int32 (row_start, row_stop, col_start, col_stop), stops exclusive, within the image.
+  """
+  cut = jnp.sqrt(1.0 - jnp.asarray(lam))
+  half_rows = (height * cut).astype(jnp.int32) // 2
+  half_cols = (width * cut).astype(jnp.int32) // 2
+  return (
+    jnp.clip(centre_row - half_rows, 0, height),
+    jnp.clip(centre_row + half_rows, 0, height),
+    jnp.clip(centre_col - half_cols, 0, width),
+    jnp.clip(centre_col + half_cols, 0, width),
+  )
+
+
+def cutmix(images: jax.Array, draw: CutMixDraw) -> tuple[jax.Array, jax.Array]:
+  """Pastes every image's partner's box (FAMILY 5.2), if `draw.apply`; pure.
+
+  Args:
+    images: [N, H, W, C] (augmented) minibatch.
+    draw: from `sample_cutmix` with this N, H, W.
+
+  Returns:
+    (mixed images, ratio): image i with rows and columns of `cutmix_box` replaced by image
+    `draw.partner[i]`'s, and [] ratio = 1 - box area / (H * W), the weight of the images' own
+    labels in `cutmix_loss`. Without `draw.apply`: (images, 1).
+  """
+  _, height, width, _ = images.shape
+  row_start, row_stop, col_start, col_stop = cutmix_box(
+    draw.lam, draw.centre_row, draw.centre_col, height, width
+  )
+  rows, cols = jnp.arange(height), jnp.arange(width)
+  in_rows = (rows >= row_start) & (rows < row_stop)
+  in_cols = (cols >= col_start) & (cols < col_stop)
+  in_box = draw.apply & in_rows[:, None] & in_cols[None, :]
+  mixed = jnp.where(in_box[None, :, :, None], images[draw.partner], images)
+  area = (row_stop - row_start) * (col_stop - col_start)
+  ratio = jnp.where(draw.apply, 1.0 - area / (height * width), 1.0).astype(images.dtype)
+  return mixed, ratio
+
+
+def augment_minibatch(
+  op_key: jax.Array, param_key: jax.Array, images: jax.Array, strategy: str, mode: str = 'dsa'
+) -> jax.Array:
+  """One training minibatch's augmentation, parameters drawn per image.
+
+  Args:
+    op_key: PRNG key of the op drawn per minibatch: DSA's op ('dsa'), or IDC's geometric op
+      ('idc', the `geometric` draw of `idc.sample_params(op_key, ...)`).
+    param_key: PRNG key of the per-image parameters ('idc': `idc.sample_params(param_key, ...,
+      num_draws=N)`, IDC's `batch=False`).
+    images: [N, H, W, C] normalised images.
+    strategy: the strategy string of `mode`.
+    mode: one of `AUGMENT_MODES`.
+
+  Returns:
+    [N, H, W, C] augmented images.
+  """
+  if mode == 'idc':
+    num_images, height, width, _ = images.shape
+    params = idc.sample_params(param_key, strategy, height, width, num_images)
+    geometric = idc.sample_params(op_key, strategy, height, width).geometric
+    return idc.apply(images, params._replace(geometric=geometric), strategy)
+  return augment_lib.apply_random_op(op_key, param_key, images, strategy, siamese=False)
+
+
 def _microbatched_gradient(
-  net: models.Network, variables: Any, images: jax.Array, labels: jax.Array, microbatch: int
+  net: models.Network,
+  variables: Any,
+  images: jax.Array,
+  labels: jax.Array,
+  microbatch: int,
+  mix: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[Any, jax.Array]:
   """(gradient of the mean cross-entropy, [N, K] logits), summed over passes of `microbatch` images.
 
   Full passes run in a `lax.scan`, a last partial one after it. Only for networks whose every
   layer acts per sample (no batch norm): the gradient is then the whole batch's to float rounding.
+  `mix` as `sgd_step`'s: the per-image losses are then CutMix's (`cutmix_loss`).
   """
   num_images = images.shape[0]
   params = variables['params']
+  if mix is not None:
+    partner_labels, ratio = mix
+    labels = jnp.stack([labels, partner_labels], axis=-1)  # split into passes together
 
   def summed_loss(params, images, labels):
     logits, _ = net.apply_train({**variables, 'params': params}, images)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if mix is None:
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    else:
+      own, partner = (
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, i]) for i in (0, 1)
+      )
+      losses = ratio * own + (1 - ratio) * partner
     return jnp.sum(losses) / num_images, logits
 
   gradient = jax.grad(summed_loss, has_aux=True)
@@ -185,7 +441,7 @@ def _microbatched_gradient(
     zeros,
     (
       images[:in_full].reshape(num_full, microbatch, *images.shape[1:]),
-      labels[:in_full].reshape(num_full, microbatch),
+      labels[:in_full].reshape(num_full, microbatch, *labels.shape[1:]),
     ),
   )
   logits = logits.reshape(in_full, -1)
@@ -204,6 +460,7 @@ def sgd_step(
   labels: jax.Array,
   *,
   microbatch: int = 0,
+  mix: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[Any, optax.OptState, jax.Array]:
   """One cross-entropy SGD step of one network.
 
@@ -218,6 +475,8 @@ def sgd_step(
       `Lowering.microbatch`: 16 CIFAR-10 images on CPU, where it is faster); 0: the whole batch
       in one pass. The step is the same to float rounding; it is not micro-batching of the
       *update*: one update per call.
+    mix: (partner_labels [N], ratio []) of a CutMixed minibatch (`cutmix`): the loss is
+      `cutmix_loss(logits, labels, partner_labels, ratio)`; None: `cross_entropy`.
 
   Returns:
     (new variables, new optimizer state, the [N, K] training-mode logits before the update).
@@ -234,13 +493,14 @@ def sgd_step(
       'batch-norm statistics over the whole batch: use microbatch=0.'
     )
   if 0 < microbatch < images.shape[0]:
-    grads, logits = _microbatched_gradient(net, variables, images, labels, microbatch)
+    grads, logits = _microbatched_gradient(net, variables, images, labels, microbatch, mix)
     new_variables = variables
   else:
 
     def loss_fn(params):
       logits, new_variables = net.apply_train({**variables, 'params': params}, images)
-      return cross_entropy(logits, labels), (new_variables, logits)
+      loss = cross_entropy(logits, labels) if mix is None else cutmix_loss(logits, labels, *mix)
+      return loss, (new_variables, logits)
 
     grads, (new_variables, logits) = jax.grad(loss_fn, has_aux=True)(variables['params'])
   updates, opt_state = optimizer.update(grads, opt_state, variables['params'])
@@ -280,8 +540,11 @@ def make_epoch_fn(
   """One epoch of one network: `(carry, epoch_index, shared_op_key=None) -> carry`.
 
   Apply it to stacked networks with `over_networks`. The epoch's lr and the momentum reset at
-  the lr drop follow `settings.schedule` (`epoch_plan`, `epoch_lr`); minibatches are a fresh
-  permutation of the images, the last partial one kept.
+  the lr drop ('reference', 'halves'; 'multistep' keeps the buffer) follow `settings.schedule`
+  (`epoch_plan`, `epoch_lr`); minibatches are a fresh permutation of the images, the last
+  partial one kept. Each minibatch is augmented (`augment_minibatch`), then CutMixed with
+  probability `settings.cutmix_probability` (`sample_cutmix` from the minibatch's CutMix key,
+  `cutmix`, `cutmix_loss`).
 
   Args:
     net: the network.
@@ -294,7 +557,7 @@ def make_epoch_fn(
 
   Returns:
     The epoch function. `epoch_index` is 0-based (may be traced). `shared_op_key`, a PRNG key
-    shared by the networks trained together, draws the DSA ops when
+    shared by the networks trained together, draws the DSA ops (IDC: geometric ops) when
     `settings.share_augment_op` (required then, if there is augmentation); otherwise every
     network draws its ops from its own loop key and `shared_op_key` is ignored.
   """
@@ -302,36 +565,61 @@ def make_epoch_fn(
   batch_size = min(settings.recipe.batch_size, num_images)
   num_full_batches, remainder = divmod(num_images, batch_size)
   num_keys = num_full_batches + 1  # one per full batch, and one for the partial batch
-  augments = bool(augment_lib.parse_strategy(settings.augment_strategy))
-  epochs_trained, first_low_lr_epoch = epoch_plan(settings.epochs, settings.schedule)
+  if settings.augment_mode == 'idc':
+    augments = not idc.parse_strategy(settings.augment_strategy).empty
+  else:
+    augments = bool(augment_lib.parse_strategy(settings.augment_strategy))
+  mixes = settings.cutmix_probability > 0
+  epochs_trained, first_low_lr_epoch = epoch_plan(
+    settings.epochs, settings.schedule, settings.milestones
+  )
   lr_drops = first_low_lr_epoch < epochs_trained
+  restarts = lr_drops and settings.schedule in RESTARTING_SCHEDULES
   microbatch = lowering.microbatch((batch_size, *images.shape[1:]), net.has_batch_stats)
 
-  def minibatch_step(variables, opt_state, optimizer, batch_indices, op_key, param_key):
-    batch = augment_lib.apply_random_op(
-      op_key, param_key, images[batch_indices], settings.augment_strategy, siamese=False
+  def minibatch_step(
+    variables, opt_state, optimizer, batch_indices, op_key, param_key, *cutmix_key
+  ):
+    batch = augment_minibatch(
+      op_key, param_key, images[batch_indices], settings.augment_strategy, settings.augment_mode
     )
+    batch_labels = labels[batch_indices]
+    mix = None
+    if mixes:  # after the augmentation, as IDC's train_epoch
+      batch_height, batch_width = batch.shape[1:3]
+      draw = sample_cutmix(
+        *cutmix_key,  # given with CutMix only
+        batch.shape[0],
+        batch_height,
+        batch_width,
+        settings.cutmix_probability,
+        settings.cutmix_beta,
+      )
+      batch, ratio = cutmix(batch, draw)
+      mix = (batch_labels[draw.partner], ratio)
     variables, opt_state, _ = sgd_step(
-      net, optimizer, variables, opt_state, batch, labels[batch_indices], microbatch=microbatch
+      net, optimizer, variables, opt_state, batch, batch_labels, microbatch=microbatch, mix=mix
     )
     return variables, opt_state
 
   def epoch(carry, epoch_index, shared_op_key=None):
     variables, opt_state, loop_key = carry
-    if lr_drops:
+    if restarts:
       # The reference builds a new optimizer at the drop: a zero momentum buffer.
       fresh = settings.recipe.optimizer().init(variables['params'])
       opt_state = jax.tree_util.tree_map(
         lambda new, old: jnp.where(epoch_index == first_low_lr_epoch, new, old), fresh, opt_state
       )
+    if lr_drops:  # 'multistep': PyTorch's scheduler changes the lr of the same optimizer
       optimizer = settings.recipe.optimizer(epoch_lr(settings, epoch_index))
     else:
       optimizer = settings.recipe.optimizer()
     epoch_key = jax.random.fold_in(loop_key, epoch_index)
-    order = jax.random.permutation(jax.random.fold_in(epoch_key, 0), num_images)
-    param_keys = jax.random.split(jax.random.fold_in(epoch_key, 1), num_keys)
+    stream = lambda name: jax.random.fold_in(epoch_key, _EPOCH_STREAMS[name])
+    order = jax.random.permutation(stream('order'), num_images)
+    param_keys = jax.random.split(stream('augment_params'), num_keys)
     if not settings.share_augment_op:
-      op_keys = jax.random.split(jax.random.fold_in(epoch_key, 2), num_keys)
+      op_keys = jax.random.split(stream('augment_ops'), num_keys)
     elif shared_op_key is not None:
       op_keys = jax.random.split(jax.random.fold_in(shared_op_key, epoch_index), num_keys)
     elif augments:
@@ -340,6 +628,8 @@ def make_epoch_fn(
       )
     else:
       op_keys = param_keys  # no augmentation: never drawn from
+    # One CutMix key per minibatch (none without CutMix: the draws above stay the same).
+    cutmix_keys = (jax.random.split(stream('cutmix'), num_keys),) if mixes else ()
     full = order[: num_full_batches * batch_size].reshape(num_full_batches, batch_size)
 
     def step(state, inputs):
@@ -351,7 +641,13 @@ def make_epoch_fn(
     (variables, opt_state), _ = jax.lax.scan(
       step,
       (variables, opt_state),
-      (full, op_keys[:-1], param_keys[:-1], jnp.arange(num_full_batches)),
+      (
+        full,
+        op_keys[:-1],
+        param_keys[:-1],
+        *(keys[:-1] for keys in cutmix_keys),
+        jnp.arange(num_full_batches),
+      ),
     )
     if remainder:  # the last, partial batch (no drop-last)
       variables, opt_state = minibatch_step(
@@ -361,6 +657,7 @@ def make_epoch_fn(
         order[num_full_batches * batch_size :],
         op_keys[-1],
         param_keys[-1],
+        *(keys[-1] for keys in cutmix_keys),
       )
     return variables, opt_state, loop_key
 

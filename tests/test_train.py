@@ -2,12 +2,14 @@
 
 import contextlib
 import dataclasses
+import fractions as fractions_lib
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import float64
+from conftest import TINY_POOL, float64
 
 from dd_jax import augment as augment_lib
 from dd_jax import config as config_lib
@@ -15,6 +17,7 @@ from dd_jax import data as data_lib
 from dd_jax import evaluate, lowering, models
 from dd_jax import pool as pool_lib
 from dd_jax import train as train_lib
+from dd_jax.augment import idc as idc_lib
 
 
 def _data(num_images=6, num_classes=3, seed=0):
@@ -292,3 +295,563 @@ def test_train_settings_check_their_fields():
     train_lib.TrainSettings(epochs=1, augment_strategy='crop_blur')
   with pytest.raises(ValueError, match='momentum=-0.1 must be >= 0'):
     train_lib.SGDRecipe(momentum=-0.1)
+
+
+# The training recipes of the IDC family (multistep schedule, CutMix, IDC augmentation): options
+# of TrainSettings that leave the defaults' program unchanged.
+
+_NEW_DEFAULTS = dict(
+  milestones=(), gamma=0.1, augment_mode='dsa', cutmix_probability=0.0, cutmix_beta=1.0
+)
+
+
+def _lowered_text(train_module, keys, images, labels, net, settings, lower, progress_every):
+  """The StableHLO text of `train_module.train_networks` jitted (no compilation)."""
+  shared_op_key = jax.random.key(7) if settings.share_augment_op else None
+
+  def train(keys):
+    return train_module.train_networks(
+      keys,
+      images,
+      labels,
+      net,
+      settings,
+      lower,
+      shared_op_key=shared_op_key,
+      progress_every=progress_every,
+    )
+
+  return jax.jit(train).lower(keys).as_text()
+
+
+# (model, TrainSettings fields, lowering, progress_every): the evaluation protocol (reference
+# schedule, DSA; shared or per-network ops; loop or vmap), the pool (constant lr, no
+# augmentation), 'halves', and a microbatched ConvNet step.
+_PROGRAMS = {
+  'evaluation': (
+    'MLP',
+    dict(schedule='reference', augment_strategy=augment_lib.DEFAULT_STRATEGY),
+    lowering.CPU,
+    0,
+  ),
+  'evaluation_shared_ops_vmap': (
+    'MLP',
+    dict(schedule='reference', augment_strategy='crop_flip', share_augment_op=True),
+    lowering.ACCELERATOR,
+    1,
+  ),
+  'pool': ('MLP', dict(schedule='constant'), lowering.CPU, 2),
+  'halves': ('MLP', dict(schedule='halves', augment_strategy='color_scale'), lowering.CPU, 0),
+  'microbatched': (
+    'ConvNetD1',
+    dict(schedule='reference', augment_strategy='rotate_cutout'),
+    dataclasses.replace(lowering.CPU, microbatch_pixels=3 * 8 * 8),
+    0,
+  ),
+}
+
+
+@pytest.mark.parametrize('program', sorted(_PROGRAMS))
+def test_default_settings_build_the_program_of_before_the_recipes(program):
+  # tests/train_before_recipes.py is dd_jax/train.py before the recipes, verbatim. Identical
+  # StableHLO text is the same XLA program, compiled to the same executable: every default run
+  # (evaluation, pool, IDM's queue steps through sgd_step) trains bitwise as before.
+  import train_before_recipes as before  # tests/ is on the path (as for conftest)
+
+  model, fields, lower, progress_every = _PROGRAMS[program]
+  images, labels = _data(num_images=10)
+  net = models.get_network(model, 3)
+  settings = train_lib.TrainSettings(epochs=2, recipe=train_lib.SGDRecipe(batch_size=4), **fields)
+  keys = jax.random.split(jax.random.key(0), 2)
+  lowered = lambda module, settings: _lowered_text(
+    module, keys, images, labels, net, settings, lower, progress_every
+  )
+  expected = lowered(before, settings)
+  assert lowered(train_lib, settings) == expected
+  # The new fields written out at their defaults are the same settings, hence the same program.
+  explicit = train_lib.TrainSettings(
+    epochs=2, recipe=train_lib.SGDRecipe(batch_size=4), **fields, **_NEW_DEFAULTS
+  )
+  assert explicit == settings and lowered(train_lib, explicit) == expected
+  # The comparison sees a change of the program: CutMix on, or 'multistep', lowers differently.
+  mixed = dataclasses.replace(settings, cutmix_probability=0.5)
+  assert lowered(train_lib, mixed) != expected
+  if program == 'pool':
+    multistep = dataclasses.replace(settings, schedule='multistep', milestones=(0.5,))
+    assert lowered(train_lib, multistep) != expected
+
+
+def test_pool_epoch_and_queue_step_build_the_programs_of_before_the_recipes():
+  # The pool jits one epoch (make_epoch_fn under over_networks), IDM's queue calls sgd_step.
+  import train_before_recipes as before
+
+  images, labels = _data(num_images=10)
+  net = models.get_network('ConvNetD1', 3)
+  settings = TINY_POOL.train_settings()
+  carry = train_lib.init_networks(
+    jax.random.split(jax.random.key(0), 3), net, images.shape[1:], settings.recipe.optimizer()
+  )
+
+  def epoch_text(module):
+    epoch = module.make_epoch_fn(net, images, labels, settings, lowering.CPU, 1)
+    return jax.jit(module.over_networks(epoch, loop=True)).lower(carry, jnp.int32(2)).as_text()
+
+  assert epoch_text(train_lib) == epoch_text(before)
+  optimizer = settings.recipe.optimizer()
+  variables = jax.tree_util.tree_map(lambda x: x[0], carry[0])
+  state = optimizer.init(variables['params'])
+
+  def step_text(module, microbatch):
+    step = lambda v, s, x, y: module.sgd_step(net, optimizer, v, s, x, y, microbatch=microbatch)
+    return jax.jit(step).lower(variables, state, images, labels).as_text()
+
+  for microbatch in (0, 3):
+    assert step_text(train_lib, microbatch) == step_text(before, microbatch)
+
+
+def test_default_settings_train_bitwise_as_before_the_recipes():
+  import train_before_recipes as before
+
+  images, labels = _data(num_images=10)
+  net = models.get_network('MLP', 3)
+  fields = dict(epochs=3, recipe=train_lib.SGDRecipe(batch_size=4), schedule='reference')
+  fields['augment_strategy'] = augment_lib.DEFAULT_STRATEGY
+  keys = jax.random.split(jax.random.key(3), 2)
+  run = lambda module, settings: jax.jit(
+    lambda keys: module.train_networks(keys, images, labels, net, settings, lowering.CPU)
+  )(keys)
+  expected = run(before, before.TrainSettings(**fields))
+  for settings in (
+    train_lib.TrainSettings(**fields),
+    train_lib.TrainSettings(**fields, **_NEW_DEFAULTS),
+  ):
+    got = run(train_lib, settings)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(expected)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+      np.testing.assert_array_equal(a, b)
+
+
+def _multistep_reference(epochs, fractions, gamma, lr=0.01):
+  """The lr of every epoch under PyTorch's MultiStepLR(milestones, gamma), stepped per epoch.
+
+  Milestones in exact integer arithmetic, as IDC writes 2 * E // 3: numerator * E // denominator
+  of each fraction. The scheduler's constructor takes step 0 and every `scheduler.step()` after
+  an epoch advances `last_epoch`; at a milestone the lr is multiplied by gamma ** (its count).
+  """
+  exact = [fractions_lib.Fraction(f).limit_denominator(100) for f in fractions]
+  milestones = [f.numerator * epochs // f.denominator for f in exact]
+  lrs, lr = [], lr * gamma ** milestones.count(0)
+  for last_epoch in range(1, epochs + 1):
+    lrs.append(np.float32(lr))
+    lr *= gamma ** milestones.count(last_epoch)
+  return lrs
+
+
+def test_multistep_milestones_and_learning_rates():
+  idc, ncfm = (2 / 3, 5 / 6), (1 / 5, 2 / 5, 3 / 5, 4 / 5)
+  assert train_lib.milestone_epochs(60, idc) == (40, 50)  # FAMILY 0.6: epochs 40 and 50 of 60
+  assert train_lib.milestone_epochs(1000, idc) == (666, 833)  # IDC: 2E // 3, 5E // 6
+  assert train_lib.milestone_epochs(1500, idc) == (1000, 1250)
+  assert train_lib.milestone_epochs(2000, ncfm) == (400, 800, 1200, 1600)
+  assert train_lib.milestone_epochs(100, (0.29,)) == (29,)  # 0.29 * 100 = 28.999999999999996
+  for epochs in range(1, 3001):
+    assert train_lib.milestone_epochs(epochs, idc) == (2 * epochs // 3, 5 * epochs // 6)
+  assert train_lib.epoch_plan(60, 'multistep', idc) == (60, 40)
+  assert train_lib.epoch_plan(1000, 'multistep', idc) == (1000, 666)
+
+  def learning_rates(epochs, fractions, gamma):
+    settings = train_lib.TrainSettings(
+      epochs=epochs,
+      recipe=train_lib.SGDRecipe(lr=0.01),
+      schedule='multistep',
+      milestones=fractions,
+      gamma=gamma,
+    )
+    return [float(train_lib.epoch_lr(settings, e)) for e in range(epochs)]
+
+  # The pool recipe: 40 epochs at 0.01, 10 at 0.002, 10 at 0.0004.
+  assert (
+    learning_rates(60, idc, 0.2)
+    == [np.float32(0.01)] * 40 + [np.float32(0.01 * 0.2)] * 10 + [np.float32(0.01 * 0.2 * 0.2)] * 10
+  )
+  # PyTorch's scheduler for every small epoch count, milestones sharing an epoch (E < 6) included.
+  for epochs in range(1, 25):
+    for fractions, gamma in ((idc, 0.2), (ncfm, 0.5)):
+      assert learning_rates(epochs, fractions, gamma) == _multistep_reference(
+        epochs, fractions, gamma
+      ), (epochs, fractions)
+  # Traced epoch indices (inside the scanned epochs) give the same rates.
+  settings = train_lib.TrainSettings(
+    epochs=60, schedule='multistep', milestones=idc, gamma=0.2, recipe=train_lib.SGDRecipe()
+  )
+  traced = jax.jit(jax.vmap(lambda e: train_lib.epoch_lr(settings, e)))(jnp.arange(60))
+  assert list(np.asarray(traced)) == learning_rates(60, idc, 0.2)
+
+
+def _torch_multistep_reference(
+  net, variables, images, labels, recipe, epochs, milestones, gamma, reset_momentum=False
+):
+  """Full-batch torch.optim.SGD with MultiStepLR: the momentum buffer survives the milestones
+  (`reset_momentum`: a fresh optimizer there instead, the 'reference' schedule's way)."""
+  params = variables['params']
+  buffers = jax.tree_util.tree_map(jnp.zeros_like, params)
+  lr = recipe.lr
+
+  def loss(params):
+    logits, _ = net.apply_train({**variables, 'params': params}, images)
+    return train_lib.cross_entropy(logits, labels)
+
+  for epoch in range(epochs):
+    if epoch in milestones:
+      lr *= gamma
+      if reset_momentum:
+        buffers = jax.tree_util.tree_map(jnp.zeros_like, buffers)
+    grads = jax.grad(loss)(params)
+    grads = jax.tree_util.tree_map(lambda g, p: g + recipe.weight_decay * p, grads, params)
+    buffers = jax.tree_util.tree_map(lambda b, g: recipe.momentum * b + g, buffers, grads)
+    params = jax.tree_util.tree_map(lambda p, b: p - lr * b, params, buffers)
+  return params
+
+
+def test_multistep_equals_torch_sgd_with_multisteplr_keeping_momentum():
+  images, labels = _data()
+  net = models.get_network('MLP', 3)
+  recipe = train_lib.SGDRecipe(batch_size=6, lr=0.05, momentum=0.9, weight_decay=0.01)
+  settings = train_lib.TrainSettings(
+    epochs=6, recipe=recipe, schedule='multistep', milestones=(1 / 3, 2 / 3), gamma=0.2
+  )
+  keys = jax.random.split(jax.random.key(0), 1)
+  trained = train_lib.train_networks(keys, images, labels, net, settings, lowering.CPU)
+  initial, _, _ = train_lib.init_networks(keys, net, images.shape[1:], recipe.optimizer())
+  first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+  got = jax.tree_util.tree_leaves(first(trained)['params'])
+  reference = functools.partial(
+    _torch_multistep_reference, net, first(initial), images, labels, recipe, 6, (2, 4), 0.2
+  )
+  for a, b in zip(got, jax.tree_util.tree_leaves(reference())):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Resetting the buffer at the milestones would be measurably different.
+  reset = jax.tree_util.tree_leaves(reference(reset_momentum=True))
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(got, reset)) > 1e-3
+
+
+def test_recipe_settings_check_their_fields():
+  base = dict(epochs=10)
+  # No milestone: PyTorch's MultiStepLR([]), a constant lr.
+  assert train_lib.TrainSettings(**base, schedule='multistep').milestones == ()
+  assert train_lib.epoch_plan(10, 'multistep') == (10, 10)
+  with pytest.raises(ValueError, match=r"milestones=\(0.5,\) is only for schedule='multistep'"):
+    train_lib.TrainSettings(**base, schedule='reference', milestones=(0.5,))
+  with pytest.raises(ValueError, match=r"gamma=0.2 is only for schedule='multistep'; use 0.1"):
+    train_lib.TrainSettings(**base, gamma=0.2)
+  for bad in ((0.8, 0.5), (0.5, 0.5), (0.0, 0.5), (0.5, 1.0)):
+    with pytest.raises(ValueError, match='must be increasing fractions of the epochs'):
+      train_lib.TrainSettings(**base, schedule='multistep', milestones=bad)
+  with pytest.raises(ValueError, match='gamma=0.0 must be > 0'):
+    train_lib.TrainSettings(**base, schedule='multistep', milestones=(0.5,), gamma=0.0)
+  with pytest.raises(ValueError, match='cutmix_probability=1.5 must be <= 1'):
+    train_lib.TrainSettings(**base, cutmix_probability=1.5)
+  with pytest.raises(ValueError, match='cutmix_probability=-0.1 must be >= 0'):
+    train_lib.TrainSettings(**base, cutmix_probability=-0.1)
+  with pytest.raises(ValueError, match="augment_mode='autoaugment' is not valid"):
+    train_lib.TrainSettings(**base, augment_mode='autoaugment')
+  # Each mode checks the strategy with its own op names.
+  with pytest.raises(ValueError, match="augment_strategy='brightness' names unknown IDC DiffAug"):
+    train_lib.TrainSettings(**base, augment_mode='idc', augment_strategy='brightness')
+  with pytest.raises(ValueError, match="augment_strategy='translate' names unknown DSA op"):
+    train_lib.TrainSettings(**base, augment_strategy='translate')
+  train_lib.TrainSettings(**base, augment_mode='idc', augment_strategy='translate')
+  # A config's list becomes a tuple: settings are hashable static arguments of jit.
+  settings = train_lib.TrainSettings(**base, schedule='multistep', milestones=[2 / 3, 5 / 6])
+  assert settings.milestones == (2 / 3, 5 / 6) and hash(settings) is not None
+
+
+@pytest.mark.parametrize(
+  'height, width, lam, centre, box, ratio',
+  [
+    (8, 8, 0.75, (3, 5), (1, 5, 3, 7), 0.75),  # sides 8 * 0.5 = 4: rows 3 -+ 2, cols 5 -+ 2
+    (8, 8, 0.4375, (0, 7), (0, 3, 4, 8), 0.8125),  # sides 6, clipped at the top-right corner
+    (8, 8, 0.609375, (4, 4), (2, 6, 2, 6), 0.75),  # sides int(8 * 0.625) = 5: 2 * (5 // 2) = 4
+    (8, 6, 0.75, (2, 5), (0, 4, 4, 6), 1 - 8 / 48),  # sides 4 and int(6 * 0.5) = 3 -> 2, clipped
+    (8, 8, 0.0, (4, 4), (0, 8, 0, 8), 0.0),  # the whole image
+    (8, 8, 1.0, (4, 4), (4, 4, 4, 4), 1.0),  # an empty box
+  ],
+)
+def test_cutmix_box_and_ratio_hand_computed(height, width, lam, centre, box, ratio):
+  assert tuple(int(b) for b in train_lib.cutmix_box(lam, *centre, height, width)) == box
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(3, height, width, 2)).astype(np.float32)
+  partner = np.array([2, 0, 1])
+  draw = train_lib.CutMixDraw(
+    apply=jnp.asarray(True),
+    lam=jnp.asarray(lam),
+    partner=jnp.asarray(partner),
+    centre_row=jnp.asarray(centre[0]),
+    centre_col=jnp.asarray(centre[1]),
+  )
+  mixed, got_ratio = jax.jit(train_lib.cutmix)(jnp.asarray(images), draw)
+  expected = images.copy()
+  rows, cols = slice(box[0], box[1]), slice(box[2], box[3])
+  expected[:, rows, cols] = images[partner, rows, cols]
+  np.testing.assert_array_equal(mixed, expected)
+  assert float(got_ratio) == pytest.approx(ratio, rel=1e-7)
+
+
+def test_cutmix_loss_hand_computed():
+  logits = np.array([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+  labels, partner_labels = np.array([1, 2]), np.array([0, 0])
+  # CE = logsumexp(row) - logit of the label, by hand:
+  lse = np.log(np.exp(logits).sum(-1))  # [log(1 + e + e^2), log(2 + e^3)] = [2.4076060, 3.0949230]
+  own = np.mean(lse - logits[[0, 1], labels])  # (0.4076060 + 0.0949230) / 2
+  partner = np.mean(lse - logits[[0, 1], partner_labels])  # (1.4076060 + 3.0949230) / 2
+  assert own == pytest.approx(0.2512645, abs=1e-7) and partner == pytest.approx(2.2512645, abs=1e-7)
+  got = train_lib.cutmix_loss(jnp.asarray(logits), labels, partner_labels, 0.75)
+  np.testing.assert_allclose(got, 0.75 * own + 0.25 * partner, rtol=1e-6)
+  assert float(got) == pytest.approx(0.7512645, abs=1e-6)
+  # Ratio 1 (a minibatch the coin left unmixed) is the plain cross-entropy, bitwise.
+  logits32 = jnp.asarray(logits, jnp.float32)
+  assert train_lib.cutmix_loss(logits32, labels, partner_labels, jnp.float32(1.0)) == (
+    train_lib.cross_entropy(logits32, labels)
+  )
+
+
+def test_cutmix_draw_is_one_box_and_lambda_per_minibatch():
+  height, width, batch = 8, 8, 6
+  draws = jax.vmap(lambda k: train_lib.sample_cutmix(k, batch, height, width, 0.5))(
+    jax.random.split(jax.random.key(0), 400)
+  )
+  # One lambda, one centre per minibatch; a permutation of the batch.
+  assert draws.lam.shape == draws.centre_row.shape == draws.apply.shape == (400,)
+  assert draws.partner.shape == (400, batch)
+  np.testing.assert_array_equal(np.sort(draws.partner, axis=1), np.tile(np.arange(batch), (400, 1)))
+  assert 0.42 < float(np.mean(draws.apply)) < 0.58  # p = 0.5 (400 draws: 3.2 sigma)
+  assert 0.45 < float(np.mean(draws.lam)) < 0.55  # Beta(1, 1) is uniform: mean 1/2
+  assert set(np.asarray(draws.centre_row)) == set(range(height))
+  # p = 1: always; p = 0: never.
+  assert bool(train_lib.sample_cutmix(jax.random.key(1), batch, height, width, 1.0).apply)
+  never = jax.vmap(lambda k: train_lib.sample_cutmix(k, batch, height, width, 0.0).apply)(
+    jax.random.split(jax.random.key(0), 400)
+  )
+  assert not np.any(never)
+  # Every image of a mixed minibatch changes inside the same box only.
+  images = jnp.arange(batch, dtype=jnp.float32)[:, None, None, None] * jnp.ones((1, 8, 8, 1))
+  draw = train_lib.sample_cutmix(jax.random.key(5), batch, height, width, 1.0)
+  draw = draw._replace(lam=jnp.float32(0.5))
+  mixed, ratio = train_lib.cutmix(images, draw)
+  changed = np.asarray(mixed != images)[..., 0]  # [N, H, W]
+  moved = np.asarray(draw.partner) != np.arange(batch)
+  assert moved.any()
+  np.testing.assert_array_equal(
+    changed[moved], np.broadcast_to(changed[moved][0], changed[moved].shape)
+  )
+  assert 1 - changed[moved][0].sum() / 64 == pytest.approx(float(ratio))
+  assert not changed[~moved].any()
+
+
+def test_cutmix_off_or_not_drawn_leaves_the_batch_and_the_step():
+  images, labels = _data(num_images=6)
+  draw = train_lib.sample_cutmix(jax.random.key(0), 6, 8, 8, 0.0)
+  assert not bool(draw.apply)
+  mixed, ratio = train_lib.cutmix(images, draw)
+  np.testing.assert_array_equal(mixed, images)
+  assert float(ratio) == 1.0
+  # The step with the unmixed minibatch's (partner labels, ratio 1) is the plain step, bitwise.
+  net = models.get_network('MLP', 3)
+  optimizer = train_lib.SGDRecipe().optimizer()
+  variables = net.init(jax.random.key(1), (1, 8, 8, 1))
+  state = optimizer.init(variables['params'])
+  plain = jax.jit(lambda: train_lib.sgd_step(net, optimizer, variables, state, images, labels))()
+  unmixed = jax.jit(
+    lambda: train_lib.sgd_step(
+      net, optimizer, variables, state, mixed, labels, mix=(labels[draw.partner], ratio)
+    )
+  )()
+  for a, b in zip(jax.tree_util.tree_leaves(unmixed), jax.tree_util.tree_leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('microbatch', [0, 2])
+def test_cutmix_step_minimises_the_mixed_loss(microbatch):
+  # The step's gradient is that of cutmix_loss, whole batch or summed over microbatches.
+  net = models.get_network('ConvNet', 3, width=8, depth=2)
+  images, labels = _data(num_images=5)
+  partner_labels, ratio = labels[jnp.array([3, 0, 4, 1, 2])], jnp.float32(0.6875)
+  variables = net.init(jax.random.key(1), (1, 8, 8, 1))
+  optimizer = train_lib.SGDRecipe(lr=0.1, momentum=0.0, weight_decay=0.0).optimizer()
+
+  def loss(params):
+    logits, _ = net.apply_train({**variables, 'params': params}, images)
+    return train_lib.cutmix_loss(logits, labels, partner_labels, ratio)
+
+  expected = jax.tree_util.tree_map(
+    lambda p, g: p - 0.1 * g, variables['params'], jax.grad(loss)(variables['params'])
+  )
+  got, _, _ = jax.jit(
+    lambda: train_lib.sgd_step(
+      net,
+      optimizer,
+      variables,
+      optimizer.init(variables['params']),
+      images,
+      labels,
+      microbatch=microbatch,
+      mix=(partner_labels, ratio),
+    )
+  )()
+  for a, b in zip(jax.tree_util.tree_leaves(got['params']), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_training_cutmixes_each_minibatch_with_its_own_draw(monkeypatch):
+  images, labels = _data(num_images=10)  # 3 minibatches of at most 4, 2 epochs: 6 draws
+  net = models.get_network('MLP', 3)
+  settings = train_lib.TrainSettings(
+    epochs=2, recipe=train_lib.SGDRecipe(batch_size=4), cutmix_probability=1.0
+  )
+  drawn = []
+  cutmix = train_lib.cutmix
+
+  def recording(batch, draw):
+    mixed, ratio = cutmix(batch, draw)
+    jax.debug.callback(
+      lambda lam, ratio, size: drawn.append((float(lam), float(ratio), int(size))),
+      draw.lam,
+      ratio,
+      draw.partner.shape[0],
+    )
+    return mixed, ratio
+
+  monkeypatch.setattr(train_lib, 'cutmix', recording)
+  jax.block_until_ready(
+    jax.jit(
+      lambda keys: train_lib.train_networks(keys, images, labels, net, settings, lowering.CPU)
+    )(jax.random.split(jax.random.key(0), 1))
+  )
+  jax.effects_barrier()
+  assert [size for _, _, size in drawn] == [4, 4, 2] * 2  # the partial batch mixed as well
+  assert len({lam for lam, _, _ in drawn}) == 6  # a new lambda per minibatch
+  assert all(0.0 <= ratio <= 1.0 for _, ratio, _ in drawn)
+
+
+def test_idc_minibatch_augmentation_draws_per_image_parameters():
+  strategy = 'color_crop_flip_scale_rotate'
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(6, 8, 8, 3)).astype(np.float32))
+  key = jax.random.key(4)
+  got = train_lib.augment_minibatch(key, key, images, strategy, 'idc')
+  # One key for both: IDC's DiffAug with batch=False.
+  np.testing.assert_array_equal(got, idc_lib.augment(key, images, strategy, batch=False))
+  # The geometric op comes from the op key, everything else from the parameter key.
+  op_key, param_key = jax.random.key(5), jax.random.key(6)
+  params = idc_lib.sample_params(param_key, strategy, 8, 8, 6)
+  params = params._replace(geometric=idc_lib.sample_params(op_key, strategy, 8, 8).geometric)
+  np.testing.assert_array_equal(
+    train_lib.augment_minibatch(op_key, param_key, images, strategy, 'idc'),
+    idc_lib.apply(images, params, strategy),
+  )
+
+
+@pytest.mark.parametrize('share_augment_op', [False, True])
+def test_idc_training_shares_the_geometric_op_and_draws_parameters_per_image(
+  monkeypatch, share_augment_op
+):
+  images, labels = _data(num_images=10)  # 3 minibatches of at most 4, 3 epochs: 9 draws each
+  net = models.get_network('MLP', 3)
+  settings = train_lib.TrainSettings(
+    epochs=3,
+    recipe=train_lib.SGDRecipe(batch_size=4),
+    augment_mode='idc',
+    augment_strategy='color_crop_flip_scale_rotate',
+    share_augment_op=share_augment_op,
+  )
+  drawn = {0: [], 1: []}  # network -> (geometric op, per-image brightness), in draw order
+  tracing = {}
+  apply = idc_lib.apply
+
+  def recording(batch, params, strategy):
+    record = lambda n, g, b: drawn[int(n)].append((int(g), tuple(np.asarray(b).tolist())))
+    jax.debug.callback(record, tracing['network'], params.geometric, params.brightness)
+    return apply(batch, params, strategy)
+
+  def train_one(network_and_key, shared_op_key):
+    tracing['network'], key = network_and_key
+    return train_lib.train_networks(
+      key[None], images, labels, net, settings, lowering.CPU, shared_op_key=shared_op_key
+    )
+
+  monkeypatch.setattr(idc_lib, 'apply', recording)
+  keys = jax.random.split(jax.random.key(0), 2)
+  jax.block_until_ready(
+    jax.jit(train_lib.over_networks(train_one, loop=True))((jnp.arange(2), keys), jax.random.key(1))
+  )
+  jax.effects_barrier()
+  assert len(drawn[0]) == len(drawn[1]) == 9
+  for network in (0, 1):
+    sizes = [len(brightness) for _, brightness in drawn[network]]
+    assert sizes == [4, 4, 2] * 3  # a parameter per image of the minibatch
+    # Per-image parameters differ within every minibatch; one geometric op per minibatch.
+    assert all(len(set(brightness)) == len(brightness) for _, brightness in drawn[network])
+    assert len({op for op, _ in drawn[network]}) > 1  # ... drawn anew per minibatch
+  ops = lambda network: [op for op, _ in drawn[network]]
+  assert (ops(0) == ops(1)) == share_augment_op
+  assert all(a[1] != b[1] for a, b in zip(drawn[0], drawn[1]))  # parameters per network
+
+
+@pytest.mark.parametrize('loop_networks', [True, False])  # lax.map (CPU) or vmap
+def test_recipes_trained_together_equal_one_at_a_time(loop_networks):
+  images, labels = _data(num_images=10)
+  net = models.get_network('MLP', 3)
+  settings = train_lib.TrainSettings(
+    epochs=3,
+    recipe=train_lib.SGDRecipe(batch_size=4),
+    schedule='multistep',
+    milestones=(1 / 3, 2 / 3),
+    gamma=0.2,
+    augment_mode='idc',
+    augment_strategy='color_crop_flip_scale_rotate',
+    cutmix_probability=0.5,
+  )
+  together_lowering = dataclasses.replace(lowering.CPU, loop_networks=loop_networks)
+  train = jax.jit(
+    lambda keys: train_lib.train_networks(keys, images, labels, net, settings, together_lowering)
+  )
+  keys = jax.random.split(jax.random.key(0), 2)
+  together = train(keys)
+  for i in range(2):
+    alone = train(keys[i : i + 1])
+    for a, b in zip(jax.tree_util.tree_leaves(together), jax.tree_util.tree_leaves(alone)):
+      np.testing.assert_allclose(a[i], b[0], rtol=2e-4, atol=2e-5)
+
+
+def test_idc_recipe_learns_a_separable_problem():
+  # The FAMILY 0.6 / 5.3 recipe in small: multistep (2/3, 5/6) x0.2, IDC DiffAug per image,
+  # CutMix p 0.5; 3 networks, 30 training images of 3 noisy class patterns, 60 test images.
+  def data(num_images, seed):
+    patterns = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+    labels = np.arange(num_images) % 3
+    noise = np.random.default_rng(seed).normal(size=(num_images, 8, 8, 3)).astype(np.float32)
+    return jnp.asarray(patterns[labels] + 0.3 * noise), jnp.asarray(labels, jnp.int32)
+
+  images, labels = data(30, 1)
+  test_images, test_labels = data(60, 2)
+  net = models.get_network('MLP', 3)
+  settings = train_lib.TrainSettings(
+    epochs=12,
+    recipe=train_lib.SGDRecipe(batch_size=8, lr=0.01),
+    schedule='multistep',
+    milestones=(2 / 3, 5 / 6),
+    gamma=0.2,
+    augment_mode='idc',
+    augment_strategy='color_crop_flip_scale_rotate',
+    cutmix_probability=0.5,
+  )
+  accuracies = jax.jit(
+    lambda keys: train_lib.accuracies(
+      train_lib.train_networks(keys, images, labels, net, settings, lowering.CPU),
+      net,
+      test_images,
+      test_labels,
+    )
+  )(jax.random.split(jax.random.key(0), 3))
+  assert accuracies.shape == (3,)
+  assert np.all(np.asarray(accuracies) >= 0.9)  # chance: 1/3
