@@ -168,6 +168,11 @@ def default_config() -> ml_collections.ConfigDict:
   # epochs // 2 + 2 on, as the reference's `range(Epoch + 1)` loop (1000: 502 + 499 epochs);
   # 'halves': epochs // 2 + epochs - epochs // 2 (dd_jax before 2026-12).
   config.eval.schedule = 'reference'
+  # 'multistep' (IDC family): the lr x gamma after each fraction of the epochs, e.g. (2/3, 5/6)
+  config.eval.milestones = ()
+  config.eval.gamma = 0.1  # 'multistep': the lr factor at each milestone
+  config.eval.augment_mode = 'dsa'  # dsa (one DSA op per batch) | idc (IDC's DiffAug per image)
+  config.eval.cutmix_probability = 0.0  # CutMix per minibatch with this probability
   # False: every network draws its own DSA op per minibatch, as independent runs would. True:
   # networks trained together share each minibatch's op (cheaper under vmap on accelerators,
   # but correlates the networks and understates the std).

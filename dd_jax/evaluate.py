@@ -42,7 +42,14 @@ class EvalSettings(settings_lib.Settings):
     epochs: the schedule's epoch count (see `train.epoch_plan`).
     recipe: the SGD recipe (config fields `batch_size`, `lr`, `momentum`, `weight_decay`).
     augment_strategy: DSA strategy of every minibatch ('none': no augmentation).
-    schedule: lr schedule, see `train.TrainSettings` ('reference', 'halves' or 'constant').
+    schedule: lr schedule, see `train.TrainSettings` ('reference', 'halves', 'constant' or
+      'multistep').
+    milestones: 'multistep': the fractions of the epochs after which the lr is multiplied by
+      `gamma`.
+    gamma: 'multistep': the factor at each milestone.
+    augment_mode: 'dsa' (DM's DSA: one op per minibatch) or 'idc' (IDC's DiffAug with
+      per-image parameters).
+    cutmix_probability: probability of CutMix per minibatch (0: none).
     share_augment_op: networks trained together share each minibatch's DSA op (cheaper under
       vmap on accelerators; correlates the networks).
     test_batch_size: test images per forward pass (does not change the accuracies).
@@ -54,11 +61,17 @@ class EvalSettings(settings_lib.Settings):
   recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
   augment_strategy: str = augment_lib.DEFAULT_STRATEGY
   schedule: str = settings_lib.field('reference', choices=train_lib.SCHEDULES)
+  milestones: tuple[float, ...] = ()
+  gamma: float = train_lib.MULTISTEP_GAMMA
+  augment_mode: str = settings_lib.field('dsa', choices=train_lib.AUGMENT_MODES)
+  cutmix_probability: float = 0.0
   share_augment_op: bool = settings_lib.field(False, choices=(False, True))
   test_batch_size: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
 
   def check(self) -> None:
-    train_lib.check_augment_strategy(self.augment_strategy)
+    # A list from a config would make the settings unhashable (a static jit argument).
+    object.__setattr__(self, 'milestones', tuple(self.milestones))
+    self.train_settings()  # its checks name the same fields
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> EvalSettings:
@@ -76,6 +89,10 @@ class EvalSettings(settings_lib.Settings):
       recipe=self.recipe,
       augment_strategy=self.augment_strategy,
       schedule=self.schedule,
+      milestones=self.milestones,
+      gamma=self.gamma,
+      augment_mode=self.augment_mode,
+      cutmix_probability=self.cutmix_probability,
       share_augment_op=self.share_augment_op,
     )
 
