@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -71,6 +72,7 @@ IDENTITY_FIELDS = (
   'momentum',
   'weight_decay',
   'seed',
+  'training',
 )
 
 _METADATA_FILE = 'metadata.json'
@@ -87,6 +89,12 @@ class PoolSettings(settings_lib.Settings):
     epochs: training epochs of every member.
     recipe: the SGD recipe (config fields `batch_size`, `lr`, `momentum`, `weight_decay`); the lr
       is constant.
+    schedule, milestones, gamma: the lr schedule (`train.TrainSettings`): 'constant' (the IID
+      reference's pool), or 'multistep' at these fractions of the epochs (the IDC family's:
+      (2/3, 5/6) x 0.2).
+    augment_strategy, augment_mode: the augmentation of every minibatch ('' none; 'idc' with
+      'color_crop': the IDC family's DiffAug with per-image parameters).
+    cutmix_probability: CutMix per minibatch (the IDC family's pools: 0.5).
     parallel: members trained together (train.over_networks); does not change the members.
     seed: member i is trained from fold_in(key(seed), i).
     directory: where the pool is stored (config field `dir`; `from_config` makes it absolute,
@@ -97,9 +105,19 @@ class PoolSettings(settings_lib.Settings):
   size: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
   epochs: int = settings_lib.field(40, check=settings_lib.POSITIVE)
   recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
+  schedule: str = settings_lib.field('constant', choices=train_lib.SCHEDULES)
+  milestones: tuple[float, ...] = ()
+  gamma: float = train_lib.MULTISTEP_GAMMA
+  augment_strategy: str = ''
+  augment_mode: str = settings_lib.field('dsa', choices=train_lib.AUGMENT_MODES)
+  cutmix_probability: float = 0.0
   parallel: int = settings_lib.field(8, check=settings_lib.POSITIVE)
   seed: int = settings_lib.field(0, check=settings_lib.NON_NEGATIVE)
   directory: str = settings_lib.field('', config_name='dir')
+
+  def check(self) -> None:
+    object.__setattr__(self, 'milestones', tuple(self.milestones))  # hashable
+    self.train_settings()  # its checks name the same fields
 
   @classmethod
   def from_config(
@@ -117,10 +135,32 @@ class PoolSettings(settings_lib.Settings):
     return dataclasses.replace(settings, directory=os.path.abspath(directory))
 
   def train_settings(self) -> train_lib.TrainSettings:
-    """Per-member training: constant lr, no augmentation."""
+    """Per-member training."""
     return train_lib.TrainSettings(
-      epochs=self.epochs, recipe=self.recipe, augment_strategy='', schedule='constant'
+      epochs=self.epochs,
+      recipe=self.recipe,
+      augment_strategy=self.augment_strategy,
+      schedule=self.schedule,
+      milestones=self.milestones,
+      gamma=self.gamma,
+      augment_mode=self.augment_mode,
+      cutmix_probability=self.cutmix_probability,
     )
+
+  def training(self) -> dict[str, Any]:
+    """The recipe beyond SGD's numbers, as pool metadata records it."""
+    return {
+      'schedule': self.schedule,
+      'milestones': [float(m) for m in self.milestones],
+      'gamma': float(self.gamma),
+      'augment_strategy': self.augment_strategy,
+      'augment_mode': self.augment_mode,
+      'cutmix_probability': float(self.cutmix_probability),
+    }
+
+
+# Pools saved before the recipe was recorded were trained with this one.
+_DEFAULT_TRAINING = PoolSettings(size=1).training()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -175,6 +215,7 @@ def pool_metadata(dataset: data_lib.Dataset, settings: PoolSettings) -> dict[str
     'momentum': float(settings.recipe.momentum),
     'weight_decay': float(settings.recipe.weight_decay),
     'seed': int(settings.seed),
+    'training': settings.training(),
   }
 
 
@@ -286,6 +327,7 @@ def _check_identity(
 ) -> None:
   """Raises ValueError listing every identifying field where `found` differs from `expected`."""
   missing = '<absent>'
+  found = {'training': _DEFAULT_TRAINING, **found}
   differences = [
     f'  {field}: built for {found.get(field, missing)!r}, wanted {expected.get(field, missing)!r}'
     for field in IDENTITY_FIELDS
@@ -495,8 +537,9 @@ def _dataset_slug(spec: str) -> str:
 def default_pool_dir(settings: PoolSettings, dataset: data_lib.DatasetSettings) -> str:
   """<cache>/pools/<dataset-slug>_<model>_<size>x<epochs>_seed<seed>[_val<fraction>s<seed>].
 
-  <cache> is dataset.cache_dir, else $DD_JAX_CACHE, else ~/.cache/dd_jax. Settings not in the
-  name (lr, batch size, ...) are checked against the stored metadata when loading.
+  <cache> is dataset.cache_dir, else $DD_JAX_CACHE, else ~/.cache/dd_jax; a recipe other than
+  the default (constant lr, no augmentation) adds _<schedule>_<hash of the recipe>. Settings not
+  in the name (lr, batch size, ...) are checked against the stored metadata when loading.
   """
   cache = dataset.cache_dir or data_lib.default_cache_dir()
   name = (
@@ -505,6 +548,9 @@ def default_pool_dir(settings: PoolSettings, dataset: data_lib.DatasetSettings) 
   )
   if dataset.validation_fraction:  # trained without the held-out part: another pool
     name += f'_val{dataset.validation_fraction:g}s{dataset.validation_seed}'
+  if settings.training() != _DEFAULT_TRAINING:  # another recipe: another pool
+    recipe = json.dumps(settings.training(), sort_keys=True).encode()
+    name += f'_{settings.schedule}_{hashlib.sha256(recipe).hexdigest()[:8]}'
   return os.path.join(cache, 'pools', name)
 
 

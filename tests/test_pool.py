@@ -351,3 +351,43 @@ def test_interpolate_refuses_mismatched_trees():
   counted = {'step': jnp.zeros((), jnp.int32)}
   with pytest.raises(ValueError, match='int32, not floating'):
     pool_lib.interpolate(counted, counted, 0.5)
+
+
+def test_a_pool_saved_before_its_recipe_was_recorded_loads_with_the_default_recipe(
+  saved_pool, dataset, tmp_path
+):
+  directory = str(tmp_path / 'old')
+  shutil.copytree(saved_pool[1], directory)
+  metadata = pool_lib.workdir_lib.read_json(os.path.join(directory, 'metadata.json'))
+  del metadata['training']  # as written before the recipe was part of a pool's identity
+  pool_lib.workdir_lib.write_json(os.path.join(directory, 'metadata.json'), metadata)
+  expected = pool_lib.pool_metadata(dataset, SETTINGS)
+  assert pool_lib.load_pool(directory, expected, lowering.CPU) is not None
+  family = dataclasses.replace(SETTINGS, schedule='multistep', milestones=(0.5,), gamma=0.2)
+  with pytest.raises(ValueError, match=r"training: built for \{'schedule': 'constant'"):
+    pool_lib.load_pool(directory, pool_lib.pool_metadata(dataset, family), lowering.CPU)
+
+
+def test_the_idc_family_recipe_trains_a_pool_of_its_own(dataset, tmp_path):
+  family = dataclasses.replace(
+    SETTINGS,
+    size=2,
+    parallel=2,
+    epochs=3,
+    schedule='multistep',
+    milestones=(2 / 3, 5 / 6),
+    gamma=0.2,
+    augment_strategy='color_crop',
+    augment_mode='idc',
+    cutmix_probability=0.5,
+  )
+  trained = pool_lib.train_pool(dataset, family, lowering.CPU, log=_quiet)
+  assert trained.metadata['training']['schedule'] == 'multistep'
+  default = pool_lib.train_pool(
+    dataset, dataclasses.replace(SETTINGS, size=2, parallel=2, epochs=3), lowering.CPU, log=_quiet
+  )
+  first = lambda pool: np.asarray(jax.tree_util.tree_leaves(pool.variables)[0])
+  assert not np.allclose(first(trained), first(default))  # the recipe is not ignored
+  dataset_settings = data_lib.DatasetSettings(name='folder:/data/tiny', cache_dir=str(tmp_path))
+  directories = {pool_lib.default_pool_dir(s, dataset_settings) for s in (family, SETTINGS)}
+  assert len(directories) == 2 and any('_multistep_' in d for d in directories)

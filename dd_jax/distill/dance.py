@@ -10,9 +10,10 @@ one SGD step (lr 0.01 * ipc, momentum 0.5). Calibration pass: per class, the exp
 cross-entropy on a fresh DiffAug draw of the class's decoded images, one SGD step.
 
 The pool is config.pool (members trained on the full training set; their initial weights are
-recomputed from the pool's seed, bitwise, rather than stored). The official pool recipe (SGD, 60
-epochs, milestones 40 and 50 x 0.2, IDC augmentation with CutMix) is the preset's; see
-configs/paper.py for what dd_jax's budget presets change.
+recomputed from the pool's seed, bitwise, rather than stored). The presets set the official pool
+recipe: 20 ConvNets, SGD lr 0.01 momentum 0.9 wd 5e-4, batch 64, 60 epochs with the lr x 0.2 at
+epochs 40 and 50, IDC's DiffAug (colour, crop; per image) and CutMix with probability 0.5;
+`budget=cpu` shrinks it (dd_jax.config.set_cpu_budget).
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ class DANCE(family.FamilyMethod):
       'pool.model': 'ConvNet',
       'pool.size': 20,
       'pool.epochs': 60,
+      'pool.batch_size': 64,
+      'pool.schedule': 'multistep',
+      'pool.milestones': (2 / 3, 5 / 6),
+      'pool.gamma': 0.2,
+      'pool.augment_strategy': 'color_crop',
+      'pool.augment_mode': 'idc',
+      'pool.cutmix_probability': 0.5,
     },
   )
 
