@@ -39,6 +39,7 @@ def _tiny(config, npz):
   config.pool.epochs = 1
   config.pool.parallel = 1
   config.pool.batch_size = 64
+  config.family.pool_members = 1
   return config
 
 
@@ -72,11 +73,12 @@ FAST = {
   ('mnist', 'dm_iid'),
   ('svhn', 'idm_iid'),
   ('tinyimagenet', 'dm'),
+  ('cifar10', 'dance_iid'),  # the IDC family's step, its pool and IID on top
 }
 PAIRS = [
   pytest.param(d, m, marks=() if (d, m) in FAST else pytest.mark.slow)
   for d in sorted(SHAPES)
-  for m in ('dm', 'dm_iid', 'idm', 'idm_iid')
+  for m in ('dm', 'dm_iid', 'idm', 'idm_iid', 'm3d', 'm3d_iid', 'dance', 'dance_iid')
 ]
 
 
@@ -87,7 +89,7 @@ def test_preset_runs_two_iterations(dataset, method, generated, tmp_path):
   results = run_lib.run(config, str(tmp_path / 'run'))
   shape, classes = SHAPES[dataset]
   exported = np.load(tmp_path / 'run' / 'synthetic.npz')
-  expanded = 4 if method.startswith('idm') else 1
+  expanded = 1 if method.startswith('dm') else 4  # IDM's partition, the family's factor 2
   assert exported['images'].shape == (classes * expanded, *shape)
   assert results['iterations'] == 2 and len(results['eval']['accuracies']) == 1
   assert results['cc_extractor'] == ('pool' if method.endswith('_iid') else 'matching_net')
