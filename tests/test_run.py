@@ -126,9 +126,8 @@ def test_too_little_disk_is_refused_before_work(tmp_path, monkeypatch, tiny_conf
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
-@pytest.mark.parametrize('method', ['dm', 'idm'])
-def test_disk_needed_covers_what_a_run_writes(tmp_path, method, tiny_config):
-  config = tiny_config(method=method)
+def test_disk_needed_covers_what_a_run_writes(tmp_path, tiny_config):
+  config = tiny_config()
   settings = experiment.validate_config(config)
   data = run_lib.prepare_data(settings)
   prepared = run_lib.build_method(settings, data)

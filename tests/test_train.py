@@ -679,7 +679,7 @@ def test_recipes_trained_together_equal_one_at_a_time(loop_networks):
     milestones=(1 / 3, 2 / 3),
     gamma=0.2,
     augment_mode='idc',
-    augment_strategy='color_crop_flip_scale_rotate',
+    augment_strategy='color_crop_flip',
     cutmix_probability=0.5,
   )
   together_lowering = dataclasses.replace(lowering.CPU, loop_networks=loop_networks)
