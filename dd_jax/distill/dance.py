@@ -63,12 +63,7 @@ class DANCE(family.FamilyMethod):
   uses_pool = True
   presets = base.Presets(
     image_lr=0.1,  # 0.01 * ipc at IPC 10 (configs/paper.py sets it per IPC)
-    # No published code applies IID to DANCE: 'reference' takes DM's reference constraints as
-    # they are; 'default' the scale-free CC (a fraction of the matching term, any scale).
-    iid={
-      'reference': base.IIDSetting('squared', 0.05, 1.0, 0.01),
-      'default': base.IIDSetting('calibrated', 0.3, 1.0, 0.01),
-    },
+    iid=family.DM_IID_SETTINGS,
     config={
       'distill.init': 'mix',
       'distill.momentum': 0.5,

@@ -48,6 +48,11 @@ from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
 
 FAMILY_INITS = ('mix', 'real', 'noise')
 
+# No published code applies IID to the family's methods: they take DM's IID settings ('reference':
+# the IID code's constraints on DM; 'default': the scale-free CC, a fraction of the matching term
+# whatever its scale, and DM's CM weight, not tuned for these losses).
+DM_IID_SETTINGS = dm.DM.presets.iid
+
 
 @dataclasses.dataclass(frozen=True)
 class FamilySettings(base.DistillSettings):

@@ -41,12 +41,7 @@ class M3D(family.FamilyMethod):
   name = 'm3d'
   presets = base.Presets(
     image_lr=10.0,
-    # No published code applies IID to M3D: 'reference' takes DM's reference constraints as
-    # they are; 'default' the scale-free CC (a fraction of the matching term, any scale).
-    iid={
-      'reference': base.IIDSetting('squared', 0.05, 1.0, 0.01),
-      'default': base.IIDSetting('calibrated', 0.3, 1.0, 0.01),
-    },
+    iid=family.DM_IID_SETTINGS,
     config={
       'distill.init': 'mix',
       'distill.momentum': 0.5,
