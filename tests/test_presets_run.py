@@ -64,7 +64,8 @@ def generated(tmp_path_factory):
 # The fast suite runs a few presets: DM, IDM and DANCE (the IDC family: M3D shares its step and
 # runs in the generic tier), IID on a pool, every image geometry (28x28x1 with the one-channel
 # padding, 32x32x3, 64x64 with the depth-4 ConvNet) and 100 classes; the slow one all 48 pairs
-# (~40 s each on 2 cores: compiling the step, the evaluation and a pool network dominates). CIFAR-100's IDM + IID preset took 11 min in the fast suite (100 class steps with a
+# (~40 s each on 2 cores: compiling the step, the evaluation and a pool network dominates).
+# CIFAR-100's IDM + IID preset took 11 min in the fast suite (100 class steps with a
 # ResNet18 pool member; 2026-12-07), TinyImageNet's IID presets 6 min and 11.7 GiB (a ResNet18
 # pool member on 64x64 images; 2026-12-03), SVHN's IDM + IID 95 s (2026-12-07): all run in the
 # slow suite.
