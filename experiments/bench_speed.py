@@ -3,11 +3,23 @@
   python experiments/bench_speed.py                       # DM, DM + IID, IDM + IID x IPC 1/10/50
   python experiments/bench_speed.py --ipcs=10 --methods=dm_iid --repeats=3
   python experiments/bench_speed.py --pytorch --ipcs=10     # and the PyTorch baseline, side by side
+  python experiments/bench_speed.py --pytorch --ipcs=10 --methods=dm,m3d,dance --skip_eval
 
 Data: random uint8 images shaped like CIFAR-10 (10 classes x `--per_class` 32x32x3 images; the
 speed does not depend on the pixels), written once as an npz dataset so the steps are built by
 the library's own `run.build_method`. IDM + IID uses CC on the matching network (no pool to
 train); everything else is the config's (ConvNet, DSA, batch_real).
+
+The IDC family (--methods m3d, dance, m3d_iid, dance_iid): the step of `distill.family` with the
+method's presets (factor-2 multi-formation, "mix" initialisation, IDC DiffAug color_crop_cutout
+with one draw per class, one SGD step per class, momentum 0.5; M3D's Gaussian MMD on a random
+ConvNet re-drawn every 5 iterations; DANCE's interpolated pool member and its calibration pass),
+except batch_real, which is --batch_real for every method (the presets' are 64 for M3D and 128
+for DANCE). DANCE's pool is not trained: 5 members whose "initial" weights are those
+`pool.initial_variables` draws and whose "final" weights are another draw of the same
+initialiser (pool seed + 1), handed to the step as a loaded pool would be. The step's work does
+not depend on the weights, only on their shapes. The `_iid` variants add the reference CC
+(squared, 0.05) and CM (0.01) on the matching network.
 
 Per method and IPC: milliseconds per step (median of --repeats after one warm-up call that
 compiles), real images embedded per second, the step's dense FLOPs (dot products and
@@ -29,7 +41,12 @@ code's per-class loops (experiments/torch_baseline.py, same shapes and work, all
 alternately with their dd_jax counterparts, --repeats pairs each (`timing.alternate`: on a shared
 machine the speed drifts between batches of calls); the table gives both medians and the median
 ratio PyTorch / dd_jax over the pairs, with its lowest and highest. DM + IID uses the reference
-weights on both sides (the squared CC form).
+weights on both sides (the squared CC form). The family's PyTorch steps (`m3d_step`,
+`dance_step`) compute an iteration as the official codes do: images in [0, 1] clamped and
+normalised inside the augmentation, a Python loop over classes with `optimizer.step()` per class
+(DANCE: twice, match and calibration passes), decode by `F.interpolate`, the pool's state dicts
+interpolated and loaded per iteration (in memory; the official DANCE reads two checkpoints from
+disk every iteration, which is not timed here).
 
 The programs follow the run's lowering (--lowering, `dd_jax.lowering`; records name it with
 the fields a variant changes). The --before_* flags time a variant of it in the same run, built
@@ -66,12 +83,17 @@ from dd_jax import evaluate as evaluate_lib
 from dd_jax import experiment, models, presets, run
 from dd_jax import flops as flops_lib
 from dd_jax import lowering as lowering_lib
+from dd_jax import pool as pool_lib
 from dd_jax import train as train_lib
 from dd_jax.distill import base
 from dd_jax.models import kernels
 
 _IPCS = flags.DEFINE_list('ipcs', ['1', '10', '50'], 'Images per class.')
-_METHODS = flags.DEFINE_list('methods', ['dm', 'dm_iid', 'idm_iid'], 'Step variants to time.')
+_METHODS = flags.DEFINE_list(
+  'methods',
+  ['dm', 'dm_iid', 'idm_iid'],
+  'Step variants to time: dm, dm_iid, idm_iid (and idm), m3d, dance (and their _iid variants).',
+)
 _BATCH_REAL = flags.DEFINE_integer('batch_real', 256, 'Real images per class and step.')
 _PER_CLASS = flags.DEFINE_integer('per_class', 300, 'Random training images per class.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median).')
@@ -122,6 +144,8 @@ _OUT = flags.DEFINE_string(
 )
 
 NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
+FAMILY = ('m3d', 'dance')  # the IDC family's methods (`distill.family`)
+BENCH_POOL_SIZE = 5  # DANCE's untrained pool: the members an iteration draws from
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -203,9 +227,41 @@ def _config(dataset_path: str, method: str, ipc: int):
   config.constraints.cc.extractor = 'matching_net'
   config.distill.batch_real = _BATCH_REAL.value
   config.idm.train_batch_size = _BATCH_REAL.value
+  if config.method == 'dance':  # `_untrained_pool` stands in for the trained one
+    config.pool.size = BENCH_POOL_SIZE
+    config.family.pool_members = BENCH_POOL_SIZE
   if _SYN_ONE_PASS.value:
     config.distill.syn_chunk = NUM_CLASSES * ipc
   return config
+
+
+def _untrained_pool(
+  settings: experiment.ExperimentSettings, data: run.PreparedData
+) -> pool_lib.Pool:
+  """DANCE's pool without training: the members' initial weights as `pool.initial_variables`
+  draws them, and as their "final" weights another draw of the same initialiser (the pool's
+  seed + 1). The step's work depends on the weights' shapes only."""
+  pool_settings, dataset = settings.pool, data.dataset
+  net = models.get_network(
+    pool_settings.model, dataset.num_classes, conv=settings.lowering.train_conv
+  )
+  shape = tuple(dataset.image_shape)
+  other = dataclasses.replace(pool_settings, seed=pool_settings.seed + 1)
+  return pool_lib.Pool(
+    net=net,
+    variables=pool_lib.initial_variables(other, net, shape),
+    metadata={'image_shape': list(shape)},
+    settings=pool_settings,
+  )
+
+
+def _prepare_data(settings: experiment.ExperimentSettings) -> run.PreparedData:
+  """`run.prepare_data`, with `_untrained_pool` as the pool of a method that uses one (DANCE):
+  `run.pool_of` then finds it instead of training one."""
+  data = run.prepare_data(settings)
+  if settings.method.uses_pool:
+    data.pools[settings.pool.directory] = _untrained_pool(settings, data)
+  return data
 
 
 def _step(settings: experiment.ExperimentSettings, data: run.PreparedData) -> base.Step:
@@ -213,7 +269,8 @@ def _step(settings: experiment.ExperimentSettings, data: run.PreparedData) -> ba
   method, distill, lowering = settings.method, settings.distill, settings.lowering
   net = method.network(distill, data.dataset.num_classes, lowering)
   extractor = run.centralization_extractor(settings, data)
-  return method.make_step(net, distill, base.DataSpec.of(data.dataset), lowering, extractor)
+  pool = {'pool': run.pool_of(settings, data)} if method.uses_pool else {}
+  return method.make_step(net, distill, base.DataSpec.of(data.dataset), lowering, extractor, **pool)
 
 
 def time_step(
@@ -226,7 +283,7 @@ def time_step(
   settings = experiment.validate_config(config)
   if lowering is not None:
     settings = dataclasses.replace(settings, lowering=lowering)
-  data = run.prepare_data(settings)
+  data = _prepare_data(settings)
   prepared = run.build_method(settings, data)
   calls = {'state': prepared.state}
 
@@ -303,6 +360,8 @@ def torch_step(config, method: str, ipc: int) -> Callable[[], float]:
   import torch  # pylint: disable=import-outside-toplevel
   import torch_baseline  # pylint: disable=import-outside-toplevel
 
+  if method.startswith(FAMILY):
+    return torch_family_step(config, method, ipc)
   generator = torch.Generator().manual_seed(0)
   real_by_class = [
     torch.randn(_PER_CLASS.value, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2], generator=generator)
@@ -339,6 +398,52 @@ def torch_step(config, method: str, ipc: int) -> Callable[[], float]:
       images, optimizer, real_by_class, _BATCH_REAL.value, weights, generator
     )
   return step
+
+
+def torch_family_step(config, method: str, ipc: int) -> Callable[[], float]:
+  """The PyTorch baseline's M3D or DANCE iteration at `ipc`: random pixels in [0, 1] (the codes
+  keep images in pixel space and normalise inside the augmentation), the config's factor, lr,
+  momentum, network_every, calibration passes and pool members."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch_baseline  # pylint: disable=import-outside-toplevel
+
+  generator = torch.Generator().manual_seed(0)
+  channels, side = IMAGE_SHAPE[2], IMAGE_SHAPE[0]
+  real_by_class = [
+    torch.rand(_PER_CLASS.value, channels, side, side, generator=generator)
+    for _ in range(NUM_CLASSES)
+  ]
+  images = torch.rand(NUM_CLASSES * ipc, channels, side, side, generator=generator)
+  images.requires_grad_(True)
+  optimizer = torch.optim.SGD([images], lr=config.distill.lr, momentum=config.distill.momentum)
+  weights = torch_baseline.Weights(cc=config.constraints.cc.weight, cm=config.constraints.cm.weight)
+  family = config.family
+  if method.startswith('m3d'):
+    networks = torch_baseline.RandomNetworks(
+      channels, NUM_CLASSES, side, every=family.network_every
+    )
+    return lambda: torch_baseline.m3d_step(
+      images,
+      optimizer,
+      real_by_class,
+      _BATCH_REAL.value,
+      networks,
+      generator,
+      weights,
+      factor=family.factor,
+    )
+  pool = torch_baseline.dance_pool(channels, NUM_CLASSES, side, members=family.pool_members)
+  return lambda: torch_baseline.dance_step(
+    images,
+    optimizer,
+    real_by_class,
+    _BATCH_REAL.value,
+    pool,
+    generator,
+    weights,
+    factor=family.factor,
+    calibration_passes=family.calibration_passes,
+  )
 
 
 def torch_evaluation_epoch() -> Callable[[], float]:

@@ -8,6 +8,17 @@ class-aware cross-entropy, an evaluation epoch), so the two can be timed side by
 `tests/test_torch_baseline.py` checks that its objective and gradients equal dd_jax's on the same
 weights. It is a benchmark, not a second implementation: nothing in dd_jax imports it.
 
+The IDC family (`m3d_step`, `dance_step`) is written from the formulas of the official codes
+(shared/FAMILY.md 0.3-0.5, 1, 4), as they compute an iteration: the stored images kept in
+[0, 1] and clamped, normalised first thing in the augmentation; per class a real batch, the
+class's stored images decoded (factor 2: row-major crops, `F.interpolate` bilinear,
+align_corners=False), one IDC DiffAug draw (batch mode, colour / crop / cutout) shared by the
+real and decoded images, and `optimizer.step()` inside the class loop on the whole tensor. M3D
+matches with a multi-bandwidth Gaussian MMD on a random ConvNet re-drawn every 5 iterations;
+DANCE with mean matching on lambda * initial + (1 - lambda) * final weights of a pool member
+(state dicts interpolated and loaded, `load_state_dict`), then a calibration pass: per class the
+final ("expert") network's cross-entropy on a fresh draw of the decoded images, one more step.
+
 Needs the optional `bench` extra: pip install -e '.[bench]'. Tensors are NCHW float32 on CPU.
 """
 
@@ -126,13 +137,42 @@ class Weights:
   cm: float = 0.01
 
 
+def mean_matching(real_features: torch.Tensor, syn_features: torch.Tensor) -> torch.Tensor:
+  """DM's (and DANCE's) matching term: || mean real - mean syn ||^2, summed over features."""
+  return ((real_features.detach().mean(0) - syn_features.mean(0)) ** 2).sum()
+
+
+GAUSSIAN_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def mmd_matching(real_features: torch.Tensor, syn_features: torch.Tensor) -> torch.Tensor:
+  """M3D's matching term: the biased squared MMD under a sum of 5 Gaussian kernels.
+
+  Z = [syn; real], D2 = cdist(Z, Z) ** 2, base bandwidth b = sum(D2) / (n^2 - n) detached,
+  K = sum over m in {1/4, 1/2, 1, 2, 4} of exp(-D2 / (m b)); mean(K_ss) - 2 mean(K_sr) +
+  mean(K_rr), diagonals included.
+  """
+  num_syn = syn_features.shape[0]
+  z = torch.cat([syn_features, real_features.detach()])
+  n = z.shape[0]
+  distances = torch.cdist(z, z) ** 2
+  bandwidth = distances.detach().sum() / (n * n - n)
+  kernel = sum(torch.exp(-distances / (m * bandwidth)) for m in GAUSSIAN_MULTIPLIERS)
+  return (
+    kernel[:num_syn, :num_syn].mean()
+    - 2 * kernel[:num_syn, num_syn:].mean()
+    + kernel[num_syn:, num_syn:].mean()
+  )
+
+
 def class_objective(
-  real_map: torch.Tensor, syn_map: torch.Tensor, weights: Weights
+  real_map: torch.Tensor, syn_map: torch.Tensor, weights: Weights, match=mean_matching
 ) -> torch.Tensor:
-  """DM + cc * CC (squared form) + cm * CM of one class, from final feature maps [N, C, h, w]."""
+  """match + cc * CC (squared form) + cm * CM of one class, from final feature maps
+  [N, C, h, w] (match: DM's `mean_matching` or M3D's `mmd_matching`)."""
   real_map = real_map.detach()
   real_features, syn_features = real_map.flatten(1), syn_map.flatten(1)
-  loss = ((real_features.mean(0) - syn_features.mean(0)) ** 2).sum()
+  loss = match(real_features, syn_features)
   if weights.cc:
     loss = loss + weights.cc * ((syn_features - syn_features.mean(0)) ** 2).sum()
   if weights.cm:
@@ -281,6 +321,271 @@ def idm_step(
       trained.optimizer.zero_grad()
       loss.backward()
       trained.optimizer.step()
+  return total
+
+
+# --------------------------------------------------------------------------------- IDC family
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+def normalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+  """Per-channel normalisation of [N, C, H, W] pixels in [0, 1] (the codes' first aug op)."""
+  mean = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+  std = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+  return (x - mean) / std
+
+
+def decode(stored: torch.Tensor, factor: int = 2) -> torch.Tensor:
+  """Multi-formation's "single" decode: [N, C, H, W] -> [f * f * N, C, H, W].
+
+  Each stored image is cut into f x f crops in row-major order, each crop upsampled x f
+  (bilinear, align_corners=False); crop-major output (all first crops, then all second, ...).
+  """
+  if factor == 1:
+    return stored
+  h, w = stored.shape[2] // factor, stored.shape[3] // factor
+  crops = [
+    stored[:, :, i * h : (i + 1) * h, j * w : (j + 1) * w]
+    for i in range(factor)
+    for j in range(factor)
+  ]
+  return F.interpolate(torch.cat(crops), scale_factor=factor, mode='bilinear', align_corners=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class IDCParams:
+  """One draw of IDC's DiffAug 'color_crop_cutout' in batch mode (one set for a whole batch).
+
+  Attributes:
+    brightness, saturation, contrast: u1, u2, u3 in [0, 1).
+    shift_rows, shift_cols: the crop's t_h, t_w in {-S, ..., S} (S = 4 for 32 pixels).
+    cutout_rows, cutout_cols: the cutout square's centre o_h, o_w in {0, ..., side} (even L).
+  """
+
+  brightness: float
+  saturation: float
+  contrast: float
+  shift_rows: int
+  shift_cols: int
+  cutout_rows: int
+  cutout_cols: int
+
+
+def _max_shift(length: int) -> int:
+  return int(0.125 * length + 0.5)
+
+
+def _cutout_side(length: int) -> int:
+  return int(0.5 * length + 0.5)
+
+
+def idc_params(generator: torch.Generator, height: int, width: int) -> IDCParams:
+  """Draws one `IDCParams` (7 scalars) for images of height x width."""
+  u1, u2, u3 = torch.rand(3, generator=generator).tolist()
+  integer = lambda low, high: int(torch.randint(low, high, (1,), generator=generator))
+  shift_h, shift_w = _max_shift(height), _max_shift(width)
+  return IDCParams(
+    u1,
+    u2,
+    u3,
+    integer(-shift_h, shift_h + 1),
+    integer(-shift_w, shift_w + 1),
+    integer(0, height + 1 - _cutout_side(height) % 2),
+    integer(0, width + 1 - _cutout_side(width) % 2),
+  )
+
+
+def idc_augment(x: torch.Tensor, p: IDCParams) -> torch.Tensor:
+  """IDC's DiffAug 'color_crop_cutout' on normalised [N, C, H, W] with one parameter set.
+
+  colour (brightness, saturation about the pixel's channel mean, contrast about the image's
+  mean), then crop out(i, j) = x(i + t_h, j + t_w) with 0 outside, then cutout (an L x L
+  square, L = side / 2, around o, clipped, set to 0 in every channel).
+  """
+  x = x + (p.brightness - 0.5)
+  mean = x.mean(dim=1, keepdim=True)
+  x = (x - mean) * (2 * p.saturation) + mean
+  mean = x.mean(dim=(1, 2, 3), keepdim=True)
+  x = (x - mean) * (p.contrast + 0.5) + mean
+  h, w = x.shape[2:]
+  shift_h, shift_w = _max_shift(h), _max_shift(w)
+  padded = F.pad(x, [shift_w, shift_w, shift_h, shift_h])
+  top, left = shift_h + p.shift_rows, shift_w + p.shift_cols
+  x = padded[:, :, top : top + h, left : left + w]
+  side_h, side_w = _cutout_side(h), _cutout_side(w)
+  top, left = p.cutout_rows - side_h // 2, p.cutout_cols - side_w // 2
+  mask = torch.ones(h, w, dtype=x.dtype)
+  mask[max(top, 0) : max(top + side_h, 0), max(left, 0) : max(left + side_w, 0)] = 0
+  return x * mask
+
+
+def _class_rows(images: torch.Tensor, c: int, ipc: int) -> torch.Tensor:
+  return images[c * ipc : (c + 1) * ipc]
+
+
+def family_match_pass(
+  images: torch.Tensor,
+  optimizer: torch.optim.Optimizer,
+  real_by_class: list[torch.Tensor],
+  batch_real: int,
+  net: ConvNet,
+  weights: Weights,
+  generator: torch.Generator,
+  factor: int,
+  match,
+) -> float:
+  """The IDC family's match pass: per class, a real batch and the class's decoded images under
+  one DiffAug draw, the matching term (plus CC / CM by weight) and `optimizer.step()` on the
+  whole tensor. The real side is embedded without autograd (its features are constants).
+
+  Returns:
+    The loss summed over classes.
+  """
+  ipc = images.shape[0] // len(real_by_class)
+  height, width = images.shape[2:]
+  total = 0.0
+  for c, real in enumerate(real_by_class):
+    real = real[torch.randperm(real.shape[0], generator=generator)[:batch_real]]
+    params = idc_params(generator, height, width)
+    with torch.no_grad():
+      real_map = net.embed(idc_augment(normalize(real), params))
+    syn = idc_augment(normalize(decode(_class_rows(images, c, ipc), factor)), params)
+    loss = class_objective(real_map, net.embed(syn), weights, match)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    total += float(loss.detach())
+  return total
+
+
+@dataclasses.dataclass
+class RandomNetworks:
+  """M3D's random matching network, re-drawn every `every` iterations (`ipm`)."""
+
+  channels: int
+  num_classes: int
+  image_size: int
+  every: int = 5
+  iteration: int = 0
+  net: ConvNet | None = None
+
+  def next(self) -> ConvNet:
+    if self.iteration % self.every == 0:
+      self.net = frozen(ConvNet(self.channels, self.num_classes, image_size=self.image_size))
+    self.iteration += 1
+    return self.net
+
+
+def m3d_step(
+  images: torch.Tensor,
+  optimizer: torch.optim.Optimizer,
+  real_by_class: list[torch.Tensor],
+  batch_real: int,
+  networks: RandomNetworks,
+  generator: torch.Generator,
+  weights: Weights = Weights(cc=0.0, cm=0.0),
+  factor: int = 2,
+) -> float:
+  """One M3D iteration: the random network (new every `networks.every` iterations), the stored
+  images clamped to [0, 1], then the match pass with the multi-bandwidth Gaussian MMD.
+
+  Args:
+    images: [K * ipc, C, H, W] stored images in [0, 1], a leaf that requires grad.
+    optimizer: SGD over [images] (M3D: momentum 0.5).
+    real_by_class: K tensors [n_c, C, H, W] of pixels in [0, 1].
+    batch_real: real images per class.
+    networks: the random-network source.
+    generator: the source of every draw but the networks' initialisation.
+    weights: CC and CM weights (M3D: none).
+    factor: multi-formation factor.
+
+  Returns:
+    The loss summed over classes.
+  """
+  net = networks.next()
+  with torch.no_grad():
+    images.clamp_(0, 1)
+  return family_match_pass(
+    images, optimizer, real_by_class, batch_real, net, weights, generator, factor, mmd_matching
+  )
+
+
+@dataclasses.dataclass
+class DancePool:
+  """DANCE's pretrained members as state dicts (initial and final weights), and the two
+  networks an iteration loads: the interpolated matching network and the expert."""
+
+  initial: list[dict[str, torch.Tensor]]
+  final: list[dict[str, torch.Tensor]]
+  matching: ConvNet
+  expert: ConvNet
+
+
+def dance_pool(channels: int, num_classes: int, image_size: int, members: int = 5) -> DancePool:
+  """A pool of `members` (initial, final) pairs; the "final" weights are another random
+  initialisation (no training: the step's work does not depend on the weights)."""
+  make = lambda: ConvNet(channels, num_classes, image_size=image_size)
+  return DancePool(
+    initial=[make().state_dict() for _ in range(members)],
+    final=[make().state_dict() for _ in range(members)],
+    matching=frozen(make()),
+    expert=frozen(make()),
+  )
+
+
+def dance_step(
+  images: torch.Tensor,
+  optimizer: torch.optim.Optimizer,
+  real_by_class: list[torch.Tensor],
+  batch_real: int,
+  pool: DancePool,
+  generator: torch.Generator,
+  weights: Weights = Weights(cc=0.0, cm=0.0),
+  factor: int = 2,
+  calibration_passes: int = 1,
+) -> float:
+  """One DANCE iteration: member k and lambda drawn, the matching network loaded with
+  lambda * initial_k + (1 - lambda) * final_k and the expert with final_k, the stored images
+  clamped, the match pass with mean matching, then per calibration pass and class the expert's
+  cross-entropy on a fresh DiffAug draw of the class's decoded images and one optimizer step.
+
+  Args: as `m3d_step`, with `pool` the members and `calibration_passes` (DANCE's iter_calib).
+
+  Returns:
+    The match pass's loss summed over classes.
+  """
+  member = int(torch.randint(len(pool.final), (1,), generator=generator))
+  lam = float(torch.rand((), generator=generator))
+  initial, final = pool.initial[member], pool.final[member]
+  pool.matching.load_state_dict({k: lam * initial[k] + (1 - lam) * final[k] for k in final})
+  pool.expert.load_state_dict(final)
+  with torch.no_grad():
+    images.clamp_(0, 1)
+  total = family_match_pass(
+    images,
+    optimizer,
+    real_by_class,
+    batch_real,
+    pool.matching,
+    weights,
+    generator,
+    factor,
+    mean_matching,
+  )
+  num_classes = len(real_by_class)
+  ipc = images.shape[0] // num_classes
+  height, width = images.shape[2:]
+  for _ in range(calibration_passes):
+    for c in range(num_classes):
+      params = idc_params(generator, height, width)
+      syn = idc_augment(normalize(decode(_class_rows(images, c, ipc), factor)), params)
+      labels = torch.full((syn.shape[0],), c, dtype=torch.long)
+      loss = F.cross_entropy(pool.expert(syn), labels)
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
   return total
 
 

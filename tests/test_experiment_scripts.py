@@ -201,3 +201,27 @@ def test_bench_microbatch_times_the_split_steps_and_checks_them(tmp_path):
   assert rows[0]['max_parameter_difference'] == 0
   assert rows[1]['max_parameter_difference'] < 1e-5  # float rounding
   assert all(row['step_ms'] > 0 for row in rows)
+
+
+def test_bench_speed_times_the_family_steps(tmp_path):
+  # M3D and DANCE (DANCE on the script's untrained pool) at the smallest shapes the script
+  # takes, and their PyTorch baseline where torch is installed (the `bench` extra).
+  out = tmp_path / 'bench.json'
+  with_torch = importlib.util.find_spec('torch') is not None
+  completed = _run_script(
+    'bench_speed.py',
+    '--methods=m3d,dance',
+    '--ipcs=1',
+    '--per_class=8',
+    '--batch_real=4',
+    '--repeats=1',
+    '--skip_eval',
+    *(['--pytorch'] if with_torch else []),
+    f'--out={out}',
+  )
+  results = json.loads(out.read_text())
+  assert [(r['method'], r['ipc']) for r in results['steps']] == [('m3d', 1), ('dance', 1)]
+  assert all(r['ms_per_step'] > 0 and r['flops'] > 0 for r in results['steps'])
+  if with_torch:
+    assert [r['method'] for r in results['pytorch_steps']] == ['m3d', 'dance']
+    assert '| dance step, IPC 1 |' in completed.stdout

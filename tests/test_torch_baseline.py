@@ -2,7 +2,9 @@
 
 Skipped without the optional `bench` extra (torch). On identical weights and images, without
 augmentation, the baseline's network, DM + CC + CM objective and its gradient with respect to the
-synthetic images equal dd_jax's: the benchmark times the same work.
+synthetic images equal dd_jax's: the benchmark times the same work. For the IDC family: M3D's
+MMD (value and gradient, float64), the factor-2 decode and IDC's DiffAug on given parameters
+equal dd_jax's `losses.mmd_matching`, `multiformation.decode` and `augment.idc.apply`.
 """
 
 import importlib.util
@@ -13,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import float64
 
-from dd_jax import losses, models
+from dd_jax import losses, models, multiformation
+from dd_jax.augment import idc
 
 torch = pytest.importorskip('torch')
 
@@ -121,3 +125,96 @@ def test_steps_update_the_images_and_keep_shapes():
   )
   assert not torch.equal(queue[0].net.classifier.weight, queue_before)
   assert torch_baseline.expand(images.detach()).shape == (4 * CLASSES * 2, 3, SIDE, SIDE)
+
+
+def _nchw(x: np.ndarray) -> 'torch.Tensor':
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _nhwc(x: 'torch.Tensor') -> np.ndarray:
+  return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def test_m3d_mmd_and_its_gradient_match_dd_jax_in_float64():
+  rng = np.random.default_rng(2)
+  real, syn = rng.normal(size=(5, 6)), rng.normal(size=(3, 6))
+  torch_syn = torch.from_numpy(syn).requires_grad_(True)
+  torch_value = torch_baseline.mmd_matching(torch.from_numpy(real), torch_syn)
+  torch_value.backward()
+  with float64():
+    value, gradient = jax.value_and_grad(lambda s: losses.mmd_matching(jnp.asarray(real), s))(
+      jnp.asarray(syn)
+    )
+  np.testing.assert_allclose(float(torch_value.detach()), float(value), rtol=1e-12)
+  np.testing.assert_allclose(torch_syn.grad.numpy(), gradient, rtol=1e-10, atol=1e-14)
+  # FAMILY.md 7.4's vector.
+  vector = torch_baseline.mmd_matching(
+    torch.tensor([[1.0, 0], [0, 1], [1, 1]], dtype=torch.float64),
+    torch.tensor([[1.0, 0], [0, 0]], dtype=torch.float64),
+  )
+  np.testing.assert_allclose(float(vector), 1.7951326, rtol=1e-6)
+
+
+def test_decode_matches_multiformation():
+  stored = np.random.default_rng(3).normal(size=(2, SIDE, SIDE, 3)).astype(np.float32)
+  decoded = torch_baseline.decode(_nchw(stored), factor=2)
+  np.testing.assert_allclose(
+    _nhwc(decoded), multiformation.decode(jnp.asarray(stored), 2), rtol=1e-6, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize(
+  'shift, centre',
+  [((-2, 1), (0, 16)), ((2, 0), (7, 3)), ((0, -1), (16, 0))],
+)
+def test_idc_augment_matches_dd_jax_on_given_parameters(shift, centre):
+  # SIDE 16: crop shifts in {-2, ..., 2}, an 8 x 8 cutout around a centre in {0, ..., 16}.
+  images = np.random.default_rng(4).normal(size=(3, SIDE, SIDE, 3)).astype(np.float32)
+  params = torch_baseline.IDCParams(0.3, 0.8, 0.1, *shift, *centre)
+  one = lambda value, dtype=jnp.float32: jnp.asarray([value], dtype)
+  jax_params = idc.Params(
+    flip=one(False, bool),
+    brightness=one(params.brightness),
+    saturation=one(params.saturation),
+    contrast=one(params.contrast),
+    geometric=jnp.asarray(0, jnp.int32),
+    shift_rows=one(shift[0], jnp.int32),
+    shift_cols=one(shift[1], jnp.int32),
+    scale_rows=one(1.0),
+    scale_cols=one(1.0),
+    angle=one(0.0),
+    cutout_rows=one(centre[0], jnp.int32),
+    cutout_cols=one(centre[1], jnp.int32),
+  )
+  expected = idc.apply(jnp.asarray(images), jax_params, 'color_crop_cutout')
+  got = torch_baseline.idc_augment(_nchw(images), params)
+  np.testing.assert_allclose(_nhwc(got), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_family_steps_update_the_images():
+  generator = torch.Generator().manual_seed(0)
+  real_by_class = [torch.rand(8, 3, SIDE, SIDE) for _ in range(CLASSES)]
+  images = torch.rand(CLASSES * 2, 3, SIDE, SIDE, requires_grad=True)
+  optimizer = torch.optim.SGD([images], lr=1.0, momentum=0.5)
+  networks = torch_baseline.RandomNetworks(3, CLASSES, SIDE, every=2)
+  nets = []
+  for _ in range(3):
+    before = images.detach().clone()
+    loss = torch_baseline.m3d_step(images, optimizer, real_by_class, 4, networks, generator)
+    nets.append(networks.net)
+    assert np.isfinite(loss) and not torch.equal(images.detach(), before)
+  assert nets[0] is nets[1] and nets[2] is not nets[1]  # re-drawn every 2 iterations
+  pool = torch_baseline.dance_pool(3, CLASSES, SIDE, members=2)
+  before = images.detach().clone()
+  torch_baseline.dance_step(
+    images, torch.optim.SGD([images], lr=0.1, momentum=0.5), real_by_class, 4, pool, generator
+  )
+  assert not torch.equal(images.detach(), before)
+  # The matching network holds lambda * initial + (1 - lambda) * final of one member.
+  weight = pool.matching.classifier.weight
+  fits = []
+  for initial, final in zip(pool.initial, pool.final):
+    a, b = initial['classifier.weight'], final['classifier.weight']
+    lam = float(((weight - b) * (a - b)).sum() / ((a - b) ** 2).sum())
+    fits.append(float((weight - (lam * a + (1 - lam) * b)).abs().max()))
+  assert min(fits) < 1e-6
