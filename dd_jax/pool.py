@@ -647,8 +647,8 @@ def initial_variables(
 def interpolate(initial: Any, final: Any, lam: float | jax.Array) -> Any:
   """The interpolated ("middle") extractor: lam * initial + (1 - lam) * final, leaf by leaf.
 
-  DANCE's and NCFM's theta_mid (FAMILY 0.7): every variable is interpolated, norm affine
-  parameters (and any normalisation statistics) included. lam = 0 gives `final` and lam = 1
+  DANCE's and NCFM's theta_mid (docs/method.md): every variable is interpolated, norm
+  affine parameters (and any normalisation statistics) included. lam = 0 gives `final` and lam = 1
   `initial`, exactly for finite values. Safe under `jax.jit` with a traced `lam`.
 
   Args:

@@ -149,14 +149,15 @@ class TrainSettings(settings_lib.Settings):
       run, i.e. 0-based epoch e trains at lr * gamma ** (number of milestones <= e) (two
       fractions on one epoch multiply by gamma ** 2 there). The momentum buffer is kept. ():
       a constant lr (PyTorch's MultiStepLR with no milestone; the same program as 'constant').
-      FAMILY 5.3: idc (2/3, 5/6) with gamma 0.2, ncfm (1/5, 2/5, 3/5, 4/5) with gamma 0.5;
-      the pool recipe (0.6) epochs 40 and 50 of 60 = (2/3, 5/6), gamma 0.2.
+      IDC's protocol: (2/3, 5/6) with gamma 0.2; NCFM's: (1/5, 2/5, 3/5, 4/5) with gamma 0.5;
+      DANCE's pool: epochs 40 and 50 of 60 = (2/3, 5/6), gamma 0.2.
     gamma: the 'multistep' lr factor per milestone; other schedules require the default.
     augment_mode: 'dsa' (DM's DSA: one op of the strategy per minibatch, parameters per image)
       or 'idc' (IDC's DiffAug, `augment_minibatch`: flip, colour and cutout if listed, one
       geometric op per minibatch, parameters per image; strategies as `augment.idc`).
     cutmix_probability: the probability in [0, 1] that a minibatch is CutMixed after its
-      augmentation (`cutmix`; FAMILY 5.2); 0: never (no CutMix in the program).
+      augmentation (`cutmix`: Yun et al., ICCV 2019, as IDC's code applies it); 0: never (no
+      CutMix in the program).
     cutmix_beta: lambda ~ Beta(cutmix_beta, cutmix_beta) of CutMix.
   """
 
@@ -346,7 +347,7 @@ def cutmix_box(
 
 
 def cutmix(images: jax.Array, draw: CutMixDraw) -> tuple[jax.Array, jax.Array]:
-  """Pastes every image's partner's box (FAMILY 5.2), if `draw.apply`; pure.
+  """Pastes every image's partner's box (CutMix, as IDC's code), if `draw.apply`; pure.
 
   Args:
     images: [N, H, W, C] (augmented) minibatch.

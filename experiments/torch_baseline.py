@@ -9,7 +9,7 @@ class-aware cross-entropy, an evaluation epoch), so the two can be timed side by
 weights. It is a benchmark, not a second implementation: nothing in dd_jax imports it.
 
 The IDC family (`m3d_step`, `dance_step`) is written from the formulas of the official codes
-(shared/FAMILY.md 0.3-0.5, 1, 4), as they compute an iteration: the stored images kept in
+(docs/method.md, "The IDC family"), as they compute an iteration: the stored images kept in
 [0, 1] and clamped, normalised first thing in the augmentation; per class a real batch, the
 class's stored images decoded (factor 2: row-major crops, `F.interpolate` bilinear,
 align_corners=False), one IDC DiffAug draw (batch mode, colour / crop / cutout) shared by the

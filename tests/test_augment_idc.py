@@ -1,4 +1,4 @@
-"""Tests for dd_jax.augment.idc (IDC's DiffAug, batch mode; FAMILY.md 0.4)."""
+"""Tests for dd_jax.augment.idc (IDC's DiffAug, batch mode; docs/method.md)."""
 
 import math
 
@@ -40,7 +40,7 @@ def _params(**values):
 
 
 def _numpy_diffaug(x, u1, u2, u3, t_h, t_w, o_h, o_w):
-  """FAMILY.md 0.4's color -> crop -> cutout in float64 NumPy, one shared parameter set."""
+  """IDC's color -> crop -> cutout in float64 NumPy, one shared parameter set."""
   x = np.asarray(x, np.float64) + (u1 - 0.5)
   pixel_mean = x.mean(axis=3, keepdims=True)
   x = (x - pixel_mean) * (2 * u2) + pixel_mean

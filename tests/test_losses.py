@@ -356,19 +356,19 @@ def test_by_class_splits_a_class_blocked_batch():
 
 
 def test_dance_match_term_is_dm_mean_matching_family_vector():
-  """FAMILY 7.2: DANCE's inner-class term is DM's ||mu_r - mu_s||^2 = 0.5 here."""
+  """DANCE's inner-class term is DM's ||mu_r - mu_s||^2 = 0.5 here."""
   with float64():
     real, syn = jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.array([[1.0, 0.0]])
     np.testing.assert_allclose(losses.mean_matching(real, syn), 0.5, rtol=1e-6)
 
 
-# M3D's kernel MMD (FAMILY 4.1).
+# M3D's kernel MMD (Zhang et al., AAAI 2024).
 
 
 @pytest.mark.parametrize(
   'syn, real, bandwidth, mmd',
   [
-    # FAMILY 7.4, 1-D: joint set (0, 1, 0, 2), distinct-pair distances sum 22 over 12 pairs.
+    # Hand-computed, 1-D: joint set (0, 1, 0, 2), distinct-pair distances sum 22 over 12 pairs.
     ([[0.0], [1.0]], [[0.0], [2.0]], 1.8333333, 1.1689244),
     ([[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], 1.2, 1.7951326),
   ],

@@ -11,7 +11,7 @@ from dd_jax.distill import idm
 
 
 def _quadrant_image():
-  """FAMILY.md 0.3's test image: 1-channel 4x4, quadrants constant TL 1, TR 2, BL 3, BR 4."""
+  """A hand-made test image: 1-channel 4x4, quadrants constant TL 1, TR 2, BL 3, BR 4."""
   image = np.zeros((1, 4, 4, 1), np.float32)
   image[0, :2, :2], image[0, :2, 2:], image[0, 2:, :2], image[0, 2:, 2:] = 1, 2, 3, 4
   return image

@@ -308,7 +308,9 @@ def _variables(seed, scale):
 
 def test_interpolate_family_vectors_and_a_traced_lambda():
   initial, final = _variables(0, 1.0), _variables(1, 3.0)
-  _assert_trees_equal(pool_lib.interpolate(initial, final, 0.0), final)  # FAMILY 7.5
+  _assert_trees_equal(
+    pool_lib.interpolate(initial, final, 0.0), final
+  )  # lambda = 0: the final weights
   _assert_trees_equal(pool_lib.interpolate(initial, final, 1.0), initial)
   quarter = pool_lib.interpolate(initial, final, 0.25)
   expected = jax.tree_util.tree_map(

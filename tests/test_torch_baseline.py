@@ -147,7 +147,7 @@ def test_m3d_mmd_and_its_gradient_match_dd_jax_in_float64():
     )
   np.testing.assert_allclose(float(torch_value.detach()), float(value), rtol=1e-12)
   np.testing.assert_allclose(torch_syn.grad.numpy(), gradient, rtol=1e-10, atol=1e-14)
-  # FAMILY.md 7.4's vector.
+  # The hand-computed vector of tests/test_losses.py.
   vector = torch_baseline.mmd_matching(
     torch.tensor([[1.0, 0], [0, 1], [1, 1]], dtype=torch.float64),
     torch.tensor([[1.0, 0], [0, 0]], dtype=torch.float64),

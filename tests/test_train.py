@@ -320,7 +320,7 @@ def _multistep_reference(epochs, fractions, gamma, lr=0.01):
 
 def test_multistep_milestones_and_learning_rates():
   idc, ncfm = (2 / 3, 5 / 6), (1 / 5, 2 / 5, 3 / 5, 4 / 5)
-  assert train_lib.milestone_epochs(60, idc) == (40, 50)  # FAMILY 0.6: epochs 40 and 50 of 60
+  assert train_lib.milestone_epochs(60, idc) == (40, 50)  # DANCE's pool: epochs 40 and 50 of 60
   assert train_lib.milestone_epochs(1000, idc) == (666, 833)  # IDC: 2E // 3, 5E // 6
   assert train_lib.milestone_epochs(1500, idc) == (1000, 1250)
   assert train_lib.milestone_epochs(2000, ncfm) == (400, 800, 1200, 1600)
@@ -695,7 +695,7 @@ def test_recipes_trained_together_equal_one_at_a_time(loop_networks):
 
 
 def test_idc_recipe_learns_a_separable_problem():
-  # The FAMILY 0.6 / 5.3 recipe in small: multistep (2/3, 5/6) x0.2, IDC DiffAug per image,
+  # The IDC family's recipe in small: multistep (2/3, 5/6) x0.2, IDC DiffAug per image,
   # CutMix p 0.5; 3 networks, 30 training images of 3 noisy class patterns, 60 test images.
   def data(num_images, seed):
     patterns = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
