@@ -18,7 +18,8 @@ from typing import Any
 import ml_collections
 
 from dd_jax import data as data_lib
-from dd_jax import experiment, presets, stats
+from dd_jax import evaluate as evaluate_lib
+from dd_jax import experiment, presets, protocols, stats
 from dd_jax import keys as keys_lib
 from dd_jax import run as run_lib
 from dd_jax import train as train_lib
@@ -36,7 +37,7 @@ def baseline_settings(config: ml_collections.ConfigDict, **extra: Any) -> dict[s
     'dataset': dataset,
     'seed': config.seed,
     'ipc': config.ipc,
-    'eval': config.eval.to_dict(),
+    'eval': protocols.resolve(config.eval.to_dict()),  # the protocol's values filled in
     **extra,
   }
   return json.loads(json.dumps(settings))
@@ -87,6 +88,7 @@ def evaluate_random_real(
     dataset.normalize(dataset.train_images[indices]),
     dataset.train_labels[indices],
     keys_lib.run_key(settings.seed, 'evaluate'),
+    run_lib.teacher_of(settings, data),  # soft labels for the baseline too, as for the set
   )
 
 
@@ -177,6 +179,8 @@ def _run_locked(
         settings.eval,
         epochs=settings.compare.full_train_epochs,
         num_eval=settings.compare.full_train_num_eval,
+        eval_every=0,  # the last epoch only, on the labels
+        soft_labels=False,
       )
       print(
         f'Training on the full training set ({len(dataset.train_labels)} images, '
@@ -219,7 +223,11 @@ def _run_locked(
 def _row(label: str, evaluation: dict[str, Any], split: str) -> dict[str, Any]:
   mean, std = stats.mean_std(evaluation['accuracies'])
   accuracies = list(evaluation['accuracies'])
-  return {'label': label, 'accuracies': accuracies, 'mean': mean, 'std': std, 'split': split}
+  row = {'label': label, 'accuracies': accuracies, 'mean': mean, 'std': std, 'split': split}
+  row['protocol'] = evaluation.get('protocol', 'dm')  # records before protocols: DM's
+  if 'best_accuracies' in evaluation:
+    row.update({k: evaluation[k] for k in ('best_accuracies', 'best_mean', 'best_std')})
+  return row
 
 
 def format_table(
@@ -228,16 +236,29 @@ def format_table(
   config: ml_collections.ConfigDict,
   split: str = 'test',
 ) -> str:
-  """Markdown table of mean +- sample std accuracy per row, on `split` ('test' or 'validation')."""
-  epochs_trained, _ = train_lib.epoch_plan(config.eval.epochs, config.eval.schedule)
+  """Markdown table of mean +- sample std accuracy per row, on `split` ('test' or 'validation').
+
+  The heading names the evaluation protocol; the accuracy is the last epoch's, and with
+  evaluation points (`eval_every`) a second column gives the best point per network, labelled
+  as chosen on `split`.
+  """
+  settings = evaluate_lib.EvalSettings.from_config(config)
+  epochs_trained, _ = train_lib.epoch_plan(settings.epochs, settings.schedule)
+  best = settings.eval_every > 0
   lines = [
-    f'{dataset_name}, ipc {config.ipc}, {config.distill.iterations} iterations; '
-    f'{config.eval.model} trained {epochs_trained} epochs, mean +- sample std over '
-    f'{stats.count(config.eval.num_eval, "network")}:',
+    f'{dataset_name}, ipc {config.ipc}, {config.distill.iterations} iterations; protocol '
+    f'{settings.protocol}: {settings.model} trained {epochs_trained} epochs, mean +- sample std '
+    f'over {stats.count(settings.num_eval, "network")}:',
     '',
-    f'| method | {split} accuracy (%) |',
-    '|---|---|',
+    f'| method | {split} accuracy, last epoch (%) |'
+    + (f' best of every {settings.eval_every} epochs, chosen on {split} (%) |' if best else ''),
+    '|---|---|' + ('---|' if best else ''),
   ]
   for label, evaluation in rows:
-    lines.append(f'| {label} | {stats.format_mean_std(evaluation["accuracies"])} |')
+    cells = stats.format_mean_std(evaluation['accuracies'])
+    if best:
+      cells += ' | ' + stats.format_mean_std(
+        evaluation.get('best_accuracies', evaluation['accuracies'])
+      )
+    lines.append(f'| {label} | {cells} |')
   return '\n'.join(lines)

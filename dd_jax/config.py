@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
+from ml_collections.config_dict import placeholder
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -163,28 +164,40 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.model = 'ConvNet'  # evaluation network (see `python -m dd_jax.info`)
-  config.eval.num_eval = 5  # evaluation networks trained from scratch on the synthetic set
-  config.eval.epochs = 1000  # evaluation training epochs (see schedule)
-  config.eval.batch_size = 256  # evaluation minibatch size
-  config.eval.lr = 0.01  # evaluation SGD learning rate
-  config.eval.momentum = 0.9  # evaluation SGD momentum
-  config.eval.weight_decay = 5e-4  # evaluation SGD weight decay
-  config.eval.augment_strategy = (
-    'color_crop_cutout_flip_scale_rotate'  # DSA ops during evaluation training
-  )
+  # The evaluation protocol (dd_jax.protocols): dm | idc | dance | dsdm | ncfm | ddranking_dm.
+  # Every field below left None takes the protocol's value; one set here or on the command line
+  # wins (`python -m dd_jax.info --config=...` prints the resolved values).
+  config.eval.protocol = 'dm'
+  config.eval.num_eval = placeholder(int)  # networks trained from scratch on the set (dm: 5)
+  config.eval.epochs = placeholder(int)  # training epochs, see schedule (dm: 1000)
+  config.eval.batch_size = placeholder(int)  # minibatch size (dm: 256)
+  config.eval.optimizer = placeholder(str)  # sgd (PyTorch's, coupled decay) | adamw (dm: sgd)
+  config.eval.lr = placeholder(float)  # learning rate (dm: 0.01)
+  config.eval.momentum = placeholder(float)  # SGD momentum (dm: 0.9; unused by adamw)
+  config.eval.weight_decay = placeholder(float)  # weight decay (dm: 5e-4)
   # 'reference': epochs + 1 epochs with the lr x0.1 (and a fresh momentum buffer) from epoch
-  # epochs // 2 + 2 on, as the reference's `range(Epoch + 1)` loop (1000: 502 + 499 epochs);
-  # 'halves': epochs // 2 + epochs - epochs // 2 (dd_jax before 2026-12).
-  config.eval.schedule = 'reference'
-  # 'multistep' (IDC family): the lr x gamma after each fraction of the epochs, e.g. (2/3, 5/6)
-  config.eval.milestones = ()
-  config.eval.gamma = 0.1  # 'multistep': the lr factor at each milestone
-  config.eval.augment_mode = 'dsa'  # dsa (one DSA op per batch) | idc (IDC's DiffAug per image)
-  config.eval.cutmix_probability = 0.0  # CutMix per minibatch with this probability
+  # epochs // 2 + 2 on, as DM's `range(Epoch + 1)` loop (1000: 502 + 499 epochs); 'halves':
+  # epochs // 2 + epochs - epochs // 2; 'multistep': the lr x gamma after each fraction of the
+  # epochs in milestones (IDC: (2/3, 5/6), gamma 0.2); 'constant' (dm: reference).
+  config.eval.schedule = placeholder(str)
+  config.eval.milestones = placeholder(tuple)  # 'multistep' only, e.g. (2/3, 5/6) (dm: ())
+  config.eval.gamma = placeholder(float)  # 'multistep': the lr factor at each milestone
+  config.eval.augment_mode = placeholder(str)  # dsa (one DSA op per batch) | idc (IDC's DiffAug)
+  config.eval.augment_strategy = placeholder(str)  # the ops (dm: DSA's six)
+  config.eval.cutmix_probability = placeholder(float)  # CutMix per minibatch (dm: 0)
+  # Test accuracy every this many epochs as well as after the last (0: the last only); records
+  # keep the last and the best over these points (a choice on the test split: labelled).
+  config.eval.eval_every = placeholder(int)
   # False: every network draws its own DSA op per minibatch, as independent runs would. True:
   # networks trained together share each minibatch's op (cheaper under vmap on accelerators,
   # but correlates the networks and understates the std).
   config.eval.share_augment_op = False
+  # Train on a teacher's soft labels (NCFM's option): pool member 0's logits of the unaugmented
+  # images, misclassified rows made one-hot before the softmax; the last hard_label_epochs
+  # epochs on the labels. The teacher is config.pool's first member. Always report it beside a
+  # random real subset under the same protocol (compare.random_real).
+  config.eval.soft_labels = False
+  config.eval.hard_label_epochs = 100  # soft_labels: the last epochs on the hard labels
 
   config.compute = ml_collections.ConfigDict()
   # How the computations are lowered (dd_jax.lowering; the numbers do not depend on it beyond
@@ -222,7 +235,10 @@ def field_docs() -> dict[str, str]:
     if not isinstance(node, ast.Assign) or not isinstance(node.targets[0], ast.Attribute):
       continue
     name = ast.unparse(node.targets[0])
-    if not name.startswith('config.') or isinstance(node.value, ast.Call):
+    sub_section = isinstance(node.value, ast.Call) and ast.unparse(node.value.func).endswith(
+      'ConfigDict'
+    )
+    if not name.startswith('config.') or sub_section:
       continue  # sub-sections (ConfigDict()) carry no value
     above = []
     line = node.lineno - 1

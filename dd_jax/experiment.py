@@ -80,9 +80,9 @@ class ExperimentSettings:
 
   @property
   def needs_pool(self) -> bool:
-    """Whether the run needs the pretrained pool (config.pool): for class centralization, or
-    for the method's own networks (e.g. DANCE's experts)."""
-    return self.uses_pool or self.method.uses_pool
+    """Whether the run needs the pretrained pool (config.pool): for class centralization, for
+    the method's own networks (e.g. DANCE's experts), or as the soft-label teacher."""
+    return self.uses_pool or self.method.uses_pool or self.eval.soft_labels
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ExperimentSettings:

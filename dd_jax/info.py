@@ -1,6 +1,6 @@
 """What dd_jax provides, and what a config resolves to.
 
-  python -m dd_jax.info                   # methods, networks, data sources, DSA ops, lowering
+  python -m dd_jax.info                   # methods, networks, data, DSA ops, protocols, lowering
   python -m dd_jax.info --config=configs/digits.py:ipc=10 --config.distill.lr=2
       # every config field: its resolved value and its documentation
 
@@ -14,7 +14,7 @@ import ml_collections
 from absl import app
 from ml_collections import config_flags
 
-from dd_jax import augment, cli, data, models
+from dd_jax import augment, cli, data, models, protocols
 from dd_jax import config as config_lib
 from dd_jax import lowering as lowering_lib
 from dd_jax.distill import methods
@@ -41,9 +41,17 @@ def config_fields(config: ml_collections.ConfigDict) -> list[tuple[str, object, 
 
 
 def format_fields(config: ml_collections.ConfigDict) -> str:
+  """Every field with its value and documentation; an unset evaluation field shows its
+  protocol's value."""
+  from_protocol = protocols.resolve(config.eval)
   lines = []
   for name, value, doc in config_fields(config):
-    lines.append(f'  config.{name} = {value!r}')
+    section, _, field = name.partition('.')
+    if section == 'eval' and value is None and field in from_protocol:
+      shown = f'None  -> {from_protocol[field]!r} (protocol {from_protocol["protocol"]})'
+    else:
+      shown = repr(value)
+    lines.append(f'  config.{name} = {shown}')
     lines += textwrap.wrap(doc, 96, initial_indent=' ' * 6, subsequent_indent=' ' * 6)
   return '\n'.join(lines)
 
@@ -69,6 +77,14 @@ def main(argv):
   print('Data sources (config.dataset.name):')
   print('  ' + ', '.join(data.SOURCES) + '  (see dd_jax.data.load_dataset)')
   print(f'DSA ops (config.augment.strategy, joined by "_"): {", ".join(augment.VALID_OPS)}')
+  print('Evaluation protocols (config.eval.protocol; docs/method.md):')
+  for protocol in protocols.PROTOCOLS.values():
+    values = protocol.values
+    print(
+      f'  {protocol.name:<13} {values["epochs"]} epochs, {values["optimizer"]} lr '
+      f'{values["lr"]:g}, batch {values["batch_size"]}, {values["augment_mode"]}, CutMix '
+      f'{values["cutmix_probability"]:g}, factor {protocol.factor}, reports {protocol.reported}'
+    )
   print('Config fields of dd_jax.config.default_config() (--config=<file> resolves a preset):')
   print(format_fields(config_lib.default_config()))
 

@@ -104,7 +104,7 @@ class PoolSettings(settings_lib.Settings):
   model: str = settings_lib.field('ResNet18', choices=models.network_names)
   size: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
   epochs: int = settings_lib.field(40, check=settings_lib.POSITIVE)
-  recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
+  recipe: train_lib.OptimizerRecipe = train_lib.OptimizerRecipe()
   schedule: str = settings_lib.field('constant', choices=train_lib.SCHEDULES)
   milestones: tuple[float, ...] = ()
   gamma: float = train_lib.MULTISTEP_GAMMA
@@ -129,7 +129,7 @@ class PoolSettings(settings_lib.Settings):
     Raises:
       ValueError: a value out of range, naming it as `config.pool.<field>`.
     """
-    recipe = settings_lib.from_section(train_lib.SGDRecipe, config.pool, 'pool')
+    recipe = settings_lib.from_section(train_lib.OptimizerRecipe, config.pool, 'pool')
     settings = settings_lib.from_section(cls, config.pool, 'pool', recipe=recipe)
     directory = settings.directory or default_pool_dir(settings, dataset)
     return dataclasses.replace(settings, directory=os.path.abspath(directory))
@@ -604,6 +604,17 @@ def get_or_train_pool(
 def _accuracy_summary(metadata: dict[str, Any]) -> str:
   mean = metadata.get('mean_test_accuracy')
   return 'no test accuracy' if mean is None else f"members' mean test accuracy {mean:.2f}%"
+
+
+def member_logits(pool: Pool, member: int, images: Any, batch_size: int = 1000) -> jax.Array:
+  """[N, K] logits of pool member `member` (its final weights, eval mode) on [N, H, W, C]
+  normalised images, in batches of `batch_size`."""
+  variables = jax.tree_util.tree_map(lambda x: jnp.asarray(x[member]), pool.variables)
+  apply = jax.jit(pool.net.apply)
+  images = jnp.asarray(images, jnp.float32)
+  return jnp.concatenate(
+    [apply(variables, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+  )
 
 
 def initial_variables(

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -34,6 +35,7 @@ from dd_jax import extractors as extractors_lib
 from dd_jax import keys as keys_lib
 from dd_jax import pool as pool_lib
 from dd_jax import sharding as sharding_lib
+from dd_jax import train as train_lib
 from dd_jax import workdir as workdir_lib
 from dd_jax.distill import base
 from dd_jax.lowering import Lowering
@@ -80,8 +82,17 @@ def evaluate_images(
   images: Any,
   labels: Any,
   key: jax.Array,
+  teacher: pool_lib.Pool | None = None,
 ) -> dict[str, Any]:
-  """Evaluation protocol on a normalised image set; accuracies in percent."""
+  """The evaluation protocol on a normalised image set, as recorded (`evaluation_record`).
+
+  With `settings.soft_labels`, the networks train on `teacher`'s first member's soft labels of
+  the images (`train.soft_targets`).
+  """
+  soft_labels = None
+  if settings.soft_labels:
+    logits = pool_lib.member_logits(teacher, 0, images)
+    soft_labels = train_lib.soft_targets(logits, jnp.asarray(labels, jnp.int32))
   accuracies = evaluate_lib.evaluate_set(
     key,
     images,
@@ -91,20 +102,48 @@ def evaluate_images(
     data.dataset.num_classes,
     settings,
     lowering,
+    soft_labels,
   )
-  mean, std = stats.mean_std(accuracies)
   warning = guards.chance_level_warning(
-    [float(a) for a in accuracies], data.dataset.num_classes, f'{len(images)} training images'
+    [float(a) for a in accuracies.last],
+    data.dataset.num_classes,
+    f'{len(images)} training images',
   )
   if warning:
     print(warning, flush=True)
-  return {
-    'accuracies': [float(a) for a in accuracies],
+  return evaluation_record(accuracies, settings, data.dataset.held_out)
+
+
+def evaluation_record(
+  accuracies: evaluate_lib.Accuracies, settings: evaluate_lib.EvalSettings, split: str
+) -> dict[str, Any]:
+  """An evaluation as results.json and metrics.jsonl record it, accuracies in percent.
+
+  Keys: 'accuracies', 'mean', 'std' (after the last epoch), 'model', 'split', 'protocol'; with
+  evaluation points (`eval_every`) also 'best_accuracies', 'best_mean', 'best_std' (the best
+  point per network, a choice on `split`) and 'curve_epochs', 'curve' ([T][P]).
+  """
+  mean, std = stats.mean_std(accuracies.last)
+  record = {
+    'accuracies': [float(a) for a in accuracies.last],
     'mean': mean,
     'std': std,
     'model': settings.model,
-    'split': data.dataset.held_out,
+    'split': split,
+    'protocol': settings.protocol,
   }
+  if settings.soft_labels:
+    record['labels'] = 'soft'  # hard labels are the default and not marked
+  if settings.eval_every:
+    best_mean, best_std = stats.mean_std(accuracies.best)
+    record.update(
+      best_accuracies=[float(a) for a in accuracies.best],
+      best_mean=best_mean,
+      best_std=best_std,
+      curve_epochs=list(accuracies.epochs),
+      curve=[[float(a) for a in row] for row in accuracies.curve],
+    )
+  return record
 
 
 def pool_of(settings: experiment.ExperimentSettings, data: PreparedData) -> pool_lib.Pool:
@@ -115,6 +154,11 @@ def pool_of(settings: experiment.ExperimentSettings, data: PreparedData) -> pool
       settings.pool, data.dataset, settings.lowering, test_images=data.test_images
     )
   return data.pools[directory]
+
+
+def teacher_of(settings: experiment.ExperimentSettings, data: PreparedData) -> pool_lib.Pool | None:
+  """The soft-label teacher (the pool, member 0) when the evaluation asks for soft labels."""
+  return pool_of(settings, data) if settings.eval.soft_labels else None
 
 
 def centralization_extractor(
@@ -442,6 +486,8 @@ def _export(
     dataset.mean,
     dataset.std,
     stored_images=None if stored is None else pixels(stored),
+    normalized_images=np.asarray(images),
+    step=int(state.step),
   )
   results = {
     'dataset': dataset.name,
@@ -480,7 +526,13 @@ def _evaluate_and_record(
   start = time.perf_counter()
   images, labels = map(sharding_lib.to_host, prepared.training_set(state))
   evaluation = evaluate_images(
-    settings.eval, settings.lowering, data, images, labels, jax.random.fold_in(evaluate_key, step)
+    settings.eval,
+    settings.lowering,
+    data,
+    images,
+    labels,
+    jax.random.fold_in(evaluate_key, step),
+    teacher_of(settings, data),
   )
   seconds = time.perf_counter() - start
   print(

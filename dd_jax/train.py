@@ -1,4 +1,4 @@
-"""Supervised training of stacked networks with PyTorch SGD semantics (evaluation, pool, IDM).
+"""Supervised training of stacked networks with PyTorch optimizer semantics (evaluation, pool, IDM).
 
 One implementation serves the three places dd_jax trains networks:
 - the evaluation protocol (DatasetCondensation utils.evaluate_synset): a small set, DSA per
@@ -12,7 +12,7 @@ The IDC family's recipes (IDC's evaluation, the DANCE/NCFM/DSDM extractor pools)
 kept), IDC's DiffAug with per-image parameters (`augment_mode='idc'`, `augment_minibatch`) and
 CutMix after the augmentation (`cutmix_probability`; `sample_cutmix`, `cutmix`, `cutmix_loss`).
 
-    recipe = SGDRecipe(batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    recipe = OptimizerRecipe(batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4)
     optimizer = recipe.optimizer()
     variables, opt_state, logits = sgd_step(net, optimizer, variables, opt_state, x, y)
     settings = TrainSettings(epochs=1000, recipe=recipe, augment_strategy=..., schedule=...)
@@ -70,39 +70,57 @@ _EPOCH_STREAMS = {'order': 0, 'augment_params': 1, 'augment_ops': 2, 'cutmix': 3
 _CUTMIX_STREAMS = {'apply': 0, 'lambda': 1, 'partner': 2, 'centre_row': 3, 'centre_col': 4}
 
 
-@dataclasses.dataclass(frozen=True)
-class SGDRecipe(settings_lib.Settings):
-  """Minibatch SGD with PyTorch's semantics (`torch.optim.SGD(lr, momentum, weight_decay)`).
+# `OptimizerRecipe.algorithm`: PyTorch's SGD (coupled L2) or AdamW (decoupled decay).
+OPTIMIZERS = ('sgd', 'adamw')
+# PyTorch's AdamW defaults, which NCFM's evaluation keeps (betas, eps).
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
 
-  Per step, for every parameter p with gradient g: g <- g + weight_decay * p (coupled L2);
-  buf <- momentum * buf + g; p <- p - lr * buf.
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerRecipe(settings_lib.Settings):
+  """A minibatch optimizer with PyTorch's semantics.
+
+  'sgd' (`torch.optim.SGD(lr, momentum, weight_decay)`), per step, for every parameter p with
+  gradient g: g <- g + weight_decay * p (coupled L2); buf <- momentum * buf + g;
+  p <- p - lr * buf.
+  'adamw' (`torch.optim.AdamW(lr, weight_decay=weight_decay)`, betas `ADAMW_BETAS`, eps
+  `ADAMW_EPS`): p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p); `momentum` is
+  unused.
 
   Attributes:
     batch_size: minibatch size; the last partial batch of an epoch is kept (no drop-last).
     lr: learning rate.
-    momentum: momentum of the buffer (0: plain SGD).
-    weight_decay: coupled L2 added to the gradient of every parameter.
+    momentum: 'sgd': momentum of the buffer (0: plain SGD).
+    weight_decay: 'sgd': coupled L2 added to the gradient of every parameter; 'adamw': the
+      decoupled decay rate.
+    algorithm: one of `OPTIMIZERS` (config field `optimizer`).
   """
 
   batch_size: int = settings_lib.field(256, check=settings_lib.POSITIVE)
   lr: float = settings_lib.field(0.01, check=settings_lib.POSITIVE)
   momentum: float = settings_lib.field(0.9, check=settings_lib.NON_NEGATIVE)
   weight_decay: float = settings_lib.field(5e-4, check=settings_lib.NON_NEGATIVE)
+  algorithm: str = settings_lib.field('sgd', choices=OPTIMIZERS, config_name='optimizer')
 
   def optimizer(self, lr: jax.Array | float | None = None) -> optax.GradientTransformation:
-    """The optax transformation of this recipe: decayed weights, momentum trace, scale by -lr.
+    """The optax transformation of this recipe.
 
     Args:
       lr: the learning rate, default `self.lr`; may be a traced scalar (an lr schedule builds
         the optimizer of each epoch with its lr: the state does not depend on the lr).
 
     Returns:
-      `optax.chain(add_decayed_weights(weight_decay), sgd(lr, momentum))`; `init` gives the
-      zero momentum buffer (the reference's fresh optimizer at the lr drop).
+      'sgd': `optax.chain(add_decayed_weights(weight_decay), sgd(lr, momentum))`; 'adamw':
+      `optax.adamw(lr, *ADAMW_BETAS, ADAMW_EPS, weight_decay)`. `init` gives the fresh state
+      (the reference's new optimizer at an lr drop).
     """
+    lr = self.lr if lr is None else lr
+    if self.algorithm == 'adamw':
+      b1, b2 = ADAMW_BETAS
+      return optax.adamw(lr, b1=b1, b2=b2, eps=ADAMW_EPS, weight_decay=self.weight_decay)
     return optax.chain(
-      optax.add_decayed_weights(self.weight_decay),
-      optax.sgd(self.lr if lr is None else lr, momentum=self.momentum),
+      optax.add_decayed_weights(self.weight_decay), optax.sgd(lr, momentum=self.momentum)
     )
 
 
@@ -134,7 +152,7 @@ class TrainSettings(settings_lib.Settings):
 
   Attributes:
     epochs: the schedule's epoch count (`epoch_plan`: 'reference' trains epochs + 1).
-    recipe: the SGD hyper-parameters.
+    recipe: the optimizer's hyper-parameters.
     augment_strategy: DSA strategy applied to every minibatch ('' or 'none': no augmentation).
     schedule: 'constant' (the lr throughout), 'reference' (the evaluation loop of
       DatasetCondensation: epochs + 1 epochs, lr x0.1 and a fresh optimizer from epoch
@@ -159,10 +177,12 @@ class TrainSettings(settings_lib.Settings):
       augmentation (`cutmix`: Yun et al., ICCV 2019, as IDC's code applies it); 0: never (no
       CutMix in the program).
     cutmix_beta: lambda ~ Beta(cutmix_beta, cutmix_beta) of CutMix.
+    hard_label_epochs: with soft labels (`make_epoch_fn`'s `soft_labels`), the last this many
+      epochs train on the hard labels (NCFM: 100).
   """
 
   epochs: int = settings_lib.field(check=settings_lib.POSITIVE)
-  recipe: SGDRecipe = SGDRecipe()
+  recipe: OptimizerRecipe = OptimizerRecipe()
   augment_strategy: str = ''
   schedule: str = settings_lib.field('constant', choices=SCHEDULES)
   share_augment_op: bool = settings_lib.field(False, choices=(False, True))
@@ -171,6 +191,7 @@ class TrainSettings(settings_lib.Settings):
   augment_mode: str = settings_lib.field('dsa', choices=AUGMENT_MODES)
   cutmix_probability: float = settings_lib.field(0.0, check=settings_lib.NON_NEGATIVE)
   cutmix_beta: float = settings_lib.field(1.0, check=settings_lib.POSITIVE)
+  hard_label_epochs: int = settings_lib.field(100, check=settings_lib.NON_NEGATIVE)
 
   def check(self) -> None:
     if self.augment_mode == 'idc':
@@ -246,9 +267,40 @@ def epoch_lr(settings: TrainSettings, epoch_index: jax.Array | int) -> jax.Array
   return jnp.where(epoch_index < first_low_lr_epoch, lr, lr * LR_DROP_FACTOR)
 
 
+def example_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """[N] softmax cross-entropy of [N, K] logits against [N] int labels or [N, K] soft targets
+  (-sum_k target_k * log softmax(logits)_k)."""
+  if labels.ndim == logits.ndim:
+    return optax.softmax_cross_entropy(logits, labels)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy of [N, K] logits against [N] int labels."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  """Mean softmax cross-entropy of [N, K] logits against [N] int labels or [N, K] soft targets."""
+  return jnp.mean(example_cross_entropy(logits, labels))
+
+
+def soft_targets(
+  teacher_logits: jax.Array, labels: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+  """A teacher's soft labels, as NCFM's evaluation makes them (its utils/train_val.py).
+
+  A row the teacher misclassifies is replaced by the one-hot vector of its label, in logit space,
+  before the softmax; so it becomes e / (e + K - 1) on its class (0.232 for K = 10) at
+  temperature 1.
+
+  Args:
+    teacher_logits: [N, K] the teacher's logits of the (un-augmented) training images.
+    labels: [N] int labels.
+    temperature: tau: softmax(logits / tau).
+
+  Returns:
+    [N, K] targets, rows summing to 1.
+  """
+  one_hot = jax.nn.one_hot(labels, teacher_logits.shape[-1], dtype=teacher_logits.dtype)
+  correct = jnp.argmax(teacher_logits, axis=-1) == labels
+  logits = jnp.where(correct[:, None], teacher_logits, one_hot)
+  return jax.nn.softmax(logits / temperature, axis=-1)
 
 
 def cutmix_loss(
@@ -258,8 +310,8 @@ def cutmix_loss(
 
   Args:
     logits: [N, K] logits of the mixed images.
-    labels: [N] int labels of the images.
-    partner_labels: [N] int labels of the partners whose boxes were pasted (`cutmix`).
+    labels: [N] int labels (or [N, K] soft targets) of the images.
+    partner_labels: those of the partners whose boxes were pasted (`cutmix`).
     ratio: [] the fraction of each image left its own, 1 - box area / (H * W).
 
   Returns:
@@ -415,16 +467,14 @@ def _microbatched_gradient(
   params = variables['params']
   if mix is not None:
     partner_labels, ratio = mix
-    labels = jnp.stack([labels, partner_labels], axis=-1)  # split into passes together
+    labels = jnp.stack([labels, partner_labels], axis=1)  # split into passes together
 
   def summed_loss(params, images, labels):
     logits, _ = net.apply_train({**variables, 'params': params}, images)
     if mix is None:
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      losses = example_cross_entropy(logits, labels)
     else:
-      own, partner = (
-        optax.softmax_cross_entropy_with_integer_labels(logits, labels[:, i]) for i in (0, 1)
-      )
+      own, partner = (example_cross_entropy(logits, labels[:, i]) for i in (0, 1))
       losses = ratio * own + (1 - ratio) * partner
     return jnp.sum(losses) / num_images, logits
 
@@ -467,11 +517,11 @@ def sgd_step(
 
   Args:
     net: the network.
-    optimizer: `SGDRecipe.optimizer(lr)` (its lr is the step's).
+    optimizer: `OptimizerRecipe.optimizer(lr)` (its lr is the step's).
     variables: the network's variables (batch-norm statistics are updated in train mode).
     opt_state: the optimizer state of variables['params'].
     images: [N, H, W, C] normalised minibatch.
-    labels: [N] int labels.
+    labels: [N] int labels, or [N, K] soft targets.
     microbatch: images per forward-backward pass, their gradients summed (a run takes
       `Lowering.microbatch`: 16 CIFAR-10 images on CPU, where it is faster); 0: the whole batch
       in one pass. The step is the same to float rounding; it is not micro-batching of the
@@ -537,6 +587,7 @@ def make_epoch_fn(
   settings: TrainSettings,
   lowering: Lowering,
   progress_every: int = 0,
+  soft_labels: jax.Array | None = None,
 ) -> Callable[..., TrainCarry]:
   """One epoch of one network: `(carry, epoch_index, shared_op_key=None) -> carry`.
 
@@ -555,6 +606,8 @@ def make_epoch_fn(
     lowering: the images per gradient pass of each minibatch step (`Lowering.microbatch`).
     progress_every: if > 0, a `progress.tick` after every this many full minibatches, counted
       from the first epoch (`epoch_index * full_batches + i`).
+    soft_labels: [N, K] soft targets (`soft_targets`) to train on instead of `labels`, except in
+      the last `settings.hard_label_epochs` epochs (CutMix mixes them as it mixes labels).
 
   Returns:
     The epoch function. `epoch_index` is 0-based (may be traced). `shared_op_key`, a PRNG key
@@ -579,12 +632,12 @@ def make_epoch_fn(
   microbatch = lowering.microbatch((batch_size, *images.shape[1:]), net.has_batch_stats)
 
   def minibatch_step(
-    variables, opt_state, optimizer, batch_indices, op_key, param_key, *cutmix_key
+    variables, opt_state, optimizer, epoch_labels, batch_indices, op_key, param_key, *cutmix_key
   ):
     batch = augment_minibatch(
       op_key, param_key, images[batch_indices], settings.augment_strategy, settings.augment_mode
     )
-    batch_labels = labels[batch_indices]
+    batch_labels = epoch_labels[batch_indices]
     mix = None
     if mixes:  # after the augmentation, as IDC's train_epoch
       batch_height, batch_width = batch.shape[1:3]
@@ -615,6 +668,11 @@ def make_epoch_fn(
       optimizer = settings.recipe.optimizer(epoch_lr(settings, epoch_index))
     else:
       optimizer = settings.recipe.optimizer()
+    epoch_labels = labels
+    if soft_labels is not None:
+      hard = jax.nn.one_hot(labels, soft_labels.shape[-1], dtype=soft_labels.dtype)
+      soft_until = epochs_trained - settings.hard_label_epochs
+      epoch_labels = jnp.where(epoch_index < soft_until, soft_labels, hard)
     epoch_key = jax.random.fold_in(loop_key, epoch_index)
     stream = lambda name: jax.random.fold_in(epoch_key, _EPOCH_STREAMS[name])
     order = jax.random.permutation(stream('order'), num_images)
@@ -637,7 +695,7 @@ def make_epoch_fn(
       *inputs, index = inputs
       if progress_every:
         progress.tick(epoch_index * num_full_batches + index, progress_every)
-      return minibatch_step(*state, optimizer, *inputs), None
+      return minibatch_step(*state, optimizer, epoch_labels, *inputs), None
 
     (variables, opt_state), _ = jax.lax.scan(
       step,
@@ -655,6 +713,7 @@ def make_epoch_fn(
         variables,
         opt_state,
         optimizer,
+        epoch_labels,
         order[num_full_batches * batch_size :],
         op_keys[-1],
         param_keys[-1],
@@ -695,6 +754,7 @@ def train_networks(
   lowering: Lowering,
   shared_op_key: jax.Array | None = None,
   progress_every: int = 0,
+  soft_labels: jax.Array | None = None,
 ) -> Any:
   """Trains len(keys) fresh networks together (`over_networks`) for all epochs; jit-able.
 
@@ -712,12 +772,13 @@ def train_networks(
     shared_op_key: PRNG key of the DSA op draws shared by the networks; required when
       `settings.share_augment_op` and there is augmentation, ignored otherwise.
     progress_every: as `make_epoch_fn` (see `progress_ticks`).
+    soft_labels: as `make_epoch_fn`.
 
   Returns:
     The stacked trained variables (leading axis P).
   """
   carry = init_networks(keys, net, images.shape[1:], settings.recipe.optimizer())
-  epoch = make_epoch_fn(net, images, labels, settings, lowering, progress_every)
+  epoch = make_epoch_fn(net, images, labels, settings, lowering, progress_every, soft_labels)
   epochs_trained, _ = epoch_plan(settings.epochs, settings.schedule)
 
   def all_epochs(one_carry, shared_op_key):
@@ -727,6 +788,78 @@ def train_networks(
     return one_carry
 
   return over_networks(all_epochs, lowering.loop_networks)(carry, shared_op_key)[0]
+
+
+def evaluation_epochs(epochs_trained: int, every: int) -> tuple[int, ...]:
+  """The epoch counts after which `train_and_test_networks` tests: every, 2 * every, ... and the
+  last (`epochs_trained`); every <= 0 or >= epochs_trained: the last only."""
+  if not 0 < every < epochs_trained:
+    return (epochs_trained,)
+  return tuple(range(every, epochs_trained + 1, every)) + (
+    (epochs_trained,) if epochs_trained % every else ()
+  )
+
+
+def train_and_test_networks(
+  keys: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  net: models.Network,
+  settings: TrainSettings,
+  lowering: Lowering,
+  test_images: jax.Array,
+  test_labels: jax.Array,
+  every: int,
+  test_batch_size: int = 1000,
+  shared_op_key: jax.Array | None = None,
+  progress_every: int = 0,
+  soft_labels: jax.Array | None = None,
+) -> jax.Array:
+  """`train_networks`, testing every network after each of `evaluation_epochs`; jit-able.
+
+  The training is `train_networks`'s (the same networks from the same keys, to float rounding):
+  the epochs run in segments of `every` (a `scan` of segments, then the remainder), each
+  followed by the test accuracy.
+
+  Args:
+    keys, images, labels, net, settings, lowering, shared_op_key, progress_every, soft_labels:
+      as `train_networks`.
+    test_images: [M, H, W, C] normalised test images.
+    test_labels: [M] int labels.
+    every: epochs between tests (see `evaluation_epochs`).
+    test_batch_size: test images per forward pass.
+
+  Returns:
+    [T, P] test accuracies in [0, 1], row t after `evaluation_epochs(...)[t]` epochs.
+  """
+  carry = init_networks(keys, net, images.shape[1:], settings.recipe.optimizer())
+  epoch = make_epoch_fn(net, images, labels, settings, lowering, progress_every, soft_labels)
+  epochs_trained, _ = epoch_plan(settings.epochs, settings.schedule)
+  if not 0 < every < epochs_trained:
+    every = epochs_trained
+  num_segments, remainder = divmod(epochs_trained, every)
+
+  def test(variables):
+    one = jax.tree_util.tree_map(lambda x: x[None], variables)
+    return accuracies(one, net, test_images, test_labels, test_batch_size)[0]
+
+  def one_network(one_carry, shared_op_key):
+    def run_epochs(one_carry, epoch_indices):
+      return jax.lax.scan(
+        lambda c, e: (epoch(c, e, shared_op_key), None), one_carry, epoch_indices
+      )[0]
+
+    def segment(one_carry, start):
+      one_carry = run_epochs(one_carry, start + jnp.arange(every))
+      return one_carry, test(one_carry[0])
+
+    one_carry, curve = jax.lax.scan(segment, one_carry, jnp.arange(num_segments) * every)
+    if remainder:
+      one_carry = run_epochs(one_carry, num_segments * every + jnp.arange(remainder))
+      curve = jnp.concatenate([curve, test(one_carry[0])[None]])
+    return curve
+
+  return over_networks(one_network, lowering.loop_networks)(carry, shared_op_key).T
 
 
 def progress_ticks(

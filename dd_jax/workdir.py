@@ -495,13 +495,16 @@ def synthetic_arrays(
   mean: tuple[float, ...],
   std: tuple[float, ...],
   stored_images: np.ndarray | None = None,
+  normalized_images: np.ndarray | None = None,
+  step: int | None = None,
 ) -> dict[str, np.ndarray]:
   """The arrays of synthetic.npz, loadable without dd_jax (numpy only).
 
   Keys: 'images' float32 [N, H, W, C] in [0, 1] (de-normalised, clipped), the set to train on;
   'labels' int64 [N]; 'class_names'; 'mean', 'std' float32 [C]; for IDM also 'stored_images'
-  (the partitioned images that 'images' expands from). PyTorch:
-  `torch.from_numpy(d['images']).permute(0, 3, 1, 2)` then normalise with mean/std.
+  (the partitioned images that 'images' expands from); 'normalized_images' float32
+  [N, H, W, C], the exact array the run evaluated (not clipped); 'step', the run's iterations.
+  PyTorch: `torch.from_numpy(d['images']).permute(0, 3, 1, 2)` then normalise with mean/std.
   """
   arrays = {
     'images': np.asarray(images, np.float32),
@@ -512,6 +515,10 @@ def synthetic_arrays(
   }
   if stored_images is not None:
     arrays['stored_images'] = np.asarray(stored_images, np.float32)
+  if normalized_images is not None:
+    arrays['normalized_images'] = np.asarray(normalized_images, np.float32)
+  if step is not None:
+    arrays['step'] = np.asarray(step, np.int64)
   return arrays
 
 

@@ -123,7 +123,7 @@ def main(argv):
           'seconds': time.perf_counter() - start,
           'iterations': config.distill.iterations,
           'batch_real': config.distill.batch_real,
-          'eval_epochs': config.eval.epochs,
+          'eval_epochs': settings.eval.epochs,
         }
         workdir_lib.append_metrics(results_path, record)
         done[(ipc, seed, method)] = record

@@ -39,7 +39,7 @@ TINY_POOL = pool_lib.PoolSettings(
   epochs=6,
   parallel=3,
   seed=0,
-  recipe=train_lib.SGDRecipe(batch_size=6, lr=0.01, momentum=0.9, weight_decay=5e-4),
+  recipe=train_lib.OptimizerRecipe(batch_size=6, lr=0.01, momentum=0.9, weight_decay=5e-4),
 )
 
 

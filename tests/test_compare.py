@@ -98,7 +98,7 @@ def test_a_validation_run_reports_validation_accuracy_and_trains_without_it(tmp_
     }
   )
   comparison = compare.run_with_baselines(config, str(tmp_path))
-  assert '| method | validation accuracy (%) |' in comparison['table']
+  assert '| method | validation accuracy, last epoch (%) |' in comparison['table']
   assert {row['split'] for row in comparison['rows']} == {'validation'}
   # digits has 1347 training images; 10% of each class, rounded, is held out.
   counts = data_lib.load_dataset('digits').train_class_counts()

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dd_jax import config as config_lib
-from dd_jax import experiment, info, presets
+from dd_jax import evaluate, experiment, info, presets
 from dd_jax.distill import methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +88,8 @@ def test_paper_presets_follow_the_paper():
   assert config.dataset.name == 'tfds:cifar10'
   assert (config.constraints.cc.weight, config.constraints.cm.weight) == (0.05, 0.01)
   assert (config.distill.lr, config.distill.momentum, config.distill.batch_real) == (1.0, 0.5, 256)
-  assert config.distill.iterations == 20_000 and config.eval.epochs == 1000
+  assert config.distill.iterations == 20_000
+  assert evaluate.EvalSettings.from_config(config).epochs == 1000
   assert config.constraints.cc.extractor == 'pool' and config.pool.model == 'ResNet18'
   assert (config.pool.size, config.pool.epochs) == (1000, 40)
   config = _load_config_file('configs/paper.py', 'dataset=cifar10,ipc=1,method=idm_iid')

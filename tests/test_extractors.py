@@ -103,7 +103,10 @@ def test_steps_receive_only_the_drawn_members_and_match_a_draw_inside_jit(
   else:
     num_drawn = 1
     settings = idm.IDMSettings(
-      queue_capacity=3, train_steps=1, queue_recipe=train_lib.SGDRecipe(batch_size=4), **common
+      queue_capacity=3,
+      train_steps=1,
+      queue_recipe=train_lib.OptimizerRecipe(batch_size=4),
+      **common,
     )
     make = lambda extractor: idm.make_idm_step(net, settings, spec, lowering.CPU, extractor)
     state = idm.init_idm_state(images, labels, net, settings, seed=1)
@@ -151,7 +154,10 @@ def test_scale_free_forms_take_the_real_spread_under_the_cc_extractor(pool, tiny
       state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
     else:
       settings = idm.IDMSettings(
-        queue_capacity=3, train_steps=1, queue_recipe=train_lib.SGDRecipe(batch_size=4), **common
+        queue_capacity=3,
+        train_steps=1,
+        queue_recipe=train_lib.OptimizerRecipe(batch_size=4),
+        **common,
       )
       step = idm.make_idm_step(net, settings, spec, lowering.CPU, extractor)
       state = idm.init_idm_state(images, labels, net, settings, seed=1)

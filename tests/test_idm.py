@@ -15,7 +15,7 @@ from dd_jax import train as train_lib
 from dd_jax.distill import base, idm
 from dd_jax.lowering import CPU
 
-RECIPE = train_lib.SGDRecipe(batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
+RECIPE = train_lib.OptimizerRecipe(batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
 def _quadrant_image():
@@ -178,7 +178,7 @@ def _idm_setup(
       'queue_capacity': 4,
       'push_every': 2,
       'train_steps': 2,
-      'queue_recipe': train_lib.SGDRecipe(batch_size=16),
+      'queue_recipe': train_lib.OptimizerRecipe(batch_size=16),
       **overrides,
     },
   )

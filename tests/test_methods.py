@@ -264,7 +264,7 @@ def test_evaluation_with_the_accelerator_lowering_trains_the_same_networks(digit
   labels = jnp.asarray(digits.train_labels[:60])
   settings = train_lib.TrainSettings(
     epochs=2,
-    recipe=train_lib.SGDRecipe(batch_size=20),
+    recipe=train_lib.OptimizerRecipe(batch_size=20),
     augment_strategy='color_crop_cutout_scale_rotate',
     schedule='reference',
   )

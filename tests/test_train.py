@@ -71,7 +71,7 @@ def test_trainer_equals_torch_sgd_reference(schedule):
   images, labels = _data()
   net = models.get_network('MLP', 3)
   # One full batch per epoch: the data order changes only the rounding of the mean loss.
-  recipe = train_lib.SGDRecipe(batch_size=6, lr=0.05, momentum=0.9, weight_decay=0.01)
+  recipe = train_lib.OptimizerRecipe(batch_size=6, lr=0.05, momentum=0.9, weight_decay=0.01)
   settings = train_lib.TrainSettings(epochs=6, recipe=recipe, schedule=schedule)
   keys = jax.random.split(jax.random.key(0), 1)
   trained = train_lib.train_networks(keys, images, labels, net, settings, lowering.CPU)
@@ -88,7 +88,7 @@ def _one_step(net, images, labels, microbatch):
   """Parameters and logits after one momentum SGD step from fixed weights, jitted."""
   variables = net.init(jax.random.key(1), (1, *images.shape[1:]))
   variables = jax.tree_util.tree_map(lambda x: x.astype(images.dtype), variables)
-  optimizer = train_lib.SGDRecipe(lr=0.1, momentum=0.9, weight_decay=0.01).optimizer()
+  optimizer = train_lib.OptimizerRecipe(lr=0.1, momentum=0.9, weight_decay=0.01).optimizer()
   step = jax.jit(
     lambda v, s: train_lib.sgd_step(net, optimizer, v, s, images, labels, microbatch=microbatch)
   )
@@ -145,7 +145,7 @@ def test_sgd_step_microbatch_errors():
   net = models.get_network('ConvNet', 3, width=8, depth=2)
   batch_norm_net = models.get_network('ConvNet', 3, width=8, depth=2, norm='batchnorm')
   images, labels = _data(num_images=20)
-  optimizer = train_lib.SGDRecipe().optimizer()
+  optimizer = train_lib.OptimizerRecipe().optimizer()
 
   def step_shapes(net, microbatch):
     """Traces the step (abstractly: no FLOPs) with `microbatch`."""
@@ -180,7 +180,7 @@ def test_epoch_plan_and_learning_rates():
   assert train_lib.epoch_plan(1000, 'reference') == (1001, 502)  # 502 epochs at lr, 499 at 0.1
   assert train_lib.epoch_plan(1000, 'halves') == (1000, 500)
   assert train_lib.epoch_plan(1000, 'constant') == (1000, 1000)
-  recipe = train_lib.SGDRecipe(lr=0.01)
+  recipe = train_lib.OptimizerRecipe(lr=0.01)
 
   def learning_rates(epochs, schedule):
     settings = train_lib.TrainSettings(epochs=epochs, recipe=recipe, schedule=schedule)
@@ -206,7 +206,7 @@ def _eval_train_settings(share_augment_op):
     model='MLP',
     num_eval=2,
     epochs=2,
-    recipe=train_lib.SGDRecipe(batch_size=4),
+    recipe=train_lib.OptimizerRecipe(batch_size=4),
     augment_strategy='color_crop_cutout_flip_scale_rotate',
     share_augment_op=share_augment_op,
   ).train_settings()
@@ -294,7 +294,7 @@ def test_train_settings_check_their_fields():
   with pytest.raises(ValueError, match="augment_strategy='crop_blur' names unknown DSA op"):
     train_lib.TrainSettings(epochs=1, augment_strategy='crop_blur')
   with pytest.raises(ValueError, match='momentum=-0.1 must be >= 0'):
-    train_lib.SGDRecipe(momentum=-0.1)
+    train_lib.OptimizerRecipe(momentum=-0.1)
 
 
 # The training recipes of the IDC family (multistep schedule, CutMix, IDC augmentation): options
@@ -333,7 +333,7 @@ def test_multistep_milestones_and_learning_rates():
   def learning_rates(epochs, fractions, gamma):
     settings = train_lib.TrainSettings(
       epochs=epochs,
-      recipe=train_lib.SGDRecipe(lr=0.01),
+      recipe=train_lib.OptimizerRecipe(lr=0.01),
       schedule='multistep',
       milestones=fractions,
       gamma=gamma,
@@ -353,7 +353,7 @@ def test_multistep_milestones_and_learning_rates():
       ), (epochs, fractions)
   # Traced epoch indices (inside the scanned epochs) give the same rates.
   settings = train_lib.TrainSettings(
-    epochs=60, schedule='multistep', milestones=idc, gamma=0.2, recipe=train_lib.SGDRecipe()
+    epochs=60, schedule='multistep', milestones=idc, gamma=0.2, recipe=train_lib.OptimizerRecipe()
   )
   traced = jax.jit(jax.vmap(lambda e: train_lib.epoch_lr(settings, e)))(jnp.arange(60))
   assert list(np.asarray(traced)) == learning_rates(60, idc, 0.2)
@@ -387,7 +387,7 @@ def _torch_multistep_reference(
 def test_multistep_equals_torch_sgd_with_multisteplr_keeping_momentum():
   images, labels = _data()
   net = models.get_network('MLP', 3)
-  recipe = train_lib.SGDRecipe(batch_size=6, lr=0.05, momentum=0.9, weight_decay=0.01)
+  recipe = train_lib.OptimizerRecipe(batch_size=6, lr=0.05, momentum=0.9, weight_decay=0.01)
   settings = train_lib.TrainSettings(
     epochs=6, recipe=recipe, schedule='multistep', milestones=(1 / 3, 2 / 3), gamma=0.2
   )
@@ -528,7 +528,7 @@ def test_cutmix_off_or_not_drawn_leaves_the_batch_and_the_step():
   assert float(ratio) == 1.0
   # The step with the unmixed minibatch's (partner labels, ratio 1) is the plain step, bitwise.
   net = models.get_network('MLP', 3)
-  optimizer = train_lib.SGDRecipe().optimizer()
+  optimizer = train_lib.OptimizerRecipe().optimizer()
   variables = net.init(jax.random.key(1), (1, 8, 8, 1))
   state = optimizer.init(variables['params'])
   plain = jax.jit(lambda: train_lib.sgd_step(net, optimizer, variables, state, images, labels))()
@@ -548,7 +548,7 @@ def test_cutmix_step_minimises_the_mixed_loss(microbatch):
   images, labels = _data(num_images=5)
   partner_labels, ratio = labels[jnp.array([3, 0, 4, 1, 2])], jnp.float32(0.6875)
   variables = net.init(jax.random.key(1), (1, 8, 8, 1))
-  optimizer = train_lib.SGDRecipe(lr=0.1, momentum=0.0, weight_decay=0.0).optimizer()
+  optimizer = train_lib.OptimizerRecipe(lr=0.1, momentum=0.0, weight_decay=0.0).optimizer()
 
   def loss(params):
     logits, _ = net.apply_train({**variables, 'params': params}, images)
@@ -577,7 +577,7 @@ def test_training_cutmixes_each_minibatch_with_its_own_draw(monkeypatch):
   images, labels = _data(num_images=10)  # 3 minibatches of at most 4, 2 epochs: 6 draws
   net = models.get_network('MLP', 3)
   settings = train_lib.TrainSettings(
-    epochs=2, recipe=train_lib.SGDRecipe(batch_size=4), cutmix_probability=1.0
+    epochs=2, recipe=train_lib.OptimizerRecipe(batch_size=4), cutmix_probability=1.0
   )
   drawn = []
   cutmix = train_lib.cutmix
@@ -630,7 +630,7 @@ def test_idc_training_shares_the_geometric_op_and_draws_parameters_per_image(
   net = models.get_network('MLP', 3)
   settings = train_lib.TrainSettings(
     epochs=3,
-    recipe=train_lib.SGDRecipe(batch_size=4),
+    recipe=train_lib.OptimizerRecipe(batch_size=4),
     augment_mode='idc',
     augment_strategy='color_crop_flip_scale_rotate',
     share_augment_op=share_augment_op,
@@ -674,7 +674,7 @@ def test_recipes_trained_together_equal_one_at_a_time(loop_networks):
   net = models.get_network('MLP', 3)
   settings = train_lib.TrainSettings(
     epochs=3,
-    recipe=train_lib.SGDRecipe(batch_size=4),
+    recipe=train_lib.OptimizerRecipe(batch_size=4),
     schedule='multistep',
     milestones=(1 / 3, 2 / 3),
     gamma=0.2,
@@ -708,7 +708,7 @@ def test_idc_recipe_learns_a_separable_problem():
   net = models.get_network('MLP', 3)
   settings = train_lib.TrainSettings(
     epochs=12,
-    recipe=train_lib.SGDRecipe(batch_size=8, lr=0.01),
+    recipe=train_lib.OptimizerRecipe(batch_size=8, lr=0.01),
     schedule='multistep',
     milestones=(2 / 3, 5 / 6),
     gamma=0.2,
@@ -726,3 +726,145 @@ def test_idc_recipe_learns_a_separable_problem():
   )(jax.random.split(jax.random.key(0), 3))
   assert accuracies.shape == (3,)
   assert np.all(np.asarray(accuracies) >= 0.9)  # chance: 1/3
+
+
+def _torch_adamw_reference(net, variables, images, labels, recipe, epochs):
+  """Full-batch training with torch.optim.AdamW's update written out (its defaults: betas
+  (0.9, 0.999), eps 1e-8): p <- p * (1 - lr * wd), then the bias-corrected Adam step."""
+  params = variables['params']
+  zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
+  first, second = zeros(), zeros()
+  lr, decay, (b1, b2), eps = recipe.lr, recipe.weight_decay, (0.9, 0.999), 1e-8
+
+  def loss(params):
+    logits, _ = net.apply_train({**variables, 'params': params}, images)
+    return train_lib.cross_entropy(logits, labels)
+
+  for t in range(1, epochs + 1):
+    grads = jax.grad(loss)(params)
+    first = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, first, grads)
+    second = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, second, grads)
+
+    def update(p, m, v, t=t):
+      p = p * (1 - lr * decay)
+      return p - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps)
+
+    params = jax.tree_util.tree_map(update, params, first, second)
+  return params
+
+
+def test_adamw_recipe_equals_torch_adamw():
+  with float64():
+    images, labels = _data()
+    images = images.astype(jnp.float64)
+    net = models.get_network('MLP', 3)
+    recipe = train_lib.OptimizerRecipe(batch_size=6, lr=0.01, weight_decay=0.1, algorithm='adamw')
+    settings = train_lib.TrainSettings(epochs=5, recipe=recipe)
+    keys = jax.random.split(jax.random.key(0), 1)
+    initial, _, _ = train_lib.init_networks(keys, net, images.shape[1:], recipe.optimizer())
+    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+    trained = train_lib.train_networks(keys, images, labels, net, settings, lowering.CPU)
+    expected = _torch_adamw_reference(net, first(initial), images, labels, recipe, 5)
+  moved = 0.0
+  for got, want, start in zip(
+    jax.tree_util.tree_leaves(first(trained)['params']),
+    jax.tree_util.tree_leaves(expected),
+    jax.tree_util.tree_leaves(first(initial)['params']),
+  ):
+    # Float32 weights: where a gradient is ~0, m / sqrt(v) amplifies rounding to ~1e-5; a wrong
+    # update (no bias correction, coupled decay) is off by ~lr = 1e-2.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=3e-5)
+    moved = max(moved, float(np.max(np.abs(np.asarray(want) - np.asarray(start)))))
+  assert moved > 0.04  # Adam moves every weight by about lr per step: not a no-op
+
+
+def test_evaluation_epochs():
+  assert train_lib.evaluation_epochs(10, 3) == (3, 6, 9, 10)
+  assert train_lib.evaluation_epochs(10, 5) == (5, 10)
+  assert train_lib.evaluation_epochs(10, 0) == (10,)
+  assert train_lib.evaluation_epochs(10, 10) == (10,)
+  assert train_lib.evaluation_epochs(1001, 100)[-2:] == (1000, 1001)
+
+
+@pytest.mark.parametrize('loop_networks', [True, False])  # lax.map (CPU) or vmap
+def test_testing_every_k_epochs_trains_the_same_networks(loop_networks):
+  images, labels = _data(num_images=12)
+  test_images, test_labels = _data(num_images=30, seed=1)
+  net = models.get_network('MLP', 3)
+  settings = dataclasses.replace(
+    _eval_train_settings(share_augment_op=False), epochs=7, schedule='multistep',
+    milestones=(0.5,), gamma=0.2, cutmix_probability=0.5,
+  )  # fmt: skip
+  keys = jax.random.split(jax.random.key(0), 2)
+  low = dataclasses.replace(lowering.CPU, loop_networks=loop_networks)
+  curve = jax.jit(
+    lambda keys: train_lib.train_and_test_networks(
+      keys, images, labels, net, settings, low, test_images, test_labels, every=3
+    )
+  )(keys)
+  assert curve.shape == (3, 2)  # after epochs 3, 6 and 7
+  for row, epochs in zip(curve, (3, 6, 7)):
+    # The networks after `epochs` epochs of the same schedule (its milestones as epoch 3 of 7).
+    shorter = dataclasses.replace(settings, epochs=epochs, milestones=())
+    shorter = (
+      dataclasses.replace(shorter, schedule='constant', gamma=train_lib.MULTISTEP_GAMMA)
+      if epochs <= 3
+      else dataclasses.replace(shorter, milestones=(3.5 / epochs,))
+    )
+    variables = train_lib.train_networks(keys, images, labels, net, shorter, low)
+    expected = train_lib.accuracies(variables, net, test_images, test_labels)
+    np.testing.assert_allclose(row, expected, atol=1e-6)
+
+
+def test_soft_targets_hand_computed():
+  logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+  labels = jnp.array([0, 0])  # row 0 right, row 1 wrong (argmax 1)
+  targets = train_lib.soft_targets(logits, labels)
+  e = np.e
+  expected = [
+    np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum(),  # softmax of the teacher's logits
+    [e / (e + 2), 1 / (e + 2), 1 / (e + 2)],  # softmax of the one-hot row
+  ]
+  np.testing.assert_allclose(targets, expected, rtol=1e-6)
+  # NCFM's figure for 10 classes: a misclassified sample keeps 0.232 on its class.
+  ten = train_lib.soft_targets(jnp.eye(10)[::-1], jnp.zeros(10, jnp.int32))
+  assert float(ten[0, 0]) == pytest.approx(e / (e + 9), rel=1e-6) == pytest.approx(0.232, abs=5e-4)
+
+
+def test_soft_labels_train_until_the_last_hard_label_epochs():
+  images, labels = _data(num_images=12)
+  net = models.get_network('MLP', 3)
+  settings = dataclasses.replace(
+    _eval_train_settings(share_augment_op=False), epochs=4, schedule='constant'
+  )
+  keys = jax.random.split(jax.random.key(0), 2)
+  train = lambda settings, soft: train_lib.train_networks(
+    keys, images, labels, net, settings, lowering.CPU, soft_labels=soft
+  )
+  leaves = lambda tree: jax.tree_util.tree_leaves(tree)
+  hard = train(settings, None)
+  # One-hot targets are the labels: the same networks, to float rounding.
+  for a, b in zip(leaves(hard), leaves(train(settings, jax.nn.one_hot(labels, 3)))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  soft = jnp.full((12, 3), 1 / 3)  # uniform targets: nothing to learn from them
+  # Every epoch on the hard labels (hard_label_epochs >= epochs): the soft targets are unused.
+  all_hard = dataclasses.replace(settings, hard_label_epochs=4)
+  for a, b in zip(leaves(hard), leaves(train(all_hard, soft))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The first two epochs on the soft targets: other networks.
+  half = dataclasses.replace(settings, hard_label_epochs=2)
+  moved = max(
+    float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(hard), leaves(train(half, soft)))
+  )
+  assert moved > 1e-3
+
+
+def test_soft_cutmix_loss_mixes_the_targets():
+  logits = jnp.array([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+  targets = jnp.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+  log_p = jax.nn.log_softmax(logits)
+  ratio = 0.3
+  mixed = ratio * targets + (1 - ratio) * targets[::-1]
+  expected = -jnp.mean(jnp.sum(mixed * log_p, axis=-1))
+  got = train_lib.cutmix_loss(logits, targets, targets[::-1], ratio)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)

@@ -164,7 +164,7 @@ class IDMSettings(base.DistillSettings):
   push_every: int = field(30, check=POSITIVE)
   train_nets: int = field(2, check=POSITIVE)
   train_steps: int = field(10, check=NON_NEGATIVE)
-  queue_recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
+  queue_recipe: train_lib.OptimizerRecipe = train_lib.OptimizerRecipe()
 
   def check(self) -> None:
     super().check()
@@ -198,7 +198,7 @@ class IDMSettings(base.DistillSettings):
       raise ValueError(
         f'config.idm.accuracy_restarts={idm.accuracy_restarts!r} {error.requirement}.'
       ) from None
-    recipe = settings_lib.from_section(train_lib.SGDRecipe, idm, 'idm', prefix='train_')
+    recipe = settings_lib.from_section(train_lib.OptimizerRecipe, idm, 'idm', prefix='train_')
     return settings_lib.from_section(
       cls,
       idm,

@@ -139,7 +139,7 @@ def train_members(
   key: jax.Array,
   sampler: data_lib.ClassSampler,
   net: models.Network,
-  recipe: train_lib.SGDRecipe,
+  recipe: train_lib.OptimizerRecipe,
   lowering: Lowering,
   *,
   steps: int,

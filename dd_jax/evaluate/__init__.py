@@ -1,24 +1,28 @@
-"""The evaluation protocol: train fresh networks on a small set, test them on real data.
+"""Evaluation protocols: train fresh networks on a small set, test them on real data.
 
 `num_eval` networks are trained together in one jitted program (`dd_jax.train`: networks
 stacked, `scan` over epochs and minibatches). Each network has its own initialisation, data
 order, augmentation parameters and (by default) DSA ops, as independent runs of the reference
 would.
 
-Protocol, as DatasetCondensation's `evaluate_synset` (utils.py, with its `epoch`): SGD
+The settings come from a named protocol (`dd_jax.protocols`; `config.eval.protocol`), any field
+overridable. The default, 'dm', is DatasetCondensation's `evaluate_synset` (utils.py): SGD
 (momentum 0.9, coupled weight decay 5e-4 applied to every parameter, as PyTorch's SGD), batch 256
 reshuffled every epoch without dropping the last partial batch, mean cross-entropy, DSA on every
 minibatch (one op per batch, parameters per image). Schedule 'reference': epochs + 1 epochs, the
 learning rate x0.1 after epoch epochs // 2 + 1, with a fresh optimizer (momentum buffer reset),
 as the reference's `for ep in range(Epoch + 1)` loop. Test accuracy once, at the end, on the full
-test set.
+test set. Protocols with `eval_every` > 0 also test every `eval_every` epochs; the records keep
+the last accuracy and the best over those points (what the IDC family reports).
+
+`python -m dd_jax.evaluate` evaluates any synthetic set file (`dd_jax.evaluate.__main__`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from dd_jax import augment as augment_lib
-from dd_jax import models, progress, stats
+from dd_jax import models, progress, protocols, stats
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax.lowering import Lowering
@@ -38,9 +42,11 @@ class EvalSettings(settings_lib.Settings):
 
   Attributes:
     model: registry name of the evaluated architecture.
+    protocol: the `dd_jax.protocols` name the other fields were resolved from (recorded).
     num_eval: networks trained (each from its own key).
     epochs: the schedule's epoch count (see `train.epoch_plan`).
-    recipe: the SGD recipe (config fields `batch_size`, `lr`, `momentum`, `weight_decay`).
+    recipe: the optimizer (config fields `optimizer`, `batch_size`, `lr`, `momentum`,
+      `weight_decay`).
     augment_strategy: DSA strategy of every minibatch ('none': no augmentation).
     schedule: lr schedule, see `train.TrainSettings` ('reference', 'halves', 'constant' or
       'multistep').
@@ -52,13 +58,18 @@ class EvalSettings(settings_lib.Settings):
     cutmix_probability: probability of CutMix per minibatch (0: none).
     share_augment_op: networks trained together share each minibatch's DSA op (cheaper under
       vmap on accelerators; correlates the networks).
+    eval_every: test every this many epochs as well as after the last (0: the last only).
+    soft_labels: train on a teacher's soft labels (`train.soft_targets`; NCFM's option), the
+      caller giving them to `evaluate_set`; the last `hard_label_epochs` epochs on the labels.
+    hard_label_epochs: see `soft_labels`.
     test_batch_size: test images per forward pass (does not change the accuracies).
   """
 
   model: str = settings_lib.field('ConvNet', choices=models.network_names)
+  protocol: str = settings_lib.field('dm', choices=protocols.NAMES)
   num_eval: int = settings_lib.field(5, check=settings_lib.POSITIVE)
   epochs: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
-  recipe: train_lib.SGDRecipe = train_lib.SGDRecipe()
+  recipe: train_lib.OptimizerRecipe = train_lib.OptimizerRecipe()
   augment_strategy: str = augment_lib.DEFAULT_STRATEGY
   schedule: str = settings_lib.field('reference', choices=train_lib.SCHEDULES)
   milestones: tuple[float, ...] = ()
@@ -66,6 +77,9 @@ class EvalSettings(settings_lib.Settings):
   augment_mode: str = settings_lib.field('dsa', choices=train_lib.AUGMENT_MODES)
   cutmix_probability: float = 0.0
   share_augment_op: bool = settings_lib.field(False, choices=(False, True))
+  eval_every: int = settings_lib.field(0, check=settings_lib.NON_NEGATIVE)
+  soft_labels: bool = settings_lib.field(False, choices=(False, True))
+  hard_label_epochs: int = settings_lib.field(100, check=settings_lib.NON_NEGATIVE)
   test_batch_size: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
 
   def check(self) -> None:
@@ -75,13 +89,15 @@ class EvalSettings(settings_lib.Settings):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> EvalSettings:
-    """The settings of section `eval` of the experiment config `config`.
+    """The settings of section `eval` of the experiment config `config`, its unset fields from
+    its protocol (`protocols.resolve`).
 
     Raises:
       ValueError: a value out of range, naming it as `config.eval.<field>`.
     """
-    recipe = settings_lib.from_section(train_lib.SGDRecipe, config.eval, 'eval')
-    return settings_lib.from_section(cls, config.eval, 'eval', recipe=recipe)
+    section = protocols.resolve(config.eval)
+    recipe = settings_lib.from_section(train_lib.OptimizerRecipe, section, 'eval')
+    return settings_lib.from_section(cls, section, 'eval', recipe=recipe)
 
   def train_settings(self) -> train_lib.TrainSettings:
     return train_lib.TrainSettings(
@@ -94,27 +110,79 @@ class EvalSettings(settings_lib.Settings):
       augment_mode=self.augment_mode,
       cutmix_probability=self.cutmix_probability,
       share_augment_op=self.share_augment_op,
+      hard_label_epochs=self.hard_label_epochs,
     )
+
+
+class Accuracies(NamedTuple):
+  """Test accuracies in percent of the networks of one evaluation.
+
+  Attributes:
+    epochs: (T,) the epoch counts after which the networks were tested (the last is the end).
+    curve: [T, P] accuracy of network p after epochs[t].
+  """
+
+  epochs: tuple[int, ...]
+  curve: np.ndarray
+
+  @property
+  def last(self) -> np.ndarray:
+    """[P] after the last epoch."""
+    return self.curve[-1]
+
+  @property
+  def best(self) -> np.ndarray:
+    """[P] the best over the evaluation points (chosen on the test split)."""
+    return self.curve.max(axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=('net', 'settings', 'lowering', 'progress_every'))
 def _train_and_test(
-  key, images, labels, test_images, test_labels, net, settings, lowering, progress_every
+  key,
+  images,
+  labels,
+  soft_labels,
+  test_images,
+  test_labels,
+  net,
+  settings,
+  lowering,
+  progress_every,
 ):
   net_keys = jax.random.split(jax.random.fold_in(key, 0), settings.num_eval)
   shared_op_key = jax.random.fold_in(key, 1) if settings.share_augment_op else None
+  train_settings = settings.train_settings()
   with lowering.precision_scope():
+    if settings.eval_every:
+      return train_lib.train_and_test_networks(
+        net_keys,
+        images,
+        labels,
+        net,
+        train_settings,
+        lowering,
+        test_images,
+        test_labels,
+        settings.eval_every,
+        settings.test_batch_size,
+        shared_op_key=shared_op_key,
+        progress_every=progress_every,
+        soft_labels=soft_labels,
+      )
     variables = train_lib.train_networks(
       net_keys,
       images,
       labels,
       net,
-      settings.train_settings(),
+      train_settings,
       lowering,
       shared_op_key=shared_op_key,
       progress_every=progress_every,
+      soft_labels=soft_labels,
     )
-    return train_lib.accuracies(variables, net, test_images, test_labels, settings.test_batch_size)
+    return train_lib.accuracies(variables, net, test_images, test_labels, settings.test_batch_size)[
+      None
+    ]
 
 
 def evaluate_set(
@@ -126,7 +194,8 @@ def evaluate_set(
   num_classes: int,
   settings: EvalSettings,
   lowering: Lowering,
-) -> np.ndarray:
+  soft_labels: jax.Array | None = None,
+) -> Accuracies:
   """Trains `settings.num_eval` fresh networks on (images, labels) and tests them.
 
   Args:
@@ -138,23 +207,28 @@ def evaluate_set(
     num_classes: K.
     settings: the protocol's hyper-parameters.
     lowering: how the networks are computed and trained together (`dd_jax.lowering`).
+    soft_labels: [N, K] a teacher's targets, required when `settings.soft_labels` (ignored
+      otherwise).
 
   Returns:
-    [num_eval] test accuracies in percent, one per network.
+    The networks' test accuracies after the last epoch and, with `settings.eval_every`, after
+    every `eval_every` epochs (`train.evaluation_epochs`).
   """
+  if settings.soft_labels and soft_labels is None:
+    raise ValueError("config.eval.soft_labels=True needs the teacher's soft labels.")
   net = models.get_network(settings.model, num_classes, conv=lowering.train_conv)
-  every, ticks = train_lib.progress_ticks(
-    settings.num_eval, len(images), settings.train_settings(), lowering
-  )
+  train_settings = settings.train_settings()
+  every, ticks = train_lib.progress_ticks(settings.num_eval, len(images), train_settings, lowering)
   description = (
     f'training {stats.count(settings.num_eval, "network")} ({settings.model}) on '
     f'{len(images)} images'
   )
   with progress.bar(ticks, description):
-    accuracies = _train_and_test(
+    curve = _train_and_test(
       key,
       jnp.asarray(images, jnp.float32),
       jnp.asarray(labels, jnp.int32),
+      jnp.asarray(soft_labels, jnp.float32) if settings.soft_labels else None,
       jnp.asarray(test_images, jnp.float32),
       jnp.asarray(test_labels, jnp.int32),
       net,
@@ -162,8 +236,9 @@ def evaluate_set(
       lowering,
       every,
     )
-    accuracies = np.asarray(accuracies)
-  return accuracies * 100.0
+    curve = np.asarray(curve)
+  epochs_trained, _ = train_lib.epoch_plan(train_settings.epochs, train_settings.schedule)
+  return Accuracies(train_lib.evaluation_epochs(epochs_trained, settings.eval_every), curve * 100.0)
 
 
 def cross_architecture(
@@ -207,7 +282,7 @@ def cross_architecture(
         num_classes,
         dataclasses.replace(settings, model=name),
         lowering,
-      )
+      ).last
     except ValueError as error:
       results[name] = {'error': str(error)}
       continue
