@@ -80,10 +80,11 @@ from absl import app, flags
 
 from dd_jax import config as config_lib
 from dd_jax import evaluate as evaluate_lib
-from dd_jax import experiment, models, presets, run
+from dd_jax import experiment, models, presets, protocols, run
 from dd_jax import flops as flops_lib
 from dd_jax import lowering as lowering_lib
 from dd_jax import pool as pool_lib
+from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax.distill import base
 from dd_jax.models import kernels
@@ -134,6 +135,13 @@ _BEFORE_FOLD_NORM = flags.DEFINE_bool(
   'before folding), in the same run.',
 )
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
+_EVAL_PROTOCOLS = flags.DEFINE_list(
+  'eval_protocols',
+  ['dm'],
+  'The evaluation protocols (dd_jax.protocols) whose training epoch is timed; the first is the '
+  "one --before_* and --pytorch compare, e.g. dm,idc (idc: batch 64, IDC's augmentation per "
+  'image, CutMix 0.5).',
+)
 _PYTORCH = flags.DEFINE_bool(
   'pytorch', False, 'Also time the PyTorch baseline (experiments/torch_baseline.py; bench extra).'
 )
@@ -311,12 +319,18 @@ def time_step(
   return record, one_step
 
 
-def _train_fn(lowering: lowering_lib.Lowering, images, labels):
-  """keys -> one evaluation epoch (at a constant lr) of a ConvNet per key, as `lowering` says."""
+def _train_fn(lowering: lowering_lib.Lowering, images, labels, protocol: str = 'dm'):
+  """keys -> one training epoch of `protocol` (at a constant lr) of a ConvNet per key, as
+  `lowering` says."""
   net = models.get_network('ConvNet', NUM_CLASSES, conv=lowering.train_conv)
-  # One epoch at a constant lr (the evaluation's own schedule trains epochs + 1).
-  settings = evaluate_lib.EvalSettings(
-    epochs=1, num_eval=_NUM_EVAL.value, schedule='constant'
+  # One epoch at a constant lr (the protocols' schedules change the lr between epochs only).
+  section = protocols.resolve(
+    {'protocol': protocol, 'epochs': 1, 'num_eval': _NUM_EVAL.value, 'schedule': 'constant',
+     'milestones': (), 'gamma': train_lib.MULTISTEP_GAMMA, 'eval_every': 0}
+  )  # fmt: skip
+  recipe = settings_lib.from_section(train_lib.OptimizerRecipe, section, 'eval')
+  settings = settings_lib.from_section(
+    evaluate_lib.EvalSettings, section, 'eval', recipe=recipe
   ).train_settings()
 
   def train(keys):
@@ -327,20 +341,22 @@ def _train_fn(lowering: lowering_lib.Lowering, images, labels):
 
 
 def time_evaluation(
-  repeats: int, lowering: lowering_lib.Lowering
+  repeats: int, lowering: lowering_lib.Lowering, protocol: str = 'dm'
 ) -> tuple[dict, Callable[[], Any]]:
-  """The evaluation's record and a function that trains one network for one more epoch."""
+  """The record of one training epoch of `protocol` and a function that trains one network for
+  one more epoch."""
   images = jax.random.normal(jax.random.key(0), (_EVAL_IMAGES.value, *IMAGE_SHAPE))
   labels = jnp.arange(_EVAL_IMAGES.value) % NUM_CLASSES
   keys = jax.random.split(jax.random.key(1), _NUM_EVAL.value)
-  train = jax.jit(_train_fn(lowering, images, labels))
+  train = jax.jit(_train_fn(lowering, images, labels, protocol))
   together = timing.median_seconds(lambda: train(keys), repeats)
   alone = _NUM_EVAL.value * timing.median_seconds(lambda: train(keys[:1]), repeats)
   # One network's epoch, as direct convolutions count it (as for the steps).
   flops = flops_lib.dense_flops(
-    jax.make_jaxpr(_train_fn(_direct(lowering), images, labels))(keys[:1])
+    jax.make_jaxpr(_train_fn(_direct(lowering), images, labels, protocol))(keys[:1])
   )
   return {
+    'protocol': protocol,
     'lowering': timing.describe(lowering),
     'num_eval': _NUM_EVAL.value,
     'images': _EVAL_IMAGES.value,
@@ -503,13 +519,16 @@ def main(argv):
           results.setdefault('pytorch_steps', []).append(record)
           print(json.dumps({'pytorch': record}), flush=True)
   if not _SKIP_EVAL.value:
+    first, *others = _EVAL_PROTOCOLS.value
     results['evaluation'], one_network_epoch = time_evaluation(
-      max(2, _REPEATS.value // 2), lowering
+      max(2, _REPEATS.value // 2), lowering, first
     )
-    results['evaluation']['fraction_of_matmul'] = (
-      results['evaluation']['flop_per_s_one_at_a_time'] / ceiling
-    )
-    print(json.dumps(results['evaluation']), flush=True)
+    for protocol in others:
+      record, _ = time_evaluation(max(2, _REPEATS.value // 2), lowering, protocol)
+      results.setdefault('other_evaluations', []).append(record)
+    for record in [results['evaluation'], *results.get('other_evaluations', [])]:
+      record['fraction_of_matmul'] = record['flop_per_s_one_at_a_time'] / ceiling
+      print(json.dumps(record), flush=True)
     if before is not None:
       results['before_evaluation'], _ = time_evaluation(max(2, _REPEATS.value // 2), before)
       results['before_evaluation']['fraction_of_matmul'] = (
@@ -571,11 +590,11 @@ def format_table(results: dict) -> str:
       f'together {e["together_s_per_epoch"]:.2f} s, one at a time '
       f'{e["one_at_a_time_s_per_epoch"]:.2f} s ({e["speedup"]:.2f}x).',
     ]
-  for key in ('evaluation', 'before_evaluation'):
-    if key in results:
-      e = results[key]
+  evaluations = [results[k] for k in ('evaluation', 'before_evaluation') if k in results]
+  for e in evaluations + results.get('other_evaluations', []):
+    if e:
       lines.append(
-        f'Evaluation with lowering {e.get("lowering", "?")}: '
+        f'Evaluation ({e.get("protocol", "dm")} protocol) with lowering {e.get("lowering", "?")}: '
         f'{e["one_at_a_time_s_per_epoch"] / e["num_eval"]:.3f} s per network-epoch'
         + (
           f', {e["flops_per_network_epoch"] / 1e9:.1f} GFLOP, '

@@ -73,31 +73,6 @@ def test_settings_from_config():
   assert (default.schedule, default.share_augment_op) == ('reference', False)
 
 
-def test_cross_architecture_reports_each_network_and_the_largest_drop():
-  images, labels = _separable_data()
-  settings = evaluate.EvalSettings(
-    num_eval=2, epochs=3, recipe=train_lib.OptimizerRecipe(batch_size=8), augment_strategy='none'
-  )
-  report = evaluate.cross_architecture(
-    jax.random.key(0),
-    images,
-    labels,
-    images,
-    labels,
-    3,
-    ('ConvNetW32', 'MLP', 'ResNet18'),
-    settings,
-    lowering.CPU,
-    reference='ConvNetW32',
-  )
-  results = report['results']
-  assert list(results) == ['ConvNetW32', 'MLP', 'ResNet18']
-  assert len(results['ConvNetW32']['accuracies']) == 2
-  assert 'too small' in results['ResNet18']['error']  # 8x8 inputs: reported, not fatal
-  expected = results['ConvNetW32']['mean'] - results['MLP']['mean']
-  assert report['largest_drop'] == {'model': 'MLP', 'drop': expected}
-
-
 @pytest.mark.parametrize('lowering_name', ['cpu', 'accelerator'])
 def test_evaluation_shows_progress_that_ends_at_100_percent(recorded_bars, lowering_name):
   images, labels = _separable_data()

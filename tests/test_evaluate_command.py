@@ -139,3 +139,42 @@ def test_the_command_refuses_in_one_line(tmp_path):
     f'dd_jax: error: --synthetic={tmp_path / "bad.npz"}: images are (32, 32, 3) (H, W, C) but '
     'digits images are (8, 8, 1): wrong --dataset?'
   ]
+
+
+def test_several_architectures_report_the_largest_drop_and_skip_the_unfit(finished_run, tmp_path):
+  workdir, config, _ = finished_run
+  result = command.evaluate_file(
+    os.path.join(workdir, 'synthetic.npz'),
+    config,
+    str(tmp_path / 'out'),
+    architectures=('ConvNetW32', 'MLP', 'ResNet18'),
+    random_real=False,
+    skip_unfit=True,
+  )
+  assert sorted(result['rows']) == ['synthetic/ConvNetW32', 'synthetic/MLP']
+  assert 'too small' in result['skipped']['ResNet18']  # 8x8 inputs: listed, not fatal
+  means = {name: row['eval']['mean'] for name, row in result['rows'].items()}
+  drop = means['synthetic/ConvNetW32'] - means['synthetic/MLP']
+  assert result['largest_drop'] == {'model': 'MLP', 'drop': drop}
+  assert f'largest drop from ConvNetW32: {drop:.2f} points (MLP)' in result['table']
+  # Without skip_unfit the unfit network is refused before any training.
+  with pytest.raises(command.RefusedError, match='too small'):
+    command.evaluate_file(
+      os.path.join(workdir, 'synthetic.npz'), config, str(tmp_path / 'other'),
+      architectures=('ConvNetW32', 'ResNet18'),
+    )  # fmt: skip
+
+
+def test_cross_arch_script_is_the_command_with_several_networks(finished_run, tmp_path):
+  workdir, _, _ = finished_run
+  result = subprocess.run(
+    [sys.executable, 'experiments/cross_arch.py', f'--synthetic={workdir}/synthetic.npz',
+     '--dataset=digits', '--architectures=ConvNetW32,ResNet18', '--epochs=1', '--num_eval=1',
+     f'--out={tmp_path / "out"}'],
+    capture_output=True, text=True, check=False, timeout=300,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '| synthetic (20 stored, 20 decoded) | ConvNetW32 |' in result.stdout
+  assert 'ResNet18: skipped' in result.stdout
+  assert 'random real' not in result.stdout

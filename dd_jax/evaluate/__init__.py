@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -239,63 +239,3 @@ def evaluate_set(
     curve = np.asarray(curve)
   epochs_trained, _ = train_lib.epoch_plan(train_settings.epochs, train_settings.schedule)
   return Accuracies(train_lib.evaluation_epochs(epochs_trained, settings.eval_every), curve * 100.0)
-
-
-def cross_architecture(
-  key: jax.Array,
-  images: jax.Array,
-  labels: jax.Array,
-  test_images: jax.Array,
-  test_labels: jax.Array,
-  num_classes: int,
-  architectures: tuple[str, ...],
-  settings: EvalSettings,
-  lowering: Lowering,
-  reference: str = 'ConvNet',
-) -> dict[str, Any]:
-  """The evaluation protocol on several architectures, and the largest drop from `reference`.
-
-  Args:
-    key: PRNG key (the same for every architecture).
-    images, labels, test_images, test_labels, num_classes: as `evaluate_set`.
-    architectures: registry names, e.g. ('ConvNet', 'AlexNet', 'VGG11', 'ResNet18').
-    settings: the protocol; its `model` field is replaced by each architecture.
-    lowering: as `evaluate_set`.
-    reference: the architecture drops are measured from (included if missing).
-
-  Returns:
-    {'results': {name: {'accuracies', 'mean', 'std'} or {'error': message}},
-     'largest_drop': {'model', 'drop'} (mean accuracy points below `reference`) or None}.
-    An architecture that cannot take the image size (e.g. ResNet18 on 8x8 digits) is reported
-    with its error instead of stopping the others.
-  """
-  names = tuple(dict.fromkeys((reference, *architectures)))
-  results = {}
-  for name in names:
-    try:
-      accuracies = evaluate_set(
-        key,
-        images,
-        labels,
-        test_images,
-        test_labels,
-        num_classes,
-        dataclasses.replace(settings, model=name),
-        lowering,
-      ).last
-    except ValueError as error:
-      results[name] = {'error': str(error)}
-      continue
-    mean, std = stats.mean_std(accuracies)
-    results[name] = {'accuracies': [float(a) for a in accuracies], 'mean': mean, 'std': std}
-  largest_drop = None
-  if 'mean' in results[reference]:
-    drops = {
-      name: results[reference]['mean'] - r['mean']
-      for name, r in results.items()
-      if name != reference and 'mean' in r
-    }
-    if drops:
-      worst = max(drops, key=drops.get)
-      largest_drop = {'model': worst, 'drop': drops[worst]}
-  return {'results': results, 'largest_drop': largest_drop}

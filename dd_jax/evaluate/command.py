@@ -62,6 +62,7 @@ def evaluate_file(
   index: int = 0,
   random_real: bool = True,
   lowering: str = 'auto',
+  skip_unfit: bool = False,
 ) -> dict[str, Any]:
   """Evaluates the set in `path` (and a random real subset) under `config.eval`'s protocol.
 
@@ -78,10 +79,13 @@ def evaluate_file(
     factor, scale, index: as `sets.read_set` (factor None: the file's or the protocol's).
     random_real: also evaluate `ipc` random real images per class (the set's storage budget).
     lowering: 'auto', 'cpu' or 'accelerator'.
+    skip_unfit: skip the architectures that cannot take the image size (listed in 'skipped'),
+      instead of refusing.
 
   Returns:
     {'settings', 'rows': {'synthetic/<net>' or 'random_real/<net>': {'name', 'eval',
-    'seconds'}}, 'table'}.
+    'seconds'}}, 'skipped': {net: reason}, 'largest_drop': {'model', 'drop'} (mean points below
+    the first architecture's, with several) or None, 'table'}.
 
   Raises:
     RefusedError: bad input, before any training.
@@ -99,12 +103,21 @@ def evaluate_file(
       protocol_factor=protocols.PROTOCOLS[settings.protocol].factor,
       index=index,
     )
-    for name in architectures:
+  except ValueError as error:
+    raise RefusedError(str(error)) from None
+  skipped = {}
+  for name in architectures:
+    try:
       models.get_network(name, dataset.num_classes).check_input_shape(
         dataset.image_shape, '--architectures'
       )
-  except ValueError as error:
-    raise RefusedError(str(error)) from None
+    except ValueError as error:
+      if not skip_unfit:
+        raise RefusedError(str(error)) from None
+      skipped[name] = str(error)
+  architectures = tuple(name for name in architectures if name not in skipped)
+  if not architectures:
+    raise RefusedError(f'no architecture of --architectures takes the images: {skipped}')
   identity = json.loads(
     json.dumps(
       {
@@ -176,11 +189,33 @@ def evaluate_file(
     )
     rows[name] = {'name': name, 'eval': evaluation, 'seconds': time.perf_counter() - start}
     workdir_lib.write_json(records_path, {'settings': identity, 'rows': rows})
+  drop = largest_drop(rows, architectures)
   table = format_table(rows, settings, synthetic, dataset.held_out, path)
+  for name, reason in skipped.items():
+    table += f'\n{name}: skipped ({reason})'
+  if drop:
+    table += f'\nlargest drop from {architectures[0]}: {drop["drop"]:.2f} points ({drop["model"]})'
   print(table, flush=True)
   with workdir_lib.atomic_write(os.path.join(out, 'table.md'), 'w') as f:
     f.write(table + '\n')
-  return {'settings': identity, 'rows': rows, 'table': table}
+  return {
+    'settings': identity,
+    'rows': rows,
+    'skipped': skipped,
+    'largest_drop': drop,
+    'table': table,
+  }
+
+
+def largest_drop(rows: dict[str, Any], architectures: tuple[str, ...]) -> dict[str, Any] | None:
+  """The architecture whose mean accuracy on the synthetic set falls furthest below the first
+  one's: {'model', 'drop' (points)}, or None with a single architecture."""
+  means = {name: rows[f'synthetic/{name}']['eval']['mean'] for name in architectures}
+  reference, *others = architectures
+  if not others:
+    return None
+  worst = max(others, key=lambda name: means[reference] - means[name])
+  return {'model': worst, 'drop': means[reference] - means[worst]}
 
 
 def format_table(
