@@ -251,8 +251,9 @@ def disk_needed(
   traced abstractly) and its schedule.
 
   Counted: (checkpoints_kept + 1) checkpoints (Orbax writes a new step, in a temporary
-  directory, before deleting the oldest); two copies of the exported training set
-  (synthetic.npz and its temporary copy); one PNG grid per evaluation (uncompressed bound);
+  directory, before deleting the oldest); the exported training set four times (synthetic.npz
+  holds it in pixels and normalised, and its temporary copy), and twice per evaluation when
+  the checkpoint is chosen on the test split; one PNG grid per evaluation (uncompressed bound);
   metrics.jsonl twice (rewritten through a temporary file) and the TensorBoard events; the small
   files; then a 10% margin.
   """
@@ -275,7 +276,8 @@ def disk_needed(
   log_lines = distill.iterations // distill.log_every + evaluations
   needed = (
     (checkpoints_kept + 1) * (state_bytes + _CHECKPOINT_OVERHEAD)
-    + 2 * image_bytes
+    + 4 * image_bytes
+    + (2 * evaluations * image_bytes if settings.eval.select_checkpoint == 'test' else 0)
     + evaluations * png_bytes
     + 3 * log_lines * _BYTES_PER_LOG_LINE
     + _FIXED_FILES
@@ -476,19 +478,11 @@ def _export(
     The results (as in results.json).
   """
   dataset, distill = data.dataset, settings.distill
-  images, labels = map(sharding_lib.to_host, prepared.training_set(state))
-  pixels = lambda x: np.asarray(dataset.denormalize(sharding_lib.to_host(x), clip=True)) / 255.0
-  stored = settings.method.stored_images(state)
-  synthetic = workdir_lib.synthetic_arrays(
-    pixels(images),
-    np.asarray(labels),
-    dataset.class_names,
-    dataset.mean,
-    dataset.std,
-    stored_images=None if stored is None else pixels(stored),
-    normalized_images=np.asarray(images),
-    step=int(state.step),
-  )
+  synthetic = _synthetic_arrays(data, settings, prepared, state)
+  if settings.eval.select_checkpoint == 'test':
+    step, evaluation = _test_selected_evaluation(workdir)
+    with np.load(_evaluated_path(workdir, step)) as saved:
+      synthetic = {key: saved[key] for key in saved.files}
   results = {
     'dataset': dataset.name,
     'method': presets.method_label(config),  # as the tables name it, e.g. 'DM + IID (reference)'
@@ -499,6 +493,8 @@ def _export(
     'cc_extractor': distill.extractor,
     'eval': evaluation,
   }
+  if settings.eval.select_checkpoint == 'test':
+    results['checkpoint'] = {'chosen_on': 'test', 'step': int(synthetic['step'])}
   results = json.loads(json.dumps(results))  # as read back from results.json
   synthetic_path = os.path.join(workdir, 'synthetic.npz')
   problem = workdir_lib.synthetic_problem(synthetic_path, synthetic)
@@ -511,6 +507,42 @@ def _export(
       print(f'{workdir}/results.json is missing, unreadable or outdated; rewriting it.', flush=True)
     workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
   return results
+
+
+def _synthetic_arrays(
+  data: PreparedData, settings: experiment.ExperimentSettings, prepared: Prepared, state: Any
+) -> dict[str, np.ndarray]:
+  """The arrays of synthetic.npz for `state` (`workdir.synthetic_arrays`)."""
+  dataset = data.dataset
+  images, labels = map(sharding_lib.to_host, prepared.training_set(state))
+  pixels = lambda x: np.asarray(dataset.denormalize(sharding_lib.to_host(x), clip=True)) / 255.0
+  stored = settings.method.stored_images(state)
+  return workdir_lib.synthetic_arrays(
+    pixels(images),
+    np.asarray(labels),
+    dataset.class_names,
+    dataset.mean,
+    dataset.std,
+    stored_images=None if stored is None else pixels(stored),
+    normalized_images=np.asarray(images),
+    step=int(state.step),
+  )
+
+
+def _evaluated_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, 'evaluated', f'step_{step:06d}.npz')
+
+
+def _test_selected_evaluation(workdir: str) -> tuple[int, dict[str, Any]]:
+  """(step, evaluation) of the evaluation point with the best mean test accuracy (the earliest
+  of ties): the papers' checkpoint selection, replicated by config.eval.select_checkpoint."""
+  evaluations = {
+    m['step']: m['eval']
+    for m in workdir_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+    if 'eval' in m
+  }
+  step = max(sorted(evaluations), key=lambda s: evaluations[s]['mean'])
+  return step, evaluations[step]
 
 
 def _evaluate_and_record(
@@ -535,6 +567,11 @@ def _evaluate_and_record(
     teacher_of(settings, data),
   )
   seconds = time.perf_counter() - start
+  if settings.eval.select_checkpoint == 'test':  # kept for the choice at the end
+    os.makedirs(os.path.join(workdir, 'evaluated'), exist_ok=True)
+    workdir_lib.export_synthetic(
+      _evaluated_path(workdir, step), _synthetic_arrays(data, settings, prepared, state)
+    )
   print(
     f'step {step}: {evaluation["model"]} {evaluation["split"]} accuracy '
     f'{stats.format_mean_std(evaluation["accuracies"])} over '

@@ -178,3 +178,33 @@ def test_cross_arch_script_is_the_command_with_several_networks(finished_run, tm
   assert '| synthetic (20 stored, 20 decoded) | ConvNetW32 |' in result.stdout
   assert 'ResNet18: skipped' in result.stdout
   assert 'random real' not in result.stdout
+
+
+def test_soft_labels_come_from_the_pools_first_member(finished_run, tmp_path, monkeypatch):
+  workdir, _, _ = finished_run
+  config = make_tiny_config(
+    **{'eval.soft_labels': True, 'eval.hard_label_epochs': 1, 'eval.epochs': 3,
+       'pool.model': 'ConvNetW32', 'pool.size': 1, 'pool.epochs': 1,
+       'pool.dir': str(tmp_path / 'pool')}
+  )  # fmt: skip
+  seen = []
+  original = run_lib.train_lib.soft_targets
+  monkeypatch.setattr(
+    run_lib.train_lib, 'soft_targets', lambda *a: seen.append(original(*a)) or seen[-1]
+  )
+  result = command.evaluate_file(
+    os.path.join(workdir, 'synthetic.npz'), config, str(tmp_path / 'out'), architectures=NETS
+  )
+  assert [len(targets) for targets in seen] == [20, 20]  # the set and the random real subset
+  assert all(row['eval']['labels'] == 'soft' for row in result['rows'].values())
+  assert 'soft labels' in result['table']
+  hard = command.evaluate_file(
+    os.path.join(workdir, 'synthetic.npz'),
+    make_tiny_config(**{'eval.epochs': 3}),
+    str(tmp_path / 'hard'),
+    architectures=NETS,
+  )
+  synthetic = 'synthetic/ConvNetW32'
+  assert (
+    result['rows'][synthetic]['eval']['accuracies'] != hard['rows'][synthetic]['eval']['accuracies']
+  )

@@ -397,3 +397,27 @@ def test_tensorboard_holds_the_loss_terms_and_accuracies_once_after_a_resume(
   np.testing.assert_allclose([v for _, v in scalars['distill/match']], [m['match'] for m in logged])
   results = workdir_lib.read_json(str(tmp_path / 'results.json'))
   assert scalars['eval/test_accuracy'][-1] == (6, pytest.approx(results['eval']['mean']))
+
+
+def test_choosing_the_checkpoint_on_test_is_labelled_and_exports_that_set(tmp_path, tiny_config):
+  config = tiny_config(**{'distill.eval_every': 2, 'eval.select_checkpoint': 'test'})
+  workdir = tmp_path / 'run'
+  results = run_lib.run(config, str(workdir))
+  evaluations = {
+    m['step']: m['eval']
+    for m in run_lib.workdir_lib.read_metrics(str(workdir / 'metrics.jsonl'))
+    if 'eval' in m
+  }
+  assert sorted(evaluations) == [2, 4, 6]
+  best = max(sorted(evaluations), key=lambda step: evaluations[step]['mean'])
+  assert results['checkpoint'] == {'chosen_on': 'test', 'step': best}
+  assert results['eval'] == evaluations[best]
+  assert results['method'].endswith(' [checkpoint chosen on test]')
+  exported, kept = (
+    np.load(workdir / 'synthetic.npz'),
+    np.load(workdir / f'evaluated/step_{best:06d}.npz'),
+  )
+  assert int(exported['step']) == best
+  for key in kept.files:
+    np.testing.assert_array_equal(exported[key], kept[key])
+  assert run_lib.run(config, str(workdir)) == results  # a finished run: the same choice

@@ -35,6 +35,9 @@ from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax.lowering import Lowering
 
+# `EvalSettings.select_checkpoint`.
+CHECKPOINT_SELECTIONS = ('last', 'test')
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings(settings_lib.Settings):
@@ -62,6 +65,9 @@ class EvalSettings(settings_lib.Settings):
     soft_labels: train on a teacher's soft labels (`train.soft_targets`; NCFM's option), the
       caller giving them to `evaluate_set`; the last `hard_label_epochs` epochs on the labels.
     hard_label_epochs: see `soft_labels`.
+    select_checkpoint: which synthetic set a run exports and reports: 'last' (the last
+      iteration's) or 'test' (the evaluation point with the best test accuracy, as DANCE, DSDM
+      and M3D report; a choice on the test split, labelled in every table and record).
     test_batch_size: test images per forward pass (does not change the accuracies).
   """
 
@@ -80,6 +86,7 @@ class EvalSettings(settings_lib.Settings):
   eval_every: int = settings_lib.field(0, check=settings_lib.NON_NEGATIVE)
   soft_labels: bool = settings_lib.field(False, choices=(False, True))
   hard_label_epochs: int = settings_lib.field(100, check=settings_lib.NON_NEGATIVE)
+  select_checkpoint: str = settings_lib.field('last', choices=CHECKPOINT_SELECTIONS)
   test_batch_size: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
 
   def check(self) -> None:
