@@ -136,6 +136,10 @@ def default_config() -> ml_collections.ConfigDict:
   # per_class: one image optimizer step per class (the official codes); joint: one summed step
   # per iteration (DM's form: faster, not what the papers ran)
   config.family.class_steps = 'per_class'
+  # 'per_class': every class's gradient in one batched pass ('together', the same steps to float
+  # rounding), one pass per class step ('one_by_one', as the codes compute them) or 'auto' (one
+  # by one on CPU, where it measured faster; together on accelerators).
+  config.family.class_gradients = 'auto'
   config.family.network_every = 1  # iterations one random matching network serves (M3D: 5)
   config.family.calibration_passes = 0  # calibration passes per iteration (DANCE: 1)
   config.family.pool_members = 5  # pool members an iteration draws from (DANCE: 5 of 20)

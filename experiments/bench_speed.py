@@ -134,6 +134,12 @@ _BEFORE_FOLD_NORM = flags.DEFINE_bool(
   "synthetic_conv (false: the first layer's instance norm applied to its output, the code "
   'before folding), in the same run.',
 )
+_CLASS_GRADIENTS = flags.DEFINE_enum(
+  'class_gradients',
+  None,
+  ['together', 'one_by_one'],
+  "The IDC family's per-class gradients (config.family.class_gradients; default the config's).",
+)
 _SKIP_EVAL = flags.DEFINE_bool('skip_eval', False, 'Do not time the evaluation program.')
 _EVAL_PROTOCOLS = flags.DEFINE_list(
   'eval_protocols',
@@ -240,6 +246,8 @@ def _config(dataset_path: str, method: str, ipc: int):
     config.family.pool_members = BENCH_POOL_SIZE
   if _SYN_ONE_PASS.value:
     config.distill.syn_chunk = NUM_CLASSES * ipc
+  if _CLASS_GRADIENTS.value:
+    config.family.class_gradients = _CLASS_GRADIENTS.value
   return config
 
 

@@ -30,32 +30,47 @@ def _quadratic_class_grad(targets):
   return class_grad
 
 
+def _python_loop(images, state, optimizer, num_classes, ipc, class_grad):
+  """The reference loop (optimizer.step() inside the class loop): images, state, each class's
+  loss at its own step."""
+  losses = []
+  for c in range(num_classes):
+    grad, loss = class_grad(images[c * ipc : (c + 1) * ipc], c)
+    losses.append(loss)
+    full = jnp.zeros_like(images).at[c * ipc : (c + 1) * ipc].set(grad)
+    updates, state = optimizer.update(full, state, images)
+    images = optax.apply_updates(images, updates)
+  return images, state, losses
+
+
+@pytest.mark.parametrize('gradients_together', [False, True], ids=['one_by_one', 'together'])
 @pytest.mark.parametrize(
   'optimizer',
   [optax.sgd(0.1, momentum=0.5), optax.adamw(0.05, weight_decay=0.01)],
   ids=['sgd_momentum', 'adamw'],
 )
-def test_per_class_updates_equal_a_python_loop_of_optax_steps(optimizer):
+def test_per_class_updates_equal_a_python_loop_of_optax_steps(optimizer, gradients_together):
   num_classes, ipc = 3, 2
-  images = jax.random.normal(jax.random.key(0), (num_classes * ipc, 4, 4, 1))
+  start = jax.random.normal(jax.random.key(0), (num_classes * ipc, 4, 4, 1))
   targets = jax.random.normal(jax.random.key(1), (num_classes, ipc, 4, 4, 1))
   class_grad = _quadratic_class_grad(targets)
-  opt_state = optimizer.init(images)
+  # From a state with momentum (one iteration in): earlier steps move later classes' rows.
+  images, opt_state, _ = _python_loop(
+    start, optimizer.init(start), optimizer, num_classes, ipc, class_grad
+  )
   scanned, scanned_state, losses = jax.jit(
-    lambda x, s: class_steps.per_class_updates(x, s, optimizer, num_classes, ipc, class_grad)
+    lambda x, s: class_steps.per_class_updates(
+      x, s, optimizer, num_classes, ipc, class_grad, gradients_together
+    )
   )(images, opt_state)
-
-  looped, state = images, opt_state
-  for c in range(num_classes):  # the reference loop: optimizer.step() inside the class loop
-    grad, _ = class_grad(looped[c * ipc : (c + 1) * ipc], c)
-    full = jnp.zeros_like(looped).at[c * ipc : (c + 1) * ipc].set(grad)
-    updates, state = optimizer.update(full, state, looped)
-    looped = optax.apply_updates(looped, updates)
+  looped, state, looped_losses = _python_loop(
+    images, opt_state, optimizer, num_classes, ipc, class_grad
+  )
   np.testing.assert_allclose(scanned, looped, rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.tree.leaves(scanned_state), jax.tree.leaves(state)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-  assert losses.shape == (num_classes,)
-
+  # Each class's loss at its own step (after the earlier classes' steps moved its rows).
+  np.testing.assert_allclose(losses, looped_losses, rtol=1e-5)
   # The joint form (one summed step) is a different update: the test fails if the per-class
   # step were silently joint.
   joint, _, _ = class_steps.joint_update(images, opt_state, optimizer, num_classes, ipc, class_grad)

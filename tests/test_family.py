@@ -91,6 +91,28 @@ def test_the_step_takes_one_optimizer_step_per_class_unless_joint():
   assert np.max(np.abs(results['per_class'] - results['joint'])) > 1e-4
 
 
+@pytest.mark.parametrize('calibration_passes', [0, 1], ids=['m3d_like', 'with_calibration'])
+def test_class_gradients_together_take_the_same_steps_as_one_by_one(
+  tiny_dataset, pool, calibration_passes
+):
+  # Two iterations from real images (momentum 0.5 carries the first into the second), the
+  # matching term and, with a calibration pass, the expert's cross-entropy.
+  pool = dataclasses.replace(pool, settings=TINY_POOL)
+  source, params = dance.interpolated_pool(pool.net, pool, members=2)
+  images = {}
+  for gradients in ('one_by_one', 'together'):
+    settings = _settings(
+      model=TINY_POOL.model, factor=2, class_gradients=gradients,
+      calibration_passes=calibration_passes,
+    )  # fmt: skip
+    step, state, sampler = _step(settings, tiny_dataset, networks=source, network_params=params)
+    for _ in range(2):
+      state, _ = step(state, sampler)
+    images[gradients] = np.asarray(state.images)
+  np.testing.assert_allclose(images['together'], images['one_by_one'], rtol=1e-4, atol=1e-5)
+  assert np.max(np.abs(images['together'] - _step(settings, tiny_dataset)[1].images)) > 1e-3
+
+
 def test_random_networks_last_network_every_iterations():
   net = models.get_network('ConvNetW32', 10)
   source = family.random_networks(net, (8, 8, 1), every=3)

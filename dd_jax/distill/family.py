@@ -54,6 +54,10 @@ FAMILY_INITS = ('mix', 'real', 'noise')
 DM_IID_SETTINGS = dm.DM.presets.iid
 
 
+# `FamilySettings.class_gradients` (its field `class_steps` hides the module in the class body).
+_CLASS_GRADIENTS = class_steps.GRADIENTS
+
+
 @dataclasses.dataclass(frozen=True)
 class FamilySettings(base.DistillSettings):
   """DM's settings plus the IDC family's (config section `family`).
@@ -67,6 +71,10 @@ class FamilySettings(base.DistillSettings):
     factor: multi-formation factor f (1: none).
     class_steps: 'per_class' (one optimizer step per class, the codes) or 'joint' (one summed
       step per iteration: faster, not faithful).
+    class_gradients: 'per_class' only: 'together' (every class's gradient in one batched pass,
+      the same steps to float rounding: `class_steps.per_class_updates`), 'one_by_one' (one
+      pass per class step, as the codes compute them) or 'auto' (the lowering's: one by one
+      where it loops over classes, on CPU; together on accelerators).
     network_every: iterations one random matching network serves (M3D's `ipm`).
     calibration_passes: DANCE's calibration passes per iteration (0: none).
     pool_members: pool members an iteration draws its network from (DANCE's `num_premodel`).
@@ -75,6 +83,7 @@ class FamilySettings(base.DistillSettings):
   init: str = field('mix', choices=FAMILY_INITS)
   factor: int = field(2, check=POSITIVE)
   class_steps: str = field('per_class', choices=class_steps.MODES)
+  class_gradients: str = field('auto', choices=('auto', *_CLASS_GRADIENTS))
   network_every: int = field(1, check=POSITIVE)
   calibration_passes: int = field(0, check=NON_NEGATIVE)
   pool_members: int = field(5, check=POSITIVE)
@@ -206,7 +215,10 @@ def make_family_step(
   height, width = image_shape[:2]
   strategy, factor = settings.strategy, settings.factor
   optimizer = settings.image_optimizer()
-  update = class_steps.class_updates(settings.class_steps)
+  gradients = settings.class_gradients
+  if gradients == 'auto':
+    gradients = 'one_by_one' if lowering.loop_classes else 'together'
+  update = class_steps.class_updates(settings.class_steps, gradients)
   real_chunk = dm.resolve_real_chunk(settings, num_classes, lowering)
   draw_params = lambda key: augmentation_params(key, num_classes, strategy, height, width)
   decode = lambda class_images: multiformation.decode(class_images, factor)
