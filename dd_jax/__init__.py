@@ -1,4 +1,5 @@
-"""dd_jax: distribution-matching dataset distillation (DM, IDM + the IID constraints) in JAX/Flax.
+"""dd_jax: distribution-matching dataset distillation (DM, IDM, M3D, DANCE + the IID constraints)
+in JAX/Flax, and the evaluation protocols that score the sets.
 
 Library entry points (pure, jit/vmap/grad-safe):
   from dd_jax import losses      # mean_matching, local_covariance, covariance_matching, ...
@@ -7,11 +8,14 @@ Library entry points (pure, jit/vmap/grad-safe):
   from dd_jax import multiformation  # decode(images, factor), mix_init: f x f crops per image
   from dd_jax import data        # load_dataset(spec), ClassSampler, sample_all_classes
   from dd_jax.distill import methods, dm, idm   # the registered methods and their steps
+  from dd_jax import protocols   # PROTOCOLS['idc'], resolve(config.eval): evaluation protocols
+  from dd_jax import evaluate    # evaluate_set(...): fresh networks trained on a set, tested
   from dd_jax import lowering    # resolve('auto'): the platform's programs, passed explicitly
   from dd_jax import run         # run(config, workdir): a resumable distillation run
 `import dd_jax` alone also reaches them (`dd_jax.losses`), imported on first use so that
 `import dd_jax` stays cheap.
-Runs: `python -m dd_jax.main --config=configs/digits.py --workdir=/tmp/dd_digits`.
+Runs: `python -m dd_jax.main --config=configs/digits.py --workdir=/tmp/dd_digits`; any set:
+`python -m dd_jax.evaluate --synthetic=<file> --dataset=<spec> --protocol=<name> --out=<dir>`.
 """
 
 import importlib
@@ -29,6 +33,7 @@ _PUBLIC_MODULES = (
   'data',
   'lowering',
   'extractors',
+  'protocols',
   'evaluate',
   'distill',
   'presets',

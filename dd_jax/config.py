@@ -202,10 +202,11 @@ def default_config() -> ml_collections.ConfigDict:
   # random real subset under the same protocol (compare.random_real).
   config.eval.soft_labels = False
   config.eval.hard_label_epochs = 100  # soft_labels: the last epochs on the hard labels
-  # The synthetic set a run exports and reports: 'last' (the last iteration's) or 'test' (the
-  # evaluation point, every distill.eval_every steps, with the best test accuracy: what DANCE,
-  # DSDM and M3D report; labelled '[checkpoint chosen on test]' in every table and record).
-  # Choose iterations honestly on a validation split (dataset.validation_fraction) instead.
+  # The synthetic set a run exports and reports: 'last' (the last iteration's), 'validation'
+  # (the evaluation point, every distill.eval_every steps, with the best validation accuracy:
+  # needs dataset.validation_fraction; score the exported set on the test split afterwards with
+  # `python -m dd_jax.evaluate`) or 'test' (the best test accuracy: what DANCE, DSDM and M3D
+  # report; labelled '[checkpoint chosen on test]' in every table and record).
   config.eval.select_checkpoint = 'last'
 
   config.compute = ml_collections.ConfigDict()

@@ -94,6 +94,19 @@ def validate_config(config: ml_collections.ConfigDict) -> ExperimentSettings:
   if not isinstance(config.seed, int) or config.seed < 0:
     raise ValueError(f'config.seed={config.seed!r} must be an integer >= 0.')
   dataset = data_lib.DatasetSettings.from_config(config)
+  selection = config.eval.get('select_checkpoint', 'last')
+  if selection == 'validation' and not dataset.validation_fraction:
+    raise ValueError(
+      "config.eval.select_checkpoint='validation' chooses among evaluation points on a "
+      'validation split: set config.dataset.validation_fraction (e.g. 0.1), then score the '
+      'exported set on the test split with python -m dd_jax.evaluate.'
+    )
+  if selection == 'test' and dataset.validation_fraction:
+    raise ValueError(
+      "config.eval.select_checkpoint='test' with config.dataset.validation_fraction="
+      f'{dataset.validation_fraction} would choose on the validation split: use '
+      "select_checkpoint='validation'."
+    )
   method = methods.get(config.method)
   return ExperimentSettings(
     seed=config.seed,

@@ -121,7 +121,7 @@ def method_label(config: ml_collections.ConfigDict) -> str:
   E.g. 'DM', 'DM + CM', 'DM + IID (reference)' (the reference code's weights and CC form),
   'DM + IID (CC relative 0.1)', 'DM + IID (CC threshold 0.1 tau 1)', 'DM + IID (CC calibrated
   rho 0.1, CM 0.02)', 'DM + CC (CC on pool: 10 ConvNet x 10 ep)'; with
-  config.eval.select_checkpoint='test', ' [checkpoint chosen on test]' added.
+  config.eval.select_checkpoint 'validation' or 'test', ' [checkpoint chosen on <split>]' added.
   """
   cc, cm = config.constraints.cc, config.constraints.cm
   cc_on, cm_on = cc.weight > 0, cm.weight > 0
@@ -149,6 +149,6 @@ def method_label(config: ml_collections.ConfigDict) -> str:
   if cc_on and cc.extractor == 'pool':
     details.append(f'CC on pool: {config.pool.size} {config.pool.model} x {config.pool.epochs} ep')
   label += f' ({", ".join(details)})' if details else ''
-  if config.eval.get('select_checkpoint') == 'test':
-    label += ' [checkpoint chosen on test]'
+  if config.eval.get('select_checkpoint', 'last') != 'last':
+    label += f' [checkpoint chosen on {config.eval.select_checkpoint}]'
   return label

@@ -277,7 +277,7 @@ def disk_needed(
   needed = (
     (checkpoints_kept + 1) * (state_bytes + _CHECKPOINT_OVERHEAD)
     + 4 * image_bytes
-    + (2 * evaluations * image_bytes if settings.eval.select_checkpoint == 'test' else 0)
+    + (2 * evaluations * image_bytes if settings.eval.selects_checkpoint else 0)
     + evaluations * png_bytes
     + 3 * log_lines * _BYTES_PER_LOG_LINE
     + _FIXED_FILES
@@ -479,8 +479,8 @@ def _export(
   """
   dataset, distill = data.dataset, settings.distill
   synthetic = _synthetic_arrays(data, settings, prepared, state)
-  if settings.eval.select_checkpoint == 'test':
-    step, evaluation = _test_selected_evaluation(workdir)
+  if settings.eval.selects_checkpoint:
+    step, evaluation = _best_evaluation(workdir)
     with np.load(_evaluated_path(workdir, step)) as saved:
       synthetic = {key: saved[key] for key in saved.files}
   results = {
@@ -493,8 +493,8 @@ def _export(
     'cc_extractor': distill.extractor,
     'eval': evaluation,
   }
-  if settings.eval.select_checkpoint == 'test':
-    results['checkpoint'] = {'chosen_on': 'test', 'step': int(synthetic['step'])}
+  if settings.eval.selects_checkpoint:
+    results['checkpoint'] = {'chosen_on': dataset.held_out, 'step': int(synthetic['step'])}
   results = json.loads(json.dumps(results))  # as read back from results.json
   synthetic_path = os.path.join(workdir, 'synthetic.npz')
   problem = workdir_lib.synthetic_problem(synthetic_path, synthetic)
@@ -533,9 +533,9 @@ def _evaluated_path(workdir: str, step: int) -> str:
   return os.path.join(workdir, 'evaluated', f'step_{step:06d}.npz')
 
 
-def _test_selected_evaluation(workdir: str) -> tuple[int, dict[str, Any]]:
-  """(step, evaluation) of the evaluation point with the best mean test accuracy (the earliest
-  of ties): the papers' checkpoint selection, replicated by config.eval.select_checkpoint."""
+def _best_evaluation(workdir: str) -> tuple[int, dict[str, Any]]:
+  """(step, evaluation) of the evaluation point with the best mean accuracy on the run's held-out
+  split (the earliest of ties): config.eval.select_checkpoint 'validation' or 'test'."""
   evaluations = {
     m['step']: m['eval']
     for m in workdir_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
@@ -567,7 +567,7 @@ def _evaluate_and_record(
     teacher_of(settings, data),
   )
   seconds = time.perf_counter() - start
-  if settings.eval.select_checkpoint == 'test':  # kept for the choice at the end
+  if settings.eval.selects_checkpoint:  # kept for the choice at the end
     os.makedirs(os.path.join(workdir, 'evaluated'), exist_ok=True)
     workdir_lib.export_synthetic(
       _evaluated_path(workdir, step), _synthetic_arrays(data, settings, prepared, state)

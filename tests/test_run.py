@@ -399,8 +399,12 @@ def test_tensorboard_holds_the_loss_terms_and_accuracies_once_after_a_resume(
   assert scalars['eval/test_accuracy'][-1] == (6, pytest.approx(results['eval']['mean']))
 
 
-def test_choosing_the_checkpoint_on_test_is_labelled_and_exports_that_set(tmp_path, tiny_config):
-  config = tiny_config(**{'distill.eval_every': 2, 'eval.select_checkpoint': 'test'})
+@pytest.mark.parametrize('split', ['validation', 'test'])
+def test_the_checkpoint_chosen_on_a_split_is_labelled_and_exported(tmp_path, tiny_config, split):
+  config = tiny_config(
+    **{'distill.eval_every': 2, 'eval.select_checkpoint': split},
+    **({'dataset.validation_fraction': 0.1} if split == 'validation' else {}),
+  )
   workdir = tmp_path / 'run'
   results = run_lib.run(config, str(workdir))
   evaluations = {
@@ -410,9 +414,9 @@ def test_choosing_the_checkpoint_on_test_is_labelled_and_exports_that_set(tmp_pa
   }
   assert sorted(evaluations) == [2, 4, 6]
   best = max(sorted(evaluations), key=lambda step: evaluations[step]['mean'])
-  assert results['checkpoint'] == {'chosen_on': 'test', 'step': best}
-  assert results['eval'] == evaluations[best]
-  assert results['method'].endswith(' [checkpoint chosen on test]')
+  assert results['checkpoint'] == {'chosen_on': split, 'step': best}
+  assert results['eval'] == evaluations[best] and results['eval']['split'] == split
+  assert results['method'].endswith(f' [checkpoint chosen on {split}]')
   exported, kept = (
     np.load(workdir / 'synthetic.npz'),
     np.load(workdir / f'evaluated/step_{best:06d}.npz'),
@@ -421,3 +425,16 @@ def test_choosing_the_checkpoint_on_test_is_labelled_and_exports_that_set(tmp_pa
   for key in kept.files:
     np.testing.assert_array_equal(exported[key], kept[key])
   assert run_lib.run(config, str(workdir)) == results  # a finished run: the same choice
+
+
+@pytest.mark.parametrize(
+  ('split', 'fraction', 'message'),
+  [
+    ('validation', 0.0, r"'validation' chooses among evaluation points on a validation split"),
+    ('test', 0.1, r"'test' with config.dataset.validation_fraction=0.1 would choose on the"),
+  ],
+)
+def test_a_checkpoint_choice_on_the_wrong_split_is_refused(tiny_config, split, fraction, message):
+  config = tiny_config(**{'eval.select_checkpoint': split, 'dataset.validation_fraction': fraction})
+  with pytest.raises(ValueError, match=message):
+    run_lib.experiment.validate_config(config)

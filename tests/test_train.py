@@ -831,7 +831,8 @@ def test_soft_targets_hand_computed():
   assert float(ten[0, 0]) == pytest.approx(e / (e + 9), rel=1e-6) == pytest.approx(0.232, abs=5e-4)
 
 
-def test_soft_labels_train_until_the_last_hard_label_epochs():
+@pytest.mark.parametrize('lowering_name', ['cpu', 'accelerator'])
+def test_soft_labels_train_until_the_last_hard_label_epochs(lowering_name):
   images, labels = _data(num_images=12)
   net = models.get_network('MLP', 3)
   settings = dataclasses.replace(
@@ -839,7 +840,7 @@ def test_soft_labels_train_until_the_last_hard_label_epochs():
   )
   keys = jax.random.split(jax.random.key(0), 2)
   train = lambda settings, soft: train_lib.train_networks(
-    keys, images, labels, net, settings, lowering.CPU, soft_labels=soft
+    keys, images, labels, net, settings, lowering.resolve(lowering_name), soft_labels=soft
   )
   leaves = lambda tree: jax.tree_util.tree_leaves(tree)
   hard = train(settings, None)

@@ -15,7 +15,9 @@ as the reference's `for ep in range(Epoch + 1)` loop. Test accuracy once, at the
 test set. Protocols with `eval_every` > 0 also test every `eval_every` epochs; the records keep
 the last accuracy and the best over those points (what the IDC family reports).
 
-`python -m dd_jax.evaluate` evaluates any synthetic set file (`dd_jax.evaluate.__main__`).
+`python -m dd_jax.evaluate` evaluates any synthetic set file: `sets` reads and checks it,
+`command.evaluate_file` does the work, `main` holds the flags. Those two are the command's, like
+`dd_jax.main`, and import `dd_jax.run`; this module imports nothing above `dd_jax.distill`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dd_jax import train as train_lib
 from dd_jax.lowering import Lowering
 
 # `EvalSettings.select_checkpoint`.
-CHECKPOINT_SELECTIONS = ('last', 'test')
+CHECKPOINT_SELECTIONS = ('last', 'validation', 'test')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +68,10 @@ class EvalSettings(settings_lib.Settings):
       caller giving them to `evaluate_set`; the last `hard_label_epochs` epochs on the labels.
     hard_label_epochs: see `soft_labels`.
     select_checkpoint: which synthetic set a run exports and reports: 'last' (the last
-      iteration's) or 'test' (the evaluation point with the best test accuracy, as DANCE, DSDM
-      and M3D report; a choice on the test split, labelled in every table and record).
+      iteration's), 'validation' (the evaluation point with the best validation accuracy; the
+      run holds out a validation split, and the exported set is scored on the test split
+      afterwards by `python -m dd_jax.evaluate`) or 'test' (the best test accuracy, as DANCE,
+      DSDM and M3D report: a choice on the test split, labelled in every table and record).
     test_batch_size: test images per forward pass (does not change the accuracies).
   """
 
@@ -88,6 +92,11 @@ class EvalSettings(settings_lib.Settings):
   hard_label_epochs: int = settings_lib.field(100, check=settings_lib.NON_NEGATIVE)
   select_checkpoint: str = settings_lib.field('last', choices=CHECKPOINT_SELECTIONS)
   test_batch_size: int = settings_lib.field(1000, check=settings_lib.POSITIVE)
+
+  @property
+  def selects_checkpoint(self) -> bool:
+    """Whether the run exports its best evaluation point rather than its last iteration."""
+    return self.select_checkpoint != 'last'
 
   def check(self) -> None:
     # A list from a config would make the settings unhashable (a static jit argument).
