@@ -533,3 +533,97 @@ def test_mmd_match_fn_under_jit_and_in_the_classwise_objective():
   )
   np.testing.assert_allclose(terms.match, sum(eager), rtol=1e-5)
   np.testing.assert_allclose(terms.total, sum(eager), rtol=1e-5)
+
+
+# NCFM's characteristic-function loss (Wang et al., CVPR 2025).
+
+
+@pytest.mark.parametrize(
+  'syn, frequencies, amplitude, phase, cf',
+  [
+    ([[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], [0.0149860] * 2, [0.2148628] * 2, 0.3390050),
+    (
+      [[0.6, 0.8], [0.8, 0.6]],
+      [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+      [0.0137878, 0.0137878, 0.0],
+      [0.0348117, 0.0348117, 0.1578780],
+      0.1975761,
+    ),
+    ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [0.0] * 2, [1e-12] * 2, 7.0710678e-7),
+  ],
+  ids=['one_syn', 'three_frequencies', 'identical_sets_clamp'],
+)
+def test_characteristic_function_loss_family_vectors(syn, frequencies, amplitude, phase, cf):
+  with float64():
+    real, syn, frequencies = jnp.eye(2), jnp.array(syn), jnp.array(frequencies)
+    assert syn.dtype == jnp.float64
+    a, p = losses.characteristic_function_terms(real, syn, frequencies)
+    # The vectors are printed to 1e-7 (the terms) and 7 significant digits (the loss).
+    np.testing.assert_allclose(a, amplitude, atol=5e-8)
+    np.testing.assert_allclose(p, phase, rtol=1e-6, atol=5e-8)
+    loss = losses.characteristic_function_matching(real, syn, frequencies)
+    np.testing.assert_allclose(loss, 300.0 * cf, rtol=1e-6)
+    scale_one = losses.characteristic_function_matching(real, syn, frequencies, scale=1.0)
+    np.testing.assert_allclose(scale_one, cf, rtol=1e-6)
+
+
+def test_amplitude_plus_phase_is_the_squared_distance_of_the_characteristic_functions():
+  with float64():
+    rng = np.random.default_rng(7)
+    real, syn = jnp.asarray(rng.normal(size=(9, 5))), jnp.asarray(rng.normal(size=(4, 5)))
+    frequencies = jnp.asarray(rng.normal(size=(16, 5)))
+    a, p = losses.characteristic_function_terms(real, syn, frequencies)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
+    phi = lambda x: jnp.mean(jnp.exp(1j * (unit(x) @ frequencies.T)), axis=0)
+    np.testing.assert_allclose(a + p, jnp.abs(phi(real) - phi(syn)) ** 2, rtol=1e-9)
+    # Rows are normalised: scaling a feature changes nothing.
+    scaled = syn * jnp.array([[2.0], [0.5], [3.0], [1.0]])
+    np.testing.assert_allclose(
+      losses.characteristic_function_matching(real, scaled, frequencies),
+      losses.characteristic_function_matching(real, syn, frequencies),
+      rtol=1e-12,
+    )
+
+
+# DSDM's loss (Li et al., ACM MM 2024).
+
+
+def test_dsdm_loss_family_vector_and_the_prototype_term():
+  with float64():
+    real = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    syn = jnp.array([[1.0, 0.0], [0.0, 0.0]])
+    prototype = jnp.array([0.5, 0.5])
+    total = losses.dsdm_matching(real, syn, prototype)
+    np.testing.assert_allclose(total, 5.3583333, rtol=1e-6)
+    without = losses.dsdm_matching(real, syn)  # before smooth_iter: no prototype term
+    np.testing.assert_allclose(without, 0.4722222 + 4.8611111, rtol=1e-6)
+    np.testing.assert_allclose(total - without, 0.025, rtol=1e-5)
+    means_only = losses.dsdm_matching(real, syn, covariance_weight=0.0)
+    np.testing.assert_allclose(means_only, 0.4722222, rtol=1e-6)
+  with pytest.raises(ValueError, match='at least 2 synthetic images per class'):
+    losses.dsdm_matching(real, syn[:1])
+
+
+def test_dsdm_covariance_is_numpys_unbiased_covariance():
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(7, 3))
+  np.testing.assert_allclose(losses.covariance(jnp.asarray(x), ddof=1), np.cov(x.T), rtol=1e-5)
+  np.testing.assert_allclose(losses.covariance(jnp.asarray(x)), np.cov(x.T, bias=True), rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['characteristic_function', 'dsdm'])
+def test_family_losses_gradients_match_finite_differences_in_float64(name):
+  with float64():
+    rng = np.random.default_rng(9)
+    real = jnp.asarray(rng.normal(size=(8, 5)))
+    syn = jnp.asarray(rng.normal(size=(4, 5)))
+    frequencies = jnp.asarray(rng.normal(size=(6, 5)))
+    prototype = jnp.asarray(rng.normal(size=(5,)))
+    fns = {
+      'characteristic_function': lambda s: losses.characteristic_function_matching(
+        real, s, frequencies
+      ),
+      'dsdm': lambda s: losses.dsdm_matching(real, s, prototype),
+    }
+    _finite_difference_check(fns[name], syn)
+    assert jnp.all(jnp.isfinite(jax.grad(fns[name])(syn)))
