@@ -15,6 +15,7 @@ LAYERS = (
   # Nothing from dd_jax: settings, key streams, config, files, losses, kernels, guards.
   (
     'settings',
+    'protocols',
     'cli',
     'progress',
     'stats',
@@ -38,7 +39,7 @@ LAYERS = (
   ('models',),
   ('lowering',),  # the platform's programs, resolved once per run
   ('train',),  # supervised training of networks (evaluation, pool, IDM queue)
-  ('evaluate', 'pool'),
+  ('evaluate', 'pool', 'evaluate.sets'),  # evaluation; reading any set file
   ('extractors',),  # class centralization's feature sources
   (
     'distill.base',
@@ -52,8 +53,9 @@ LAYERS = (
   ('presets',),  # method variants and labels, from the registry
   ('experiment',),  # config -> every settings object
   ('run',),  # a resumable run
-  ('compare',),  # a run and its baselines
-  ('grid', 'main', 'info'),
+  ('compare', 'evaluate.command'),  # a run and its baselines; any set file evaluated
+  ('grid', 'main', 'info', 'evaluate.main'),
+  ('evaluate.__main__',),
 )
 PACKAGES_WITHOUT_IMPORTS = ('', 'distill')  # dd_jax/__init__.py, dd_jax/distill/__init__.py
 
