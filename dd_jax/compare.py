@@ -244,21 +244,15 @@ def format_table(
   """
   settings = evaluate_lib.EvalSettings.from_config(config)
   epochs_trained, _ = train_lib.epoch_plan(settings.epochs, settings.schedule)
-  best = settings.eval_every > 0
+  header, separator = evaluate_lib.accuracy_columns(settings, split)
   lines = [
     f'{dataset_name}, ipc {config.ipc}, {config.distill.iterations} iterations; protocol '
     f'{settings.protocol}: {settings.model} trained {epochs_trained} epochs, mean +- sample std '
     f'over {stats.count(settings.num_eval, "network")}:',
     '',
-    f'| method | {split} accuracy, last epoch (%) |'
-    + (f' best of every {settings.eval_every} epochs, chosen on {split} (%) |' if best else ''),
-    '|---|---|' + ('---|' if best else ''),
+    f'| method |{header}',
+    f'|---|{separator}',
   ]
   for label, evaluation in rows:
-    cells = stats.format_mean_std(evaluation['accuracies'])
-    if best:
-      cells += ' | ' + stats.format_mean_std(
-        evaluation.get('best_accuracies', evaluation['accuracies'])
-      )
-    lines.append(f'| {label} | {cells} |')
+    lines.append(f'| {label} |{evaluate_lib.accuracy_cells(evaluation, settings)}')
   return '\n'.join(lines)

@@ -85,6 +85,9 @@ _IDC = {
   'eval_every': 100,  # IDC's interval is not documented in its README: 100 epochs here
 }
 
+# DANCE's and DSDM's evaluation: IDC's, 1500 epochs, tested every 250, one network per test.
+_DANCE = {**_IDC, 'epochs': 1500, 'num_eval': 1, 'eval_every': 250}
+
 PROTOCOLS: dict[str, Protocol] = {
   p.name: p
   for p in (
@@ -104,14 +107,14 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
     Protocol(
       'dance',
-      {**_IDC, 'epochs': 1500, 'num_eval': 1, 'eval_every': 250},
+      _DANCE,
       factor=2,
       reported='best',
       source='DANCE (Zhang et al., IJCAI 2024) arg_condense.py',
     ),
     Protocol(
       'dsdm',
-      {**_IDC, 'epochs': 1500, 'num_eval': 1, 'eval_every': 250},
+      _DANCE,
       factor=2,
       reported='best',
       source='DSDM (Li et al., ACM MM 2024) argument.py (as DANCE)',

@@ -168,37 +168,22 @@ def _train_and_test(
   net_keys = jax.random.split(jax.random.fold_in(key, 0), settings.num_eval)
   shared_op_key = jax.random.fold_in(key, 1) if settings.share_augment_op else None
   train_settings = settings.train_settings()
+  options = dict(
+    shared_op_key=shared_op_key, progress_every=progress_every, soft_labels=soft_labels
+  )
   with lowering.precision_scope():
     if settings.eval_every:
       return train_lib.train_and_test_networks(
-        net_keys,
-        images,
-        labels,
-        net,
-        train_settings,
-        lowering,
-        test_images,
-        test_labels,
-        settings.eval_every,
-        settings.test_batch_size,
-        shared_op_key=shared_op_key,
-        progress_every=progress_every,
-        soft_labels=soft_labels,
-      )
+        net_keys, images, labels, net, train_settings, lowering, test_images, test_labels,
+        settings.eval_every, settings.test_batch_size, **options,
+      )  # fmt: skip
     variables = train_lib.train_networks(
-      net_keys,
-      images,
-      labels,
-      net,
-      train_settings,
-      lowering,
-      shared_op_key=shared_op_key,
-      progress_every=progress_every,
-      soft_labels=soft_labels,
+      net_keys, images, labels, net, train_settings, lowering, **options
     )
-    return train_lib.accuracies(variables, net, test_images, test_labels, settings.test_batch_size)[
-      None
-    ]
+    accuracies = train_lib.accuracies(
+      variables, net, test_images, test_labels, settings.test_batch_size
+    )
+    return accuracies[None]
 
 
 def evaluate_set(
@@ -255,3 +240,22 @@ def evaluate_set(
     curve = np.asarray(curve)
   epochs_trained, _ = train_lib.epoch_plan(train_settings.epochs, train_settings.schedule)
   return Accuracies(train_lib.evaluation_epochs(epochs_trained, settings.eval_every), curve * 100.0)
+
+
+def accuracy_columns(settings: EvalSettings, split: str) -> tuple[str, str]:
+  """A table's accuracy columns under `settings`: (header cells, separator cells). The last
+  epoch's accuracy, and with evaluation points the best one, labelled as chosen on `split`."""
+  header = f' {split} accuracy, last epoch (%) |'
+  if settings.eval_every:
+    header += f' best of every {settings.eval_every} epochs, chosen on {split} (%) |'
+    return header, '---|---|'
+  return header, '---|'
+
+
+def accuracy_cells(evaluation: dict, settings: EvalSettings) -> str:
+  """The cells of `accuracy_columns` for an evaluation record (`run.evaluation_record`)."""
+  cells = f' {stats.format_mean_std(evaluation["accuracies"])} |'
+  if settings.eval_every:
+    best = evaluation.get('best_accuracies', evaluation['accuracies'])
+    cells += f' {stats.format_mean_std(best)} |'
+  return cells

@@ -26,7 +26,7 @@ from dd_jax import pool as pool_lib
 from dd_jax import run as run_lib
 from dd_jax import train as train_lib
 from dd_jax import workdir as workdir_lib
-from dd_jax.evaluate import EvalSettings, sets
+from dd_jax.evaluate import EvalSettings, accuracy_cells, accuracy_columns, sets
 
 
 class RefusedError(ValueError):
@@ -224,7 +224,7 @@ def format_table(
   """The markdown table of an evaluation: one row per set and architecture, the protocol in the
   heading, the last epoch's accuracy (and the best evaluation point, labelled, if any)."""
   epochs = train_lib.epoch_plan(settings.epochs, settings.schedule)[0]
-  best = settings.eval_every > 0
+  header, separator = accuracy_columns(settings, split)
   recipe = settings.recipe
   lines = [
     f'{path} under protocol {settings.protocol} ({epochs} epochs, {recipe.algorithm} lr '
@@ -233,9 +233,8 @@ def format_table(
     f'{", soft labels" if settings.soft_labels else ""}); mean +- sample std over '
     f'{stats.count(settings.num_eval, "network")}:',
     '',
-    f'| set | network | {split} accuracy, last epoch (%) |'
-    + (f' best of every {settings.eval_every} epochs, chosen on {split} (%) |' if best else ''),
-    '|---|---|---|' + ('---|' if best else ''),
+    f'| set | network |{header}',
+    f'|---|---|{separator}',
   ]
   for name, row in rows.items():
     kind, network = name.split('/')
@@ -244,8 +243,5 @@ def format_table(
       if kind == 'synthetic'
       else f'random real (ipc {synthetic.ipc})'
     )
-    cells = stats.format_mean_std(row['eval']['accuracies'])
-    if best:
-      cells += ' | ' + stats.format_mean_std(row['eval']['best_accuracies'])
-    lines.append(f'| {label} | {network} | {cells} |')
+    lines.append(f'| {label} | {network} |{accuracy_cells(row["eval"], settings)}')
   return '\n'.join(lines)
