@@ -793,7 +793,7 @@ def test_testing_every_k_epochs_trains_the_same_networks(loop_networks):
   net = models.get_network('MLP', 3)
   settings = dataclasses.replace(
     _eval_train_settings(share_augment_op=False), epochs=7, schedule='multistep',
-    milestones=(0.5,), gamma=0.2, cutmix_probability=0.5,
+    milestones=(0.5,), gamma=0.2, augment_strategy='crop',
   )  # fmt: skip
   keys = jax.random.split(jax.random.key(0), 2)
   low = dataclasses.replace(lowering.CPU, loop_networks=loop_networks)
@@ -803,14 +803,12 @@ def test_testing_every_k_epochs_trains_the_same_networks(loop_networks):
     )
   )(keys)
   assert curve.shape == (3, 2)  # after epochs 3, 6 and 7
-  for row, epochs in zip(curve, (3, 6, 7)):
-    # The networks after `epochs` epochs of the same schedule (its milestones as epoch 3 of 7).
-    shorter = dataclasses.replace(settings, epochs=epochs, milestones=())
-    shorter = (
-      dataclasses.replace(shorter, schedule='constant', gamma=train_lib.MULTISTEP_GAMMA)
-      if epochs <= 3
-      else dataclasses.replace(shorter, milestones=(3.5 / epochs,))
-    )
+  # The networks after 3 epochs (before the milestone at epoch 3: a constant lr) and after all 7
+  # (the remainder segment) are `train_networks`' networks.
+  first = dataclasses.replace(
+    settings, epochs=3, schedule='constant', milestones=(), gamma=train_lib.MULTISTEP_GAMMA
+  )
+  for row, shorter in ((curve[0], first), (curve[2], settings)):
     variables = train_lib.train_networks(keys, images, labels, net, shorter, low)
     expected = train_lib.accuracies(variables, net, test_images, test_labels)
     np.testing.assert_allclose(row, expected, atol=1e-6)
