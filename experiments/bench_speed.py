@@ -158,7 +158,7 @@ _OUT = flags.DEFINE_string(
 )
 
 NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
-FAMILY = ('m3d', 'dance')  # the IDC family's methods (`distill.family`)
+FAMILY_METHODS = ('m3d', 'dance')  # the IDC family's methods (`distill.family`)
 BENCH_POOL_SIZE = 5  # DANCE's untrained pool: the members an iteration draws from
 
 
@@ -384,7 +384,7 @@ def torch_step(config, method: str, ipc: int) -> Callable[[], float]:
   import torch  # pylint: disable=import-outside-toplevel
   import torch_baseline  # pylint: disable=import-outside-toplevel
 
-  if method.startswith(FAMILY):
+  if method.startswith(FAMILY_METHODS):
     return torch_family_step(config, method, ipc)
   generator = torch.Generator().manual_seed(0)
   real_by_class = [
