@@ -7,7 +7,7 @@ DM 95.82 +- 0.37, DM + IID (CC calibrated rho 0.3) 95.64 +- 0.60, full training 
 
 Config string: `ipc=<n>,method=<variant>,cc=<matching_net|pool>,iid=<default|reference>`
 (defaults ipc=3, method=dm_iid, cc=matching_net, iid=default); a variant is a registered method
-(dm, idm, m3d, dance) or one with constraints (_cc, _cm, _iid).
+(dm, idm, m3d, dance, ncfm, dsdm) or one with constraints (_cc, _cm, _iid).
 `iid=default` is dd_jax's scale-free CC (the methods' `presets`), `iid=reference` the IID
 code's CC form and weights, which hurt on these extractors. `cc=pool` runs class centralization
 on a pool of ConvNets pretrained on the digits (10 members x 10 epochs, trained in seconds and
@@ -16,8 +16,8 @@ the reference IDM settings (Zhao et al., CVPR 2023) scaled to the 200-iteration 
 queue network every 10 steps, accuracy window 50, queue networks trained on real batches of 64)
 and a CE weight of 0.05: the reference 0.5 degrades digits (measured, docs/results.md: IPC 1
 67.7 -> 82.6, IPC 10 70.7 -> 81.0). IDM stays far below DM on 8x8 digits: its 2x2 partition
-stores 4x4 images, and so do M3D's and DANCE's factor-2 multi-formation (their presets; DANCE
-draws its experts from the same 10-member pool)."""
+stores 4x4 images, and so does the IDC family's factor-2 multi-formation (M3D, DANCE, NCFM, DSDM;
+DANCE, NCFM and DSDM share the one 10-member pool, trained with DANCE's recipe)."""
 
 from dd_jax import config as config_lib
 from dd_jax import presets
@@ -48,6 +48,8 @@ def get_config(arg=None):
   config.pool.size = 10
   config.pool.epochs = 10
   config.pool.parallel = 10
+  presets.share_family_pool(config)
+  config.dsdm.prototype_start = 40  # the paper's fraction of the run (2,000 of 10,000)
   config.distill.batch_real = 64  # also for the methods whose presets take more
   # IDM over 200 iterations: the queue must turn over within the run; queue networks train on
   # batches of 64 (the reference's 256 makes queue training ~8x the cost of matching here).

@@ -1,7 +1,9 @@
-"""The paper settings: every dataset x IPC x method of DM, IDM, M3D, DANCE and their IID versions.
+"""The paper settings: every dataset x IPC x method of DM, IDM, M3D, DANCE, NCFM, DSDM and their IID
+versions.
 
 Config string: `dataset=<mnist|fashion_mnist|svhn|cifar10|cifar100|tinyimagenet>,
-ipc=<1|10|50>,method=<dm|idm|m3d|dance, each also _iid>,budget=<paper|cpu>,iid=<reference|default>`
+ipc=<1|10|50>,method=<dm|idm|m3d|dance|ncfm|dsdm, each also _iid>,budget=<paper|cpu>,
+iid=<reference|default>`
 (defaults cifar10, 10, dm_iid, paper, reference). `iid=reference` is the IID code's CC form and
 weights (faithful with the reference pool); `iid=default` is dd_jax's scale-free CC
 (the methods' `presets`, experiments/results/iid_scale_free.md). For example:
@@ -44,7 +46,16 @@ iterations and lr are UNCONFIRMED. DANCE (Zhang et al., IJCAI 2024): the same fa
 matching on a pool member interpolated towards its initialisation plus a calibration pass on the
 member's final weights; 10,000 iterations, image lr 0.01 x ipc momentum 0.5, 128 real images per
 class, 5 of a pool of 20 ConvNets x 60 epochs (SGD 0.01, batch 64, lr x0.2 at epochs 40 and 50,
-DiffAug and CutMix 0.5). `budget=cpu` shrinks the pool to 5 ConvNets x 2 epochs.
+DiffAug and CutMix 0.5). NCFM (Wang et al., CVPR 2025; the official configs, every CIFAR IPC):
+DANCE's step with the characteristic-function loss (4096 Gaussian frequencies per class step,
+no sampling network), 20,000 iterations, AdamW lr 1e-3 weight decay 5e-4 halved on a 500-iteration
+plateau (CIFAR-100 IPC 10: SGD 0.01 momentum 0.5), the first 1024 training images of each class,
+all 20 members of a pool pretrained with batch 128. DSDM (Li et al., ACM MM 2024): mean +
+covariance + prototype loss on the final weights of 10 ConvNets x 20 epochs (batch 256, no lr
+schedule), 10,000 iterations, image SGD lr 0.01 x ipc momentum 0.5, 256 real images per class;
+TinyImageNet settings of NCFM and DSDM are CIFAR's with the depth-4 ConvNet (UNCONFIRMED).
+`budget=cpu` gives DANCE, NCFM and DSDM one shared pool of 5 ConvNets x 2 epochs with DANCE's
+recipe (`presets.share_family_pool`), each method drawing from all of it.
 
 Published ConvNet accuracy (the papers), IPC 1 / 10 / 50:
   DM:   CIFAR-10 26.0 / 48.9 / 63.0, CIFAR-100 11.4 / 29.7 / 43.6, TinyImageNet 3.9 / 12.9 / 24.1
@@ -52,6 +63,10 @@ Published ConvNet accuracy (the papers), IPC 1 / 10 / 50:
   DM + IID: CIFAR-10 55.1, CIFAR-100 32.2, TinyImageNet 15.4 at IPC 10 (others not published).
   M3D:  CIFAR-10 45.3 / 63.5 / 69.9, CIFAR-100 26.2 / 42.4 / 50.9
   DANCE: CIFAR-10 47.1 / 70.8 / 76.1, CIFAR-100 27.9 / 49.8 / 52.8, TinyImageNet 11.6 / 26.4 / 28.9
+  DSDM: CIFAR-10 45.0 / 66.5 / 75.8, CIFAR-100 19.5 / 46.2 / 54.0 (as NCFM's table quotes them)
+  NCFM: CIFAR-10 49.5 / 71.8 / 77.4, CIFAR-100 34.4 / 48.7 / 54.7, TinyImageNet 18.2 / 26.8 / 29.6
+  (NCFM's protocol, likely with soft labels; without them and without the sampling network
+  CIFAR-10 IPC 10 / 50: 65.6 / 74.2)
   (M3D and DANCE with the IDC family's evaluation protocol: 1000-1500 epochs on the decoded set,
   DiffAug, CutMix, a multi-step schedule, the best test accuracy over evaluation points; dd_jax
   evaluates with DM's protocol until the protocols land, so these are not comparable yet.)
@@ -115,5 +130,6 @@ def get_config(arg=None):
     config.constraints.cc.extractor = 'pool'  # the reference: a pretrained ResNet18 pool
   if args['budget'] == 'cpu':
     config_lib.set_cpu_budget(config)
+    presets.share_family_pool(config)
     config.constraints.cc.extractor = 'matching_net'
   return config

@@ -61,8 +61,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.distill.iterations = 20_000  # distillation steps
   config.distill.batch_real = 256  # real images per class per step
   config.distill.init = 'real'  # real | noise (the IDC family also: mix, see config.family)
-  config.distill.lr = 1.0  # SGD learning rate of the synthetic images
+  config.distill.optimizer = 'sgd'  # sgd | adamw (NCFM), the synthetic images' optimizer
+  config.distill.lr = 1.0  # learning rate of the synthetic images
   config.distill.momentum = 0.5  # SGD momentum of the synthetic images
+  config.distill.weight_decay = 0.0  # of the synthetic images (AdamW: decoupled; NCFM 5e-4)
   config.distill.num_nets = 1  # random networks matched per step (vmap over networks)
   # DM: devices the step's classes (and networks) are split across (dd_jax.sharding); 0: all
   # that jax sees (every host's, after jax.distributed.initialize), 1: one device.
@@ -144,6 +146,35 @@ def default_config() -> ml_collections.ConfigDict:
   config.family.calibration_passes = 0  # calibration passes per iteration (DANCE: 1)
   config.family.pool_members = 5  # pool members an iteration draws from (DANCE: 5 of 20)
   config.family.kernel = 'gaussian'  # M3D's MMD kernel: gaussian | linear | polynomial
+  # True: every class matches its first batch_real training images at every iteration (NCFM's
+  # code); False: a fresh random draw per iteration.
+  config.family.fixed_real = False
+  # > 0: the image lr times this factor when the iteration loss has not improved for more than
+  # plateau_patience iterations (PyTorch's ReduceLROnPlateau; NCFM 0.5 and 500); 0: constant.
+  config.family.plateau_factor = 0.0
+  config.family.plateau_patience = 500  # see plateau_factor
+
+  # NCFM (Wang et al., CVPR 2025), used when method='ncfm' (dd_jax.distill.ncfm).
+  config.ncfm = ml_collections.ConfigDict()
+  config.ncfm.num_frequencies = 4096  # Gaussian frequencies per class step (no sampling net)
+  config.ncfm.amplitude_weight = 0.5  # alpha: the amplitude term's weight
+  config.ncfm.phase_weight = 0.5  # beta: the phase term's weight
+  config.ncfm.scale = 300.0  # the CF loss's scale (the code's)
+  config.ncfm.sampling_net = False  # frequencies from a sampling network trained by ascent
+  config.ncfm.sampling_rows = 4  # its distinct frequencies (the code: 4; the paper: 1024)
+  config.ncfm.sampling_lr = 1e-3  # its SGD learning rate
+  config.ncfm.sampling_momentum = 0.5  # its SGD momentum
+  config.ncfm.sampling_variance = 1.0  # the variance of its input noise
+  # The code's second plateau schedule on the image optimizer when the sampling net is on (the
+  # image lr drops by plateau_factor^2 at once); False: the intended single schedule.
+  config.ncfm.double_plateau = False
+
+  # DSDM (Li et al., ACM MM 2024), used when method='dsdm' (dd_jax.distill.dsdm).
+  config.dsdm = ml_collections.ConfigDict()
+  config.dsdm.covariance_weight = 50.0  # cov_weight: the feature covariance term's weight
+  config.dsdm.prototype_weight = 0.2  # h_p_weight: the historical prototype term's weight
+  config.dsdm.prototype_momentum = 0.99  # smooth_factor: the prototypes' moving average
+  config.dsdm.prototype_start = 2000  # smooth_iter: the prototype term acts after this step
 
   # IDM (Zhao et al., CVPR 2023), used when method='idm'. Defaults: CIFAR-10 IPC 10 of the
   # reference commands.
@@ -261,10 +292,10 @@ def field_docs() -> dict[str, str]:
 
 
 def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
-  """The reduced budget for 2-core CPUs: 400 iterations, real batch 64
-  per class (IDM queue networks also train on batches of 64), 300-epoch evaluation of 3
-  networks, a pool of 5 ConvNets x 2 epochs. Same for every method, so CPU numbers compare
-  across methods."""
+  """The reduced budget for 2-core CPUs: 400 iterations, real batch 64 per class (IDM queue
+  networks also train on batches of 64), 300-epoch evaluation of 3 networks, a pool of 5
+  ConvNets x 2 epochs, DSDM's prototypes from iteration 80 on. Same for every method, so CPU
+  numbers compare across methods."""
   config.distill.iterations = 400
   config.distill.batch_real = 64
   config.distill.eval_every = 400
@@ -273,7 +304,10 @@ def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
   config.idm.train_batch_size = 64
   config.eval.epochs = 300
   config.eval.num_eval = 3
-  # The pretrained pool (DANCE's experts; CC with cc.extractor='pool'): 5 ConvNets x 2 epochs,
+  # DSDM's prototype term starts at the paper's fraction of the run (2,000 of 10,000).
+  config.dsdm.prototype_start = config.distill.iterations // 5
+  # The pretrained pool (the pooled methods' networks, with the family's recipe when presets
+  # share it; CC with cc.extractor='pool'): 5 ConvNets x 2 epochs,
   # 10 member-epochs (on CIFAR-10 an estimated hour on 2 cores; not yet measured).
   config.pool.model = 'ConvNet'
   config.pool.size = 5

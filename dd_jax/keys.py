@@ -18,6 +18,7 @@ RUN_STREAMS = {
   'evaluate': 2,  # evaluation networks, per evaluation point
   'queue': 3,  # IDM's initial model queue
   'validation': 4,  # the validation split (from config.dataset.validation_seed)
+  'matcher': 5,  # the IDC family: the initial state of a method's matching term (NCFM's network)
 }
 
 # Streams of one distillation step, derived from its step key.
@@ -32,6 +33,8 @@ STEP_STREAMS = {
   'queue_train': 7,  # IDM: their real batches
   'calibrate': 8,  # the IDC family's calibration passes: their augmentation draws
   'pool_member': 9,  # the IDC family: which pool member, and its interpolation weight
+  'match': 10,  # the IDC family: the matching term's own draws (NCFM's frequencies), per class
+  'after_classes': 11,  # the IDC family: draws after the class steps (DSDM's prototype pass)
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from dd_jax.distill import base, methods
+from dd_jax.distill import base, family, methods
 from dd_jax.distill.base import IIDSetting
 
 # A variant name is a method name plus one of these suffixes: which constraints it uses.
@@ -61,6 +61,27 @@ def _set_constraints(
   config.constraints.cm.weight = setting.cm_weight if cm_on else 0.0
 
 
+def _set_paths(config: ml_collections.ConfigDict, values: dict[str, object]) -> None:
+  """Sets config fields by dotted path ({'distill.init': 'mix'})."""
+  for path, value in values.items():
+    section, _, field = path.rpartition('.')
+    node = config
+    for part in filter(None, section.split('.')):
+      node = node[part]
+    node[field] = value
+
+
+def share_family_pool(config: ml_collections.ConfigDict) -> None:
+  """For a reduced budget: a method matching with the pool (DANCE, NCFM, DSDM) takes the IDC
+  family's pool recipe (`family.POOL_RECIPE`) and draws from at most the whole (small) pool, so
+  every pooled method builds and shares one cached pool of config.pool's size and epochs. Other
+  methods' configs are unchanged."""
+  if not methods.get(config.method).uses_pool:
+    return
+  _set_paths(config, family.POOL_RECIPE)
+  config.family.pool_members = min(config.family.pool_members, config.pool.size)
+
+
 def set_method(config: ml_collections.ConfigDict, name: str, iid: str = 'default') -> None:
   """Sets a preset's method: 'dm', 'dm_iid', 'idm', 'idm_iid' (or '_cc' / '_cm' variants).
 
@@ -72,12 +93,7 @@ def set_method(config: ml_collections.ConfigDict, name: str, iid: str = 'default
   config.method = method
   method_presets = methods.get(method).presets
   config.distill.lr = method_presets.image_lr
-  for path, value in method_presets.config.items():
-    section, _, field = path.rpartition('.')
-    node = config
-    for part in filter(None, section.split('.')):
-      node = node[part]
-    node[field] = value
+  _set_paths(config, method_presets.config)
   _set_constraints(config, cc_on, cm_on, iid_setting(method, iid))
 
 

@@ -81,3 +81,24 @@ def test_per_class_updates_equal_a_python_loop_of_optax_steps(optimizer, gradien
   )
   updates, _ = optimizer.update(grads, opt_state, images)
   np.testing.assert_allclose(joint, optax.apply_updates(images, updates), rtol=1e-6, atol=1e-6)
+
+
+def test_a_carry_passes_from_class_step_to_class_step_in_order():
+  """Class c's gradient is the carry it receives (1, 2, 3): each step sees the previous one's."""
+  images = jnp.zeros((3, 1))
+  optimizer = optax.sgd(1.0)
+
+  def class_grad(class_images, class_id, carry):
+    return jnp.full_like(class_images, carry), class_id, carry + 1.0
+
+  for update in (class_steps.per_class_updates, class_steps.joint_update):
+    moved, _, aux, last = update(
+      images, optimizer.init(images), optimizer, 3, 1, class_grad, carry=jnp.float32(1.0)
+    )
+    np.testing.assert_allclose(-moved[:, 0], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(aux, [0, 1, 2])
+    assert float(last) == 4.0
+  with pytest.raises(ValueError, match='one by one'):
+    class_steps.per_class_updates(
+      images, optimizer.init(images), optimizer, 3, 1, class_grad, True, carry=jnp.float32(1.0)
+    )

@@ -257,7 +257,7 @@ def test_every_config_field_is_documented():
   fields = {name for name, _, _ in info.config_fields(config_lib.default_config())}
   assert fields == set(docs)
   assert not [name for name in fields if not docs[name]], 'undocumented config fields'
-  assert 'SGD learning rate of the synthetic images' in docs['distill.lr']
+  assert 'learning rate of the synthetic images' in docs['distill.lr']
   assert docs['dataset.validation_fraction'].startswith('> 0: hold out this fraction')
 
 

@@ -14,7 +14,7 @@ from dd_jax import experiment, losses, models
 from dd_jax import keys as keys_lib
 from dd_jax import lowering as lowering_lib
 from dd_jax import pool as pool_lib
-from dd_jax.distill import base, dance, family, methods
+from dd_jax.distill import base, family, methods
 
 NO_CONSTRAINTS = losses.ObjectiveWeights(cc=0.0, cm=0.0)
 
@@ -59,6 +59,7 @@ def _step(settings, dataset, networks=None, **kwargs):
   images = np.asarray(dataset.normalize(dataset.train_images[:: dataset.train_class_counts()[0]]))
   labels = np.arange(dataset.num_classes)
   state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(0))
+  state = family.FamilyState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)})
   return step, state, data_lib.ClassSampler.from_dataset(dataset)
 
 
@@ -98,7 +99,7 @@ def test_class_gradients_together_take_the_same_steps_as_one_by_one(
   # Two iterations from real images (momentum 0.5 carries the first into the second), the
   # matching term and, with a calibration pass, the expert's cross-entropy.
   pool = dataclasses.replace(pool, settings=TINY_POOL)
-  source, params = dance.interpolated_pool(pool.net, pool, members=2)
+  source, params = family.interpolated_pool(pool.net, pool, members=2)
   images = {}
   for gradients in ('one_by_one', 'together'):
     settings = _settings(
@@ -141,7 +142,7 @@ def test_dance_matches_an_interpolated_member_and_calibrates_with_its_final_weig
   tiny_dataset, pool
 ):
   pool = dataclasses.replace(pool, settings=TINY_POOL)
-  source, params = dance.interpolated_pool(pool.net, pool, members=2)
+  source, params = family.interpolated_pool(pool.net, pool, members=2)
   key_data = jax.random.key_data(jax.random.key(3))
   networks = jax.jit(source)(key_data, jnp.int32(7), params)
   key = keys_lib.stream(keys_lib.step_key(key_data, 7), 'pool_member')
@@ -165,7 +166,7 @@ def test_dance_matches_an_interpolated_member_and_calibrates_with_its_final_weig
 def test_the_calibration_pass_takes_its_own_steps_on_the_experts_cross_entropy(tiny_dataset, pool):
   pool = dataclasses.replace(pool, settings=TINY_POOL)
   settings = _settings(model=TINY_POOL.model, batch_real=4, lr=0.5, momentum=0.0)
-  source, params = dance.interpolated_pool(pool.net, pool, members=2)
+  source, params = family.interpolated_pool(pool.net, pool, members=2)
   after = {}
   for passes in (0, 1):
     calibrated = dataclasses.replace(settings, calibration_passes=passes)

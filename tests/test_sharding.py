@@ -128,6 +128,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 84 s on 2 cores; the four-device steps stay in the fast suite
 def test_two_processes_equal_one(tmp_path, tiny_config):
   """Two jax processes (one CPU device each) run the step and a whole tiny run together."""
   from dd_jax import run as run_lib  # noqa: PLC0415  (jax fixes devices at import in __main__)

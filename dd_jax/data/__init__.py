@@ -15,6 +15,7 @@ from dd_jax.data.dataset import (
 from dd_jax.data.folder import default_cache_dir
 from dd_jax.data.sampler import (
   ClassSampler,
+  first_of_all_classes,
   random_real_subset,
   sample_all_classes,
   sample_class,
@@ -41,6 +42,7 @@ __all__ = [
   'normalize',
   'open_dataset',
   'random_real_subset',
+  'first_of_all_classes',
   'sample_all_classes',
   'sample_class',
   'sample_class_indices',

@@ -3,6 +3,7 @@
     sampler = ClassSampler.from_dataset(dataset)            # device-resident uint8 images
     batch = sample_class(sampler, key, class_id, n)          # uint8 [n, H, W, C]
     batches = sample_all_classes(sampler, key, n)            # uint8 [K, n, H, W, C]
+    firsts = first_of_all_classes(sampler, n)                # the first n of every class
     images, labels = sample_uniform(sampler, key, n)         # n images from the whole set
 
 Both functions are jitted with `n` static and can be called inside other jitted / vmapped code
@@ -152,6 +153,24 @@ def sample_all_classes(sampler: ClassSampler, key: jax.Array, n: int) -> jax.Arr
   keys = jax.random.split(key, sampler.num_classes)
   class_ids = jnp.arange(sampler.num_classes)
   return jax.vmap(lambda k, c: sample_class(sampler, k, c, n))(keys, class_ids)
+
+
+@functools.partial(jax.jit, static_argnames='n')
+def first_of_all_classes(sampler: ClassSampler, n: int) -> jax.Array:
+  """The first n images of every class, in dataset order (NCFM's fixed real subset).
+
+  Args:
+    sampler: the `ClassSampler`.
+    n: static; 1 <= n <= the smallest class count.
+
+  Returns:
+    uint8 [K, n, H, W, C], row k from class k.
+  """
+  if not isinstance(n, int) or not 0 < n <= sampler.smallest_count:
+    raise DataError(
+      f'n must be an integer in [1, {sampler.smallest_count}] (the smallest class), got {n!r}'
+    )
+  return sampler.images[sampler.class_indices[:, :n]]
 
 
 @functools.partial(jax.jit, static_argnames='n')

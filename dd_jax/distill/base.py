@@ -39,6 +39,7 @@ from dd_jax.lowering import Lowering
 from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
 
 SYNTHETIC_INITS = ('real', 'noise')
+IMAGE_OPTIMIZERS = ('sgd', 'adamw')
 # The named IID settings every method declares (config strings: iid=<name>).
 # 'reference': the IID code's (Deng et al., CVPR 2024), for CC on a pretrained ResNet18 pool.
 # 'default': dd_jax's, chosen on validation data (experiments/results/iid_scale_free.md).
@@ -210,8 +211,12 @@ class DistillSettings(settings_lib.Settings):
     iterations: optimizer steps.
     batch_real: real images per class and step.
     init: initial synthetic images: 'real' (a random real subset) or 'noise'.
-    lr: the image optimizer's learning rate (SGD).
-    momentum: its momentum.
+    optimizer: the image optimizer: 'sgd' (with momentum) or 'adamw' (PyTorch's defaults:
+      betas 0.9 / 0.999, eps 1e-8; NCFM).
+    lr: the image optimizer's learning rate.
+    momentum: SGD's momentum.
+    weight_decay: the image optimizer's weight decay (SGD: added to the gradient, as PyTorch;
+      AdamW: decoupled).
     num_nets: random networks matched per step (losses averaged over them).
     devices: devices the DM step splits classes (and networks) across; 0 = all.
     real_chunk: real images embedded at once (0: automatic); results do not depend on it.
@@ -231,8 +236,10 @@ class DistillSettings(settings_lib.Settings):
   iterations: int = field(20_000, check=POSITIVE)
   batch_real: int = field(256, check=POSITIVE)
   init: str = field('real', choices=SYNTHETIC_INITS)
+  optimizer: str = field('sgd', choices=IMAGE_OPTIMIZERS)
   lr: float = field(1.0, check=POSITIVE)
   momentum: float = field(0.5, check=NON_NEGATIVE)
+  weight_decay: float = field(0.0, check=NON_NEGATIVE)
   num_nets: int = field(1, check=POSITIVE)
   devices: int = field(0, check=NON_NEGATIVE)
   real_chunk: int = field(0, check=NON_NEGATIVE)
@@ -273,8 +280,13 @@ class DistillSettings(settings_lib.Settings):
     )
 
   def image_optimizer(self) -> optax.GradientTransformation:
-    """SGD with momentum on the synthetic images."""
-    return optax.sgd(self.lr, momentum=self.momentum)
+    """The optimizer of the synthetic images (`optimizer`, `lr`, `momentum`, `weight_decay`)."""
+    if self.optimizer == 'adamw':
+      return optax.adamw(self.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=self.weight_decay)
+    sgd = optax.sgd(self.lr, momentum=self.momentum)
+    if self.weight_decay:
+      return optax.chain(optax.add_decayed_weights(self.weight_decay), sgd)
+    return sgd
 
 
 def check_batch_real(settings: DistillSettings, dataset: data_lib.Dataset) -> None:

@@ -4,13 +4,18 @@ step per iteration (DM's form, offered to the IDC family as a faster, non-faithf
 
     images, opt_state, aux = per_class_updates(images, opt_state, optimizer, K, ipc, class_grad)
     images, opt_state, aux = joint_update(images, opt_state, optimizer, K, ipc, class_grad)
+
+A class step may also carry a value of its own from class to class (`carry=`: e.g. NCFM's
+sampling network, which takes an ascent step after every class step); its `class_grad` then
+takes and returns it. `on_plateau` wraps an optimizer in PyTorch's ReduceLROnPlateau, stepped
+once per iteration by `end_iteration`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,16 @@ MODES = ('per_class', 'joint')
 GRADIENTS = ('together', 'one_by_one')
 
 ClassGrad = Callable[[jax.Array, jax.Array], tuple[jax.Array, Any]]
+# (class_images, class_id, carry) -> (gradient, aux, carry): a class step with a carry.
+CarryingClassGrad = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any, Any]]
+
+
+def _with_carry(class_grad: ClassGrad) -> CarryingClassGrad:
+  def carrying(class_images, class_id, carry):
+    grad, aux = class_grad(class_images, class_id)
+    return grad, aux, carry
+
+  return carrying
 
 
 def per_class_updates(
@@ -29,9 +44,10 @@ def per_class_updates(
   optimizer: optax.GradientTransformation,
   num_classes: int,
   ipc: int,
-  class_grad: ClassGrad,
+  class_grad: ClassGrad | CarryingClassGrad,
   gradients_together: bool = False,
-) -> tuple[jax.Array, optax.OptState, Any]:
+  carry: Any = None,
+) -> tuple[jax.Array, optax.OptState, Any] | tuple[jax.Array, optax.OptState, Any, Any]:
   """One optimizer step per class, in class order, as the reference codes of IDM and the IDC
   family take them.
 
@@ -58,10 +74,19 @@ def per_class_updates(
       at the current (already partly updated) images; of class c's rows only (and vmappable)
       for `gradients_together`.
     gradients_together: see above.
+    carry: None, or a value class steps pass on in class order: `class_grad` is then
+      `(class_images, class_id, carry) -> (gradient, aux, carry)`. Not with
+      `gradients_together` (its gradients are taken at once).
 
   Returns:
-    (new images, new optimizer state, aux stacked over classes).
+    (new images, new optimizer state, aux stacked over classes), and the last carry when one
+    was given.
   """
+  if carry is not None and gradients_together:
+    raise ValueError(
+      'per_class_updates: a carry passes from class step to class step, which gradients taken '
+      'together cannot follow; compute them one by one.'
+    )
 
   def apply(images, opt_state, class_id, grad):
     full_grad = jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(images), grad, class_id * ipc, 0)
@@ -87,13 +112,17 @@ def per_class_updates(
     )
     return images, opt_state, aux
 
-  def step(carry, class_id):
-    images, opt_state = carry
-    grad, aux = class_grad(class_rows(images, class_id), class_id)
-    return apply(images, opt_state, class_id, grad), aux
+  carrying = class_grad if carry is not None else _with_carry(class_grad)
 
-  (images, opt_state), aux = jax.lax.scan(step, (images, opt_state), jnp.arange(num_classes))
-  return images, opt_state, aux
+  def step(state, class_id):
+    images, opt_state, carried = state
+    grad, aux, carried = carrying(class_rows(images, class_id), class_id, carried)
+    return (*apply(images, opt_state, class_id, grad), carried), aux
+
+  (images, opt_state, last), aux = jax.lax.scan(
+    step, (images, opt_state, () if carry is None else carry), jnp.arange(num_classes)
+  )
+  return (images, opt_state, aux) if carry is None else (images, opt_state, aux, last)
 
 
 def joint_update(
@@ -102,16 +131,26 @@ def joint_update(
   optimizer: optax.GradientTransformation,
   num_classes: int,
   ipc: int,
-  class_grad: ClassGrad,
-) -> tuple[jax.Array, optax.OptState, Any]:
+  class_grad: ClassGrad | CarryingClassGrad,
+  carry: Any = None,
+) -> tuple[jax.Array, optax.OptState, Any] | tuple[jax.Array, optax.OptState, Any, Any]:
   """One optimizer step on the classes' gradients, all taken at the same images (DM's form).
 
-  Args and Returns: as `per_class_updates`.
+  Args and Returns: as `per_class_updates` (a carry passes through the classes in order).
   """
   by_class = images.reshape(num_classes, ipc, *images.shape[1:])
-  grads, aux = jax.lax.map(lambda pair: class_grad(*pair), (by_class, jnp.arange(num_classes)))
+  carrying = class_grad if carry is not None else _with_carry(class_grad)
+
+  def gradient(carried, pair):
+    grad, aux, carried = carrying(*pair, carried)
+    return carried, (grad, aux)
+
+  last, (grads, aux) = jax.lax.scan(
+    gradient, () if carry is None else carry, (by_class, jnp.arange(num_classes))
+  )
   updates, opt_state = optimizer.update(grads.reshape(images.shape), opt_state, images)
-  return optax.apply_updates(images, updates), opt_state, aux
+  images = optax.apply_updates(images, updates)
+  return (images, opt_state, aux) if carry is None else (images, opt_state, aux, last)
 
 
 def class_updates(
@@ -122,3 +161,47 @@ def class_updates(
   if mode == 'joint':
     return joint_update
   return functools.partial(per_class_updates, gradients_together=gradients == 'together')
+
+
+class PlateauState(NamedTuple):
+  """The state of `on_plateau`: the inner optimizer's and the plateau schedule's."""
+
+  inner: optax.OptState
+  plateau: optax.OptState
+
+
+def plateau_schedule(factor: float, patience: int) -> optax.GradientTransformationExtraArgs:
+  """PyTorch's ReduceLROnPlateau(mode='min', factor, patience) as optax's: the scale drops by
+  `factor` when the loss has not beaten its best by a relative 1e-4 for `patience + 1`
+  consecutive calls (PyTorch counts `patience` bad calls and drops at the next; optax drops when
+  its count reaches its `patience`)."""
+  return optax.contrib.reduce_on_plateau(factor=factor, patience=patience + 1, rtol=1e-4)
+
+
+def on_plateau(
+  inner: optax.GradientTransformation, schedule: optax.GradientTransformationExtraArgs
+) -> optax.GradientTransformation:
+  """`inner` with its updates times the plateau schedule's scale.
+
+  Scaling the whole update scales the learning rate, weight decay included (PyTorch's SGD and
+  AdamW multiply both by it). The scale moves only in `end_iteration`, once per iteration, as
+  the codes call `scheduler.step(loss)` after all the class steps of an iteration.
+  """
+
+  def init(params):
+    return PlateauState(inner.init(params), schedule.init(params))
+
+  def update(updates, state, params=None):
+    updates, inner_state = inner.update(updates, state.inner, params)
+    updates = jax.tree.map(lambda u: state.plateau.scale * u, updates)
+    return updates, PlateauState(inner_state, state.plateau)
+
+  return optax.GradientTransformation(init, update)
+
+
+def end_iteration(
+  opt_state: optax.OptState, loss: jax.Array, schedule: optax.GradientTransformationExtraArgs
+) -> optax.OptState:
+  """`opt_state` of `on_plateau(_, schedule)` after the iteration whose loss is `loss`."""
+  _, plateau = schedule.update(jnp.zeros(()), opt_state.plateau, value=loss)
+  return opt_state._replace(plateau=plateau)

@@ -16,7 +16,14 @@ one iteration, which `make_family_step` computes:
      (`multiformation.decode`, factor f: each stored image stands for f * f images), then one
      optimizer step on the whole stored tensor (`class_steps`; 'joint': one summed step);
   5. `calibration_passes` calibration passes (DANCE): per class, the expert's cross-entropy on a
-     fresh augmentation of the class's decoded images, as its own optimizer step.
+     fresh augmentation of the class's decoded images, as its own optimizer step;
+  6. the matcher's state moves on (`Matcher.after_classes`: DSDM's class prototypes) and, with
+     `plateau_factor`, the image learning rate follows the iteration's loss (NCFM).
+
+A method's matching term is a `Matcher`: a plain `MatchFn` of the two feature sets (M3D, DANCE),
+or a term with draws of its own per class step (NCFM's frequencies), a state carried across
+iterations (DSDM's prototypes) and parameters trained by ascent from class step to class step
+(NCFM's sampling network).
 
 Synthetic images are stored normalised (dd_jax's convention); the codes keep them in [0, 1] and
 normalise inside the augmentation, which is the same computation (decode, clipping and the
@@ -27,18 +34,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from dd_jax import data as data_lib
 from dd_jax import extractors as extractors_lib
 from dd_jax import keys as keys_lib
 from dd_jax import losses, models, multiformation
+from dd_jax import pool as pool_lib
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
 from dd_jax.augment import idc
@@ -52,6 +61,23 @@ FAMILY_INITS = ('mix', 'real', 'noise')
 # the IID code's constraints on DM; 'default': the scale-free CC, a fraction of the matching term
 # whatever its scale, and DM's CM weight, not tuned for these losses).
 DM_IID_SETTINGS = dm.DM.presets.iid
+
+
+# The IDC family's pool recipe (DANCE's official pretraining; NCFM's differs only in its batch of
+# 128): ConvNets, SGD 0.01 / 0.9 / 5e-4 (config.pool's defaults), batch 64, the lr x 0.2 at 2/3
+# and 5/6 of the epochs, IDC's DiffAug (colour, crop; per image), CutMix with probability 0.5.
+# The reduced budgets (budget=cpu, configs/digits.py) give it to every pooled method, so they
+# share one cached pool.
+POOL_RECIPE = {
+  'pool.model': 'ConvNet',
+  'pool.batch_size': 64,
+  'pool.schedule': 'multistep',
+  'pool.milestones': (2 / 3, 5 / 6),
+  'pool.gamma': 0.2,
+  'pool.augment_strategy': 'color_crop',
+  'pool.augment_mode': 'idc',
+  'pool.cutmix_probability': 0.5,
+}
 
 
 # `FamilySettings.class_gradients` (its field `class_steps` hides the module in the class body).
@@ -78,6 +104,12 @@ class FamilySettings(base.DistillSettings):
     network_every: iterations one random matching network serves (M3D's `ipm`).
     calibration_passes: DANCE's calibration passes per iteration (0: none).
     pool_members: pool members an iteration draws its network from (DANCE's `num_premodel`).
+    fixed_real: match every class against its first `batch_real` training images at every
+      iteration (NCFM's code) instead of a fresh random draw.
+    plateau_factor: > 0: the image learning rate is multiplied by it when the iteration loss
+      (match and calibration, per class) has not improved for more than `plateau_patience`
+      iterations (PyTorch's ReduceLROnPlateau, NCFM); 0: a constant learning rate.
+    plateau_patience: see plateau_factor.
   """
 
   init: str = field('mix', choices=FAMILY_INITS)
@@ -87,12 +119,19 @@ class FamilySettings(base.DistillSettings):
   network_every: int = field(1, check=POSITIVE)
   calibration_passes: int = field(0, check=NON_NEGATIVE)
   pool_members: int = field(5, check=POSITIVE)
+  fixed_real: bool = False
+  plateau_factor: float = field(0.0, check=NON_NEGATIVE)
+  plateau_patience: int = field(500, check=NON_NEGATIVE)
 
   def check_strategy(self) -> None:
     idc.parse_strategy(self.strategy, 'strategy')
 
   def check(self) -> None:
     super().check()
+    if self.plateau_factor >= 1:
+      raise settings_lib.SettingError(
+        'plateau_factor', self.plateau_factor, 'must be < 1 (0: no plateau schedule)'
+      )
     if self.model.endswith('BN'):
       raise settings_lib.SettingError(
         'model',
@@ -121,12 +160,90 @@ class FamilySettings(base.DistillSettings):
   def decoded_per_class(self) -> int:
     return self.factor * self.factor * self.ipc
 
+  def plateau_schedule(self) -> optax.GradientTransformationExtraArgs | None:
+    """The image learning rate's plateau schedule, or None (`plateau_factor` 0)."""
+    if not self.plateau_factor:
+      return None
+    return class_steps.plateau_schedule(self.plateau_factor, self.plateau_patience)
+
+  def image_optimizer(self) -> optax.GradientTransformation:
+    optimizer = super().image_optimizer()
+    schedule = self.plateau_schedule()
+    return optimizer if schedule is None else class_steps.on_plateau(optimizer, schedule)
+
 
 @flax.struct.dataclass
 class FamilyState(base.DistillState):
-  """A DM state whose `images` are the stored images of multi-formation factor `factor`."""
+  """A DM state whose `images` are the stored images of multi-formation factor `factor`, with
+  the state of the method's matching term (`Matcher.init_state`; () for a plain one)."""
 
   factor: int = flax.struct.field(pytree_node=False, default=1)
+  matcher_state: Any = ()
+
+
+class ClassContext(NamedTuple):
+  """What a class step's matching term may use beyond the two feature sets.
+
+  Attributes:
+    key: the class step's key (the step's 'match' stream folded with the class id).
+    class_id: the class (an int32 scalar, traced).
+    step: the iteration (traced).
+    state: the matcher's state as this class step sees it.
+  """
+
+  key: jax.Array
+  class_id: jax.Array
+  step: jax.Array
+  state: Any
+
+
+# (class_id -> augmentation key) -> features [K, f * f * ipc, D] of every class's decoded
+# synthetic images under the iteration's matching network and a fresh augmentation drawn from
+# the key, without gradient.
+ClassFeatures = Callable[[jax.Array], jax.Array]
+
+
+class Matcher:
+  """A method's matching term on the family step: by default `match(real, syn)` of a plain
+  `losses.MatchFn`, with no state.
+
+  A subclass may draw per class step (`ClassContext.key`), carry a state across iterations
+  (`init_state`, moved on by `after_classes`) and train parameters of its own by gradient
+  ascent on the same loss (`params`, `ascend`): those change from class step to class step, so
+  the class gradients are then computed one by one.
+  """
+
+  ascends: ClassVar[bool] = False  # whether `params` / `ascend` train parameters by ascent
+
+  def __init__(self, match: losses.MatchFn = losses.mean_matching):
+    self.match = match
+
+  def init_state(self, feature_dim: int, num_classes: int, key: jax.Array) -> Any:
+    """The state before the first iteration (`feature_dim`: the matching features' size)."""
+    del feature_dim, num_classes, key
+    return ()
+
+  def loss(
+    self, real_features: jax.Array, syn_features: jax.Array, context: ClassContext, params: Any
+  ) -> jax.Array:
+    """The class's matching term (its real side constant): a scalar."""
+    del context, params
+    return self.match(real_features, syn_features)
+
+  def params(self, state: Any) -> Any:
+    """The parameters `loss` takes that ascent trains (None: none)."""
+    del state
+    return None
+
+  def ascend(self, state: Any, grads: Any) -> Any:
+    """The state after one ascent step of `params` along `grads` (of the class's loss)."""
+    del grads
+    return state
+
+  def after_classes(self, state: Any, step: jax.Array, class_features: ClassFeatures, key) -> Any:
+    """The state after the iteration's class steps (`class_features` of the updated images)."""
+    del step, class_features, key
+    return state
 
 
 class Networks(NamedTuple):
@@ -159,6 +276,55 @@ def random_networks(net: models.Network, image_shape: tuple[int, ...], every: in
   return source
 
 
+def interpolated_pool(net: models.Network, pool: pool_lib.Pool, members: int):
+  """The `NetworkSource` of DANCE and NCFM and its parameters: per iteration, member
+  k ~ U{0..members-1} and lambda ~ U(0, 1) from the step's 'pool_member' stream; the matching
+  network is lambda * initial_k + (1 - lambda) * final_k, the expert final_k.
+
+  Returns:
+    (source, params): params = (initial, final) variables of the first `members` members,
+    stacked and on the device, for the jitted step.
+  """
+  del net  # the pool's own architecture
+  if pool.settings is None:
+    raise ValueError('An interpolated pool needs its settings to recompute its initial weights.')
+  final = jax.tree_util.tree_map(lambda x: x[:members], pool.variables)
+  image_shape = tuple(pool.metadata['image_shape'])
+  initial = pool_lib.initial_variables(pool.settings, pool.net, image_shape, 0, members)
+  params = jax.device_put((initial, final))
+
+  def source(key_data, step, params):
+    initial, final = params
+    key = keys_lib.stream(keys_lib.step_key(key_data, step), 'pool_member')
+    member_key, lam_key = jax.random.split(key)
+    member = jax.random.randint(member_key, (), 0, members)
+    lam = jax.random.uniform(lam_key)
+    take = lambda tree: jax.tree_util.tree_map(lambda x: x[member], tree)
+    expert = take(final)
+    return Networks(matching=pool_lib.interpolate(take(initial), expert, lam), expert=expert)
+
+  return source, params
+
+
+def final_pool(net: models.Network, pool: pool_lib.Pool, members: int):
+  """The `NetworkSource` of DSDM and its parameters: per iteration, member j ~ U{0..members-1}
+  (the 'pool_member' stream) with its final weights, matching and expert.
+
+  Returns:
+    (source, params): params = the first `members` members' final variables, on the device.
+  """
+  del net
+  params = jax.device_put(jax.tree_util.tree_map(lambda x: x[:members], pool.variables))
+
+  def source(key_data, step, params):
+    key = keys_lib.stream(keys_lib.step_key(key_data, step), 'pool_member')
+    member = jax.random.randint(key, (), 0, members)
+    chosen = jax.tree_util.tree_map(lambda x: x[member], params)
+    return Networks(matching=chosen, expert=chosen)
+
+  return source, params
+
+
 def clip_to_pixels(images: jax.Array, mean, std) -> jax.Array:
   """Normalised images clipped to the pixel range [0, 1] (the codes clamp S each iteration)."""
   mean, std = jnp.asarray(mean, images.dtype), jnp.asarray(std, images.dtype)
@@ -189,7 +355,7 @@ def make_family_step(
   lowering: Lowering,
   networks: NetworkSource,
   extractor: extractors_lib.Extractor = extractors_lib.matching_net_extractor,
-  match: losses.MatchFn = losses.mean_matching,
+  matcher: Matcher | None = None,
   network_params: Any = None,
 ) -> base.Step:
   """Builds the IDC-family step `(state, sampler) -> (state, metrics)`; it traces once.
@@ -201,30 +367,37 @@ def make_family_step(
     lowering: the platform's programs (real chunks, class loops, precision).
     networks: the iteration's networks (`random_networks`, a pool's interpolation, ...).
     extractor: where class centralization takes its features.
-    match: the matching term of each class (M3D: an MMD; DANCE: `losses.mean_matching`).
+    matcher: the matching term of each class (default: DM's `losses.mean_matching`, as DANCE).
     network_params: what `networks` takes (e.g. a pool's members, on the host), passed to the
       jitted step as an argument.
 
   Returns:
-    The step. Metrics: 'loss' (the match pass's weighted total), the unweighted 'match', 'cc',
-    'cm' and 'calibration' (the calibration passes' cross-entropy), each summed over classes,
-    and 'grad_norm' (of the match pass's class gradients).
+    The step, on a `FamilyState`. Metrics: 'loss' (the match pass's weighted total), the
+    unweighted 'match', 'cc', 'cm' and 'calibration' (the calibration passes' cross-entropy),
+    each summed over classes, and 'grad_norm' (of the match pass's class gradients).
   """
+  matcher = Matcher() if matcher is None else matcher
   num_classes, ipc, batch_real = spec.num_classes, settings.ipc, settings.batch_real
   image_shape = tuple(spec.image_shape)
   height, width = image_shape[:2]
   strategy, factor = settings.strategy, settings.factor
-  optimizer = settings.image_optimizer()
+  optimizer, schedule = settings.image_optimizer(), settings.plateau_schedule()
   gradients = settings.class_gradients
   if gradients == 'auto':
-    gradients = 'one_by_one' if lowering.loop_classes else 'together'
+    gradients = 'one_by_one' if lowering.loop_classes or matcher.ascends else 'together'
+  if gradients == 'together' and matcher.ascends and settings.class_steps == 'per_class':
+    raise ValueError(
+      'config.family.class_gradients=together: this method trains parameters of its matching '
+      'term from class step to class step, so its class gradients are taken one by one; set '
+      'config.family.class_gradients=auto or one_by_one.'
+    )
   update = class_steps.class_updates(settings.class_steps, gradients)
   real_chunk = dm.resolve_real_chunk(settings, num_classes, lowering)
   draw_params = lambda key: augmentation_params(key, num_classes, strategy, height, width)
   decode = lambda class_images: multiformation.decode(class_images, factor)
   class_params = lambda params, c: jax.tree_util.tree_map(lambda x: x[c], params)
 
-  def step(state: base.DistillState, sampler, extractor_params, source_params):
+  def step(state: FamilyState, sampler, extractor_params, source_params):
     key = keys_lib.step_key(state.key, state.step)
     cc_key = keys_lib.centralization_keys(key, 1)[0]  # the host derives it the same way
     if extractor.select is not None:  # the host selected for the one CC key of the step
@@ -232,7 +405,10 @@ def make_family_step(
     variables, expert = networks(state.key, state.step, source_params)
     images = clip_to_pixels(state.images, spec.mean, spec.std)
 
-    real = data_lib.sample_all_classes(sampler, keys_lib.stream(key, 'real'), batch_real)
+    if settings.fixed_real:
+      real = data_lib.first_of_all_classes(sampler, batch_real)
+    else:
+      real = data_lib.sample_all_classes(sampler, keys_lib.stream(key, 'real'), batch_real)
     real = data_lib.normalize(real, spec.mean, spec.std)
     params = draw_params(keys_lib.stream(key, 'augment'))
     real = jax.lax.stop_gradient(_augment_classes(params, real, strategy, lowering.loop_classes))
@@ -243,8 +419,10 @@ def make_family_step(
       cc_real_features = extractor.features(
         extractor_params, cc_key, flat(real), flat(real_features)
       ).reshape(num_classes, batch_real, -1)
+    match_key = keys_lib.stream(key, 'match')
 
-    def match_loss(class_images, class_id):
+    def match_loss(class_images, matched_params, context):
+      class_id = context.class_id
       syn = idc.apply(decode(class_images), class_params(params, class_id), strategy)
       syn_features, syn_map = net.embed(variables, syn)
       terms = losses.class_objective(
@@ -255,17 +433,30 @@ def make_family_step(
         settings.weights,
         extractor.features(extractor_params, cc_key, syn, syn_features),
         None if cc_real_features is None else cc_real_features[class_id],
-        match=match,
+        match=lambda r, s: matcher.loss(r, s, context, matched_params),
       )
       return terms.total, terms
 
-    def match_grad(class_images, class_id):
-      grad, terms = jax.grad(match_loss, has_aux=True)(class_images, class_id)
-      return grad, (terms, jnp.sum(jnp.square(grad)))
+    def match_grad(class_images, class_id, matcher_state):
+      context = ClassContext(
+        jax.random.fold_in(match_key, class_id), class_id, state.step, matcher_state
+      )
+      grad_fn = jax.grad(match_loss, argnums=(0, 1), has_aux=True)
+      (grad, params_grad), terms = grad_fn(class_images, matcher.params(matcher_state), context)
+      matcher_state = matcher.ascend(matcher_state, params_grad)
+      return grad, (terms, jnp.sum(jnp.square(grad))), matcher_state
 
-    images, opt_state, (terms, squared_norms) = update(
-      images, state.opt_state, optimizer, num_classes, ipc, match_grad
-    )
+    if matcher.ascends:
+      images, opt_state, (terms, squared_norms), matcher_state = update(
+        images, state.opt_state, optimizer, num_classes, ipc, match_grad,
+        carry=state.matcher_state,
+      )  # fmt: skip
+    else:
+      matcher_state = state.matcher_state
+      images, opt_state, (terms, squared_norms) = update(
+        images, state.opt_state, optimizer, num_classes, ipc,
+        lambda x, c: match_grad(x, c, matcher_state)[:2],
+      )  # fmt: skip
     metrics = {
       'loss': jnp.sum(terms.total),
       'match': jnp.sum(terms.match),
@@ -294,17 +485,43 @@ def make_family_step(
       calibration = calibration + jnp.sum(ce)
     if settings.calibration_passes:
       metrics['calibration'] = calibration
-    return state.replace(step=state.step + 1, images=images, opt_state=opt_state), metrics
+    if schedule is not None:  # the codes step the scheduler on the iteration's mean class loss
+      iteration_loss = (metrics['loss'] + calibration) / num_classes
+      opt_state = class_steps.end_iteration(opt_state, iteration_loss, schedule)
+      metrics['lr_scale'] = opt_state.plateau.scale
+
+    def class_features(augment_key):
+      fresh = draw_params(augment_key)
+      by_class = images.reshape(num_classes, ipc, *image_shape)
+      decoded = jax.vmap(decode)(by_class)
+      augmented = _augment_classes(fresh, decoded, strategy, lowering.loop_classes)
+      return jax.lax.stop_gradient(jax.lax.map(lambda x: net.embed(variables, x)[0], augmented))
+
+    matcher_state = matcher.after_classes(
+      matcher_state, state.step, class_features, keys_lib.stream(key, 'after_classes')
+    )
+    new_state = state.replace(
+      step=state.step + 1, images=images, opt_state=opt_state, matcher_state=matcher_state
+    )
+    return new_state, metrics
 
   @jax.jit
   def jitted_step(state, sampler, extractor_params, source_params):
     with lowering.precision_scope():
       return step(state, sampler, extractor_params, source_params)
 
-  def arguments(state: base.DistillState, sampler: data_lib.ClassSampler):
+  def arguments(state: FamilyState, sampler: data_lib.ClassSampler):
     return state, sampler, extractor.step_params(state.key, state.step, 1), network_params
 
   return base.Step(jitted=jitted_step, arguments=arguments)
+
+
+def feature_dim(net: models.Network, image_shape: tuple[int, ...]) -> int:
+  """The size of the matching network's flattened features for images of `image_shape`."""
+  variables = jax.eval_shape(lambda key: net.init(key, (1, *image_shape)), jax.random.key(0))
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  features, _ = jax.eval_shape(net.embed, variables, images)
+  return int(features.shape[-1])
 
 
 def first_images_per_class(dataset: data_lib.Dataset, count: int) -> np.ndarray:
@@ -343,11 +560,22 @@ class FamilyMethod(base.Method):
       return dm.random_real_images(dataset, settings.ipc, key), labels
     return np.asarray(jax.random.normal(key, (len(labels), *dataset.image_shape))), labels
 
+  def matcher(self, settings: FamilySettings) -> Matcher:
+    """The method's matching term (DM's mean matching by default)."""
+    del settings
+    return Matcher()
+
   def init_state(self, settings, images, labels, net, seed):
     state = super().init_state(settings, images, labels, net, seed)
+    matcher_state = self.matcher(settings).init_state(
+      feature_dim(net, tuple(images.shape[1:])),
+      int(np.max(labels)) + 1,
+      keys_lib.run_key(seed, 'matcher'),
+    )
     return FamilyState(
       **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)},
       factor=settings.factor,
+      matcher_state=matcher_state,
     )
 
   def training_set(self, state: FamilyState, num_classes: int) -> tuple[jax.Array, jax.Array]:
@@ -355,3 +583,59 @@ class FamilyMethod(base.Method):
 
   def stored_images(self, state: FamilyState) -> jax.Array | None:
     return state.images if state.factor > 1 else None
+
+
+class PooledFamilyMethod(FamilyMethod):
+  """A family method matching with networks of the pretrained pool (config.pool): DANCE, NCFM,
+  DSDM. A subclass gives its name, presets and matcher, and its `network_source`."""
+
+  uses_pool = True
+
+  def network_source(self, net: models.Network, pool: pool_lib.Pool, settings: FamilySettings):
+    """(NetworkSource, its parameters) of the pool (`interpolated_pool` by default)."""
+    return interpolated_pool(net, pool, settings.pool_members)
+
+  def check_pool(self, config: ml_collections.ConfigDict) -> None:
+    """The method matches with the pool's own networks: their architecture is the matching one."""
+    if config.pool.model != config.model.name:
+      raise ValueError(
+        f'method={self.name} matches with the pool members (config.pool.model='
+        f'{config.pool.model!r}), but config.model.name={config.model.name!r}; set both to the '
+        'same network.'
+      )
+    if config.family.pool_members > config.pool.size:
+      raise ValueError(
+        f'config.family.pool_members={config.family.pool_members} exceeds config.pool.size='
+        f'{config.pool.size}; draw from at most the pool.'
+      )
+
+  def settings(self, config: ml_collections.ConfigDict) -> FamilySettings:
+    self.check_pool(config)
+    return super().settings(config)
+
+  def make_step(
+    self,
+    net,
+    settings,
+    spec,
+    lowering,
+    extractor=extractors_lib.matching_net_extractor,
+    mesh=None,
+    pool=None,
+  ):
+    del mesh  # one device
+    if pool is None:
+      raise ValueError(
+        f'{self.name} needs the pretrained pool: make_step(..., pool=<pool_lib.Pool>).'
+      )
+    source, params = self.network_source(net, pool, settings)
+    return make_family_step(
+      net,
+      settings,
+      spec,
+      lowering,
+      source,
+      extractor,
+      matcher=self.matcher(settings),
+      network_params=params,
+    )

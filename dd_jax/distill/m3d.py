@@ -62,6 +62,9 @@ class M3D(family.FamilyMethod):
     del dataset, ipc, with_iid
     config.distill.iterations = 10_000
 
+  def matcher(self, settings):
+    return family.Matcher(losses.mmd_match_fn(settings.kernel))
+
   def make_step(
     self, net, settings, spec, lowering, extractor=extractors_lib.matching_net_extractor, mesh=None
   ):
@@ -73,5 +76,5 @@ class M3D(family.FamilyMethod):
       lowering,
       family.random_networks(net, spec.image_shape, settings.network_every),
       extractor,
-      match=losses.mmd_match_fn(settings.kernel),
+      matcher=self.matcher(settings),
     )

@@ -11,7 +11,7 @@ comparison table find it by name.
 
 from __future__ import annotations
 
-from dd_jax.distill import base, dance, dm, idm, m3d
+from dd_jax.distill import base, dance, dm, dsdm, idm, m3d, ncfm
 
 _REGISTRY: dict[str, base.Method] = {}
 
@@ -63,3 +63,5 @@ register(dm.DM())
 register(idm.IDM())
 register(m3d.M3D())
 register(dance.DANCE())
+register(ncfm.NCFM())
+register(dsdm.DSDM())
