@@ -42,11 +42,14 @@ alternately with their dd_jax counterparts, --repeats pairs each (`timing.altern
 machine the speed drifts between batches of calls); the table gives both medians and the median
 ratio PyTorch / dd_jax over the pairs, with its lowest and highest. DM + IID uses the reference
 weights on both sides (the squared CC form). The family's PyTorch steps (`m3d_step`,
-`dance_step`) compute an iteration as the official codes do: images in [0, 1] clamped and
-normalised inside the augmentation, a Python loop over classes with `optimizer.step()` per class
-(DANCE: twice, match and calibration passes), decode by `F.interpolate`, the pool's state dicts
-interpolated and loaded per iteration (in memory; the official DANCE reads two checkpoints from
-disk every iteration, which is not timed here).
+`dance_step`, `ncfm_step`, `dsdm_step`) compute an iteration as the official codes do: images in
+[0, 1] clamped and normalised inside the augmentation, a Python loop over classes with
+`optimizer.step()` per class (DANCE, NCFM: twice, match and calibration passes), decode by
+`F.interpolate`, the pool's state dicts interpolated (DSDM: a member's final weights) and loaded
+per iteration (in memory; the official DANCE reads two checkpoints from disk every iteration,
+which is not timed here). NCFM: config.ncfm.num_frequencies (4096) Gaussian frequencies drawn
+per class step, every class's first --batch_real images, AdamW, and ReduceLROnPlateau stepped
+per iteration (timed; cheap); DSDM: [D, D] covariances, SGD, then the no-grad prototype pass.
 
 The programs follow the run's lowering (--lowering, `dd_jax.lowering`; records name it with
 the fields a variant changes). The --before_* flags time a variant of it in the same run, built
@@ -86,14 +89,15 @@ from dd_jax import lowering as lowering_lib
 from dd_jax import pool as pool_lib
 from dd_jax import settings as settings_lib
 from dd_jax import train as train_lib
-from dd_jax.distill import base
+from dd_jax.distill import base, methods
 from dd_jax.models import kernels
 
 _IPCS = flags.DEFINE_list('ipcs', ['1', '10', '50'], 'Images per class.')
 _METHODS = flags.DEFINE_list(
   'methods',
   ['dm', 'dm_iid', 'idm_iid'],
-  'Step variants to time: dm, dm_iid, idm_iid (and idm), m3d, dance (and their _iid variants).',
+  'Step variants to time: dm, dm_iid, idm_iid (and idm), m3d, dance, ncfm, dsdm (and their _iid '
+  'variants).',
 )
 _BATCH_REAL = flags.DEFINE_integer('batch_real', 256, 'Real images per class and step.')
 _PER_CLASS = flags.DEFINE_integer('per_class', 300, 'Random training images per class.')
@@ -158,8 +162,9 @@ _OUT = flags.DEFINE_string(
 )
 
 NUM_CLASSES, IMAGE_SHAPE = 10, (32, 32, 3)
-FAMILY_METHODS = ('m3d', 'dance')  # the IDC family's methods (`distill.family`)
-BENCH_POOL_SIZE = 5  # DANCE's untrained pool: the members an iteration draws from
+FAMILY_METHODS = ('m3d', 'dance', 'ncfm', 'dsdm')  # the IDC family's methods (`distill.family`)
+TORCH_FAMILY_BASELINES = ('m3d', 'dance', 'ncfm', 'dsdm')  # with a step in torch_baseline.py
+BENCH_POOL_SIZE = 5  # the pooled methods' untrained pool: the members an iteration draws from
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -241,7 +246,7 @@ def _config(dataset_path: str, method: str, ipc: int):
   config.constraints.cc.extractor = 'matching_net'
   config.distill.batch_real = _BATCH_REAL.value
   config.idm.train_batch_size = _BATCH_REAL.value
-  if config.method == 'dance':  # `_untrained_pool` stands in for the trained one
+  if methods.get(config.method).uses_pool:  # `_untrained_pool` stands in for the trained one
     config.pool.size = BENCH_POOL_SIZE
     config.family.pool_members = BENCH_POOL_SIZE
   if _SYN_ONE_PASS.value:
@@ -425,9 +430,12 @@ def torch_step(config, method: str, ipc: int) -> Callable[[], float]:
 
 
 def torch_family_step(config, method: str, ipc: int) -> Callable[[], float]:
-  """The PyTorch baseline's M3D or DANCE iteration at `ipc`: random pixels in [0, 1] (the codes
-  keep images in pixel space and normalise inside the augmentation), the config's factor, lr,
-  momentum, network_every, calibration passes and pool members."""
+  """The PyTorch baseline's M3D, DANCE, NCFM or DSDM iteration at `ipc`: random pixels in [0, 1]
+  (the codes keep images in pixel space and normalise inside the augmentation), the config's
+  image optimizer (config.distill.optimizer: SGD with momentum, or AdamW; its lr and weight
+  decay), factor, network_every, calibration passes, pool members, fixed real subset and plateau
+  schedule (NCFM's ReduceLROnPlateau, stepped once per iteration), and the ncfm / dsdm sections.
+  NCFM's sampling network has no baseline."""
   import torch  # pylint: disable=import-outside-toplevel
   import torch_baseline  # pylint: disable=import-outside-toplevel
 
@@ -439,7 +447,15 @@ def torch_family_step(config, method: str, ipc: int) -> Callable[[], float]:
   ]
   images = torch.rand(NUM_CLASSES * ipc, channels, side, side, generator=generator)
   images.requires_grad_(True)
-  optimizer = torch.optim.SGD([images], lr=config.distill.lr, momentum=config.distill.momentum)
+  distill = config.distill
+  if distill.optimizer == 'adamw':
+    optimizer = torch.optim.AdamW(
+      [images], lr=distill.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=distill.weight_decay
+    )
+  else:  # coupled weight decay, as optax's add_decayed_weights before sgd
+    optimizer = torch.optim.SGD(
+      [images], lr=distill.lr, momentum=distill.momentum, weight_decay=distill.weight_decay
+    )
   weights = torch_baseline.Weights(cc=config.constraints.cc.weight, cm=config.constraints.cm.weight)
   family = config.family
   if method.startswith('m3d'):
@@ -457,6 +473,48 @@ def torch_family_step(config, method: str, ipc: int) -> Callable[[], float]:
       factor=family.factor,
     )
   pool = torch_baseline.dance_pool(channels, NUM_CLASSES, side, members=family.pool_members)
+  if method.startswith('dsdm'):
+    dsdm, prototypes = config.dsdm, torch_baseline.Prototypes()
+    return lambda: torch_baseline.dsdm_step(
+      images,
+      optimizer,
+      real_by_class,
+      _BATCH_REAL.value,
+      pool,
+      prototypes,
+      generator,
+      weights,
+      factor=family.factor,
+      covariance_weight=dsdm.covariance_weight,
+      prototype_weight=dsdm.prototype_weight,
+      prototype_momentum=dsdm.prototype_momentum,
+    )
+  if method.startswith('ncfm'):
+    ncfm = config.ncfm
+    if ncfm.sampling_net:
+      raise app.UsageError('--pytorch: the NCFM baseline has no sampling network.')
+    scheduler = None
+    if family.plateau_factor:
+      scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode='min', factor=family.plateau_factor, patience=family.plateau_patience
+      )
+    return lambda: torch_baseline.ncfm_step(
+      images,
+      optimizer,
+      real_by_class,
+      _BATCH_REAL.value,
+      pool,
+      generator,
+      weights,
+      factor=family.factor,
+      calibration_passes=family.calibration_passes,
+      num_frequencies=ncfm.num_frequencies,
+      amplitude_weight=ncfm.amplitude_weight,
+      phase_weight=ncfm.phase_weight,
+      scale=ncfm.scale,
+      fixed_real=family.fixed_real,
+      scheduler=scheduler,
+    )
   return lambda: torch_baseline.dance_step(
     images,
     optimizer,

@@ -8,16 +8,21 @@ class-aware cross-entropy, an evaluation epoch), so the two can be timed side by
 `tests/test_torch_baseline.py` checks that its objective and gradients equal dd_jax's on the same
 weights. It is a benchmark, not a second implementation: nothing in dd_jax imports it.
 
-The IDC family (`m3d_step`, `dance_step`) is written from the formulas of the official codes
-(docs/method.md, "The IDC family"), as they compute an iteration: the stored images kept in
-[0, 1] and clamped, normalised first thing in the augmentation; per class a real batch, the
-class's stored images decoded (factor 2: row-major crops, `F.interpolate` bilinear,
-align_corners=False), one IDC DiffAug draw (batch mode, colour / crop / cutout) shared by the
-real and decoded images, and `optimizer.step()` inside the class loop on the whole tensor. M3D
-matches with a multi-bandwidth Gaussian MMD on a random ConvNet re-drawn every 5 iterations;
-DANCE with mean matching on lambda * initial + (1 - lambda) * final weights of a pool member
-(state dicts interpolated and loaded, `load_state_dict`), then a calibration pass: per class the
-final ("expert") network's cross-entropy on a fresh draw of the decoded images, one more step.
+The IDC family (`m3d_step`, `dance_step`, `ncfm_step`, `dsdm_step`) is written from the formulas
+of the official codes (docs/method.md, "The IDC family"), as they compute an iteration: the
+stored images kept in [0, 1] and clamped, normalised first thing in the augmentation; per class
+a real batch, the class's stored images decoded (factor 2: row-major crops, `F.interpolate`
+bilinear, align_corners=False), one IDC DiffAug draw (batch mode, colour / crop / cutout)
+shared by the real and decoded images, and `optimizer.step()` inside the class loop on the
+whole tensor. M3D matches with a multi-bandwidth Gaussian MMD on a random ConvNet re-drawn
+every 5 iterations; DANCE with mean matching on lambda * initial + (1 - lambda) * final weights
+of a pool member (state dicts interpolated and loaded, `load_state_dict`), then a calibration
+pass: per class the final ("expert") network's cross-entropy on a fresh draw of the decoded
+images, one more step.
+NCFM as DANCE, with the characteristic-function loss on unit-normalised features (4096 Gaussian
+frequencies drawn per class step), every class's first `batch_real` real images, AdamW and a
+plateau scheduler stepped per iteration; DSDM with mean, covariance and class-prototype matching
+on a pool member's final weights, SGD, then a no-grad pass moving the prototypes.
 
 Needs the optional `bench` extra: pip install -e '.[bench]'. Tensors are NCHW float32 on CPU.
 """
@@ -435,10 +440,19 @@ def family_match_pass(
   generator: torch.Generator,
   factor: int,
   match,
+  class_match=None,
+  fixed_real: bool = False,
 ) -> float:
   """The IDC family's match pass: per class, a real batch and the class's decoded images under
   one DiffAug draw, the matching term (plus CC / CM by weight) and `optimizer.step()` on the
   whole tensor. The real side is embedded without autograd (its features are constants).
+
+  Args:
+    match: the matching term, (real features [N_r, D], syn features [N_s, D]) -> scalar.
+    class_match: c -> class c's matching term, where it depends on the class (DSDM's prototype);
+      None: `match` for every class.
+    fixed_real: every class's first `batch_real` images (NCFM's code) instead of a random draw.
+    The others: as `m3d_step`.
 
   Returns:
     The loss summed over classes.
@@ -447,12 +461,16 @@ def family_match_pass(
   height, width = images.shape[2:]
   total = 0.0
   for c, real in enumerate(real_by_class):
-    real = real[torch.randperm(real.shape[0], generator=generator)[:batch_real]]
+    if fixed_real:
+      real = real[:batch_real]
+    else:
+      real = real[torch.randperm(real.shape[0], generator=generator)[:batch_real]]
     params = idc_params(generator, height, width)
     with torch.no_grad():
       real_map = net.embed(idc_augment(normalize(real), params))
     syn = idc_augment(normalize(decode(_class_rows(images, c, ipc), factor)), params)
-    loss = class_objective(real_map, net.embed(syn), weights, match)
+    class_term = match if class_match is None else class_match(c)
+    loss = class_objective(real_map, net.embed(syn), weights, class_term)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -514,8 +532,9 @@ def m3d_step(
 
 @dataclasses.dataclass
 class DancePool:
-  """DANCE's pretrained members as state dicts (initial and final weights), and the two
-  networks an iteration loads: the interpolated matching network and the expert."""
+  """The pooled methods' pretrained members as state dicts (initial and final weights), and the
+  two networks an iteration loads: the matching network (DANCE, NCFM: interpolated; DSDM: a
+  member's final weights) and the expert of the calibration pass."""
 
   initial: list[dict[str, torch.Tensor]]
   final: list[dict[str, torch.Tensor]]
@@ -533,6 +552,45 @@ def dance_pool(channels: int, num_classes: int, image_size: int, members: int = 
     matching=frozen(make()),
     expert=frozen(make()),
   )
+
+
+def load_interpolated(pool: DancePool, generator: torch.Generator) -> None:
+  """DANCE's and NCFM's networks of an iteration: member k and lambda drawn, the matching
+  network loaded with lambda * initial_k + (1 - lambda) * final_k, the expert with final_k."""
+  member = int(torch.randint(len(pool.final), (1,), generator=generator))
+  lam = float(torch.rand((), generator=generator))
+  initial, final = pool.initial[member], pool.final[member]
+  pool.matching.load_state_dict({k: lam * initial[k] + (1 - lam) * final[k] for k in final})
+  pool.expert.load_state_dict(final)
+
+
+def calibration_pass(
+  images: torch.Tensor,
+  optimizer: torch.optim.Optimizer,
+  num_classes: int,
+  expert: ConvNet,
+  generator: torch.Generator,
+  factor: int,
+) -> float:
+  """DANCE's calibration pass: per class the expert's cross-entropy on a fresh DiffAug draw of
+  the class's decoded images, one optimizer step.
+
+  Returns:
+    The cross-entropy summed over classes.
+  """
+  ipc = images.shape[0] // num_classes
+  height, width = images.shape[2:]
+  total = 0.0
+  for c in range(num_classes):
+    params = idc_params(generator, height, width)
+    syn = idc_augment(normalize(decode(_class_rows(images, c, ipc), factor)), params)
+    labels = torch.full((syn.shape[0],), c, dtype=torch.long)
+    loss = F.cross_entropy(expert(syn), labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    total += float(loss.detach())
+  return total
 
 
 def dance_step(
@@ -556,11 +614,7 @@ def dance_step(
   Returns:
     The match pass's loss summed over classes.
   """
-  member = int(torch.randint(len(pool.final), (1,), generator=generator))
-  lam = float(torch.rand((), generator=generator))
-  initial, final = pool.initial[member], pool.final[member]
-  pool.matching.load_state_dict({k: lam * initial[k] + (1 - lam) * final[k] for k in final})
-  pool.expert.load_state_dict(final)
+  load_interpolated(pool, generator)
   with torch.no_grad():
     images.clamp_(0, 1)
   total = family_match_pass(
@@ -574,18 +628,233 @@ def dance_step(
     factor,
     mean_matching,
   )
+  for _ in range(calibration_passes):
+    calibration_pass(images, optimizer, len(real_by_class), pool.expert, generator, factor)
+  return total
+
+
+# NCFM's clamp of the phase term: keeps the square root's gradient finite where the two
+# characteristic functions coincide.
+CF_PHASE_FLOOR = 1e-12
+
+
+def characteristic_function_matching(
+  real_features: torch.Tensor,
+  syn_features: torch.Tensor,
+  frequencies: torch.Tensor,
+  amplitude_weight: float = 0.5,
+  phase_weight: float = 0.5,
+  scale: float = 300.0,
+) -> torch.Tensor:
+  """NCFM's matching term: scale * mean_m sqrt(alpha a_m + beta p_m).
+
+  Rows unit-normalised (`F.normalize`); per set X the empirical characteristic function at
+  frequency t_m, Re_X = mean_i cos(t_m . x_i), Im_X = mean_i sin(t_m . x_i), |Phi_X| its
+  modulus; a_m = (|Phi_r| - |Phi_s|)^2, p_m = max(2 (|Phi_r| |Phi_s| - Re_r Re_s - Im_r Im_s),
+  1e-12).
+
+  Args:
+    real_features: [N_r, D]; no gradient flows into it.
+    syn_features: [N_s, D].
+    frequencies: [M, D] the frequencies t (one matrix product per set: [N, D] x [D, M]).
+    amplitude_weight, phase_weight: alpha, beta (NCFM: 0.5, 0.5).
+    scale: NCFM's 300.
+
+  Returns:
+    A scalar.
+  """
+
+  def phi(features):
+    projections = F.normalize(features, dim=1) @ frequencies.T
+    return torch.cos(projections).mean(0), torch.sin(projections).mean(0)
+
+  re_r, im_r = phi(real_features.detach())
+  re_s, im_s = phi(syn_features)
+  mod_r = torch.sqrt(re_r**2 + im_r**2)
+  mod_s = torch.sqrt(re_s**2 + im_s**2)
+  amplitude = (mod_r - mod_s) ** 2
+  phase = torch.clamp(2 * (mod_r * mod_s - re_r * re_s - im_r * im_s), min=CF_PHASE_FLOOR)
+  return scale * torch.sqrt(amplitude_weight * amplitude + phase_weight * phase).mean()
+
+
+def ncfm_step(
+  images: torch.Tensor,
+  optimizer: torch.optim.Optimizer,
+  real_by_class: list[torch.Tensor],
+  batch_real: int,
+  pool: DancePool,
+  generator: torch.Generator,
+  weights: Weights = Weights(cc=0.0, cm=0.0),
+  factor: int = 2,
+  calibration_passes: int = 1,
+  num_frequencies: int = 4096,
+  amplitude_weight: float = 0.5,
+  phase_weight: float = 0.5,
+  scale: float = 300.0,
+  fixed_real: bool = True,
+  scheduler=None,
+) -> float:
+  """One NCFM iteration (no sampling network): DANCE's networks (`load_interpolated`), the
+  stored images clamped, the match pass with the CF loss on `num_frequencies` Gaussian
+  frequencies [M, D] drawn per class step, DANCE's calibration pass(es), then the plateau
+  scheduler stepped on the iteration's mean class loss (match and calibration).
+
+  Args: as `dance_step`, and
+    num_frequencies, amplitude_weight, phase_weight, scale: the CF loss's (NCFM: 4096, 0.5,
+      0.5, 300).
+    fixed_real: every class's first `batch_real` real images (NCFM's code).
+    scheduler: a `ReduceLROnPlateau` on `optimizer`, or None. (optimizer: NCFM's AdamW, lr 1e-3,
+      weight decay 5e-4.)
+
+  Returns:
+    The match pass's loss summed over classes.
+  """
+  load_interpolated(pool, generator)
+  with torch.no_grad():
+    images.clamp_(0, 1)
+
+  def match(real_features, syn_features):
+    # No 1/sqrt(D) scaling: the features are unit-norm, so t . f ~ N(0, 1).
+    frequencies = torch.randn(
+      num_frequencies, real_features.shape[1], generator=generator, dtype=real_features.dtype
+    )
+    return characteristic_function_matching(
+      real_features, syn_features, frequencies, amplitude_weight, phase_weight, scale
+    )
+
+  total = family_match_pass(
+    images,
+    optimizer,
+    real_by_class,
+    batch_real,
+    pool.matching,
+    weights,
+    generator,
+    factor,
+    match,
+    fixed_real=fixed_real,
+  )
   num_classes = len(real_by_class)
+  calibration = 0.0
+  for _ in range(calibration_passes):
+    calibration += calibration_pass(images, optimizer, num_classes, pool.expert, generator, factor)
+  if scheduler is not None:
+    scheduler.step((total + calibration) / num_classes)
+  return total
+
+
+def dsdm_matching(
+  real_features: torch.Tensor,
+  syn_features: torch.Tensor,
+  prototype: torch.Tensor | None = None,
+  covariance_weight: float = 50.0,
+  prototype_weight: float = 0.2,
+) -> torch.Tensor:
+  """DSDM's matching term: ||mu_r - mu_s||^2 + covariance_weight ||Sigma_s - Sigma_r||_F^2 / D
+  + prototype_weight ||mu_s - h||^2 / D, with unbiased (N - 1) covariances [D, D].
+
+  Args:
+    real_features: [N_r, D]; no gradient flows into it.
+    syn_features: [N_s, D], N_s >= 2.
+    prototype: [D] the class's historical prototype h (a constant), or None: no such term.
+    covariance_weight, prototype_weight: DSDM's cov_weight 50 and h_p_weight 0.2.
+
+  Returns:
+    A scalar.
+  """
+
+  def covariance(x):
+    centred = x - x.mean(0)
+    return centred.T @ centred / (x.shape[0] - 1)
+
+  real = real_features.detach()
+  dim = syn_features.shape[1]
+  syn_mean = syn_features.mean(0)
+  loss = ((real.mean(0) - syn_mean) ** 2).sum()
+  loss = loss + covariance_weight * ((covariance(syn_features) - covariance(real)) ** 2).sum() / dim
+  if prototype is not None:
+    loss = loss + prototype_weight * ((syn_mean - prototype.detach()) ** 2).sum() / dim
+  return loss
+
+
+@dataclasses.dataclass
+class Prototypes:
+  """DSDM's class prototypes h [K, D] (None: zeros until the first update) and their updates."""
+
+  values: torch.Tensor | None = None
+  updates: int = 0
+
+
+def dsdm_step(
+  images: torch.Tensor,
+  optimizer: torch.optim.Optimizer,
+  real_by_class: list[torch.Tensor],
+  batch_real: int,
+  pool: DancePool,
+  prototypes: Prototypes,
+  generator: torch.Generator,
+  weights: Weights = Weights(cc=0.0, cm=0.0),
+  factor: int = 2,
+  covariance_weight: float = 50.0,
+  prototype_weight: float = 0.2,
+  prototype_momentum: float = 0.99,
+) -> float:
+  """One DSDM iteration: member k drawn, the matching network loaded with its final weights,
+  the stored images clamped, the match pass with `dsdm_matching` against each class's prototype,
+  then without gradient every class's prototype moved towards the mean features m_c of its
+  decoded images under a fresh DiffAug draw: h_c = m_c at the first update, then
+  (1 - momentum) m_c + momentum h_c.
+
+  The prototype term is always on (DSDM's acts after iteration 2000; dd_jax computes it times 0
+  before then): the same work at every iteration.
+
+  Args: as `m3d_step`, and
+    pool: the members (final weights only).
+    prototypes: the class prototypes, updated in place.
+    covariance_weight, prototype_weight, prototype_momentum: DSDM's 50, 0.2 and 0.99.
+    (optimizer: DSDM's SGD, lr 0.01 * ipc, momentum 0.5.)
+
+  Returns:
+    The match pass's loss summed over classes.
+  """
+  member = int(torch.randint(len(pool.final), (1,), generator=generator))
+  net = pool.matching
+  net.load_state_dict(pool.final[member])
+  num_classes = len(real_by_class)
+  if prototypes.values is None:
+    prototypes.values = torch.zeros(num_classes, net.classifier.in_features, dtype=images.dtype)
+  with torch.no_grad():
+    images.clamp_(0, 1)
+  term = lambda c: (
+    lambda real_features, syn_features: dsdm_matching(
+      real_features, syn_features, prototypes.values[c], covariance_weight, prototype_weight
+    )
+  )
+  total = family_match_pass(
+    images,
+    optimizer,
+    real_by_class,
+    batch_real,
+    net,
+    weights,
+    generator,
+    factor,
+    None,
+    class_match=term,
+  )
   ipc = images.shape[0] // num_classes
   height, width = images.shape[2:]
-  for _ in range(calibration_passes):
+  with torch.no_grad():
+    means = []
     for c in range(num_classes):
       params = idc_params(generator, height, width)
       syn = idc_augment(normalize(decode(_class_rows(images, c, ipc), factor)), params)
-      labels = torch.full((syn.shape[0],), c, dtype=torch.long)
-      loss = F.cross_entropy(pool.expert(syn), labels)
-      optimizer.zero_grad()
-      loss.backward()
-      optimizer.step()
+      means.append(net.embed(syn).flatten(1).mean(0))
+    means = torch.stack(means)
+    if prototypes.updates:
+      means = (1 - prototype_momentum) * means + prototype_momentum * prototypes.values
+    prototypes.values = means
+  prototypes.updates += 1
   return total
 
 

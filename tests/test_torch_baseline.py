@@ -4,7 +4,9 @@ Skipped without the optional `bench` extra (torch). On identical weights and ima
 augmentation, the baseline's network, DM + CC + CM objective and its gradient with respect to the
 synthetic images equal dd_jax's: the benchmark times the same work. For the IDC family: M3D's
 MMD (value and gradient, float64), the factor-2 decode and IDC's DiffAug on given parameters
-equal dd_jax's `losses.mmd_matching`, `multiformation.decode` and `augment.idc.apply`.
+equal dd_jax's `losses.mmd_matching`, `multiformation.decode` and `augment.idc.apply`; NCFM's CF
+loss and DSDM's loss (value and gradient, float64) equal `losses.characteristic_function_matching`
+and `losses.dsdm_matching`.
 """
 
 import importlib.util
@@ -218,3 +220,79 @@ def test_family_steps_update_the_images():
     lam = float(((weight - b) * (a - b)).sum() / ((a - b) ** 2).sum())
     fits.append(float((weight - (lam * a + (1 - lam) * b)).abs().max()))
   assert min(fits) < 1e-6
+
+
+def test_ncfm_cf_loss_and_its_gradient_match_dd_jax_in_float64():
+  rng = np.random.default_rng(5)
+  real, syn, frequencies = rng.normal(size=(5, 6)), rng.normal(size=(3, 6)), rng.normal(size=(7, 6))
+  torch_syn = torch.from_numpy(syn).requires_grad_(True)
+  torch_value = torch_baseline.characteristic_function_matching(
+    torch.from_numpy(real), torch_syn, torch.from_numpy(frequencies), 0.3, 0.7, 300.0
+  )
+  torch_value.backward()
+  with float64():
+    loss = lambda s: losses.characteristic_function_matching(
+      jnp.asarray(real), s, jnp.asarray(frequencies), 0.3, 0.7, 300.0
+    )
+    value, gradient = jax.value_and_grad(loss)(jnp.asarray(syn))
+  np.testing.assert_allclose(float(torch_value.detach()), float(value), rtol=1e-12)
+  np.testing.assert_allclose(torch_syn.grad.numpy(), gradient, rtol=1e-10, atol=1e-14)
+  # FAMILY.md's test vectors: a plain case, and identical sets (the 1e-12 phase clamp bites).
+  as64 = lambda x: torch.tensor(x, dtype=torch.float64)
+  eye = as64([[1.0, 0], [0, 1]])
+  vector = torch_baseline.characteristic_function_matching(eye, as64([[1.0, 0]]), eye)
+  np.testing.assert_allclose(float(vector), 101.70151, rtol=1e-6)
+  same = torch_baseline.characteristic_function_matching(eye, eye, eye, scale=1.0)
+  np.testing.assert_allclose(float(same), np.sqrt(0.5e-12), rtol=1e-6)
+
+
+@pytest.mark.parametrize('with_prototype', [True, False])
+def test_dsdm_loss_and_its_gradient_match_dd_jax_in_float64(with_prototype):
+  rng = np.random.default_rng(6)
+  real, syn, prototype = rng.normal(size=(7, 5)), rng.normal(size=(4, 5)), rng.normal(size=5)
+  torch_syn = torch.from_numpy(syn).requires_grad_(True)
+  torch_prototype = torch.from_numpy(prototype) if with_prototype else None
+  torch_value = torch_baseline.dsdm_matching(
+    torch.from_numpy(real), torch_syn, torch_prototype, 50.0, 0.2
+  )
+  torch_value.backward()
+  with float64():
+    jax_prototype = jnp.asarray(prototype) if with_prototype else None
+    loss = lambda s: losses.dsdm_matching(jnp.asarray(real), s, jax_prototype, 50.0, 0.2)
+    value, gradient = jax.value_and_grad(loss)(jnp.asarray(syn))
+  np.testing.assert_allclose(float(torch_value.detach()), float(value), rtol=1e-12)
+  np.testing.assert_allclose(torch_syn.grad.numpy(), gradient, rtol=1e-10, atol=1e-14)
+  # FAMILY.md's test vector: mean 0.4722222 + covariance 4.8611111 + prototype 0.025.
+  as64 = lambda x: torch.tensor(x, dtype=torch.float64)
+  vector = torch_baseline.dsdm_matching(
+    as64([[1.0, 0], [0, 1], [1, 1]]), as64([[1.0, 0], [0, 0]]), as64([0.5, 0.5])
+  )
+  np.testing.assert_allclose(float(vector), 5.3583333, rtol=1e-6)
+
+
+def test_ncfm_and_dsdm_steps_update_the_images():
+  generator = torch.Generator().manual_seed(0)
+  real_by_class = [torch.rand(8, 3, SIDE, SIDE) for _ in range(CLASSES)]
+  pool = torch_baseline.dance_pool(3, CLASSES, SIDE, members=2)
+  # ipc 1, factor 2: 4 decoded images per class, enough for DSDM's unbiased covariance.
+  images = torch.rand(CLASSES, 3, SIDE, SIDE, requires_grad=True)
+  optimizer = torch.optim.AdamW([images], lr=1e-3, weight_decay=5e-4)
+  scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+  for _ in range(3):
+    before = images.detach().clone()
+    loss = torch_baseline.ncfm_step(
+      images, optimizer, real_by_class, 4, pool, generator, num_frequencies=16, scheduler=scheduler
+    )
+    assert np.isfinite(loss) and not torch.equal(images.detach(), before)
+  assert optimizer.state[images]['step'] == 3 * 2 * CLASSES  # match and calibration steps
+  optimizer = torch.optim.SGD([images], lr=0.1, momentum=0.5)
+  prototypes = torch_baseline.Prototypes()
+  for updates in (1, 2):
+    before = images.detach().clone()
+    loss = torch_baseline.dsdm_step(
+      images, optimizer, real_by_class, 4, pool, prototypes, generator
+    )
+    assert np.isfinite(loss) and not torch.equal(images.detach(), before)
+    assert prototypes.updates == updates
+    assert prototypes.values.shape == (CLASSES, 128 * (SIDE // 8) ** 2)  # the pool's width 128
+    assert torch.isfinite(prototypes.values).all() and prototypes.values.abs().sum() > 0
