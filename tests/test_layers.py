@@ -48,7 +48,7 @@ LAYERS = (
   ),  # the method interface; IDM's model queue
   ('distill.dm', 'distill.idm'),  # the methods
   ('distill.family',),  # the IDC family's step (DM's stages)
-  ('distill.m3d', 'distill.dance'),  # its methods
+  ('distill.m3d', 'distill.dance', 'distill.ncfm', 'distill.dsdm'),  # its methods
   ('distill.methods',),  # their registry
   ('presets',),  # method variants and labels, from the registry
   ('experiment',),  # config -> every settings object
