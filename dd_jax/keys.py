@@ -10,6 +10,8 @@ the device) derives exactly the key the jitted step derives by calling the same 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 # Streams of a run, derived from the seed. Numbers are fixed forever: append, never renumber.
 RUN_STREAMS = {
@@ -57,3 +59,46 @@ def centralization_keys(key: jax.Array, num_nets: int) -> jax.Array:
   """The [num_nets] class-centralization keys of the step with key `key`, one per matching
   network. The step and the host-side member draw both call this."""
   return jax.random.split(stream(key, 'centralization'), num_nets)
+
+
+def _threefry_bits(shape: tuple[int, ...]):
+  """seed uint32[4] -> uint32 bits of `shape` from XLA's ThreeFry. Under `vmap` every seed
+  draws its own bits (`lax.rng_bit_generator`'s own rule would draw all rows from the first)."""
+
+  @jax.custom_batching.custom_vmap
+  def bits(seed):
+    algorithm = jax.lax.RandomAlgorithm.RNG_THREE_FRY
+    return jax.lax.rng_bit_generator(seed, shape, jnp.uint32, algorithm=algorithm)[1]
+
+  @bits.def_vmap
+  def _(axis_size, in_batched, seed):
+    del axis_size
+    if not in_batched[0]:
+      return bits(seed), False
+    return jax.lax.map(bits, seed), True
+
+  return bits
+
+
+def normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal float32 draws of `shape` from `key`, for large draws inside a step.
+
+  The bits come from XLA's own ThreeFry generator (`lax.rng_bit_generator`) seeded by four
+  words of `key`, not from `jax.random.bits`, whose ThreeFry is built from jnp operations and
+  is several times slower on CPU; the bits become normals as `jax.random.normal` makes them
+  (uniform in (-1, 1), then sqrt(2) erfinv). Deterministic for a key on one backend and XLA
+  version (XLA does not promise the same bits across them), not `jax.random.normal`'s numbers.
+
+  Args:
+    key: a typed key.
+    shape: the draws' shape.
+
+  Returns:
+    float32 [*shape].
+  """
+  bits = _threefry_bits(tuple(shape))(jax.random.bits(key, (4,), jnp.uint32))
+  one = np.array(1.0, np.float32).view(np.uint32)
+  unit = jax.lax.bitcast_convert_type((bits >> 9) | one, jnp.float32) - 1.0  # [0, 1)
+  low = np.nextafter(np.float32(-1.0), np.float32(0.0))
+  uniform = jnp.maximum(low, unit * (1.0 - low) + low)
+  return np.float32(np.sqrt(2.0)) * jax.lax.erf_inv(uniform)

@@ -38,7 +38,8 @@ class Lowering:
     train_conv: the convolutions of networks trained by SGD (evaluation, the pool, IDM's queue
       and matching networks). CPU: Winograd and im2col (XLA:CPU runs a convolution's backward
       pass 15-50x slower inside `lax.scan`, jax-ml/jax#12868) with the first norm folded.
-    real_conv: DM's matching network on the real images (forward only): XLA's.
+    real_conv: the matching network on the real images (forward only; DM and the IDC family):
+      XLA's.
     synthetic_conv: DM's matching network on the synthetic images (forward and image
       gradient). CPU: XLA's with the first norm folded.
     microbatch_pixels: input pixels per gradient pass of an SGD step (`microbatch`); 0: the whole

@@ -611,6 +611,26 @@ def test_dsdm_covariance_is_numpys_unbiased_covariance():
   np.testing.assert_allclose(losses.covariance(jnp.asarray(x)), np.cov(x.T, bias=True), rtol=1e-5)
 
 
+@pytest.mark.parametrize('ddof', [0, 1])
+def test_covariance_distance_with_few_rows_forms_no_feature_square_and_equals_the_direct(ddof):
+  with float64():
+    rng = np.random.default_rng(10)
+    x, y = jnp.asarray(rng.normal(size=(6, 40))), jnp.asarray(rng.normal(size=(9, 40)))
+    direct = lambda x: jnp.sum(jnp.square(losses.covariance(x, ddof) - losses.covariance(y, ddof)))
+    cheap = lambda x: losses.covariance_distance(x, y, ddof)
+    shapes = {v.aval.shape for e in jax.make_jaxpr(cheap)(x).jaxpr.eqns for v in e.outvars}
+    assert (40, 40) not in shapes  # the [D, D] covariances are never formed
+    np.testing.assert_allclose(cheap(x), direct(x), rtol=1e-10)
+    np.testing.assert_allclose(jax.grad(cheap)(x), jax.grad(direct)(x), rtol=1e-9, atol=1e-12)
+    # More rows than features: the direct form, the same number.
+    wide = jnp.asarray(rng.normal(size=(50, 4)))
+    np.testing.assert_allclose(
+      losses.covariance_distance(wide, wide[::-1] * 2, ddof),
+      jnp.sum(jnp.square(losses.covariance(wide, ddof) - losses.covariance(2 * wide, ddof))),
+      rtol=1e-10,
+    )
+
+
 @pytest.mark.parametrize('name', ['characteristic_function', 'dsdm'])
 def test_family_losses_gradients_match_finite_differences_in_float64(name):
   with float64():

@@ -361,7 +361,8 @@ def make_family_step(
   """Builds the IDC-family step `(state, sampler) -> (state, metrics)`; it traces once.
 
   Args:
-    net: the matching network's architecture.
+    net: the matching network's architecture, with the convolutions of its image gradients (the
+      real images' forward passes take `lowering.real_conv`).
     settings: the family settings.
     spec: the dataset's class count, image shape and normalisation.
     lowering: the platform's programs (real chunks, class loops, precision).
@@ -396,6 +397,7 @@ def make_family_step(
   draw_params = lambda key: augmentation_params(key, num_classes, strategy, height, width)
   decode = lambda class_images: multiformation.decode(class_images, factor)
   class_params = lambda params, c: jax.tree_util.tree_map(lambda x: x[c], params)
+  real_net = net.with_conv(lowering.real_conv)  # forward only: the lowering's real-image programs
 
   def step(state: FamilyState, sampler, extractor_params, source_params):
     key = keys_lib.step_key(state.key, state.step)
@@ -412,7 +414,7 @@ def make_family_step(
     real = data_lib.normalize(real, spec.mean, spec.std)
     params = draw_params(keys_lib.stream(key, 'augment'))
     real = jax.lax.stop_gradient(_augment_classes(params, real, strategy, lowering.loop_classes))
-    real_features, real_map = dm.embed_real(net, variables, real, real_chunk)
+    real_features, real_map = dm.embed_real(real_net, variables, real, real_chunk)
     cc_real_features = None
     if settings.weights.needs_real_cc_features:  # the scale-free CC forms' unit
       flat = lambda x: x.reshape(num_classes * batch_real, *x.shape[2:])
@@ -495,7 +497,9 @@ def make_family_step(
       by_class = images.reshape(num_classes, ipc, *image_shape)
       decoded = jax.vmap(decode)(by_class)
       augmented = _augment_classes(fresh, decoded, strategy, lowering.loop_classes)
-      return jax.lax.stop_gradient(jax.lax.map(lambda x: net.embed(variables, x)[0], augmented))
+      return jax.lax.stop_gradient(
+        jax.lax.map(lambda x: real_net.embed(variables, x)[0], augmented)
+      )
 
     matcher_state = matcher.after_classes(
       matcher_state, state.step, class_features, keys_lib.stream(key, 'after_classes')

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dd_jax import keys as keys_lib
 from dd_jax import losses
 from dd_jax.distill import base, class_steps, family
 from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
@@ -161,7 +162,7 @@ class CFMatcher(family.Matcher):
   def frequencies(self, dim: int, context: family.ClassContext, params: Any) -> jax.Array:
     """The class step's frequencies [M, dim]."""
     if params is None:
-      return jax.random.normal(context.key, (self.settings.num_frequencies, dim))
+      return keys_lib.normal(context.key, (self.settings.num_frequencies, dim))
     rows, variance = self.settings.sampling_rows, self.settings.sampling_variance
     return sampling_net_apply(params, context.key, rows, variance)
 
