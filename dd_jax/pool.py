@@ -172,7 +172,8 @@ class Pool:
     variables: the members' variables stacked on a leading axis of length `size`, as host
       (numpy) arrays: a step sends only its drawn members to the device.
     metadata: `pool_metadata(...)` plus 'test_accuracies' (percent, one per member),
-      'mean_test_accuracy', 'train_seconds', 'parallel', 'chunks' ([start, end) pairs) and
+      'mean_test_accuracy' (on the dataset's held-out split, 'held_out': 'test' or 'validation'),
+      'train_seconds', 'parallel', 'chunks' ([start, end) pairs) and
       'chunk_seconds'.
     settings: the settings it was built with (`initial_variables` recomputes its members'
       starting points from them), or None when unknown.
@@ -474,6 +475,7 @@ def train_pool(
     **identity,
     'test_accuracies': accuracies,
     'mean_test_accuracy': float(np.mean(known)) if known else None,
+    'held_out': dataset.held_out,  # what the 'test' accuracies were measured on
     'train_seconds': float(sum(chunk_seconds)),
     'parallel': int(settings.parallel),
     'chunks': [list(c) for c in chunks],
@@ -602,8 +604,8 @@ def get_or_train_pool(
 
 
 def _accuracy_summary(metadata: dict[str, Any]) -> str:
-  mean = metadata.get('mean_test_accuracy')
-  return 'no test accuracy' if mean is None else f"members' mean test accuracy {mean:.2f}%"
+  mean, split = metadata.get('mean_test_accuracy'), metadata.get('held_out', 'test')
+  return f'no {split} accuracy' if mean is None else f"members' mean {split} accuracy {mean:.2f}%"
 
 
 def member_logits(pool: Pool, member: int, images: Any, batch_size: int = 1000) -> jax.Array:

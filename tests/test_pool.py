@@ -207,7 +207,10 @@ def test_get_or_train_pool_trains_once_then_reuses(pool, dataset, tmp_path, monk
   second = pool_lib.get_or_train_pool(settings, dataset, lowering.CPU, log=lines.append)
   _assert_trees_equal(first.variables, second.variables)
   assert lines[0].startswith(f'pool: loaded 3 ConvNetD1 members from {directory}')
-  assert 'mean test accuracy' in lines[0]
+  assert 'mean test accuracy' in lines[0] and first.metadata['held_out'] == 'test'
+  # A pool built beside a validation split measured its members there, and says so.
+  summary = pool_lib._accuracy_summary({'mean_test_accuracy': 61.0, 'held_out': 'validation'})
+  assert summary == "members' mean validation accuracy 61.00%"
   # An explicit pool.dir holding another dataset's pool is refused.
   settings = _settings(_config(tmp_path, pool_dir=directory))
   with pytest.raises(ValueError, match='num_classes: built for 3, wanted 4'):

@@ -21,10 +21,8 @@ says otherwise.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
 
 from dd_jax import losses
 from dd_jax import settings as settings_lib
@@ -63,17 +61,8 @@ class DSDMSettings(family.FamilySettings):
         f"{self.ipc}); it needs 2: use factor 2 (DSDM's) or ipc >= 2",
       )
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, **values: Any) -> DSDMSettings:
-    own = {name: config.dsdm[name] for name in DSDM_FIELDS}
-    try:
-      return super().from_config(config, **own, **values)
-    except ValueError as error:
-      message = str(error)
-      for name in DSDM_FIELDS:  # name DSDM's own fields by their section
-        if message.startswith(f'{name}='):
-          raise ValueError(f'config.dsdm.{message}') from None
-      raise
+  section = 'dsdm'
+  section_fields = DSDM_FIELDS
 
 
 class PrototypeMatcher(family.Matcher):

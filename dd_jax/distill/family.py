@@ -122,6 +122,9 @@ class FamilySettings(base.DistillSettings):
   fixed_real: bool = False
   plateau_factor: float = field(0.0, check=NON_NEGATIVE)
   plateau_patience: int = field(500, check=NON_NEGATIVE)
+  # A method's own config section and the fields a subclass reads from it (NCFM's 'ncfm').
+  section: ClassVar[str | None] = None
+  section_fields: ClassVar[tuple[str, ...]] = ()
 
   def check_strategy(self) -> None:
     idc.parse_strategy(self.strategy, 'strategy')
@@ -146,12 +149,19 @@ class FamilySettings(base.DistillSettings):
     common = base.DistillSettings.from_config(config, init='real', strategy='none')
     fields = {f.name: getattr(common, f.name) for f in dataclasses.fields(base.DistillSettings)}
     del fields['init'], fields['strategy']
+    own = {name: config[cls.section][name] for name in cls.section_fields}
     return settings_lib.from_section(
       cls,
       config.family,
       'family',
-      value_paths={'init': 'distill.init', 'model': 'model.name', 'strategy': 'augment.strategy'},
+      value_paths={
+        'init': 'distill.init',
+        'model': 'model.name',
+        'strategy': 'augment.strategy',
+        **{name: f'{cls.section}.{name}' for name in own},
+      },
       **fields,
+      **own,
       init=config.distill.init,
       strategy=config.augment.strategy,
       **values,

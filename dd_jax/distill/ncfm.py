@@ -33,7 +33,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from dd_jax import keys as keys_lib
@@ -87,17 +86,8 @@ class NCFMSettings(family.FamilySettings):
   sampling_variance: float = field(1.0, check=POSITIVE)
   double_plateau: bool = False
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, **values: Any) -> NCFMSettings:
-    own = {name: config.ncfm[name] for name in NCFM_FIELDS}
-    try:
-      return super().from_config(config, **own, **values)
-    except ValueError as error:
-      for name in own:  # name NCFM's own fields by their section
-        prefix = f'{name}='
-        if str(error).startswith(prefix):
-          raise ValueError(f'config.ncfm.{error}') from None
-      raise
+  section = 'ncfm'
+  section_fields = NCFM_FIELDS
 
   def plateau_schedule(self):
     if self.sampling_net and self.double_plateau and self.plateau_factor:
