@@ -30,8 +30,9 @@ reference protocol): 5 ConvNets x 1000 (+ 1) epochs. Digit datasets drop flip fr
 the step's cost is printed by `experiments/bench_speed.py`.
 
 `budget=cpu`: one reduced budget for 2-core CPUs, the same for every method (400 iterations,
-real batch 64, 300-epoch evaluation of 3 networks; CC on the random matching network unless
-overridden), see dd_jax.config.set_cpu_budget and the CIFAR-10 CPU benchmark in docs/results.md.
+real batch 64 drawn afresh at every step, NCFM included, 300-epoch evaluation of 3 networks with
+DM's protocol; CC on the random matching network unless overridden), see
+dd_jax.config.set_cpu_budget and the CIFAR-10 CPU benchmark in docs/results.md.
 Measured (2-core x86 CPU, jax 0.10.2, 2026-11-24 and 2026-12-04): CIFAR-10 IPC 10 takes about
 17 min per method alone (9 min of distillation, 8 of evaluation), 16-30 min with the cores
 shared; seed 0, test accuracy: DM 45.69 +- 0.34, DM + CM 46.21 +- 0.43, DM + IID with
@@ -54,6 +55,8 @@ all 20 members of a pool pretrained with batch 128. DSDM (Li et al., ACM MM 2024
 covariance + prototype loss on the final weights of 10 ConvNets x 20 epochs (batch 256, no lr
 schedule), 10,000 iterations, image SGD lr 0.01 x ipc momentum 0.5, 256 real images per class;
 TinyImageNet settings of NCFM and DSDM are CIFAR's with the depth-4 ConvNet (UNCONFIRMED).
+The family's codes step the images' [0, 1] pixels, and so does dd_jax for them
+(`distill.image_space=pixel`): their learning rates are the codes'.
 `budget=cpu` gives DANCE, NCFM and DSDM one shared pool of 5 ConvNets x 2 epochs with DANCE's
 recipe (`presets.share_family_pool`), each method drawing from all of it.
 
@@ -67,15 +70,17 @@ Published ConvNet accuracy (the papers), IPC 1 / 10 / 50:
   NCFM: CIFAR-10 49.5 / 71.8 / 77.4, CIFAR-100 34.4 / 48.7 / 54.7, TinyImageNet 18.2 / 26.8 / 29.6
   (NCFM's protocol, likely with soft labels; without them and without the sampling network
   CIFAR-10 IPC 10 / 50: 65.6 / 74.2)
-  (M3D and DANCE with the IDC family's evaluation protocol: 1000-1500 epochs on the decoded set,
-  DiffAug, CutMix, a multi-step schedule, the best test accuracy over evaluation points; dd_jax
-  evaluates with DM's protocol until the protocols land, so these are not comparable yet.)
+  (M3D, DANCE, NCFM and DSDM with the IDC family's evaluation protocols: 1000-2000 epochs on
+  the decoded set, DiffAug, CutMix, a multi-step schedule, the best test accuracy over
+  evaluation points. `budget=paper` evaluates each method with its paper's protocol
+  (`config.eval.protocol`: dm, idc for M3D, dance, ncfm, dsdm; dd_jax.protocols), `budget=cpu`
+  every method with DM's at 300 epochs.)
 MNIST, FashionMNIST and SVHN have no published DM / IDM number (the IID paper reports up to
 +2.9 over the base method on SVHN).
 """
 
 from dd_jax import config as config_lib
-from dd_jax import presets
+from dd_jax import presets, protocols
 from dd_jax.distill import methods
 
 DATASETS = {
@@ -93,6 +98,10 @@ DIGIT_DATASETS = (
 IPCS = (1, 10, 50)
 METHODS = presets.variants(('', '_iid'))  # every registered method, without and with IID
 BUDGETS = ('paper', 'cpu')
+
+
+def _without_flip(strategy: str) -> str:
+  return '_'.join(op for op in strategy.split('_') if op != 'flip')
 
 
 def _choose(args: dict, field: str, choices: tuple) -> None:
@@ -114,9 +123,13 @@ def get_config(arg=None):
   config.dataset.name = DATASETS[dataset]
   config.ipc = ipc
   presets.set_method(config, method, args['iid'])
-  # Digits drop flip from DM's DSA; the IDC family's DiffAug (its presets') has none.
+  if args['budget'] == 'paper':  # the protocol of the method's published numbers
+    config.eval.protocol = methods.get(config.method).presets.protocol
+  # Digits drop flip from the evaluation's augmentation and DM's DSA; the IDC family's DiffAug
+  # (its presets') has none.
   if dataset in DIGIT_DATASETS:
-    config.eval.augment_strategy = 'color_crop_cutout_scale_rotate'
+    protocol = protocols.PROTOCOLS[config.eval.protocol]
+    config.eval.augment_strategy = _without_flip(protocol.values['augment_strategy'])
     if 'augment.strategy' not in methods.get(config.method).presets.config:
       config.augment.strategy = 'color_crop_cutout_scale_rotate'
   if dataset == 'tinyimagenet':  # 64x64: the depth-4 ConvNet of the references

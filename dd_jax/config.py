@@ -65,6 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.distill.lr = 1.0  # learning rate of the synthetic images
   config.distill.momentum = 0.5  # SGD momentum of the synthetic images
   config.distill.weight_decay = 0.0  # of the synthetic images (AdamW: decoupled; NCFM 5e-4)
+  # What the image optimizer steps, and so the units of lr: normalized (the stored images; DM's
+  # and IDM's codes) | pixel (their [0, 1] pixels; the IDC family's codes).
+  config.distill.image_space = 'normalized'
   config.distill.num_nets = 1  # random networks matched per step (vmap over networks)
   # DM: devices the step's classes (and networks) are split across (dd_jax.sharding); 0: all
   # that jax sees (every host's, after jax.distributed.initialize), 1: one device.
@@ -294,10 +297,12 @@ def field_docs() -> dict[str, str]:
 def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
   """The reduced budget for 2-core CPUs: 400 iterations, real batch 64 per class (IDM queue
   networks also train on batches of 64), 300-epoch evaluation of 3 networks, a pool of 5
-  ConvNets x 2 epochs, DSDM's prototypes from iteration 80 on. Same for every method, so CPU
-  numbers compare across methods."""
+  ConvNets x 2 epochs, DSDM's prototypes from iteration 80 on, real images drawn afresh at
+  every step (NCFM's fixed subset would shrink to the first 64 images of each class). Same for
+  every method, so CPU numbers compare across methods."""
   config.distill.iterations = 400
   config.distill.batch_real = 64
+  config.family.fixed_real = False
   config.distill.eval_every = 400
   config.distill.log_every = 20
   config.distill.checkpoint_every = 100

@@ -224,15 +224,14 @@ def build_method(settings: experiment.ExperimentSettings, data: PreparedData) ->
     )
   extractor = centralization_extractor(settings, data)
   images, labels = _initial_images(settings, dataset)
-  state = method.init_state(distill, images, labels, net, settings.seed)
+  spec = base.DataSpec.of(dataset)
+  state = method.init_state(distill, spec, images, labels, net, settings.seed)
   mesh = device_mesh(settings)
   if mesh is not None:
     state = sharding_lib.place_state(state, mesh)
   # A method with its own use of the pool (`Method.uses_pool`) receives it.
   pool = {'pool': pool_of(settings, data)} if method.uses_pool else {}
-  step = method.make_step(
-    net, distill, base.DataSpec.of(dataset), lowering, extractor, mesh, **pool
-  )
+  step = method.make_step(net, distill, spec, lowering, extractor, mesh, **pool)
   return Prepared(
     state=state, step=step, training_set=lambda s: method.training_set(s, dataset.num_classes)
   )
@@ -260,9 +259,10 @@ def disk_needed(
   method, distill, num_classes = settings.method, settings.distill, data.dataset.num_classes
   net = method.network(distill, num_classes, settings.lowering)
   images, labels = _initial_images(settings, data.dataset)
+  spec = base.DataSpec.of(data.dataset)
 
   def initial_state():
-    state = method.init_state(distill, images, labels, net, settings.seed)
+    state = method.init_state(distill, spec, images, labels, net, settings.seed)
     return state, method.training_set(state, num_classes)[0]
 
   state, training_images = jax.eval_shape(initial_state)

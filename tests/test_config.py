@@ -116,6 +116,31 @@ def test_paper_presets_follow_the_paper():
       _load_config_file('configs/paper.py', bad)
 
 
+def test_paper_presets_evaluate_with_the_methods_protocol_at_the_paper_budget_only():
+  for method, protocol in (
+    ('dm_iid', 'dm'), ('idm', 'dm'), ('m3d', 'idc'), ('dance', 'dance'), ('ncfm', 'ncfm'),
+    ('dsdm', 'dsdm'),
+  ):  # fmt: skip
+    paper = _load_config_file('configs/paper.py', f'dataset=cifar10,ipc=10,method={method}')
+    cpu = _load_config_file(
+      'configs/paper.py', f'dataset=cifar10,ipc=10,method={method},budget=cpu'
+    )
+    assert (paper.eval.protocol, cpu.eval.protocol) == (protocol, 'dm')
+    assert evaluate.EvalSettings.from_config(cpu).epochs == 300
+  family = _load_config_file('configs/paper.py', 'dataset=mnist,ipc=10,method=dance')
+  assert family.eval.augment_strategy == 'color_crop_scale_rotate'  # IDC's, without flip
+  dm = _load_config_file('configs/paper.py', 'dataset=mnist,ipc=10,method=dm')
+  assert dm.eval.augment_strategy == 'color_crop_cutout_scale_rotate'  # DSA's, without flip
+
+
+def test_ncfm_presets_take_every_image_of_a_500_image_class_and_sample_at_the_cpu_budget():
+  for dataset, batch in (('cifar10', 1024), ('cifar100', 500), ('tinyimagenet', 500)):
+    config = _load_config_file('configs/paper.py', f'dataset={dataset},ipc=10,method=ncfm')
+    assert (config.distill.batch_real, config.family.fixed_real) == (batch, True)
+  cpu = _load_config_file('configs/paper.py', 'dataset=cifar10,ipc=10,method=ncfm,budget=cpu')
+  assert (cpu.distill.batch_real, cpu.family.fixed_real) == (64, False)
+
+
 def _main(*args):
   return subprocess.run(
     [sys.executable, '-m', 'dd_jax.main', *args],

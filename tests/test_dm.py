@@ -37,7 +37,8 @@ def _setup(digits, net=None, extractor=extractors.matching_net_extractor, loweri
   step = dm.make_dm_step(net, settings, base.DataSpec.of(digits), lowering, extractor)
   labels = np.repeat(np.arange(digits.num_classes), settings.ipc)
   images = jax.random.normal(jax.random.key(0), (len(labels), 8, 8, 1))
-  state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
+  spec = base.DataSpec.of(digits)
+  state = base.init_state(images, labels, settings.image_optimizer(spec), jax.random.key(1))
   return step, state, data_lib.ClassSampler.from_dataset(digits)
 
 
@@ -129,7 +130,7 @@ def test_batchnorm_step_pools_all_classes_statistics(digits):
   step = dm.make_dm_step(net, settings, spec, CPU)
   images = jax.random.normal(jax.random.key(0), (20, 8, 8, 1))
   state = base.init_state(
-    images, np.repeat(np.arange(10), 2), settings.image_optimizer(), jax.random.key(1)
+    images, np.repeat(np.arange(10), 2), settings.image_optimizer(spec), jax.random.key(1)
   )
   sampler = data_lib.ClassSampler.from_dataset(digits)
   _, metrics = step(state, sampler)
@@ -165,7 +166,7 @@ def test_ipc1_constraints_vanish(digits):
     state = base.init_state(
       jax.random.normal(jax.random.key(0), (10, 8, 8, 1)),
       np.arange(10),
-      settings.image_optimizer(),
+      settings.image_optimizer(base.DataSpec.of(digits)),
       jax.random.key(1),
     )
     results.append(step(state, data_lib.ClassSampler.from_dataset(digits)))
@@ -253,7 +254,7 @@ def test_siamese_augmentation_is_shared_by_real_and_synthetic_images_of_a_class(
   state = base.init_state(
     jnp.zeros((40, 8, 8, 1)),
     np.repeat(np.arange(10), 4),
-    settings.image_optimizer(),
+    settings.image_optimizer(spec),
     jax.random.key(3),
   )
   step_key = keys_lib.step_key(state.key, state.step)

@@ -99,7 +99,7 @@ def test_steps_receive_only_the_drawn_members_and_match_a_draw_inside_jit(
     num_drawn = 2
     settings = base.DistillSettings(num_nets=num_drawn, **common)
     make = lambda extractor: dm.make_dm_step(net, settings, spec, lowering.CPU, extractor)
-    state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
+    state = base.init_state(images, labels, settings.image_optimizer(spec), jax.random.key(1))
   else:
     num_drawn = 1
     settings = idm.IDMSettings(
@@ -109,7 +109,7 @@ def test_steps_receive_only_the_drawn_members_and_match_a_draw_inside_jit(
       **common,
     )
     make = lambda extractor: idm.make_idm_step(net, settings, spec, lowering.CPU, extractor)
-    state = idm.init_idm_state(images, labels, net, settings, seed=1)
+    state = idm.init_idm_state(images, labels, net, settings, spec, seed=1)
   runs = {}
   for name, extractor in [('inside', inside), ('host', host)]:
     step, current, cc = make(extractor), state, []
@@ -151,7 +151,7 @@ def test_scale_free_forms_take_the_real_spread_under_the_cc_extractor(pool, tiny
     if method == 'dm':
       settings = base.DistillSettings(**common)
       step = dm.make_dm_step(net, settings, spec, lowering.CPU, extractor)
-      state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
+      state = base.init_state(images, labels, settings.image_optimizer(spec), jax.random.key(1))
     else:
       settings = idm.IDMSettings(
         queue_capacity=3,
@@ -160,7 +160,7 @@ def test_scale_free_forms_take_the_real_spread_under_the_cc_extractor(pool, tiny
         **common,
       )
       step = idm.make_idm_step(net, settings, spec, lowering.CPU, extractor)
-      state = idm.init_idm_state(images, labels, net, settings, seed=1)
+      state = idm.init_idm_state(images, labels, net, settings, spec, seed=1)
     for _ in range(3):
       state, metrics = step(state, sampler)
       assert np.isfinite(float(metrics['cc'])) and float(metrics['cc']) > 0

@@ -6,15 +6,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from conftest import TINY_POOL, make_tiny_config
+from conftest import TINY_POOL, float64, make_tiny_config
 
+from dd_jax import config as config_lib
 from dd_jax import data as data_lib
-from dd_jax import experiment, losses, models
+from dd_jax import experiment, losses, models, presets
 from dd_jax import keys as keys_lib
 from dd_jax import lowering as lowering_lib
 from dd_jax import pool as pool_lib
-from dd_jax.distill import base, family, methods
+from dd_jax.distill import base, class_steps, family, methods
 
 NO_CONSTRAINTS = losses.ObjectiveWeights(cc=0.0, cm=0.0)
 
@@ -58,7 +60,7 @@ def _step(settings, dataset, networks=None, **kwargs):
   step = family.make_family_step(net, settings, spec, lowering_lib.CPU, networks, **kwargs)
   images = np.asarray(dataset.normalize(dataset.train_images[:: dataset.train_class_counts()[0]]))
   labels = np.arange(dataset.num_classes)
-  state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(0))
+  state = base.init_state(images, labels, settings.image_optimizer(spec), jax.random.key(0))
   state = family.FamilyState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(state)})
   return step, state, data_lib.ClassSampler.from_dataset(dataset)
 
@@ -130,6 +132,68 @@ def test_random_networks_last_network_every_iterations():
     jax.tree_util.tree_leaves(dm_network),
   ):
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize('optimizer', ['sgd_momentum_decay', 'adamw', 'adamw_on_plateau'])
+def test_in_pixel_space_steps_the_pixels_of_normalised_images(optimizer):
+  """Three steps of the wrapped optimizer on normalised images z equal three steps of the
+  optimizer itself on the pixels x = std z + mean with the pixel gradients g / std (float64)."""
+  make = {
+    'sgd_momentum_decay': lambda: optax.chain(
+      optax.add_decayed_weights(0.01), optax.sgd(0.1, momentum=0.5)
+    ),
+    'adamw': lambda: optax.adamw(0.01, weight_decay=0.05),
+    'adamw_on_plateau': lambda: class_steps.on_plateau(
+      optax.adamw(0.01, weight_decay=0.05), class_steps.plateau_schedule(0.5, 1)
+    ),
+  }[optimizer]
+  mean, std = (0.49, 0.45), (0.2, 0.35)
+  with float64():
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(4, 3, 3, 2)))
+    grads = [jnp.asarray(rng.normal(size=z.shape)) for _ in range(3)]
+    to_pixels = lambda images: images * jnp.asarray(std) + jnp.asarray(mean)
+    x = to_pixels(z)
+    wrapped, pixel = base.in_pixel_space(make(), mean, std), make()
+    wrapped_state, pixel_state = wrapped.init(z), pixel.init(x)
+    plain, plain_state = make(), make().init(z)
+    plain_z = z
+    for g in grads:
+      updates, wrapped_state = wrapped.update(g, wrapped_state, z)
+      z = optax.apply_updates(z, updates)
+      updates, pixel_state = pixel.update(g / jnp.asarray(std), pixel_state, x)
+      x = optax.apply_updates(x, updates)
+      updates, plain_state = plain.update(g, plain_state, plain_z)
+      plain_z = optax.apply_updates(plain_z, updates)
+    np.testing.assert_allclose(to_pixels(z), x, rtol=1e-12, atol=1e-12)
+    # The state is the pixel optimizer's; stepping z itself is another optimizer.
+    assert jax.tree.structure(wrapped_state) == jax.tree.structure(pixel_state)
+    assert np.max(np.abs(np.asarray(z - plain_z))) > 1e-3
+
+
+def test_the_family_step_takes_pixel_learning_rates():
+  """On one channel, SGD at lr on the pixels is SGD at lr / std^2 on the stored normalised
+  images: the step's image_space reaches its optimizer (and its state)."""
+  dataset = _constant_classes()
+  (std,) = dataset.std
+  images = {}
+  for space, lr in (('pixel', 0.5), ('normalized', 0.5 / std**2), ('normalized', 0.5)):
+    settings = _settings(factor=2, image_space=space, lr=lr)
+    step, state, sampler = _step(settings, dataset)
+    for _ in range(2):
+      state, _ = step(state, sampler)
+    images[space, lr] = np.asarray(state.images)
+  np.testing.assert_allclose(
+    images['pixel', 0.5], images['normalized', 0.5 / std**2], rtol=1e-5, atol=1e-5
+  )
+  assert np.max(np.abs(images['pixel', 0.5] - images['normalized', 0.5])) > 1e-3
+
+
+@pytest.mark.parametrize('method', ['dm', 'idm', 'm3d', 'dance', 'ncfm', 'dsdm'])
+def test_the_family_steps_pixels_and_dm_idm_their_stored_images(method):
+  config = config_lib.default_config()
+  presets.set_method(config, method, 'default')
+  assert config.distill.image_space == ('normalized' if method in ('dm', 'idm') else 'pixel')
 
 
 def test_clip_to_pixels_in_normalised_units():

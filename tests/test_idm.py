@@ -184,8 +184,9 @@ def _idm_setup(
   )
   labels = np.arange(10)
   images = jax.random.normal(jax.random.key(0), (10, 8, 8, 1))
-  state = idm.init_idm_state(images, labels, net, settings, seed=1)
-  step = idm.make_idm_step(net, settings, base.DataSpec.of(digits), CPU, extractor)
+  spec = base.DataSpec.of(digits)
+  state = idm.init_idm_state(images, labels, net, settings, spec, seed=1)
+  step = idm.make_idm_step(net, settings, spec, CPU, extractor)
   return step, state, data_lib.ClassSampler.from_dataset(digits)
 
 

@@ -46,7 +46,9 @@ def _family_run(settings, dataset, matcher, networks=None, network_params=None, 
   )
   first = [int(np.flatnonzero(labels == k)[0]) for k in range(classes)]
   images = np.asarray(dataset.normalize(dataset.train_images[first]))
-  state = base.init_state(images, np.arange(classes), settings.image_optimizer(), jax.random.key(0))
+  state = base.init_state(
+    images, np.arange(classes), settings.image_optimizer(spec), jax.random.key(0)
+  )
   dim = family.feature_dim(net, spec.image_shape)
   matcher_state = matcher.init_state(dim, classes, jax.random.key(1))
   state = family.FamilyState(
@@ -212,11 +214,17 @@ def test_fixed_real_takes_the_first_images_of_every_class(tiny_dataset):
 
 def test_the_image_optimizers_follow_pytorchs_updates():
   params, grad = jnp.asarray([1.0, -2.0]), jnp.asarray([0.5, 0.5])
-  sgd = family.FamilySettings(**{**COMMON, 'lr': 0.1, 'momentum': 0.0}, weight_decay=0.01)
-  updates, _ = sgd.image_optimizer().update(grad, sgd.image_optimizer().init(params), params)
+  spec = base.DataSpec(num_classes=1, image_shape=(2,), mean=(0.0,), std=(1.0,))
+  sgd = family.FamilySettings(
+    **{**COMMON, 'lr': 0.1, 'momentum': 0.0}, weight_decay=0.01, image_space='normalized'
+  )
+  optimizer = sgd.image_optimizer(spec)
+  updates, _ = optimizer.update(grad, optimizer.init(params), params)
   np.testing.assert_allclose(params + updates, params - 0.1 * (grad + 0.01 * params), rtol=1e-6)
-  adamw = family.FamilySettings(**{**COMMON, 'lr': 0.1}, optimizer='adamw', weight_decay=0.01)
-  optimizer = adamw.image_optimizer()
+  adamw = family.FamilySettings(
+    **{**COMMON, 'lr': 0.1}, optimizer='adamw', weight_decay=0.01, image_space='normalized'
+  )
+  optimizer = adamw.image_optimizer(spec)
   updates, _ = optimizer.update(grad, optimizer.init(params), params)
   # First AdamW step: p (1 - lr wd) - lr g / (|g| + eps).
   expected = params * (1 - 0.1 * 0.01) - 0.1 * grad / (jnp.abs(grad) + 1e-8)

@@ -46,7 +46,8 @@ def _compare(num_nets: int, num_devices: int, checkpoint_dir: str) -> dict:
   sampler = data_lib.ClassSampler.from_dataset(digits)
 
   def run(mesh):
-    state = base.init_state(images, labels, settings.image_optimizer(), jax.random.key(1))
+    spec = base.DataSpec.of(digits)
+    state = base.init_state(images, labels, settings.image_optimizer(spec), jax.random.key(1))
     if mesh is not None:
       state = sharding.place_state(state, mesh)
     step = dm.make_dm_step(net, settings, base.DataSpec.of(digits), CPU, mesh=mesh)

@@ -9,7 +9,8 @@ the presets and the comparison table see only this interface:
     method.check_data(settings, dataset)                # before any work
     net = method.network(settings, num_classes, lowering)
     images, labels = method.initial_images(settings, dataset, run_key(seed, 'init'))
-    state = method.init_state(settings, images, labels, net, seed)   # keys: named run streams
+    spec = DataSpec.of(dataset)                         # class count, shape, normalisation
+    state = method.init_state(settings, spec, images, labels, net, seed)  # keys: run streams
     step = method.make_step(net, settings, spec, lowering, extractor, mesh)
     state, metrics = step(state, sampler)               # jitted core, traces once
     images, labels = method.training_set(state, num_classes)   # what evaluation trains on
@@ -40,6 +41,9 @@ from dd_jax.settings import NON_NEGATIVE, POSITIVE, field
 
 SYNTHETIC_INITS = ('real', 'noise')
 IMAGE_OPTIMIZERS = ('sgd', 'adamw')
+# Where the image optimizer steps: on the stored normalised images (DM's and IDM's codes) or on
+# their [0, 1] pixels (the IDC family's codes; `in_pixel_space`).
+IMAGE_SPACES = ('normalized', 'pixel')
 # The named IID settings every method declares (config strings: iid=<name>).
 # 'reference': the IID code's (Deng et al., CVPR 2024), for CC on a pretrained ResNet18 pool.
 # 'default': dd_jax's, chosen on validation data (experiments/results/iid_scale_free.md).
@@ -60,15 +64,19 @@ class Presets:
   """What the presets (`dd_jax.presets`, configs/) need to know of a method.
 
   Attributes:
-    image_lr: the reference learning rate of the synthetic images (SGD, momentum 0.5).
+    image_lr: the reference learning rate of the synthetic images (in the units of the
+      method's `distill.image_space`).
     iid: the method's IID setting of each name of IID_SETTING_NAMES.
     config: other config fields the method's reference sets, by dotted path (e.g.
       {'distill.init': 'mix'}); a preset of the method applies them.
+    protocol: the evaluation protocol of the method's published numbers (`dd_jax.protocols`);
+      configs/paper.py evaluates with it at the paper budget.
   """
 
   image_lr: float
   iid: Mapping[str, IIDSetting]
   config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  protocol: str = 'dm'
 
   def check(self, method: str) -> None:
     """Raises ValueError unless every field is usable, naming the method and what is missing."""
@@ -144,8 +152,8 @@ class DataSpec:
   Attributes:
     num_classes: K.
     image_shape: (H, W, C).
-    mean: per-channel normalisation mean (pixel units, 0..255).
-    std: per-channel normalisation std.
+    mean: per-channel normalisation mean ([0, 1] pixel units).
+    std: per-channel normalisation std ([0, 1] pixel units).
   """
 
   num_classes: int
@@ -213,10 +221,12 @@ class DistillSettings(settings_lib.Settings):
     init: initial synthetic images: 'real' (a random real subset) or 'noise'.
     optimizer: the image optimizer: 'sgd' (with momentum) or 'adamw' (PyTorch's defaults:
       betas 0.9 / 0.999, eps 1e-8; NCFM).
-    lr: the image optimizer's learning rate.
+    lr: the image optimizer's learning rate, in the units of `image_space`.
     momentum: SGD's momentum.
     weight_decay: the image optimizer's weight decay (SGD: added to the gradient, as PyTorch;
       AdamW: decoupled).
+    image_space: what the image optimizer steps: 'normalized' (the stored images, as DM's and
+      IDM's codes) or 'pixel' (their [0, 1] pixels, as the IDC family's codes; `in_pixel_space`).
     num_nets: random networks matched per step (losses averaged over them).
     devices: devices the DM step splits classes (and networks) across; 0 = all.
     real_chunk: real images embedded at once (0: automatic); results do not depend on it.
@@ -240,6 +250,7 @@ class DistillSettings(settings_lib.Settings):
   lr: float = field(1.0, check=POSITIVE)
   momentum: float = field(0.5, check=NON_NEGATIVE)
   weight_decay: float = field(0.0, check=NON_NEGATIVE)
+  image_space: str = field('normalized', choices=IMAGE_SPACES)
   num_nets: int = field(1, check=POSITIVE)
   devices: int = field(0, check=NON_NEGATIVE)
   real_chunk: int = field(0, check=NON_NEGATIVE)
@@ -279,14 +290,59 @@ class DistillSettings(settings_lib.Settings):
       },
     )
 
-  def image_optimizer(self) -> optax.GradientTransformation:
-    """The optimizer of the synthetic images (`optimizer`, `lr`, `momentum`, `weight_decay`)."""
+  def image_optimizer(self, spec: DataSpec) -> optax.GradientTransformation:
+    """The optimizer of the stored (normalised) synthetic images: `optimizer` with `lr`,
+    `momentum` and `weight_decay`, stepping them or their pixels (`image_space`)."""
     if self.optimizer == 'adamw':
-      return optax.adamw(self.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=self.weight_decay)
-    sgd = optax.sgd(self.lr, momentum=self.momentum)
-    if self.weight_decay:
-      return optax.chain(optax.add_decayed_weights(self.weight_decay), sgd)
-    return sgd
+      optimizer = optax.adamw(self.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=self.weight_decay)
+    else:
+      optimizer = optax.sgd(self.lr, momentum=self.momentum)
+      if self.weight_decay:
+        optimizer = optax.chain(optax.add_decayed_weights(self.weight_decay), optimizer)
+    if self.image_space == 'pixel':
+      return in_pixel_space(optimizer, spec.mean, spec.std)
+    return optimizer
+
+
+def in_pixel_space(
+  optimizer: optax.GradientTransformation, mean: Any, std: Any
+) -> optax.GradientTransformation:
+  """`optimizer` stepping the pixels x = std * z + mean of normalised images z.
+
+  The IDC family's codes keep their synthetic images in [0, 1] and normalise them inside the
+  augmentation, so their learning rates are in pixel units; dd_jax stores the images normalised.
+  The pixel gradient is g_z / std and a pixel update u_x moves z by u_x / std: SGD at lr on the
+  pixels is SGD at lr / std^2 on z, Adam's pixel step is std times Adam's step on z, and weight
+  decay pulls the pixels (not z) towards 0. Exact for any optax optimizer.
+
+  Args:
+    optimizer: the optimizer of the pixel images.
+    mean: C floats, the per-channel normalisation mean (pixel units).
+    std: C floats, the per-channel normalisation std.
+
+  Returns:
+    The transformation of normalised images [..., C] (channels last); its state is `optimizer`'s
+    state of the pixel images.
+  """
+
+  def per_channel(tree, fn):
+    return jax.tree.map(
+      lambda x: fn(x, jnp.asarray(mean, x.dtype), jnp.asarray(std, x.dtype)), tree
+    )
+
+  def to_pixels(images):
+    return per_channel(images, lambda z, m, s: z * s + m)
+
+  def init(params):
+    return optimizer.init(to_pixels(params))
+
+  def update(updates, state, params=None):
+    pixel_grads = per_channel(updates, lambda g, m, s: g / s)
+    pixels = None if params is None else to_pixels(params)
+    pixel_updates, state = optimizer.update(pixel_grads, state, pixels)
+    return per_channel(pixel_updates, lambda u, m, s: u / s), state
+
+  return optax.GradientTransformation(init, update)
 
 
 def check_batch_real(settings: DistillSettings, dataset: data_lib.Dataset) -> None:
@@ -341,6 +397,7 @@ class Method(abc.ABC):
   def init_state(
     self,
     settings: DistillSettings,
+    spec: DataSpec,
     images: np.ndarray,
     labels: np.ndarray,
     net: models.Network,
@@ -349,7 +406,9 @@ class Method(abc.ABC):
     """The state before the first step (a `DistillState` or a subclass); its keys come from the
     run streams of `seed` (`keys.run_key`), the steps' from 'distill'."""
     del net
-    return init_state(images, labels, settings.image_optimizer(), keys_lib.run_key(seed, 'distill'))
+    return init_state(
+      images, labels, settings.image_optimizer(spec), keys_lib.run_key(seed, 'distill')
+    )
 
   @abc.abstractmethod
   def make_step(

@@ -30,11 +30,9 @@ class DANCE(family.PooledFamilyMethod):
     image_lr=0.1,  # 0.01 * ipc at IPC 10 (configs/paper.py sets it per IPC)
     iid=family.DM_IID_SETTINGS,
     config={
-      'distill.init': 'mix',
+      **family.IDC_STEP,
       'distill.momentum': 0.5,
       'distill.batch_real': 128,
-      'augment.strategy': 'color_crop_cutout',
-      'family.factor': 2,
       'family.network_every': 1,
       'family.calibration_passes': 1,
       'family.pool_members': 5,
@@ -42,6 +40,7 @@ class DANCE(family.PooledFamilyMethod):
       'pool.size': 20,
       'pool.epochs': 60,
     },
+    protocol='dance',
   )
 
   def paper_preset(self, config, dataset, ipc, with_iid):

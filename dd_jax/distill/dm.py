@@ -1,6 +1,6 @@
 """DM (Zhao & Bilen, WACV 2023) with the IID constraints: the method and its jitted step.
 
-    state = method.init_state(settings, images, labels, net, seed)
+    state = method.init_state(settings, spec, images, labels, net, seed)
     step = make_dm_step(net, settings, spec, lowering, extractor)
     state, metrics = step(state, sampler)        # jitted; traces once
 
@@ -187,7 +187,7 @@ def make_dm_step(
   num_classes, ipc, batch_real = spec.num_classes, settings.ipc, settings.batch_real
   real_chunk = resolve_real_chunk(settings, num_classes, lowering)
   syn_chunk = resolve_syn_chunk(settings, num_classes, lowering)
-  optimizer = settings.image_optimizer()
+  optimizer = settings.image_optimizer(spec)
   syn_net = net.with_conv(lowering.synthetic_conv)
   per_class = lambda x, n: x.reshape(num_classes, n, *x.shape[1:])  # [K * n, ...] -> [K, n, ...]
 

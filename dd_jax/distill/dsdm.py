@@ -103,11 +103,9 @@ class DSDM(family.PooledFamilyMethod):
     image_lr=0.1,  # 0.01 * ipc at IPC 10 (configs/paper.py sets it per IPC)
     iid=family.DM_IID_SETTINGS,
     config={
-      'distill.init': 'mix',
+      **family.IDC_STEP,
       'distill.momentum': 0.5,
       'distill.batch_real': 256,
-      'augment.strategy': 'color_crop_cutout',
-      'family.factor': 2,
       'family.network_every': 1,
       'family.calibration_passes': 0,
       'family.pool_members': 10,
@@ -115,6 +113,7 @@ class DSDM(family.PooledFamilyMethod):
       'pool.size': 10,
       'pool.epochs': 20,
     },
+    protocol='dsdm',
   )
 
   def settings(self, config):

@@ -26,8 +26,10 @@ iterations (DSDM's prototypes) and parameters trained by ascent from class step 
 (NCFM's sampling network).
 
 Synthetic images are stored normalised (dd_jax's convention); the codes keep them in [0, 1] and
-normalise inside the augmentation, which is the same computation (decode, clipping and the
-augmentation's zero fill commute with per-channel normalisation as they are written here).
+normalise inside the augmentation. Decode, clipping and the augmentation's zero fill commute with
+per-channel normalisation as they are written here; the optimizer step does not, so the family
+steps the images' pixels (`distill.image_space='pixel'`, `base.in_pixel_space`) and its learning
+rates are the codes'.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ FAMILY_INITS = ('mix', 'real', 'noise')
 # the IID code's constraints on DM; 'default': the scale-free CC, a fraction of the matching term
 # whatever its scale, and DM's CM weight, not tuned for these losses).
 DM_IID_SETTINGS = dm.DM.presets.iid
+
+
+# What every method of the family shares: the codes' "mix" initialisation, image steps on the
+# [0, 1] pixels, IDC's DiffAug and factor-2 multi-formation.
+IDC_STEP = {
+  'distill.init': 'mix',
+  'distill.image_space': 'pixel',
+  'augment.strategy': 'color_crop_cutout',
+  'family.factor': 2,
+}
 
 
 # The IDC family's pool recipe (DANCE's official pretraining; NCFM's differs only in its batch of
@@ -176,8 +188,8 @@ class FamilySettings(base.DistillSettings):
       return None
     return class_steps.plateau_schedule(self.plateau_factor, self.plateau_patience)
 
-  def image_optimizer(self) -> optax.GradientTransformation:
-    optimizer = super().image_optimizer()
+  def image_optimizer(self, spec: base.DataSpec) -> optax.GradientTransformation:
+    optimizer = super().image_optimizer(spec)
     schedule = self.plateau_schedule()
     return optimizer if schedule is None else class_steps.on_plateau(optimizer, schedule)
 
@@ -392,7 +404,7 @@ def make_family_step(
   image_shape = tuple(spec.image_shape)
   height, width = image_shape[:2]
   strategy, factor = settings.strategy, settings.factor
-  optimizer, schedule = settings.image_optimizer(), settings.plateau_schedule()
+  optimizer, schedule = settings.image_optimizer(spec), settings.plateau_schedule()
   gradients = settings.class_gradients
   if gradients == 'auto':
     gradients = 'one_by_one' if lowering.loop_classes or matcher.ascends else 'together'
@@ -579,8 +591,8 @@ class FamilyMethod(base.Method):
     del settings
     return Matcher()
 
-  def init_state(self, settings, images, labels, net, seed):
-    state = super().init_state(settings, images, labels, net, seed)
+  def init_state(self, settings, spec, images, labels, net, seed):
+    state = super().init_state(settings, spec, images, labels, net, seed)
     matcher_state = self.matcher(settings).init_state(
       feature_dim(net, tuple(images.shape[1:])),
       int(np.max(labels)) + 1,

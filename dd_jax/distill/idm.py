@@ -1,7 +1,7 @@
 """IDM (Zhao et al., CVPR 2023) with optional IID constraints: partition and expansion, the
 per-class jitted step, and the method (its model queue: `dd_jax.distill.model_queue`).
 
-    state = init_idm_state(images, labels, net, settings, seed)
+    state = init_idm_state(images, labels, net, settings, spec, seed)
     step = make_idm_step(net, settings, spec, lowering, extractor)
     state, metrics = step(state, sampler)          # jitted; traces once
 
@@ -222,6 +222,7 @@ def init_idm_state(
   labels: jax.Array,
   net: models.Network,
   settings: IDMSettings,
+  spec: base.DataSpec,
   seed: int,
 ) -> IDMState:
   """The state before the first step.
@@ -231,11 +232,12 @@ def init_idm_state(
     labels: [K * ipc] class-blocked labels.
     net: the queue's architecture.
     settings: the step settings.
+    spec: the dataset's class count and normalisation.
     seed: the run's seed: the steps take its 'distill' stream, the initial queue networks its
       'queue' stream.
   """
   state = base.init_state(
-    images, labels, settings.image_optimizer(), keys_lib.run_key(seed, 'distill')
+    images, labels, settings.image_optimizer(spec), keys_lib.run_key(seed, 'distill')
   )
   queue = init_queue(
     keys_lib.run_key(seed, 'queue'),
@@ -264,7 +266,7 @@ def make_idm_step(
   'queue_size' and 'grad_norm' (norm of the stacked per-class gradients).
   """
   num_classes, ipc = spec.num_classes, settings.ipc
-  optimizer = settings.image_optimizer()
+  optimizer = settings.image_optimizer(spec)
   network_optimizer = settings.queue_recipe.optimizer()
   augment = lambda k, x: augment_lib.augment(k, x, settings.strategy, siamese=True)
 
@@ -413,8 +415,8 @@ class IDM(base.Method):
     images = np.asarray(jax.vmap(partitioned_init)(real)).reshape(len(labels), *dataset.image_shape)
     return images, labels
 
-  def init_state(self, settings, images, labels, net, seed):
-    return init_idm_state(images, labels, net, settings, seed)
+  def init_state(self, settings, spec, images, labels, net, seed):
+    return init_idm_state(images, labels, net, settings, spec, seed)
 
   def make_step(
     self, net, settings, spec, lowering, extractor=extractors_lib.matching_net_extractor, mesh=None

@@ -43,14 +43,13 @@ class M3D(family.FamilyMethod):
     image_lr=10.0,
     iid=family.DM_IID_SETTINGS,
     config={
-      'distill.init': 'mix',
+      **family.IDC_STEP,
       'distill.momentum': 0.5,
       'distill.batch_real': 64,
-      'augment.strategy': 'color_crop_cutout',
-      'family.factor': 2,
       'family.network_every': 5,
       'family.calibration_passes': 0,
     },
+    protocol='idc',
   )
 
   def settings(self, config):
