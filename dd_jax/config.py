@@ -256,8 +256,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Baselines run and tabulated next to the configured method (see dd_jax.compare).
   config.compare = ml_collections.ConfigDict()
-  # Comma-separated constraint variants of config.method: dm, dm_cc, dm_cm, dm_iid (or idm,
-  # idm_cc, idm_cm, idm_iid), each run in <workdir>/compare/<variant>.
+  # Comma-separated constraint variants of config.method (for method=dance: dance, dance_cc,
+  # dance_cm, dance_iid), each run in <workdir>/compare/<variant>.
   config.compare.variants = ''
   config.compare.random_real = False  # the random-real-subset baseline (ipc images per class)
   config.compare.full_train_epochs = 0  # > 0: also train on the full training set this long
