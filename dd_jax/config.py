@@ -311,7 +311,7 @@ def set_cpu_budget(config: ml_collections.ConfigDict) -> None:
   config.eval.num_eval = 3
   # DSDM's prototype term starts at the paper's fraction of the run (2,000 of 10,000). NCFM's
   # plateau patience stays the code's 500: in 400 iterations its lr never drops, as in the
-  # code's first 400 (a scaled patience of ~10 noisy iterations would halve it early and often).
+  # code's first 400 (scaled to the run's length it would be 10 iterations; not tried).
   config.dsdm.prototype_start = config.distill.iterations // 5
   # The pretrained pool (the pooled methods' networks, with the family's recipe when presets
   # share it; CC with cc.extractor='pool'): 5 ConvNets x 2 epochs, 10 member-epochs.
